@@ -1,0 +1,219 @@
+//! Wiring and lifecycle: the shared state every session gets (no globals), the listener with
+//! its un-authenticated cap (a permit is taken before `accept`), configuration reload on
+//! SIGHUP, and a shutdown that stops accepting, lets sessions finish for a grace period, then
+//! ends the rest with `57P01`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use arc_swap::{ArcSwap, ArcSwapOption};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::cancel::CancelRegistry;
+use crate::config::{self, Snapshot};
+use crate::net::tls::{ClientTls, client_tls};
+use crate::pool::Pools;
+
+/// State shared by all sessions.
+pub struct AppState {
+    snapshot: ArcSwap<Snapshot>,
+    client_tls: ArcSwapOption<ClientTls>,
+    pub pools: Pools,
+    pub cancels: Arc<CancelRegistry>,
+    /// Fires when sessions must end now.
+    pub shutdown: CancellationToken,
+    process_secret: [u8; 32],
+    session_ids: AtomicU64,
+}
+
+impl AppState {
+    /// State for `snapshot`.
+    pub fn new(snapshot: Snapshot) -> anyhow::Result<Arc<Self>> {
+        let tls = client_tls(&snapshot)?;
+        Ok(Arc::new(AppState {
+            pools: Pools::new(snapshot.pool.clone()),
+            snapshot: ArcSwap::from_pointee(snapshot),
+            client_tls: ArcSwapOption::from(tls.map(Arc::new)),
+            cancels: Arc::new(CancelRegistry::default()),
+            shutdown: CancellationToken::new(),
+            process_secret: rand::random(),
+            session_ids: AtomicU64::new(1),
+        }))
+    }
+
+    /// The snapshot in force.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot.load_full()
+    }
+
+    /// The client TLS setup in force.
+    pub fn client_tls(&self) -> Option<Arc<ClientTls>> {
+        self.client_tls.load_full()
+    }
+
+    /// A secret for this process (mock SCRAM salts).
+    pub fn process_secret(&self) -> &[u8; 32] {
+        &self.process_secret
+    }
+
+    /// A new session id for logs.
+    pub fn next_session_id(&self) -> u64 {
+        self.session_ids.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Replaces the snapshot (and TLS certificates) after validation; sessions already
+    /// running keep the snapshot they started with. The listen address cannot change.
+    pub fn reload(&self, snapshot: Snapshot) -> anyhow::Result<()> {
+        let current = self.snapshot();
+        if snapshot.listen.addr != current.listen.addr {
+            tracing::warn!(
+                "listen.addr changes need a restart; keeping {}",
+                current.listen.addr
+            );
+        }
+        let tls = client_tls(&snapshot)?;
+        self.client_tls.store(tls.map(Arc::new));
+        self.snapshot.store(Arc::new(snapshot));
+        Ok(())
+    }
+}
+
+/// A running proxy.
+pub struct Running {
+    /// The address the listener is bound to.
+    pub addr: SocketAddr,
+    pub state: Arc<AppState>,
+    stop_accepting: CancellationToken,
+    sessions: TaskTracker,
+    background: TaskTracker,
+}
+
+impl Running {
+    /// Stops accepting, waits up to `grace` for sessions to end, then ends the rest.
+    pub async fn shutdown(self, grace: Duration) {
+        self.stop_accepting.cancel();
+        self.sessions.close();
+        if tokio::time::timeout(grace, self.sessions.wait())
+            .await
+            .is_err()
+        {
+            tracing::info!("ending remaining sessions");
+        }
+        self.state.shutdown.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.sessions.wait()).await;
+        self.background.close();
+        self.background.wait().await;
+    }
+}
+
+/// Binds the listener and starts accepting.
+pub async fn start(snapshot: Snapshot) -> anyhow::Result<Running> {
+    let listener = TcpListener::bind(snapshot.listen.addr)
+        .await
+        .with_context(|| format!("cannot listen on {}", snapshot.listen.addr))?;
+    let addr = listener.local_addr()?;
+    let unauthenticated = Arc::new(Semaphore::new(snapshot.listen.max_unauthenticated));
+    let state = AppState::new(snapshot)?;
+    let stop_accepting = CancellationToken::new();
+    let sessions = TaskTracker::new();
+    let background = TaskTracker::new();
+
+    let accept_state = Arc::clone(&state);
+    let accept_stop = stop_accepting.clone();
+    let accept_sessions = sessions.clone();
+    background.spawn(async move {
+        let mut backoff = Duration::from_millis(10);
+        loop {
+            let permit = tokio::select! {
+                p = Arc::clone(&unauthenticated).acquire_owned() => match p {
+                    Ok(p) => p,
+                    Err(_) => break,
+                },
+                _ = accept_stop.cancelled() => break,
+            };
+            let accepted = tokio::select! {
+                a = listener.accept() => a,
+                _ = accept_stop.cancelled() => break,
+            };
+            match accepted {
+                Ok((tcp, peer)) => {
+                    backoff = Duration::from_millis(10);
+                    accept_sessions.spawn(crate::session::serve(
+                        Arc::clone(&accept_state),
+                        tcp,
+                        peer,
+                        permit,
+                    ));
+                }
+                Err(e) => {
+                    // Typically EMFILE: wait for sessions to close descriptors.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
+            }
+        }
+    });
+
+    let reap_state = Arc::clone(&state);
+    let reap_stop = stop_accepting.clone();
+    background.spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(10));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => reap_state.pools.reap(),
+                _ = reap_stop.cancelled() => break,
+            }
+        }
+    });
+
+    tracing::info!(%addr, "pgtenant listening");
+    Ok(Running {
+        addr,
+        state,
+        stop_accepting,
+        sessions,
+        background,
+    })
+}
+
+/// Runs the proxy from a configuration file until SIGINT/SIGTERM; SIGHUP reloads it.
+pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
+    let snapshot = config::load(&config_path)?;
+    let running = start(snapshot).await?;
+    wait_for_signals(&running, Some(&config_path)).await?;
+    tracing::info!("shutting down");
+    running.shutdown(Duration::from_secs(30)).await;
+    Ok(())
+}
+
+/// Waits for SIGINT or SIGTERM; on SIGHUP reloads `config_path` (if given).
+pub async fn wait_for_signals(
+    running: &Running,
+    config_path: Option<&PathBuf>,
+) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => return Ok(()),
+            _ = int.recv() => return Ok(()),
+            _ = hup.recv() => {
+                let Some(path) = config_path else { continue };
+                match config::load(path).map_err(anyhow::Error::from).and_then(|s| running.state.reload(s)) {
+                    Ok(()) => tracing::info!(path = %path.display(), "configuration reloaded"),
+                    Err(e) => tracing::error!(error = %e, "reload failed; keeping the configuration in force"),
+                }
+            }
+        }
+    }
+}

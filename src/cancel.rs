@@ -1,0 +1,227 @@
+//! Query cancellation (docs 55.2.9 and DESIGN.md §5 S4). Each client gets a random,
+//! proxy-issued BackendKeyData; a CancelRequest carrying it reaches only the server connection
+//! serving that client at that moment. Servers' real keys never leave pgtenant. Failed
+//! look-ups are counted per source address, and a source that keeps guessing is ignored for a
+//! while.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::{BufMut, BytesMut};
+use rustls::ClientConfig;
+use rustls_pki_types::ServerName;
+use subtle::ConstantTimeEq;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::net::stream::{MaybeTls, ServerStream};
+
+/// Where and how to cancel what one server connection is running.
+#[derive(Debug, Clone)]
+pub struct CancelTarget {
+    pub host: String,
+    pub port: u16,
+    pub pid: i32,
+    pub secret: Vec<u8>,
+    /// Set when the server connection uses TLS: the cancel goes over TLS too.
+    pub tls: Option<(Arc<ClientConfig>, ServerName<'static>)>,
+}
+
+impl CancelTarget {
+    /// Sends the CancelRequest on a new connection (the server answers nothing and closes).
+    pub async fn send(&self, timeout: Duration) -> std::io::Result<()> {
+        let work = async {
+            let tcp = TcpStream::connect((self.host.as_str(), self.port)).await?;
+            let mut stream: ServerStream = match &self.tls {
+                None => MaybeTls::Plain(tcp),
+                Some((config, name)) => crate::pool::connect::start_tls(tcp, config, name).await?,
+            };
+            let mut packet = BytesMut::new();
+            packet.put_u32(12 + self.secret.len() as u32);
+            packet.put_i32(80_877_102);
+            packet.put_i32(self.pid);
+            packet.put_slice(&self.secret);
+            stream.write_all(&packet).await?;
+            stream.flush().await?;
+            let mut sink = [0u8; 16];
+            // Wait for the server to close so the cancel has been processed when we return.
+            let _ = stream.read(&mut sink).await;
+            Ok(())
+        };
+        tokio::time::timeout(timeout, work)
+            .await
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "cancel timed out"))?
+    }
+}
+
+struct Entry {
+    secret: [u8; 4],
+    target: Option<Arc<CancelTarget>>,
+}
+
+/// Failed guesses allowed per source address per window.
+const MAX_FAILURES: u32 = 20;
+const FAILURE_WINDOW: Duration = Duration::from_secs(60);
+const MAX_TRACKED_SOURCES: usize = 10_000;
+
+#[derive(Default)]
+struct Inner {
+    keys: HashMap<i32, Entry>,
+    failures: HashMap<IpAddr, (u32, Instant)>,
+}
+
+/// All live proxy-issued cancel keys.
+#[derive(Default)]
+pub struct CancelRegistry {
+    inner: Mutex<Inner>,
+}
+
+impl CancelRegistry {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        // A panic while holding this lock cannot leave the maps inconsistent (each update
+        // is one insert or remove), so a poisoned lock is still usable.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Issues a fresh key for a client session.
+    pub fn register(self: &Arc<Self>) -> CancelHandle {
+        let mut inner = self.lock();
+        loop {
+            let pid = (rand::random::<u32>() >> 1) as i32;
+            if pid == 0 || inner.keys.contains_key(&pid) {
+                continue;
+            }
+            let secret: [u8; 4] = rand::random();
+            inner.keys.insert(
+                pid,
+                Entry {
+                    secret,
+                    target: None,
+                },
+            );
+            return CancelHandle {
+                registry: Arc::clone(self),
+                pid,
+                secret,
+            };
+        }
+    }
+
+    /// The target for a CancelRequest, if the key is live and the source is not blocked.
+    pub fn lookup(&self, source: IpAddr, pid: i32, secret: &[u8]) -> Option<Arc<CancelTarget>> {
+        let mut inner = self.lock();
+        let now = Instant::now();
+        if let Some((count, since)) = inner.failures.get(&source)
+            && *count >= MAX_FAILURES
+            && now.duration_since(*since) < FAILURE_WINDOW
+        {
+            return None;
+        }
+        let found = inner
+            .keys
+            .get(&pid)
+            .filter(|e| bool::from(e.secret.as_slice().ct_eq(secret)));
+        match found {
+            Some(entry) => entry.target.clone(),
+            None => {
+                if inner.failures.len() >= MAX_TRACKED_SOURCES {
+                    inner
+                        .failures
+                        .retain(|_, (_, since)| now.duration_since(*since) < FAILURE_WINDOW);
+                }
+                let slot = inner.failures.entry(source).or_insert((0, now));
+                if now.duration_since(slot.1) >= FAILURE_WINDOW {
+                    *slot = (0, now);
+                }
+                slot.0 += 1;
+                None
+            }
+        }
+    }
+}
+
+/// A client's key; dropping it retires the key.
+pub struct CancelHandle {
+    registry: Arc<CancelRegistry>,
+    pid: i32,
+    secret: [u8; 4],
+}
+
+impl CancelHandle {
+    /// The key to send in BackendKeyData.
+    pub fn key(&self) -> (i32, i32) {
+        (self.pid, i32::from_be_bytes(self.secret))
+    }
+
+    /// Points the key at the server connection now serving the client (or at none).
+    pub fn set_target(&self, target: Option<Arc<CancelTarget>>) {
+        if let Some(entry) = self.registry.lock().keys.get_mut(&self.pid) {
+            entry.target = target;
+        }
+    }
+}
+
+impl Drop for CancelHandle {
+    fn drop(&mut self) {
+        self.registry.lock().keys.remove(&self.pid);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn target() -> Arc<CancelTarget> {
+        Arc::new(CancelTarget {
+            host: "127.0.0.1".into(),
+            port: 1,
+            pid: 99,
+            secret: vec![1, 2, 3, 4],
+            tls: None,
+        })
+    }
+
+    #[test]
+    fn keys_reach_only_their_current_target() {
+        let reg = Arc::new(CancelRegistry::default());
+        let ip: IpAddr = "127.0.0.1".parse().unwrap();
+        let h = reg.register();
+        let (pid, secret) = h.key();
+        assert!(
+            reg.lookup(ip, pid, &secret.to_be_bytes()).is_none(),
+            "no target yet"
+        );
+        h.set_target(Some(target()));
+        assert_eq!(reg.lookup(ip, pid, &secret.to_be_bytes()).unwrap().pid, 99);
+        assert!(reg.lookup(ip, pid, &(secret ^ 1).to_be_bytes()).is_none());
+        drop(h);
+        assert!(
+            reg.lookup(ip, pid, &secret.to_be_bytes()).is_none(),
+            "retired"
+        );
+    }
+
+    #[test]
+    fn guessing_sources_get_blocked() {
+        let reg = Arc::new(CancelRegistry::default());
+        let h = reg.register();
+        h.set_target(Some(target()));
+        let (pid, secret) = h.key();
+        let attacker: IpAddr = "10.0.0.1".parse().unwrap();
+        for guess in 0..MAX_FAILURES {
+            let _ = reg.lookup(
+                attacker,
+                pid,
+                &(guess as i32 ^ secret ^ 0x5a5a).to_be_bytes(),
+            );
+        }
+        assert!(
+            reg.lookup(attacker, pid, &secret.to_be_bytes()).is_none(),
+            "blocked even with the right key"
+        );
+        let other: IpAddr = "10.0.0.2".parse().unwrap();
+        assert!(reg.lookup(other, pid, &secret.to_be_bytes()).is_some());
+    }
+}

@@ -1,0 +1,34 @@
+//! The command line (clap): run the proxy, check a configuration, make a SCRAM verifier, run
+//! the demo.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+/// A tenant-aware PostgreSQL connection proxy.
+#[derive(Debug, Parser)]
+#[command(name = "pgtenant", version, about)]
+pub struct Cli {
+    /// Configuration file (runs the proxy when no command is given).
+    #[arg(long, short, global = true, env = "PGTENANT_CONFIG")]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// What to do.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the proxy (the default).
+    Run,
+    /// Validate a configuration file and exit.
+    Check,
+    /// Read a password from standard input and print its SCRAM-SHA-256 verifier.
+    Passwd,
+    /// Start two throwaway PostgreSQL clusters with four sample tenants behind pgtenant.
+    Demo {
+        /// Port for pgtenant to listen on (0 picks a free one).
+        #[arg(long, default_value_t = 6432)]
+        port: u16,
+    },
+}

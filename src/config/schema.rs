@@ -1,0 +1,311 @@
+//! The TOML schema, exactly as users write it (DESIGN.md §2). Validation and defaults that
+//! depend on other tables live in `validate.rs`.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use super::duration;
+
+/// The whole file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    pub listen: ListenConfig,
+    #[serde(default)]
+    pub admin: Option<AdminConfig>,
+    #[serde(default)]
+    pub pool: PoolConfig,
+    #[serde(default)]
+    pub shards: BTreeMap<Spanned<String>, ShardConfig>,
+    #[serde(default)]
+    pub plans: BTreeMap<Spanned<String>, PlanConfig>,
+    #[serde(default)]
+    pub tenants: Vec<TenantConfig>,
+}
+
+/// Where tenant identity is read from, in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TenantSource {
+    Sni,
+    User,
+    Database,
+}
+
+/// `[listen]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenConfig {
+    pub addr: Spanned<String>,
+    #[serde(default = "default_tenant_from")]
+    pub tenant_from: Vec<TenantSource>,
+    #[serde(default = "default_startup_timeout", deserialize_with = "duration::de")]
+    pub startup_timeout: Duration,
+    #[serde(default = "default_max_unauthenticated")]
+    pub max_unauthenticated: usize,
+    /// Largest Query/Parse message pgtenant accepts (bytes); others stream through.
+    #[serde(default = "default_max_message_size")]
+    pub max_message_size: usize,
+    #[serde(default)]
+    pub tls: Option<ListenTlsConfig>,
+}
+
+fn default_tenant_from() -> Vec<TenantSource> {
+    vec![
+        TenantSource::Sni,
+        TenantSource::User,
+        TenantSource::Database,
+    ]
+}
+fn default_startup_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_max_unauthenticated() -> usize {
+    1000
+}
+fn default_max_message_size() -> usize {
+    64 << 20
+}
+
+/// Whether clients may, must or must not use TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientTlsMode {
+    Disable,
+    #[default]
+    Prefer,
+    Require,
+}
+
+/// `[listen.tls]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenTlsConfig {
+    pub cert: Spanned<PathBuf>,
+    pub key: Spanned<PathBuf>,
+    #[serde(default)]
+    pub mode: ClientTlsMode,
+    #[serde(default)]
+    pub sni_suffix: Option<String>,
+}
+
+/// `[admin]`: parsed and checked now; served by the operator surface.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    #[serde(default)]
+    pub http: Option<Spanned<String>>,
+    #[serde(default)]
+    pub users: Vec<AdminUserConfig>,
+}
+
+/// One admin console user.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminUserConfig {
+    pub name: String,
+    pub scram: Spanned<String>,
+}
+
+/// How server connections are shared between clients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum PoolMode {
+    /// A server connection per transaction.
+    Transaction,
+    /// A server connection for the client's whole session.
+    #[default]
+    Session,
+}
+
+/// `[pool]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolConfig {
+    #[serde(default = "default_pool_mode")]
+    pub mode: Spanned<PoolMode>,
+    #[serde(
+        default = "default_checkout_timeout",
+        deserialize_with = "duration::de"
+    )]
+    pub checkout_timeout: Duration,
+    #[serde(
+        default = "default_server_idle_timeout",
+        deserialize_with = "duration::de"
+    )]
+    pub server_idle_timeout: Duration,
+    #[serde(default = "default_connect_timeout", deserialize_with = "duration::de")]
+    pub connect_timeout: Duration,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        PoolConfig {
+            mode: default_pool_mode(),
+            checkout_timeout: default_checkout_timeout(),
+            server_idle_timeout: default_server_idle_timeout(),
+            connect_timeout: default_connect_timeout(),
+        }
+    }
+}
+
+fn default_pool_mode() -> Spanned<PoolMode> {
+    Spanned::new(0..0, PoolMode::default())
+}
+fn default_checkout_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_server_idle_timeout() -> Duration {
+    Duration::from_secs(300)
+}
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+
+/// TLS towards a shard, with libpq's `sslmode` meanings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum ServerTlsMode {
+    Disable,
+    #[default]
+    Prefer,
+    Require,
+    VerifyFull,
+}
+
+/// `[shards.<name>]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShardConfig {
+    pub host: String,
+    #[serde(default = "default_port")]
+    pub port: u16,
+    pub database: String,
+    pub user: String,
+    #[serde(default)]
+    pub password: Option<String>,
+    #[serde(default)]
+    pub password_env: Option<String>,
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    #[serde(default)]
+    pub tls: ServerTlsMode,
+    /// CA bundle (PEM) that signs the server certificate; used with `tls = "verify-full"`.
+    #[serde(default)]
+    pub ca: Option<PathBuf>,
+}
+
+fn default_port() -> u16 {
+    5432
+}
+fn default_max_connections() -> usize {
+    50
+}
+
+/// `[plans.<name>]`: per-tenant limits. Every key is optional: absent means unlimited.
+#[derive(Debug, Deserialize, Default, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct PlanConfig {
+    #[serde(default)]
+    pub max_client_connections: Option<usize>,
+    #[serde(default)]
+    pub max_server_connections: Option<usize>,
+    #[serde(default)]
+    pub queries_per_second: Option<u32>,
+    #[serde(default, deserialize_with = "duration::de_opt")]
+    pub statement_timeout: Option<Duration>,
+    #[serde(default, deserialize_with = "duration::de_opt")]
+    pub idle_in_transaction_timeout: Option<Duration>,
+}
+
+/// Where a tenant's data lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PlacementKind {
+    /// Shared tables on a shard, rows filtered by row-level security.
+    Shared,
+    /// The tenant's own schema on a shard.
+    Schema,
+    /// The tenant's own database (its own shard entry).
+    Dedicated,
+}
+
+/// `placement = { kind = ..., shard = ..., schema = ... }`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlacementConfig {
+    pub kind: PlacementKind,
+    pub shard: Spanned<String>,
+    #[serde(default)]
+    pub schema: Option<String>,
+}
+
+/// How a tenant is kept inside its data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum IsolationMode {
+    /// The shard's login role, with the tenant context bound on every transaction.
+    #[default]
+    Context,
+    /// The tenant's own PostgreSQL role (`server_user`).
+    Role,
+}
+
+/// A tenant's own certificate, served when SNI names it.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantTlsConfig {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// What a user may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum UserRole {
+    #[default]
+    Readwrite,
+    Readonly,
+}
+
+/// `[[tenants.users]]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserConfig {
+    pub name: Spanned<String>,
+    pub scram: Spanned<String>,
+    #[serde(default)]
+    pub role: UserRole,
+}
+
+/// `[[tenants]]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantConfig {
+    pub id: Spanned<String>,
+    pub name: Spanned<String>,
+    #[serde(default)]
+    pub subdomain: Option<String>,
+    #[serde(default)]
+    pub plan: Option<Spanned<String>>,
+    pub placement: PlacementConfig,
+    /// Per-tenant overrides of the plan's limits.
+    #[serde(default)]
+    pub settings: PlanConfig,
+    #[serde(default)]
+    pub tls: Option<TenantTlsConfig>,
+    #[serde(default)]
+    pub isolation: IsolationMode,
+    #[serde(default)]
+    pub server_user: Option<String>,
+    #[serde(default)]
+    pub server_password: Option<String>,
+    #[serde(default)]
+    pub server_password_env: Option<String>,
+    #[serde(default)]
+    pub users: Vec<UserConfig>,
+}

@@ -1,0 +1,195 @@
+//! The snapshot: the immutable catalog in force (listener settings, shards, plans, tenants and
+//! their users), built only from a configuration that validated. Sessions hold an `Arc` of the
+//! snapshot they started with.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+use super::{
+    ClientTlsMode, PlacementKind, PlanConfig, PoolMode, ServerTlsMode, TenantSource, UserRole,
+};
+use crate::auth::verifier::ScramVerifier;
+use crate::tenant::TenantId;
+
+/// A password that never shows up in logs or `Debug` output.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(..)")
+    }
+}
+
+/// A certificate chain and its private key, read from PEM files.
+#[derive(Debug)]
+pub struct CertMaterial {
+    pub chain: Vec<CertificateDer<'static>>,
+    pub key: PrivateKeyDer<'static>,
+}
+
+impl Clone for CertMaterial {
+    fn clone(&self) -> Self {
+        CertMaterial {
+            chain: self.chain.clone(),
+            key: self.key.clone_key(),
+        }
+    }
+}
+
+/// The catalog in force.
+#[derive(Debug)]
+pub struct Snapshot {
+    pub source: PathBuf,
+    pub listen: Listen,
+    pub pool: PoolSettings,
+    pub admin: Admin,
+    pub shards: BTreeMap<String, Arc<Shard>>,
+    pub tenants: Vec<Arc<Tenant>>,
+    by_name: HashMap<String, Arc<Tenant>>,
+    by_subdomain: HashMap<String, Arc<Tenant>>,
+}
+
+impl Snapshot {
+    pub(super) fn new(
+        source: PathBuf,
+        listen: Listen,
+        pool: PoolSettings,
+        admin: Admin,
+        shards: BTreeMap<String, Arc<Shard>>,
+        tenants: Vec<Arc<Tenant>>,
+    ) -> Self {
+        let by_name = tenants
+            .iter()
+            .map(|t| (t.name.clone(), Arc::clone(t)))
+            .collect();
+        let by_subdomain = tenants
+            .iter()
+            .map(|t| (t.subdomain.clone(), Arc::clone(t)))
+            .collect();
+        Snapshot {
+            source,
+            listen,
+            pool,
+            admin,
+            shards,
+            tenants,
+            by_name,
+            by_subdomain,
+        }
+    }
+
+    /// The tenant called `name`.
+    pub fn tenant_by_name(&self, name: &str) -> Option<&Arc<Tenant>> {
+        self.by_name.get(name)
+    }
+
+    /// The tenant whose subdomain (SNI label) is `label`.
+    pub fn tenant_by_subdomain(&self, label: &str) -> Option<&Arc<Tenant>> {
+        self.by_subdomain.get(label)
+    }
+
+    /// The shard a tenant's placement names. Validation guarantees it exists.
+    pub fn shard_of(&self, tenant: &Tenant) -> Option<&Arc<Shard>> {
+        self.shards.get(&tenant.placement.shard)
+    }
+}
+
+/// `[listen]`, resolved.
+#[derive(Debug)]
+pub struct Listen {
+    pub addr: SocketAddr,
+    pub tenant_from: Vec<TenantSource>,
+    pub startup_timeout: Duration,
+    pub max_unauthenticated: usize,
+    pub max_message_size: usize,
+    pub tls: Option<ListenTls>,
+}
+
+/// `[listen.tls]`, with certificates loaded.
+#[derive(Debug)]
+pub struct ListenTls {
+    pub cert: CertMaterial,
+    pub mode: ClientTlsMode,
+    pub sni_suffix: Option<String>,
+}
+
+/// `[pool]`.
+#[derive(Debug, Clone)]
+pub struct PoolSettings {
+    pub mode: PoolMode,
+    pub checkout_timeout: Duration,
+    pub server_idle_timeout: Duration,
+    pub connect_timeout: Duration,
+}
+
+/// `[admin]`.
+#[derive(Debug, Default)]
+pub struct Admin {
+    pub http: Option<SocketAddr>,
+    pub users: Vec<(String, ScramVerifier)>,
+}
+
+/// A PostgreSQL endpoint + database + login role.
+#[derive(Debug)]
+pub struct Shard {
+    pub name: String,
+    pub host: String,
+    pub port: u16,
+    pub database: String,
+    pub user: String,
+    pub password: Option<Secret>,
+    pub max_connections: usize,
+    pub tls: ServerTlsMode,
+    pub ca: Vec<CertificateDer<'static>>,
+}
+
+/// Where a tenant lives.
+#[derive(Debug, Clone)]
+pub struct Placement {
+    pub kind: PlacementKind,
+    pub shard: String,
+    /// The tenant's schema (kind `schema` only).
+    pub schema: Option<String>,
+}
+
+/// How pgtenant logs in to the tenant's shard.
+#[derive(Debug, Clone)]
+pub enum Isolation {
+    /// The shard's login role; the tenant context is bound on the connection.
+    Context,
+    /// The tenant's own role.
+    Role {
+        user: String,
+        password: Option<Secret>,
+    },
+}
+
+/// One of a tenant's users.
+#[derive(Debug)]
+pub struct TenantUser {
+    pub name: String,
+    pub verifier: ScramVerifier,
+    pub role: UserRole,
+}
+
+/// A tenant, as the snapshot knows it.
+#[derive(Debug)]
+pub struct Tenant {
+    pub id: TenantId,
+    pub name: String,
+    pub subdomain: String,
+    pub plan: Option<String>,
+    pub placement: Placement,
+    /// The plan's limits with the tenant's overrides applied.
+    pub limits: PlanConfig,
+    pub isolation: Isolation,
+    pub users: HashMap<String, TenantUser>,
+    pub tls: Option<CertMaterial>,
+}

@@ -1,0 +1,675 @@
+//! Validation: checks that span tables (a tenant's shard exists, names are unique, verifiers
+//! parse, certificates load) and the build of the [`Snapshot`]. Nothing is half-applied: an
+//! error anywhere means no snapshot.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+use super::snapshot::*;
+use super::*;
+use crate::auth::verifier::ScramVerifier;
+use crate::tenant::TenantId;
+
+struct Ctx<'a> {
+    text: &'a str,
+    path: &'a Path,
+}
+
+impl Ctx<'_> {
+    fn err(
+        &self,
+        span: Option<Range<usize>>,
+        subject: Option<String>,
+        message: String,
+    ) -> ConfigError {
+        ConfigError {
+            file: self.path.to_owned(),
+            line: span.map(|s| line_of(self.text, s.start)),
+            subject,
+            message,
+        }
+    }
+
+    /// Resolves `p` against the configuration file's directory.
+    fn file_path(&self, p: &Path) -> PathBuf {
+        if p.is_absolute() {
+            p.to_owned()
+        } else {
+            self.path.parent().unwrap_or(Path::new(".")).join(p)
+        }
+    }
+
+    fn load_certs(
+        &self,
+        cert: &Path,
+        key: &Path,
+        span: Option<Range<usize>>,
+        subject: Option<String>,
+    ) -> Result<CertMaterial, ConfigError> {
+        let cert_path = self.file_path(cert);
+        let key_path = self.file_path(key);
+        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&cert_path)
+            .and_then(|iter| iter.collect())
+            .map_err(|e| {
+                self.err(
+                    span.clone(),
+                    subject.clone(),
+                    format!("cannot read certificate {}: {e}", cert_path.display()),
+                )
+            })?;
+        if chain.is_empty() {
+            return Err(self.err(
+                span,
+                subject,
+                format!("no certificate in {}", cert_path.display()),
+            ));
+        }
+        let key = PrivateKeyDer::from_pem_file(&key_path).map_err(|e| {
+            self.err(
+                span.clone(),
+                subject.clone(),
+                format!("cannot read private key {}: {e}", key_path.display()),
+            )
+        })?;
+        Ok(CertMaterial { chain, key })
+    }
+}
+
+fn valid_name(name: &str, extra: &[char]) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || extra.contains(&c))
+}
+
+fn secret(
+    ctx: &Ctx<'_>,
+    subject: &str,
+    what: &str,
+    plain: Option<String>,
+    env: Option<String>,
+) -> Result<Option<Secret>, ConfigError> {
+    match (plain, env) {
+        (Some(_), Some(_)) => Err(ctx.err(
+            None,
+            Some(subject.to_owned()),
+            format!("set either {what} or {what}_env, not both"),
+        )),
+        (Some(p), None) => Ok(Some(Secret(p))),
+        (None, Some(var)) => std::env::var(&var).map(|v| Some(Secret(v))).map_err(|_| {
+            ctx.err(
+                None,
+                Some(subject.to_owned()),
+                format!("{what}_env names environment variable {var:?}, which is not set"),
+            )
+        }),
+        (None, None) => Ok(None),
+    }
+}
+
+/// Validates `file` (parsed from `text`, read from `path`) and builds the snapshot.
+pub fn build_snapshot(file: ConfigFile, text: &str, path: &Path) -> Result<Snapshot, ConfigError> {
+    let ctx = Ctx { text, path };
+
+    // [listen]
+    let l = file.listen;
+    let addr: SocketAddr = l.addr.get_ref().parse().map_err(|_| {
+        ctx.err(
+            Some(l.addr.span()),
+            None,
+            format!(
+                "listen.addr {:?} is not an address like 127.0.0.1:6432",
+                l.addr.get_ref()
+            ),
+        )
+    })?;
+    if l.tenant_from.is_empty() {
+        return Err(ctx.err(
+            None,
+            None,
+            "listen.tenant_from must name at least one source".into(),
+        ));
+    }
+    let unique_sources: HashSet<_> = l.tenant_from.iter().collect();
+    if unique_sources.len() != l.tenant_from.len() {
+        return Err(ctx.err(None, None, "listen.tenant_from repeats a source".into()));
+    }
+    if l.max_message_size < 1024 {
+        return Err(ctx.err(
+            None,
+            None,
+            "listen.max_message_size must be at least 1024".into(),
+        ));
+    }
+    let tls = match l.tls {
+        None => None,
+        Some(t) => Some(ListenTls {
+            cert: ctx.load_certs(t.cert.get_ref(), t.key.get_ref(), Some(t.cert.span()), None)?,
+            mode: t.mode,
+            sni_suffix: t
+                .sni_suffix
+                .map(|s| s.trim_matches('.').to_ascii_lowercase())
+                .filter(|s| !s.is_empty()),
+        }),
+    };
+    let listen = Listen {
+        addr,
+        tenant_from: l.tenant_from,
+        startup_timeout: l.startup_timeout,
+        max_unauthenticated: l.max_unauthenticated.max(1),
+        max_message_size: l.max_message_size,
+        tls,
+    };
+
+    // [pool]
+    let p = file.pool;
+    if *p.mode.get_ref() == PoolMode::Transaction {
+        return Err(ctx.err(
+            Some(p.mode.span()),
+            None,
+            "pool.mode = \"transaction\" is not available in this version; use \"session\"".into(),
+        ));
+    }
+    let pool = PoolSettings {
+        mode: *p.mode.get_ref(),
+        checkout_timeout: p.checkout_timeout,
+        server_idle_timeout: p.server_idle_timeout,
+        connect_timeout: p.connect_timeout,
+    };
+
+    // [admin]
+    let mut admin = Admin::default();
+    if let Some(a) = file.admin {
+        if let Some(http) = a.http {
+            admin.http = Some(http.get_ref().parse().map_err(|_| {
+                ctx.err(
+                    Some(http.span()),
+                    None,
+                    format!("admin.http {:?} is not an address", http.get_ref()),
+                )
+            })?);
+        }
+        for u in a.users {
+            let v = ScramVerifier::parse(u.scram.get_ref()).map_err(|e| {
+                ctx.err(
+                    Some(u.scram.span()),
+                    Some(format!("admin user {:?}", u.name)),
+                    e.to_string(),
+                )
+            })?;
+            admin.users.push((u.name, v));
+        }
+    }
+
+    // [shards.*]
+    let mut shards = BTreeMap::new();
+    for (name, s) in file.shards {
+        let subject = format!("shard {:?}", name.get_ref());
+        let here = Some(name.span());
+        if !valid_name(&name.get_ref().to_ascii_lowercase(), &['-', '_']) {
+            return Err(ctx.err(
+                here,
+                Some(subject),
+                "shard names use letters, digits, '-' and '_'".into(),
+            ));
+        }
+        for (field, value) in [
+            ("host", &s.host),
+            ("database", &s.database),
+            ("user", &s.user),
+        ] {
+            if value.is_empty() {
+                return Err(ctx.err(here, Some(subject), format!("{field} must not be empty")));
+            }
+        }
+        if s.max_connections == 0 {
+            return Err(ctx.err(
+                here,
+                Some(subject),
+                "max_connections must be at least 1".into(),
+            ));
+        }
+        let password = secret(&ctx, &subject, "password", s.password, s.password_env)?;
+        let ca = match (&s.ca, s.tls) {
+            (Some(ca), _) => {
+                let ca_path = ctx.file_path(ca);
+                CertificateDer::pem_file_iter(&ca_path)
+                    .and_then(|iter| iter.collect::<Result<Vec<_>, _>>())
+                    .map_err(|e| {
+                        ctx.err(
+                            here.clone(),
+                            Some(subject.clone()),
+                            format!("cannot read CA {}: {e}", ca_path.display()),
+                        )
+                    })?
+            }
+            (None, ServerTlsMode::VerifyFull) => {
+                return Err(ctx.err(
+                    here,
+                    Some(subject),
+                    "tls = \"verify-full\" needs ca = \"<PEM file>\"".into(),
+                ));
+            }
+            (None, _) => Vec::new(),
+        };
+        shards.insert(
+            name.get_ref().clone(),
+            Arc::new(Shard {
+                name: name.into_inner(),
+                host: s.host,
+                port: s.port,
+                database: s.database,
+                user: s.user,
+                password,
+                max_connections: s.max_connections,
+                tls: s.tls,
+                ca,
+            }),
+        );
+    }
+
+    // [plans.*]
+    let plans: HashMap<String, PlanConfig> = file
+        .plans
+        .into_iter()
+        .map(|(k, v)| (k.into_inner(), v))
+        .collect();
+
+    // [[tenants]]
+    let mut tenants = Vec::new();
+    let mut ids = HashSet::new();
+    let mut names = HashSet::new();
+    let mut subdomains = HashSet::new();
+    let mut dedicated_shards: HashMap<String, String> = HashMap::new();
+    let mut shared_shards: HashMap<String, String> = HashMap::new();
+    for t in file.tenants {
+        let name = t.name.get_ref().clone();
+        let subject = Some(format!("tenant {name:?}"));
+        let here = Some(t.name.span());
+        if !valid_name(&name, &['-', '_']) {
+            return Err(ctx.err(
+                here,
+                subject,
+                "tenant names use lower-case letters, digits, '-' and '_' (at most 63)".into(),
+            ));
+        }
+        let id = TenantId::parse(t.id.get_ref()).map_err(|_| {
+            ctx.err(
+                Some(t.id.span()),
+                subject.clone(),
+                format!("id {:?} is not a UUID", t.id.get_ref()),
+            )
+        })?;
+        if !ids.insert(id) {
+            return Err(ctx.err(
+                Some(t.id.span()),
+                subject,
+                format!("id {id} is used by another tenant"),
+            ));
+        }
+        if !names.insert(name.clone()) {
+            return Err(ctx.err(here, subject, "another tenant has the same name".into()));
+        }
+        let subdomain = t
+            .subdomain
+            .unwrap_or_else(|| name.clone())
+            .to_ascii_lowercase();
+        if !valid_name(&subdomain, &['-']) {
+            return Err(ctx.err(
+                here,
+                subject,
+                format!("subdomain {subdomain:?} is not a DNS label"),
+            ));
+        }
+        if !subdomains.insert(subdomain.clone()) {
+            return Err(ctx.err(
+                here,
+                subject,
+                format!("subdomain {subdomain:?} is used by another tenant"),
+            ));
+        }
+        let mut limits = match &t.plan {
+            None => PlanConfig::default(),
+            Some(plan) => plans.get(plan.get_ref()).cloned().ok_or_else(|| {
+                ctx.err(
+                    Some(plan.span()),
+                    subject.clone(),
+                    format!("plan {:?} is not defined in [plans]", plan.get_ref()),
+                )
+            })?,
+        };
+        let o = t.settings;
+        limits.max_client_connections = o.max_client_connections.or(limits.max_client_connections);
+        limits.max_server_connections = o.max_server_connections.or(limits.max_server_connections);
+        limits.queries_per_second = o.queries_per_second.or(limits.queries_per_second);
+        limits.statement_timeout = o.statement_timeout.or(limits.statement_timeout);
+        limits.idle_in_transaction_timeout = o
+            .idle_in_transaction_timeout
+            .or(limits.idle_in_transaction_timeout);
+
+        let pl = t.placement;
+        let shard_name = pl.shard.get_ref().clone();
+        if !shards.contains_key(&shard_name) {
+            return Err(ctx.err(
+                Some(pl.shard.span()),
+                subject,
+                format!("placement names unknown shard {shard_name:?}"),
+            ));
+        }
+        match (pl.kind, &pl.schema) {
+            (PlacementKind::Schema, None) => {
+                return Err(ctx.err(
+                    Some(pl.shard.span()),
+                    subject,
+                    "a schema placement needs schema = \"<name>\"".into(),
+                ));
+            }
+            (PlacementKind::Schema, Some(s)) if s.is_empty() || s.len() > 63 => {
+                return Err(ctx.err(
+                    Some(pl.shard.span()),
+                    subject,
+                    format!("schema {s:?} is not a valid name"),
+                ));
+            }
+            (PlacementKind::Shared | PlacementKind::Dedicated, Some(_)) => {
+                return Err(ctx.err(
+                    Some(pl.shard.span()),
+                    subject,
+                    "schema is only allowed with kind = \"schema\"".into(),
+                ));
+            }
+            _ => {}
+        }
+        if pl.kind == PlacementKind::Dedicated {
+            if let Some(other) = dedicated_shards
+                .insert(shard_name.clone(), name.clone())
+                .or_else(|| shared_shards.get(&shard_name).cloned())
+            {
+                return Err(ctx.err(
+                    Some(pl.shard.span()),
+                    subject,
+                    format!("dedicated shard {shard_name:?} is also used by tenant {other:?}"),
+                ));
+            }
+        } else {
+            if let Some(other) = dedicated_shards.get(&shard_name) {
+                return Err(ctx.err(
+                    Some(pl.shard.span()),
+                    subject,
+                    format!("shard {shard_name:?} is dedicated to tenant {other:?}"),
+                ));
+            }
+            shared_shards.insert(shard_name.clone(), name.clone());
+        }
+
+        let subject_text = format!("tenant {name:?}");
+        let isolation = match t.isolation {
+            IsolationMode::Context => {
+                if t.server_user.is_some() {
+                    return Err(ctx.err(
+                        here,
+                        subject,
+                        "server_user is only used with isolation = \"role\"".into(),
+                    ));
+                }
+                Isolation::Context
+            }
+            IsolationMode::Role => {
+                let Some(user) = t.server_user.filter(|u| !u.is_empty()) else {
+                    return Err(ctx.err(
+                        here,
+                        subject,
+                        "isolation = \"role\" needs server_user".into(),
+                    ));
+                };
+                let password = secret(
+                    &ctx,
+                    &subject_text,
+                    "server_password",
+                    t.server_password,
+                    t.server_password_env,
+                )?;
+                Isolation::Role { user, password }
+            }
+        };
+
+        let tls = match t.tls {
+            None => None,
+            Some(tt) => {
+                if listen.tls.is_none() {
+                    return Err(ctx.err(
+                        here,
+                        subject,
+                        "a tenant certificate needs [listen.tls]".into(),
+                    ));
+                }
+                Some(ctx.load_certs(&tt.cert, &tt.key, here.clone(), subject.clone())?)
+            }
+        };
+
+        let mut users = HashMap::new();
+        for u in t.users {
+            let uname = u.name.get_ref().clone();
+            if uname.is_empty() || uname.contains('@') || uname.contains('\0') {
+                return Err(ctx.err(
+                    Some(u.name.span()),
+                    subject,
+                    format!("user name {uname:?} is empty or contains '@'"),
+                ));
+            }
+            let verifier = ScramVerifier::parse(u.scram.get_ref()).map_err(|e| {
+                ctx.err(
+                    Some(u.scram.span()),
+                    Some(format!("tenant {name:?}, user {uname:?}")),
+                    e.to_string(),
+                )
+            })?;
+            if users.contains_key(&uname) {
+                return Err(ctx.err(
+                    Some(u.name.span()),
+                    subject,
+                    format!("user {uname:?} is listed twice"),
+                ));
+            }
+            users.insert(
+                uname.clone(),
+                TenantUser {
+                    name: uname,
+                    verifier,
+                    role: u.role,
+                },
+            );
+        }
+        tenants.push(Arc::new(Tenant {
+            id,
+            name,
+            subdomain,
+            plan: t.plan.map(|p| p.into_inner()),
+            placement: Placement {
+                kind: pl.kind,
+                shard: shard_name,
+                schema: pl.schema,
+            },
+            limits,
+            isolation,
+            users,
+            tls,
+        }));
+    }
+
+    Ok(Snapshot::new(
+        path.to_owned(),
+        listen,
+        pool,
+        admin,
+        shards,
+        tenants,
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = r#"
+[listen]
+addr = "127.0.0.1:6432"
+
+[shards.shard-a]
+host = "127.0.0.1"
+database = "app"
+user = "pgtenant_app"
+password = "x"
+
+[plans.basic]
+max_client_connections = 20
+statement_timeout = "30s"
+"#;
+
+    fn tenant(extra: &str) -> String {
+        let v = ScramVerifier::from_password(b"pw");
+        format!(
+            r#"
+[[tenants]]
+id = "6f1c2b7e-1d0a-4c39-9d0e-6f3b2a1c9e01"
+name = "acme"
+plan = "basic"
+{extra}
+[[tenants.users]]
+name = "app"
+scram = "{v}"
+"#
+        )
+    }
+
+    fn load(text: &str) -> Result<Snapshot, ConfigError> {
+        load_str(text, Path::new("conf/pgtenant.toml"))
+    }
+
+    #[test]
+    fn a_minimal_config_loads_with_defaults() {
+        let s = load(&format!(
+            "{BASE}{}",
+            tenant(
+                r#"placement = { kind = "shared", shard = "shard-a" }
+settings = { statement_timeout = "10s" }"#
+            )
+        ))
+        .unwrap();
+        let t = s.tenant_by_name("acme").unwrap();
+        assert_eq!(t.subdomain, "acme");
+        assert_eq!(t.limits.max_client_connections, Some(20));
+        assert_eq!(
+            t.limits.statement_timeout,
+            Some(std::time::Duration::from_secs(10))
+        );
+        assert_eq!(s.pool.mode, PoolMode::Session);
+        assert_eq!(s.listen.tenant_from.len(), 3);
+    }
+
+    #[test]
+    fn unknown_keys_name_their_line() {
+        let e = load(&format!("{BASE}\n[pool]\nmodee = \"session\"\n")).unwrap_err();
+        assert_eq!(e.line, Some(line_of(BASE, BASE.len()) + 2));
+        assert!(e.message.contains("modee"), "{e}");
+        assert!(e.to_string().starts_with("conf/pgtenant.toml:"));
+    }
+
+    #[test]
+    fn unknown_shard_names_tenant_and_line() {
+        let text = format!(
+            "{BASE}{}",
+            tenant(r#"placement = { kind = "shared", shard = "nope" }"#)
+        );
+        let e = load(&text).unwrap_err();
+        assert_eq!(e.subject.as_deref(), Some("tenant \"acme\""));
+        let line = text.lines().position(|l| l.contains("\"nope\"")).unwrap() + 1;
+        assert_eq!(e.line, Some(line));
+        assert!(e.message.contains("unknown shard"));
+    }
+
+    #[test]
+    fn semantic_errors_are_caught() {
+        let cases = [
+            (
+                r#"placement = { kind = "schema", shard = "shard-a" }"#,
+                "needs schema",
+            ),
+            (
+                r#"placement = { kind = "shared", shard = "shard-a", schema = "x" }"#,
+                "only allowed",
+            ),
+            (
+                r#"placement = { kind = "shared", shard = "shard-a" }
+isolation = "role""#,
+                "needs server_user",
+            ),
+            (
+                r#"placement = { kind = "shared", shard = "shard-a" }
+tls = { cert = "a.pem", key = "a.key" }"#,
+                "needs [listen.tls]",
+            ),
+        ];
+        for (extra, want) in cases {
+            let e = load(&format!("{BASE}{}", tenant(extra))).unwrap_err();
+            assert!(e.message.contains(want), "{extra}: {e}");
+        }
+    }
+
+    #[test]
+    fn duplicates_and_bad_verifiers_are_caught() {
+        let one = tenant(r#"placement = { kind = "shared", shard = "shard-a" }"#);
+        let e = load(&format!("{BASE}{one}{one}")).unwrap_err();
+        assert!(e.message.contains("is used by another tenant"), "{e}");
+
+        let bad = one.replace("SCRAM-SHA-256$", "SCRAM-SHA-1$");
+        let e = load(&format!("{BASE}{bad}")).unwrap_err();
+        assert!(e.message.contains("invalid SCRAM verifier"), "{e}");
+        assert_eq!(e.subject.as_deref(), Some("tenant \"acme\", user \"app\""));
+    }
+
+    #[test]
+    fn dedicated_shards_are_exclusive() {
+        let v = ScramVerifier::from_password(b"pw");
+        let text = format!(
+            r#"{BASE}
+[[tenants]]
+id = "00000000-0000-0000-0000-000000000001"
+name = "a"
+placement = {{ kind = "dedicated", shard = "shard-a" }}
+users = [{{ name = "u", scram = "{v}" }}]
+[[tenants]]
+id = "00000000-0000-0000-0000-000000000002"
+name = "b"
+placement = {{ kind = "shared", shard = "shard-a" }}
+"#
+        );
+        let e = load(&text).unwrap_err();
+        assert!(e.message.contains("dedicated"), "{e}");
+    }
+
+    #[test]
+    fn missing_password_env_is_reported() {
+        let text = BASE.replace(
+            "password = \"x\"",
+            "password_env = \"PGTENANT_TEST_UNSET_VAR\"",
+        );
+        let e = load(&text).unwrap_err();
+        assert_eq!(e.subject.as_deref(), Some("shard \"shard-a\""));
+        assert!(e.message.contains("PGTENANT_TEST_UNSET_VAR"));
+    }
+
+    #[test]
+    fn transaction_mode_is_refused_until_supported() {
+        let e = load(&format!("{BASE}\n[pool]\nmode = \"transaction\"\n")).unwrap_err();
+        assert!(e.message.contains("session"), "{e}");
+        assert!(e.line.is_some());
+    }
+}

@@ -1,0 +1,290 @@
+//! `pgtenant demo` (DESIGN.md §9): two throwaway clusters, a sample schema with row-level
+//! security, four tenants (two shared, one schema, one dedicated) and a ready psql URL for
+//! each. The same fixture serves the integration tests, so what the demo shows is what the
+//! tests check.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context as _;
+
+use crate::auth::verifier::ScramVerifier;
+use crate::localpg::{Cluster, LocalPgError};
+
+/// A tenant of the sample world.
+#[derive(Debug, Clone)]
+pub struct SampleTenant {
+    pub name: &'static str,
+    pub id: &'static str,
+    pub kind: &'static str,
+    pub user: &'static str,
+    pub password: String,
+    /// The row its `items` table shows it.
+    pub sample_row: &'static str,
+}
+
+/// The sample world on two clusters.
+pub struct Fixture {
+    pub tenants: Vec<SampleTenant>,
+    /// The shared database on cluster A.
+    pub shared_db: String,
+    /// The dedicated tenant's database on cluster B.
+    pub dedicated_db: String,
+    shards: String,
+}
+
+pub const ACME_ID: &str = "6f1c2b7e-1d0a-4c39-9d0e-6f3b2a1c9e01";
+pub const GLOBEX_ID: &str = "8d2e4f60-3b1c-4a7d-8e9f-0a1b2c3d4e02";
+pub const UMBRELLA_ID: &str = "0c9b8a7d-6e5f-4d3c-2b1a-0f9e8d7c6b03";
+pub const INITECH_ID: &str = "5a4b3c2d-1e0f-4a9b-8c7d-6e5f4a3b2c04";
+
+/// The login role pgtenant uses on both clusters.
+pub const APP_ROLE: &str = "pgtenant_app";
+/// The schema tenant's own role (it uses `isolation = "role"`).
+pub const UMBRELLA_ROLE: &str = "tenant_umbrella";
+
+fn create_role(name: &str, password: &str) -> String {
+    format!(
+        "CREATE ROLE {name} LOGIN NOSUPERUSER NOBYPASSRLS NOCREATEDB NOCREATEROLE \
+         PASSWORD '{password}';"
+    )
+}
+
+/// Creates the login roles (cluster-wide, once per pair of clusters). Each role's password is
+/// its cluster's superuser password.
+pub fn create_roles(a: &Cluster, b: &Cluster) -> Result<(), LocalPgError> {
+    a.psql(
+        "postgres",
+        &format!(
+            "{}{}",
+            create_role(APP_ROLE, &a.password),
+            create_role(UMBRELLA_ROLE, &a.password)
+        ),
+    )?;
+    b.psql("postgres", &create_role(APP_ROLE, &b.password))?;
+    Ok(())
+}
+
+/// Creates the sample databases (named with `suffix`, so tests can have one each) and
+/// returns what a configuration needs. The roles must exist ([`create_roles`]).
+pub fn create_fixture(a: &Cluster, b: &Cluster, suffix: &str) -> Result<Fixture, LocalPgError> {
+    let shared_db = format!("app{suffix}");
+    let dedicated_db = format!("initech{suffix}");
+    a.psql("postgres", &format!("CREATE DATABASE {shared_db}"))?;
+    a.psql(
+        &shared_db,
+        &format!(
+            "CREATE TABLE public.items (
+                id bigserial PRIMARY KEY,
+                tenant_id uuid NOT NULL DEFAULT current_setting('app.current_tenant_id')::uuid,
+                name text NOT NULL);
+             ALTER TABLE public.items ENABLE ROW LEVEL SECURITY;
+             ALTER TABLE public.items FORCE ROW LEVEL SECURITY;
+             CREATE POLICY tenant_isolation ON public.items
+                USING (tenant_id = NULLIF(current_setting('app.current_tenant_id', true), '')::uuid)
+                WITH CHECK (tenant_id = NULLIF(current_setting('app.current_tenant_id', true), '')::uuid);
+             GRANT SELECT, INSERT, UPDATE, DELETE ON public.items TO {APP_ROLE};
+             GRANT USAGE ON SEQUENCE public.items_id_seq TO {APP_ROLE};
+             INSERT INTO public.items (tenant_id, name) VALUES
+                ('{ACME_ID}', 'acme anvil'), ('{ACME_ID}', 'acme rocket skates'),
+                ('{GLOBEX_ID}', 'globex doomsday device');
+             CREATE SCHEMA t_umbrella AUTHORIZATION {UMBRELLA_ROLE};
+             CREATE TABLE t_umbrella.items (id bigserial PRIMARY KEY, name text NOT NULL);
+             INSERT INTO t_umbrella.items (name) VALUES ('umbrella t-virus');
+             ALTER TABLE t_umbrella.items OWNER TO {UMBRELLA_ROLE};
+             ALTER SEQUENCE t_umbrella.items_id_seq OWNER TO {UMBRELLA_ROLE};"
+        ),
+    )?;
+    b.psql(
+        "postgres",
+        &format!("CREATE DATABASE {dedicated_db} OWNER {APP_ROLE}"),
+    )?;
+    b.psql(
+        &dedicated_db,
+        &format!(
+            "SET ROLE {APP_ROLE};
+             CREATE TABLE public.items (id bigserial PRIMARY KEY, name text NOT NULL);
+             INSERT INTO public.items (name) VALUES ('initech TPS report');"
+        ),
+    )?;
+
+    let password = || format!("{:016x}", rand::random::<u64>());
+    let tenants = vec![
+        SampleTenant {
+            name: "acme",
+            id: ACME_ID,
+            kind: "shared",
+            user: "app",
+            password: password(),
+            sample_row: "acme anvil",
+        },
+        SampleTenant {
+            name: "globex",
+            id: GLOBEX_ID,
+            kind: "shared",
+            user: "app",
+            password: password(),
+            sample_row: "globex doomsday device",
+        },
+        SampleTenant {
+            name: "umbrella",
+            id: UMBRELLA_ID,
+            kind: "schema",
+            user: "app",
+            password: password(),
+            sample_row: "umbrella t-virus",
+        },
+        SampleTenant {
+            name: "initech",
+            id: INITECH_ID,
+            kind: "dedicated",
+            user: "app",
+            password: password(),
+            sample_row: "initech TPS report",
+        },
+    ];
+    let shards = format!(
+        r#"[shards.shared-a]
+host = "127.0.0.1"
+port = {a_port}
+database = "{shared_db}"
+user = "{APP_ROLE}"
+password = "{a_pw}"
+max_connections = 60
+tls = "disable"
+
+[shards.initech-db]
+host = "127.0.0.1"
+port = {b_port}
+database = "{dedicated_db}"
+user = "{APP_ROLE}"
+password = "{b_pw}"
+max_connections = 20
+tls = "disable"
+"#,
+        a_port = a.port,
+        a_pw = a.password,
+        b_port = b.port,
+        b_pw = b.password,
+    );
+    let mut fixture = Fixture {
+        tenants,
+        shared_db,
+        dedicated_db,
+        shards,
+    };
+    fixture.shards.push_str(&format!(
+        "\n[plans.basic]\nmax_client_connections = 200\nstatement_timeout = \"60s\"\n\n{}",
+        fixture.tenants_toml(&a.password)
+    ));
+    Ok(fixture)
+}
+
+impl Fixture {
+    fn tenants_toml(&self, umbrella_password: &str) -> String {
+        let mut out = String::new();
+        for t in &self.tenants {
+            let placement = match t.kind {
+                "shared" => r#"{ kind = "shared", shard = "shared-a" }"#.to_owned(),
+                "schema" => {
+                    r#"{ kind = "schema", shard = "shared-a", schema = "t_umbrella" }"#.to_owned()
+                }
+                _ => r#"{ kind = "dedicated", shard = "initech-db" }"#.to_owned(),
+            };
+            let role = if t.kind == "schema" {
+                format!(
+                    "isolation = \"role\"\nserver_user = \"{UMBRELLA_ROLE}\"\nserver_password = \"{umbrella_password}\"\n"
+                )
+            } else {
+                String::new()
+            };
+            out.push_str(&format!(
+                "[[tenants]]\nid = \"{}\"\nname = \"{}\"\nplan = \"basic\"\nplacement = {placement}\n{role}\
+                 [[tenants.users]]\nname = \"{}\"\nscram = \"{}\"\n\n",
+                t.id,
+                t.name,
+                t.user,
+                ScramVerifier::from_password(t.password.as_bytes()),
+            ));
+        }
+        out
+    }
+
+    /// A complete configuration listening on `addr`; `extra` is appended verbatim.
+    pub fn config(&self, addr: &str, extra: &str) -> String {
+        format!(
+            "[listen]\naddr = \"{addr}\"\n\n[pool]\nmode = \"session\"\n\n{}\n{extra}",
+            self.shards
+        )
+    }
+
+    /// The tenant called `name`.
+    pub fn tenant(&self, name: &str) -> Option<&SampleTenant> {
+        self.tenants.iter().find(|t| t.name == name)
+    }
+}
+
+/// A libpq URL for `tenant` through pgtenant at `port`.
+pub fn tenant_url(tenant: &SampleTenant, port: u16) -> String {
+    format!(
+        "postgresql://{}.{}:{}@127.0.0.1:{port}/{}",
+        tenant.user, tenant.name, tenant.password, tenant.name
+    )
+}
+
+/// Runs the demo until Ctrl-C.
+pub async fn run(port: u16) -> anyhow::Result<()> {
+    println!("pgtenant demo: starting two throwaway PostgreSQL clusters...");
+    let (a, b) = tokio::task::spawn_blocking(|| -> Result<(Cluster, Cluster), LocalPgError> {
+        Ok((Cluster::start(&[])?, Cluster::start(&[])?))
+    })
+    .await??;
+    let fixture = {
+        let (a, b) = (&a, &b);
+        tokio::task::block_in_place(|| {
+            create_roles(a, b)?;
+            create_fixture(a, b, "")
+        })?
+    };
+    let dir: PathBuf = std::env::temp_dir().join(format!("pgtenant-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join("pgtenant.toml");
+    let mut running = None;
+    for candidate in [port, 0] {
+        std::fs::write(&path, fixture.config(&format!("127.0.0.1:{candidate}"), ""))?;
+        let snapshot = crate::config::load(&path)?;
+        match crate::app::start(snapshot).await {
+            Ok(r) => {
+                running = Some(r);
+                break;
+            }
+            Err(e) => println!("  port {candidate} is not available ({e:#}); trying another"),
+        }
+    }
+    let running = running.context("could not start the proxy")?;
+    let port = running.addr.port();
+    println!(
+        "pgtenant is listening on {} (configuration: {})",
+        running.addr,
+        path.display()
+    );
+    println!("Connect as a tenant (each sees only its own rows: try `SELECT * FROM items;`):");
+    for t in &fixture.tenants {
+        println!(
+            "  {:<9} {:<10} psql \"{}\"",
+            t.name,
+            format!("({})", t.kind),
+            tenant_url(t, port)
+        );
+    }
+    println!("Press Ctrl-C to stop; the clusters are removed on exit.");
+    crate::app::wait_for_signals(&running, Some(&path)).await?;
+    println!("stopping...");
+    running.shutdown(Duration::from_secs(2)).await;
+    tokio::task::block_in_place(move || {
+        drop(a);
+        drop(b);
+    });
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}

@@ -1,0 +1,147 @@
+//! What clients are told when something goes wrong, and how errors are labelled.
+//!
+//! Every stage has its own `thiserror` enum (handshake, auth, route, pool, session). Each one
+//! implements [`Reportable`]: a bounded [`ErrorKind`] (safe as a metric or log label) and, when
+//! the client should hear about it, a [`ClientError`] carrying the SQLSTATE and a message that
+//! never names servers, shards or other tenants. SQLSTATEs follow PostgreSQL's Appendix A.
+
+use bytes::BytesMut;
+
+/// SQLSTATE codes pgtenant sends itself (PostgreSQL docs, Appendix A).
+pub mod sqlstate {
+    pub const PROTOCOL_VIOLATION: &str = "08P01";
+    pub const CONNECTION_FAILURE: &str = "08006";
+    pub const UNABLE_TO_CONNECT: &str = "08001";
+    pub const INVALID_AUTHORIZATION: &str = "28000";
+    pub const INVALID_PASSWORD: &str = "28P01";
+    pub const INVALID_CATALOG_NAME: &str = "3D000";
+    pub const TOO_MANY_CONNECTIONS: &str = "53300";
+    pub const CONFIGURATION_LIMIT_EXCEEDED: &str = "53400";
+    pub const QUERY_CANCELED: &str = "57014";
+    pub const ADMIN_SHUTDOWN: &str = "57P01";
+    pub const CANNOT_CONNECT_NOW: &str = "57P03";
+    pub const INSUFFICIENT_PRIVILEGE: &str = "42501";
+    pub const FEATURE_NOT_SUPPORTED: &str = "0A000";
+    pub const INTERNAL_ERROR: &str = "XX000";
+}
+
+/// A bounded classification of failures: usable as a metric label or log field.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ErrorKind {
+    /// The client broke the wire protocol.
+    Protocol,
+    /// Authentication failed or identity sources disagreed.
+    Auth,
+    /// No route for the requested database.
+    Routing,
+    /// Refused by tenant policy.
+    Policy,
+    /// A per-tenant limit was hit.
+    Quota,
+    /// A PostgreSQL server could not be reached or failed.
+    ServerUnavailable,
+    /// The client went away.
+    ClientDisconnect,
+    /// pgtenant is shutting down.
+    Shutdown,
+    /// A timeout pgtenant enforces.
+    Timeout,
+    /// A bug or an unexpected state.
+    Internal,
+}
+
+impl ErrorKind {
+    /// The label used in logs and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::Protocol => "protocol",
+            ErrorKind::Auth => "auth",
+            ErrorKind::Routing => "routing",
+            ErrorKind::Policy => "policy",
+            ErrorKind::Quota => "quota",
+            ErrorKind::ServerUnavailable => "server_unavailable",
+            ErrorKind::ClientDisconnect => "client_disconnect",
+            ErrorKind::Shutdown => "shutdown",
+            ErrorKind::Timeout => "timeout",
+            ErrorKind::Internal => "internal",
+        }
+    }
+}
+
+/// Severity of an `ErrorResponse` pgtenant sends itself.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Severity {
+    /// The statement failed; the session goes on.
+    Error,
+    /// The session ends after this message.
+    Fatal,
+}
+
+impl Severity {
+    fn as_str(self) -> &'static str {
+        match self {
+            Severity::Error => "ERROR",
+            Severity::Fatal => "FATAL",
+        }
+    }
+}
+
+/// An `ErrorResponse` as the client will see it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClientError {
+    pub severity: Severity,
+    pub sqlstate: &'static str,
+    pub message: String,
+    pub hint: Option<String>,
+}
+
+impl ClientError {
+    /// A FATAL error: the connection closes after it.
+    pub fn fatal(sqlstate: &'static str, message: impl Into<String>) -> Self {
+        ClientError {
+            severity: Severity::Fatal,
+            sqlstate,
+            message: message.into(),
+            hint: None,
+        }
+    }
+
+    /// An ERROR: the statement fails, the session continues.
+    pub fn error(sqlstate: &'static str, message: impl Into<String>) -> Self {
+        ClientError {
+            severity: Severity::Error,
+            sqlstate,
+            message: message.into(),
+            hint: None,
+        }
+    }
+
+    /// Adds a hint line (libpq prints it as `HINT:`).
+    pub fn with_hint(mut self, hint: impl Into<String>) -> Self {
+        self.hint = Some(hint.into());
+        self
+    }
+
+    /// Appends the `ErrorResponse` message to `out`.
+    pub fn encode(&self, out: &mut BytesMut) {
+        let mut fields = vec![
+            (b'S', self.severity.as_str().to_owned()),
+            (b'V', self.severity.as_str().to_owned()),
+            (b'C', self.sqlstate.to_owned()),
+            (b'M', self.message.clone()),
+        ];
+        if let Some(hint) = &self.hint {
+            fields.push((b'H', hint.clone()));
+        }
+        crate::protocol::encode::error_response(fields, out);
+    }
+}
+
+/// Implemented by every stage error that can end or fail a client's request.
+pub trait Reportable: std::error::Error {
+    /// Bounded label for logs and metrics.
+    fn kind(&self) -> ErrorKind;
+    /// What the client is told, or `None` when it must hear nothing (it left, or it broke
+    /// the protocol before a session existed).
+    fn client_error(&self) -> Option<ClientError>;
+}

@@ -1,0 +1,347 @@
+//! Throwaway PostgreSQL clusters for the demo and the tests: `initdb` into a fresh directory,
+//! `postgres` on a free loopback port, password authentication (scram-sha-256) for TCP.
+//!
+//! PostgreSQL refuses to run as root, so when the effective user is root both run as the
+//! `postgres` OS user: `initdb` through `runuser -u postgres --`, the server by switching uid/gid
+//! itself so that it stays our direct child. Server binaries are found with
+//! `pg_config --bindir`, then under `/usr/lib/postgresql/<version>/bin`. A watchdog shell
+//! stops the cluster and removes its directory if the owning process dies without cleaning up.
+
+use std::fs;
+use std::io::Read;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+/// Why a cluster could not be set up or used.
+#[derive(Debug, thiserror::Error)]
+pub enum LocalPgError {
+    #[error(
+        "PostgreSQL server binaries (initdb, postgres) not found; install them, e.g. `apt-get install -y postgresql`"
+    )]
+    NoBinaries,
+    #[error("{what} failed: {detail}")]
+    Command { what: String, detail: String },
+    #[error("I/O: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("PostgreSQL did not start: {0}")]
+    Start(String),
+}
+
+/// A running throwaway cluster.
+pub struct Cluster {
+    pub port: u16,
+    /// Superuser name (`postgres`).
+    pub superuser: String,
+    /// Superuser password (random per cluster).
+    pub password: String,
+    root: PathBuf,
+    bindir: PathBuf,
+    /// uid/gid of the `postgres` OS user when we run as root.
+    as_postgres: Option<(u32, u32)>,
+    child: Option<Child>,
+    pid: Option<u32>,
+}
+
+static NEXT: AtomicUsize = AtomicUsize::new(0);
+
+/// The directory holding `initdb` and `postgres`.
+pub fn bindir() -> Result<PathBuf, LocalPgError> {
+    let has_server = |d: &Path| d.join("initdb").is_file() && d.join("postgres").is_file();
+    if let Ok(out) = Command::new("pg_config").arg("--bindir").output()
+        && out.status.success()
+    {
+        let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+        if has_server(&dir) {
+            return Ok(dir);
+        }
+    }
+    let mut versions: Vec<PathBuf> = fs::read_dir("/usr/lib/postgresql")
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .map(|e| e.path().join("bin"))
+                .collect()
+        })
+        .unwrap_or_default();
+    versions.sort();
+    versions
+        .into_iter()
+        .rev()
+        .find(|d| has_server(d))
+        .ok_or(LocalPgError::NoBinaries)
+}
+
+fn id(args: &[&str]) -> Option<u32> {
+    let out = Command::new("id").args(args).output().ok()?;
+    String::from_utf8_lossy(&out.stdout).trim().parse().ok()
+}
+
+/// The `postgres` OS user's uid and gid, when running as root.
+fn postgres_account() -> Result<Option<(u32, u32)>, LocalPgError> {
+    if id(&["-u"]) != Some(0) {
+        return Ok(None);
+    }
+    match (id(&["-u", "postgres"]), id(&["-g", "postgres"])) {
+        (Some(uid), Some(gid)) => Ok(Some((uid, gid))),
+        _ => Err(LocalPgError::Start(
+            "running as root, but there is no `postgres` OS user to run PostgreSQL as".into(),
+        )),
+    }
+}
+
+fn free_port() -> Result<u16, LocalPgError> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn run(mut cmd: Command, what: &str) -> Result<String, LocalPgError> {
+    let out = cmd.stdin(Stdio::null()).output()?;
+    if !out.status.success() {
+        return Err(LocalPgError::Command {
+            what: what.to_owned(),
+            detail: format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+impl Cluster {
+    /// Creates and starts a cluster. `settings` are extra `postgresql.conf` settings.
+    pub fn start(settings: &[(&str, &str)]) -> Result<Cluster, LocalPgError> {
+        let bindir = bindir()?;
+        let as_postgres = postgres_account()?;
+        let root = std::env::temp_dir().join(format!(
+            "pgtenant-pg-{}-{}-{:08x}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed),
+            rand::random::<u32>()
+        ));
+        fs::create_dir_all(&root)?;
+        let password = format!("pw{:016x}", rand::random::<u64>());
+        fs::write(root.join("pwfile"), format!("{password}\n"))?;
+        if as_postgres.is_some() {
+            run(
+                {
+                    let mut c = Command::new("chown");
+                    c.args(["-R", "postgres:", &root.to_string_lossy()]);
+                    c
+                },
+                "chown",
+            )?;
+        }
+        let mut cluster = Cluster {
+            port: 0,
+            superuser: "postgres".into(),
+            password,
+            root,
+            bindir,
+            as_postgres,
+            child: None,
+            pid: None,
+        };
+        let data = cluster.data_dir();
+        let mut initdb = cluster.command("initdb");
+        initdb.args([
+            "-D",
+            &data.to_string_lossy(),
+            "-U",
+            "postgres",
+            "--auth-host=scram-sha-256",
+            "--auth-local=trust",
+            "-E",
+            "UTF8",
+            "--locale=C",
+            "--no-sync",
+            "--no-instructions",
+        ]);
+        initdb.arg(format!(
+            "--pwfile={}",
+            cluster.root.join("pwfile").display()
+        ));
+        run(initdb, "initdb")?;
+
+        let mut last_error = String::new();
+        for _ in 0..5 {
+            match cluster.launch(settings) {
+                Ok(()) => {
+                    cluster.spawn_watchdog();
+                    return Ok(cluster);
+                }
+                Err(e) => last_error = e.to_string(),
+            }
+        }
+        Err(LocalPgError::Start(last_error))
+    }
+
+    fn data_dir(&self) -> PathBuf {
+        self.root.join("data")
+    }
+
+    /// A one-shot command (initdb) as the `postgres` OS user when root.
+    fn command(&self, program: &str) -> Command {
+        let path = self.bindir.join(program);
+        if self.as_postgres.is_some() {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(path);
+            c
+        } else {
+            Command::new(path)
+        }
+    }
+
+    /// The server itself. It must be our direct child, not runuser's: signals then reach it
+    /// and its exit is reaped (runuser may leave it a zombie), so it switches user itself.
+    fn server_command(&self) -> Command {
+        let mut c = Command::new(self.bindir.join("postgres"));
+        if let Some((uid, gid)) = self.as_postgres {
+            use std::os::unix::process::CommandExt;
+            c.uid(uid).gid(gid);
+        }
+        c
+    }
+
+    fn launch(&mut self, settings: &[(&str, &str)]) -> Result<(), LocalPgError> {
+        self.port = free_port()?;
+        let log = fs::File::create(self.root.join("postgres.log"))?;
+        let mut cmd = self.server_command();
+        cmd.arg("-D").arg(self.data_dir());
+        let port = self.port.to_string();
+        let sockets = self.root.to_string_lossy().into_owned();
+        let mut conf: Vec<(&str, &str)> = vec![
+            ("port", &port),
+            ("listen_addresses", "127.0.0.1"),
+            ("unix_socket_directories", &sockets),
+            ("fsync", "off"),
+            ("synchronous_commit", "off"),
+            ("full_page_writes", "off"),
+            ("max_connections", "400"),
+            ("shared_buffers", "64MB"),
+            ("password_encryption", "scram-sha-256"),
+        ];
+        conf.extend_from_slice(settings);
+        for (k, v) in conf {
+            cmd.arg("-c").arg(format!("{k}={v}"));
+        }
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()?;
+        self.child = Some(child);
+        let pid_file = self.data_dir().join("postmaster.pid");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if let Some(child) = self.child.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                self.child = None;
+                return Err(LocalPgError::Start(format!(
+                    "postgres exited with {status}: {}",
+                    self.log_tail()
+                )));
+            }
+            if let Ok(text) = fs::read_to_string(&pid_file) {
+                let lines: Vec<&str> = text.lines().collect();
+                if lines.len() >= 8 && lines[7].trim() == "ready" {
+                    self.pid = lines[0].trim().parse().ok();
+                    return Ok(());
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Err(LocalPgError::Start(format!(
+            "not ready after 60 s: {}",
+            self.log_tail()
+        )))
+    }
+
+    fn spawn_watchdog(&self) {
+        let (Some(pid), root) = (self.pid, &self.root) else {
+            return;
+        };
+        let script = format!(
+            "while kill -0 {owner} 2>/dev/null; do sleep 1; done; \
+             if [ -d '{root}' ]; then kill -INT {pid} 2>/dev/null; sleep 3; rm -rf '{root}'; fi",
+            owner = std::process::id(),
+            root = root.display(),
+        );
+        let _ = Command::new("sh")
+            .args(["-c", &script])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn();
+    }
+
+    /// The last lines of the server log.
+    pub fn log_tail(&self) -> String {
+        let mut text = String::new();
+        if let Ok(mut f) = fs::File::open(self.root.join("postgres.log")) {
+            let _ = f.read_to_string(&mut text);
+        }
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
+    }
+
+    /// A libpq URL for `database` as the superuser.
+    pub fn url(&self, database: &str) -> String {
+        format!(
+            "postgresql://{}:{}@127.0.0.1:{}/{}",
+            self.superuser, self.password, self.port, database
+        )
+    }
+
+    /// Runs SQL with psql as the superuser (stops at the first error) and returns its
+    /// unaligned, tuples-only output.
+    pub fn psql(&self, database: &str, sql: &str) -> Result<String, LocalPgError> {
+        let mut cmd = Command::new(self.bindir.join("psql"));
+        cmd.args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-d"])
+            .arg(self.url(database))
+            .args(["-c", sql]);
+        run(
+            cmd,
+            &format!("psql ({})", sql.chars().take(60).collect::<String>()),
+        )
+    }
+
+    /// Path of a binary from the same installation (psql, pgbench).
+    pub fn binary(&self, name: &str) -> PathBuf {
+        self.bindir.join(name)
+    }
+
+    /// Stops the server (fast shutdown) and removes its files.
+    pub fn stop(&mut self) {
+        if let Some(pid) = self.pid.take() {
+            let _ = Command::new("kill")
+                .args(["-INT", &pid.to_string()])
+                .stderr(Stdio::null())
+                .status();
+        }
+        if let Some(mut child) = self.child.take() {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                match child.try_wait() {
+                    Ok(Some(_)) | Err(_) => break,
+                    Ok(None) if Instant::now() > deadline => {
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        break;
+                    }
+                    Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+                }
+            }
+        }
+        let _ = fs::remove_dir_all(&self.root);
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

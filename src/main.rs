@@ -1,0 +1,80 @@
+//! The `pgtenant` binary: parses the command line, sets up logging and hands over to the
+//! library.
+
+use std::io::BufRead;
+use std::process::ExitCode;
+
+use clap::Parser;
+use pgtenant::cli::{Cli, Command};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match execute(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("pgtenant: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
+    let runtime = || {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+    };
+    match cli.command.unwrap_or(Command::Run) {
+        Command::Run => {
+            let path = cli
+                .config
+                .ok_or_else(|| anyhow::anyhow!("no configuration: pass --config FILE"))?;
+            runtime()?.block_on(pgtenant::app::run(path))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Check => {
+            let path = cli
+                .config
+                .ok_or_else(|| anyhow::anyhow!("no configuration: pass --config FILE"))?;
+            match pgtenant::config::load(&path) {
+                Ok(snapshot) => {
+                    println!(
+                        "{}: OK ({} shards, {} tenants)",
+                        path.display(),
+                        snapshot.shards.len(),
+                        snapshot.tenants.len()
+                    );
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(e) => {
+                    eprintln!("{e}");
+                    Ok(ExitCode::FAILURE)
+                }
+            }
+        }
+        Command::Passwd => {
+            let mut line = String::new();
+            std::io::stdin().lock().read_line(&mut line)?;
+            let password = line.trim_end_matches(['\n', '\r']);
+            if password.is_empty() {
+                anyhow::bail!("empty password on standard input");
+            }
+            println!(
+                "{}",
+                pgtenant::auth::verifier::ScramVerifier::from_password(password.as_bytes())
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Demo { port } => {
+            runtime()?.block_on(pgtenant::demo::run(port))?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}

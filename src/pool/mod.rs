@@ -1,0 +1,269 @@
+//! Server-connection pools (DESIGN.md §1.8 and §5 S2): one pool per shard and login role.
+//!
+//! A pool holds idle connections and a fair (FIFO) semaphore whose permits cap the shard's
+//! connections in use; a permit buys either an idle connection or a new one, so idle plus busy
+//! never exceeds `max_connections`. Checkout prefers a connection already bound to the same
+//! tenant. A connection comes back only through [`Pool::checkin`], which recovers it if its
+//! client left mid-request and resets it (`DISCARD ALL`) before anyone else may use it; any
+//! failure on that path closes it instead.
+
+pub mod connect;
+pub mod server_conn;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rustls::ClientConfig;
+use rustls_pki_types::ServerName;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::config::{Isolation, PoolSettings, Shard, Tenant};
+use crate::error::{ClientError, ErrorKind, Reportable, sqlstate};
+use crate::net::tls;
+use crate::tenant::TenantId;
+use connect::Login;
+pub use server_conn::{ServerConn, ServerError};
+
+/// How long pgtenant's own recovery and reset statements may take.
+const RESET_PATIENCE: Duration = Duration::from_secs(5);
+
+/// A checkout failure.
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    #[error("timed out after {0:?} waiting for a server connection")]
+    Timeout(Duration),
+    #[error(transparent)]
+    Server(#[from] ServerError),
+    #[error("TLS setup for the shard failed: {0}")]
+    Tls(String),
+}
+
+impl Reportable for PoolError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            PoolError::Timeout(_) => ErrorKind::Quota,
+            PoolError::Server(e) => e.kind(),
+            PoolError::Tls(_) => ErrorKind::ServerUnavailable,
+        }
+    }
+
+    fn client_error(&self) -> Option<ClientError> {
+        match self {
+            PoolError::Timeout(d) => Some(
+                ClientError::fatal(
+                    sqlstate::TOO_MANY_CONNECTIONS,
+                    format!(
+                        "no server connection became free within {}",
+                        crate::config::format_duration(*d)
+                    ),
+                )
+                .with_hint("all of this database's server connections are busy; retry later"),
+            ),
+            PoolError::Server(e) => e.client_error(),
+            PoolError::Tls(_) => Some(ClientError::fatal(
+                sqlstate::UNABLE_TO_CONNECT,
+                "could not connect to the tenant's database",
+            )),
+        }
+    }
+}
+
+/// The login a tenant's sessions use on its shard.
+pub fn login_for(shard: &Shard, tenant: &Tenant) -> Login {
+    match &tenant.isolation {
+        Isolation::Context => Login {
+            user: shard.user.clone(),
+            password: shard.password.clone(),
+        },
+        Isolation::Role { user, password } => Login {
+            user: user.clone(),
+            password: password.clone(),
+        },
+    }
+}
+
+/// One shard + login role.
+pub struct Pool {
+    shard: Arc<Shard>,
+    login: Login,
+    tls: Option<(Arc<ClientConfig>, ServerName<'static>)>,
+    permits: Arc<Semaphore>,
+    idle: Mutex<Vec<ServerConn>>,
+    settings: PoolSettings,
+}
+
+/// A checked-out connection; its permit returns to the pool with it.
+pub struct PooledConn {
+    pub conn: ServerConn,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Pool {
+    fn new(shard: Arc<Shard>, login: Login, settings: PoolSettings) -> Result<Self, PoolError> {
+        let tls = match tls::server_tls(&shard).map_err(|e| PoolError::Tls(e.to_string()))? {
+            None => None,
+            Some(config) => Some((
+                config,
+                tls::server_name(&shard.host).map_err(|e| PoolError::Tls(e.to_string()))?,
+            )),
+        };
+        Ok(Pool {
+            permits: Arc::new(Semaphore::new(shard.max_connections)),
+            shard,
+            login,
+            tls,
+            idle: Mutex::new(Vec::new()),
+            settings,
+        })
+    }
+
+    fn idle(&self) -> std::sync::MutexGuard<'_, Vec<ServerConn>> {
+        // Pushing or popping a Vec cannot be interrupted half-way; a poisoned lock is fine.
+        self.idle.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Takes a connection for `tenant`: an idle one (preferring one bound to the tenant) or a
+    /// new one, waiting at most `checkout_timeout` for a permit.
+    pub async fn checkout(&self, tenant: TenantId) -> Result<PooledConn, PoolError> {
+        let timeout = self.settings.checkout_timeout;
+        let permit = tokio::time::timeout(timeout, Arc::clone(&self.permits).acquire_owned())
+            .await
+            .map_err(|_| PoolError::Timeout(timeout))?
+            .map_err(|_| PoolError::Timeout(timeout))?;
+        loop {
+            let candidate = {
+                let mut idle = self.idle();
+                let pos = idle
+                    .iter()
+                    .rposition(|c| c.bound == Some(tenant))
+                    .or_else(|| idle.len().checked_sub(1));
+                pos.map(|p| idle.swap_remove(p))
+            };
+            let Some(mut conn) = candidate else { break };
+            if conn.idle_since.elapsed() < self.settings.server_idle_timeout && !conn.looks_closed()
+            {
+                return Ok(PooledConn {
+                    conn,
+                    _permit: permit,
+                });
+            }
+            tracing::debug!(shard = %self.shard.name, "dropping stale server connection");
+        }
+        let conn = connect::open(
+            &self.shard,
+            &self.login,
+            self.tls.as_ref(),
+            self.settings.connect_timeout,
+        )
+        .await?;
+        tracing::debug!(shard = %self.shard.name, user = %self.login.user, "opened server connection");
+        Ok(PooledConn {
+            conn,
+            _permit: permit,
+        })
+    }
+
+    /// Returns a connection. `whole_messages` is false when the client stopped in the middle
+    /// of a message it was sending: the server cannot be resynchronised and is closed.
+    pub async fn checkin(&self, mut pooled: PooledConn, whole_messages: bool) {
+        let shard = &self.shard.name;
+        if !whole_messages || !pooled.conn.scanner.at_boundary() {
+            tracing::debug!(%shard, "closing server connection stopped mid-message");
+            return;
+        }
+        if !pooled.conn.tracker.is_idle()
+            && let Err(e) = pooled.conn.recover(RESET_PATIENCE).await
+        {
+            tracing::info!(%shard, error = %e, "closing server connection that could not be recovered");
+            return;
+        }
+        if let Err(e) = pooled.conn.reset(RESET_PATIENCE).await {
+            tracing::info!(%shard, error = %e, "closing server connection that failed to reset");
+            return;
+        }
+        pooled.conn.idle_since = Instant::now();
+        self.idle().push(pooled.conn);
+        // The permit drops here, after the connection is back in the idle list.
+    }
+
+    /// Closes idle connections past `server_idle_timeout`.
+    pub fn reap(&self) {
+        let limit = self.settings.server_idle_timeout;
+        self.idle().retain(|c| c.idle_since.elapsed() < limit);
+    }
+
+    /// Connections in use.
+    pub fn in_use(&self) -> usize {
+        self.shard
+            .max_connections
+            .saturating_sub(self.permits.available_permits())
+    }
+
+    /// Idle connections.
+    pub fn idle_count(&self) -> usize {
+        self.idle().len()
+    }
+}
+
+#[derive(Clone, PartialEq, Eq, Hash)]
+struct PoolKey {
+    shard: String,
+    user: String,
+}
+
+/// All pools, created on first use.
+pub struct Pools {
+    settings: PoolSettings,
+    pools: Mutex<HashMap<PoolKey, Arc<Pool>>>,
+}
+
+impl Pools {
+    /// An empty set of pools using `settings`.
+    pub fn new(settings: PoolSettings) -> Self {
+        Pools {
+            settings,
+            pools: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<PoolKey, Arc<Pool>>> {
+        self.pools.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The pool for `tenant` on `shard`. A shard whose definition changed gets a new pool;
+    /// the old one lives on until its last connection is returned.
+    pub fn for_tenant(&self, shard: &Arc<Shard>, tenant: &Tenant) -> Result<Arc<Pool>, PoolError> {
+        let login = login_for(shard, tenant);
+        let key = PoolKey {
+            shard: shard.name.clone(),
+            user: login.user.clone(),
+        };
+        let mut map = self.map();
+        if let Some(pool) = map.get(&key)
+            && Arc::ptr_eq(&pool.shard, shard)
+            && pool.login == login
+        {
+            return Ok(Arc::clone(pool));
+        }
+        let pool = Arc::new(Pool::new(Arc::clone(shard), login, self.settings.clone())?);
+        map.insert(key, Arc::clone(&pool));
+        Ok(pool)
+    }
+
+    /// Runs [`Pool::reap`] on every pool.
+    pub fn reap(&self) {
+        let pools: Vec<Arc<Pool>> = self.map().values().cloned().collect();
+        for pool in pools {
+            pool.reap();
+        }
+    }
+
+    /// `(shard, user, in use, idle)` for every pool.
+    pub fn stats(&self) -> Vec<(String, String, usize, usize)> {
+        self.map()
+            .iter()
+            .map(|(k, p)| (k.shard.clone(), k.user.clone(), p.in_use(), p.idle_count()))
+            .collect()
+    }
+}

@@ -1,0 +1,303 @@
+//! One connection to a PostgreSQL server: its stream and read buffer, the parameters the server
+//! reported, its cancel key, the tenant it is bound to, and the protocol state seen so far.
+//!
+//! Besides the byte stream the session forwards, pgtenant runs its own short exchanges here:
+//! binding the tenant context, resetting before reuse (`DISCARD ALL`, PostgreSQL docs
+//! "DISCARD"), and recovering a connection whose client left mid-request.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+
+use crate::cancel::CancelTarget;
+use crate::error::{ClientError, ErrorKind, Reportable, sqlstate};
+use crate::net::stream::ServerStream;
+use crate::protocol::frame::{FrameError, FrameScanner, Piece, TagSet};
+use crate::protocol::server_msgs::{self, ErrorFields};
+use crate::protocol::tracker::ConnTracker;
+use crate::protocol::{TxStatus, encode, tag};
+use crate::tenant::TenantId;
+
+/// Server messages the proxy reads whole while forwarding; the rest streams through.
+pub const SERVER_WHOLE: TagSet = TagSet::of(&[
+    tag::READY_FOR_QUERY,
+    tag::PARAMETER_STATUS,
+    tag::BACKEND_KEY_DATA,
+    tag::AUTHENTICATION,
+]);
+/// Largest server message read whole (ParameterStatus and friends are tiny).
+const MAX_SERVER_WHOLE: usize = 1 << 20;
+/// Every message whole: used only during startup, when messages are small.
+const ALL_WHOLE: TagSet = {
+    let mut all = [0u8; 256];
+    let mut i = 0;
+    while i < 256 {
+        all[i] = i as u8;
+        i += 1;
+    }
+    TagSet::of(&all)
+};
+
+/// A failure on a server connection.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("connect to {addr}: {source}")]
+    Connect {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("TLS: {0}")]
+    Tls(String),
+    #[error("authentication: {0}")]
+    Auth(String),
+    #[error("server error {}: {}", .0.code, .0.message)]
+    Server(ErrorFields),
+    #[error("protocol: {0}")]
+    Protocol(String),
+    #[error("server closed the connection")]
+    Closed,
+    #[error("I/O: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("timed out")]
+    Timeout,
+}
+
+impl From<FrameError> for ServerError {
+    fn from(e: FrameError) -> Self {
+        ServerError::Protocol(e.to_string())
+    }
+}
+
+impl Reportable for ServerError {
+    fn kind(&self) -> ErrorKind {
+        ErrorKind::ServerUnavailable
+    }
+
+    fn client_error(&self) -> Option<ClientError> {
+        let (code, message) = match self {
+            ServerError::Connect { .. } | ServerError::Timeout => (
+                sqlstate::UNABLE_TO_CONNECT,
+                "could not connect to the tenant's database",
+            ),
+            ServerError::Auth(_) | ServerError::Tls(_) => (
+                sqlstate::UNABLE_TO_CONNECT,
+                "pgtenant could not log in to the tenant's database",
+            ),
+            _ => (
+                sqlstate::CONNECTION_FAILURE,
+                "the connection to the tenant's database was lost",
+            ),
+        };
+        Some(
+            ClientError::fatal(code, message)
+                .with_hint("try again; if it persists, tell the operator"),
+        )
+    }
+}
+
+/// A live server connection.
+pub struct ServerConn {
+    pub(crate) stream: ServerStream,
+    /// Bytes read from the server and not yet handled.
+    pub(crate) rbuf: BytesMut,
+    /// Where the server→client byte stream stands (it may stop inside a message).
+    pub(crate) scanner: FrameScanner,
+    pub(crate) tracker: ConnTracker,
+    /// ParameterStatus values, as the server last reported them.
+    pub params: BTreeMap<String, String>,
+    pub(crate) cancel: Arc<CancelTarget>,
+    /// The tenant whose context is bound, if any.
+    pub bound: Option<TenantId>,
+    pub(crate) idle_since: Instant,
+}
+
+impl ServerConn {
+    pub(crate) fn new(stream: ServerStream, cancel: Arc<CancelTarget>) -> Self {
+        let now = Instant::now();
+        ServerConn {
+            stream,
+            rbuf: BytesMut::with_capacity(16 * 1024),
+            scanner: FrameScanner::new(ALL_WHOLE, MAX_SERVER_WHOLE),
+            tracker: ConnTracker::default(),
+            params: BTreeMap::new(),
+            cancel,
+            bound: None,
+            idle_since: now,
+        }
+    }
+
+    /// Switches the scanner to forwarding mode once startup is over.
+    pub(crate) fn startup_done(&mut self) {
+        self.scanner = FrameScanner::new(SERVER_WHOLE, MAX_SERVER_WHOLE);
+    }
+
+    /// The cancel target for what this connection runs.
+    pub fn cancel_target(&self) -> Arc<CancelTarget> {
+        Arc::clone(&self.cancel)
+    }
+
+    /// The protocol state seen so far.
+    pub fn tracker(&self) -> &ConnTracker {
+        &self.tracker
+    }
+
+    /// Mutable access for the forwarding loop.
+    pub fn parts(
+        &mut self,
+    ) -> (
+        &mut ServerStream,
+        &mut BytesMut,
+        &mut FrameScanner,
+        &mut ConnTracker,
+    ) {
+        (
+            &mut self.stream,
+            &mut self.rbuf,
+            &mut self.scanner,
+            &mut self.tracker,
+        )
+    }
+
+    async fn fill(&mut self) -> Result<(), ServerError> {
+        if self.rbuf.capacity() - self.rbuf.len() < 4096 {
+            self.rbuf.reserve(16 * 1024);
+        }
+        match self.stream.read_buf(&mut self.rbuf).await? {
+            0 => Err(ServerError::Closed),
+            _ => Ok(()),
+        }
+    }
+
+    /// Reads one whole message (startup only, where every message is read whole).
+    pub(crate) async fn read_message(&mut self) -> Result<(u8, Bytes), ServerError> {
+        loop {
+            if let Some(Piece::Whole { tag, len }) = self.scanner.next(&self.rbuf)? {
+                let msg = self.rbuf.split_to(len).freeze();
+                return Ok((tag, msg.slice(5..)));
+            }
+            self.fill().await?;
+        }
+    }
+
+    pub(crate) async fn send(&mut self, bytes: &[u8]) -> Result<(), ServerError> {
+        self.stream.write_all(bytes).await?;
+        self.stream.flush().await?;
+        Ok(())
+    }
+
+    /// Reads until every owed ReadyForQuery has arrived, skipping result rows without
+    /// buffering them and recording ParameterStatus. Returns the first error the server
+    /// reported, if any.
+    pub(crate) async fn drain(&mut self) -> Result<Option<ErrorFields>, ServerError> {
+        let mut first_error = None;
+        while self.tracker.pending() > 0 {
+            let piece = self.scanner.next(&self.rbuf)?;
+            match piece {
+                None => self.fill().await?,
+                Some(Piece::Pass { tag, len, .. }) => {
+                    let head = self.rbuf.split_to(len);
+                    if let Some(t) = tag {
+                        if t == tag::ERROR_RESPONSE && first_error.is_none() {
+                            // Error bodies are small; when whole in the buffer, keep the text.
+                            first_error = Some(
+                                server_msgs::error_fields(head.get(5..).unwrap_or_default())
+                                    .unwrap_or_default(),
+                            );
+                        }
+                        self.tracker.server_message(t, None);
+                    }
+                }
+                Some(Piece::Whole { tag: t, len }) => {
+                    let msg = self.rbuf.split_to(len);
+                    let body = &msg[5..];
+                    match t {
+                        tag::READY_FOR_QUERY => {
+                            let status = server_msgs::ready_for_query(body)
+                                .map_err(|e| ServerError::Protocol(e.to_string()))?;
+                            self.tracker.server_message(t, Some(status));
+                        }
+                        tag::PARAMETER_STATUS => {
+                            if let Ok((k, v)) = server_msgs::parameter_status(body) {
+                                self.params.insert(k.to_owned(), v.to_owned());
+                            }
+                        }
+                        other => self.tracker.server_message(other, None),
+                    }
+                }
+            }
+        }
+        Ok(first_error)
+    }
+
+    /// Runs one simple-query string of the proxy's own and waits for its ReadyForQuery.
+    pub async fn run_own(&mut self, sql: &str) -> Result<(), ServerError> {
+        let mut out = BytesMut::new();
+        encode::raw(tag::QUERY, format!("{sql}\0").as_bytes(), &mut out);
+        self.tracker.client_message(tag::QUERY);
+        self.send(&out).await?;
+        match self.drain().await? {
+            Some(fields) => Err(ServerError::Server(fields)),
+            None => Ok(()),
+        }
+    }
+
+    /// Brings a connection whose client left mid-request back to idle: ends COPY, syncs,
+    /// cancels what still runs, drains, and rolls back. Errors mean "close it".
+    pub async fn recover(&mut self, patience: Duration) -> Result<(), ServerError> {
+        let mut out = BytesMut::new();
+        if self.tracker.copy_in() {
+            encode::raw(tag::COPY_FAIL, b"client disconnected\0", &mut out);
+            self.tracker.client_message(tag::COPY_FAIL);
+        }
+        if self.tracker.unsynced() {
+            encode::raw(tag::SYNC, b"", &mut out);
+            self.tracker.client_message(tag::SYNC);
+        }
+        if !out.is_empty() {
+            self.send(&out).await?;
+        }
+        if self.tracker.pending() > 0 {
+            // Give a nearly finished request a moment before cancelling it.
+            if tokio::time::timeout(Duration::from_millis(100), self.drain())
+                .await
+                .is_err()
+            {
+                self.cancel.send(patience).await?;
+                tokio::time::timeout(patience, self.drain())
+                    .await
+                    .map_err(|_| ServerError::Timeout)??;
+            }
+        }
+        if self.tracker.status() != TxStatus::Idle {
+            tokio::time::timeout(patience, self.run_own("ROLLBACK"))
+                .await
+                .map_err(|_| ServerError::Timeout)??;
+        }
+        Ok(())
+    }
+
+    /// Returns the session to its just-connected state (settings, prepared statements,
+    /// cursors, temporary tables, LISTEN registrations, advisory locks) and unbinds it.
+    pub async fn reset(&mut self, patience: Duration) -> Result<(), ServerError> {
+        self.bound = None;
+        tokio::time::timeout(patience, self.run_own("DISCARD ALL"))
+            .await
+            .map_err(|_| ServerError::Timeout)?
+    }
+
+    /// Whether the server has closed the connection or sent something unsolicited while idle.
+    pub fn looks_closed(&mut self) -> bool {
+        let mut probe = [0u8; 1];
+        let mut buf = tokio::io::ReadBuf::new(&mut probe);
+        let waker = std::task::Waker::noop();
+        let mut cx = std::task::Context::from_waker(waker);
+        // Ready means EOF, an error, or bytes while idle (e.g. a FATAL before the server
+        // exits): none of them leaves a usable connection.
+        std::pin::Pin::new(&mut self.stream)
+            .poll_read(&mut cx, &mut buf)
+            .is_ready()
+    }
+}

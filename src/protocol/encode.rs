@@ -1,0 +1,137 @@
+//! Encoders for the messages pgtenant writes itself.
+//!
+//! Towards clients (backend messages, docs 55.7) the encoding is pgwire's message types;
+//! towards servers (frontend messages) it is postgres-protocol's encoders, used directly by the
+//! pool. Only encoding goes through pgwire: its decoders index past the end of malformed
+//! bodies, so every decoder pgtenant applies to untrusted bytes is its own (`client_msgs`,
+//! `server_msgs`, `startup`).
+
+use bytes::{BufMut, Bytes, BytesMut};
+use pgwire::messages::Message;
+use pgwire::messages::response::{ErrorResponse, ReadyForQuery, TransactionStatus};
+use pgwire::messages::startup::{
+    Authentication, BackendKeyData, NegotiateProtocolVersion, ParameterStatus, SecretKey,
+};
+
+use super::TxStatus;
+
+/// Appends `message`; if pgwire refuses it (over its size limit) nothing is appended and the
+/// refusal is logged, since a half-written message would desynchronise the client.
+fn put<M: Message>(message: &M, out: &mut BytesMut) {
+    let start = out.len();
+    if let Err(e) = message.encode(out) {
+        out.truncate(start);
+        tracing::warn!(error = %e, "message not encoded");
+    }
+}
+
+/// ErrorResponse with the given `(field type, value)` pairs.
+pub fn error_response(fields: Vec<(u8, String)>, out: &mut BytesMut) {
+    put(&ErrorResponse::new(fields), out);
+}
+
+/// AuthenticationSASL listing `mechanisms`.
+pub fn auth_sasl(mechanisms: &[&str], out: &mut BytesMut) {
+    let list = mechanisms.iter().map(|m| (*m).to_owned()).collect();
+    put(&Authentication::SASL(list), out);
+}
+
+/// AuthenticationSASLContinue.
+pub fn auth_sasl_continue(data: &[u8], out: &mut BytesMut) {
+    put(
+        &Authentication::SASLContinue(Bytes::copy_from_slice(data)),
+        out,
+    );
+}
+
+/// AuthenticationSASLFinal.
+pub fn auth_sasl_final(data: &[u8], out: &mut BytesMut) {
+    put(
+        &Authentication::SASLFinal(Bytes::copy_from_slice(data)),
+        out,
+    );
+}
+
+/// AuthenticationOk.
+pub fn auth_ok(out: &mut BytesMut) {
+    put(&Authentication::Ok, out);
+}
+
+/// ParameterStatus.
+pub fn parameter_status(name: &str, value: &str, out: &mut BytesMut) {
+    put(
+        &ParameterStatus::new(name.to_owned(), value.to_owned()),
+        out,
+    );
+}
+
+/// BackendKeyData with a protocol 3.0 (4-byte) secret.
+pub fn backend_key_data(pid: i32, secret: i32, out: &mut BytesMut) {
+    put(&BackendKeyData::new(pid, SecretKey::I32(secret)), out);
+}
+
+/// ReadyForQuery.
+pub fn ready_for_query(status: TxStatus, out: &mut BytesMut) {
+    let status = match status {
+        TxStatus::Idle => TransactionStatus::Idle,
+        TxStatus::InTransaction => TransactionStatus::Transaction,
+        TxStatus::Failed => TransactionStatus::Error,
+    };
+    put(&ReadyForQuery::new(status), out);
+}
+
+/// NegotiateProtocolVersion: pgtenant speaks 3.0 and no protocol options.
+pub fn negotiate_protocol_version(unsupported: Vec<String>, out: &mut BytesMut) {
+    put(&NegotiateProtocolVersion::new(0, unsupported), out);
+}
+
+/// A raw message with the given tag and body (used for CopyFail/Sync towards servers and in
+/// tests).
+pub fn raw(tag: u8, body: &[u8], out: &mut BytesMut) {
+    out.put_u8(tag);
+    out.put_u32((body.len() + 4) as u32);
+    out.put_slice(body);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::frame::split_whole;
+    use crate::protocol::server_msgs;
+
+    #[test]
+    fn encoded_messages_decode_with_our_own_readers() {
+        let mut out = BytesMut::new();
+        parameter_status("TimeZone", "UTC", &mut out);
+        backend_key_data(7, -3, &mut out);
+        ready_for_query(TxStatus::Failed, &mut out);
+        auth_sasl(&["SCRAM-SHA-256"], &mut out);
+        let msgs: Vec<_> = split_whole(&out).map(|m| m.unwrap()).collect();
+        assert_eq!(msgs.len(), 4);
+        assert_eq!(
+            server_msgs::parameter_status(msgs[0].1).unwrap(),
+            ("TimeZone", "UTC")
+        );
+        assert_eq!(
+            server_msgs::backend_key_data(msgs[1].1).unwrap(),
+            (7, &(-3i32).to_be_bytes()[..])
+        );
+        assert_eq!(
+            server_msgs::ready_for_query(msgs[2].1).unwrap(),
+            TxStatus::Failed
+        );
+        assert_eq!(
+            server_msgs::auth_request(msgs[3].1).unwrap(),
+            server_msgs::AuthRequest::Sasl {
+                mechanisms: vec!["SCRAM-SHA-256"]
+            }
+        );
+    }
+
+    #[test]
+    fn oversize_messages_are_not_half_written() {
+        let mut out = BytesMut::new();
+        parameter_status("x", &"y".repeat(100_000), &mut out);
+        assert!(out.is_empty());
+    }
+}

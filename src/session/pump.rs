@@ -1,0 +1,272 @@
+//! The byte pump between a client and its server connection: one task, both directions,
+//! bounded buffers.
+//!
+//! Each direction reads only while the bytes queued for the other side stay under
+//! [`HIGH_WATER`], so a peer that stops reading stops the flow instead of growing memory.
+//! Reads and writes are polled together (never a blocking write while the other direction
+//! waits), which avoids the deadlock of a server blocked on sending results while the proxy
+//! is blocked on sending it more input. All state lives in [`Pump`], so the future may be
+//! dropped (shutdown, timers) and resumed without losing bytes.
+
+use std::collections::BTreeMap;
+use std::future::poll_fn;
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_util::io::poll_read_buf;
+
+use super::relay::{ClientStep, Relay, ServerProtocolError, server_bytes};
+use crate::protocol::frame::{FrameError, FrameScanner};
+use crate::protocol::tracker::ConnTracker;
+
+/// Bytes queued towards one side before the other side is no longer read.
+pub const HIGH_WATER: usize = 256 * 1024;
+const READ_CHUNK: usize = 64 * 1024;
+
+/// Why the pump stopped.
+#[derive(Debug)]
+pub enum PumpEnd {
+    /// The client sent Terminate.
+    Terminated,
+    /// The client closed its connection (or it failed).
+    ClientGone(Option<io::Error>),
+    /// The client broke the framing.
+    ClientProtocol(FrameError),
+    /// The server closed its connection (or it failed).
+    ServerGone(Option<io::Error>),
+    /// The server sent something malformed.
+    ServerProtocol(ServerProtocolError),
+}
+
+/// The server connection's parts the pump drives.
+pub struct ServerSide<'a, S> {
+    pub stream: &'a mut S,
+    pub rbuf: &'a mut BytesMut,
+    pub scanner: &'a mut FrameScanner,
+    pub tracker: &'a mut ConnTracker,
+    pub params: &'a mut BTreeMap<String, String>,
+}
+
+/// Buffers that outlive one `run` call.
+#[derive(Default)]
+pub struct Pump {
+    client_in: BytesMut,
+    to_server: BytesMut,
+    to_client: BytesMut,
+    flush_client: bool,
+    flush_server: bool,
+}
+
+fn reserve(buf: &mut BytesMut) {
+    if buf.capacity() - buf.len() < READ_CHUNK / 4 {
+        buf.reserve(READ_CHUNK);
+    }
+}
+
+/// Writes as much of `buf` as `w` takes now. `Err` ends the pump; `Ok(true)` means progress.
+fn poll_drain<W: AsyncWrite + Unpin>(
+    cx: &mut Context<'_>,
+    w: &mut W,
+    buf: &mut BytesMut,
+    flush: &mut bool,
+) -> Result<bool, Option<io::Error>> {
+    let mut progress = false;
+    while !buf.is_empty() {
+        match Pin::new(&mut *w).poll_write(cx, buf) {
+            Poll::Ready(Ok(0)) => return Err(None),
+            Poll::Ready(Ok(n)) => {
+                buf.advance(n);
+                *flush = true;
+                progress = true;
+            }
+            Poll::Ready(Err(e)) => return Err(Some(e)),
+            Poll::Pending => return Ok(progress),
+        }
+    }
+    if *flush {
+        match Pin::new(&mut *w).poll_flush(cx) {
+            Poll::Ready(Ok(())) => *flush = false,
+            Poll::Ready(Err(e)) => return Err(Some(e)),
+            Poll::Pending => {}
+        }
+    }
+    Ok(progress)
+}
+
+impl Pump {
+    /// Bytes waiting to be written to the client.
+    pub fn pending_to_client(&self) -> &[u8] {
+        &self.to_client
+    }
+
+    /// Bytes waiting to be written to the server.
+    pub fn take_to_server(&mut self) -> BytesMut {
+        std::mem::take(&mut self.to_server)
+    }
+
+    /// Takes the bytes waiting for the client.
+    pub fn take_to_client(&mut self) -> BytesMut {
+        std::mem::take(&mut self.to_client)
+    }
+
+    /// Forwards in both directions until one side ends.
+    pub async fn run<C, S>(
+        &mut self,
+        relay: &mut Relay,
+        client: &mut C,
+        server: &mut ServerSide<'_, S>,
+    ) -> PumpEnd
+    where
+        C: AsyncRead + AsyncWrite + Unpin,
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        poll_fn(|cx| self.poll_run(cx, relay, client, server)).await
+    }
+
+    fn poll_run<C, S>(
+        &mut self,
+        cx: &mut Context<'_>,
+        relay: &mut Relay,
+        client: &mut C,
+        server: &mut ServerSide<'_, S>,
+    ) -> Poll<PumpEnd>
+    where
+        C: AsyncRead + AsyncWrite + Unpin,
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        loop {
+            let mut progress = false;
+
+            match poll_drain(
+                cx,
+                server.stream,
+                &mut self.to_server,
+                &mut self.flush_server,
+            ) {
+                Ok(p) => progress |= p,
+                Err(e) => return Poll::Ready(PumpEnd::ServerGone(e)),
+            }
+            match poll_drain(cx, client, &mut self.to_client, &mut self.flush_client) {
+                Ok(p) => progress |= p,
+                Err(e) => return Poll::Ready(PumpEnd::ClientGone(e)),
+            }
+
+            if self.to_client.len() < HIGH_WATER {
+                reserve(server.rbuf);
+                match poll_read_buf(Pin::new(&mut *server.stream), cx, server.rbuf) {
+                    Poll::Ready(Ok(0)) => return Poll::Ready(PumpEnd::ServerGone(None)),
+                    Poll::Ready(Ok(_)) => {
+                        progress = true;
+                        if let Err(e) = server_bytes(
+                            server.scanner,
+                            server.rbuf,
+                            &mut self.to_client,
+                            server.tracker,
+                            server.params,
+                        ) {
+                            return Poll::Ready(PumpEnd::ServerProtocol(e));
+                        }
+                    }
+                    Poll::Ready(Err(e)) => return Poll::Ready(PumpEnd::ServerGone(Some(e))),
+                    Poll::Pending => {}
+                }
+            }
+
+            if self.to_server.len() < HIGH_WATER {
+                reserve(&mut self.client_in);
+                match poll_read_buf(Pin::new(&mut *client), cx, &mut self.client_in) {
+                    Poll::Ready(Ok(0)) => return Poll::Ready(PumpEnd::ClientGone(None)),
+                    Poll::Ready(Ok(_)) => {
+                        progress = true;
+                        match relay.client_bytes(
+                            &mut self.client_in,
+                            &mut self.to_server,
+                            server.tracker,
+                        ) {
+                            Ok(ClientStep::Continue) => {}
+                            Ok(ClientStep::Terminate) => return Poll::Ready(PumpEnd::Terminated),
+                            Err(e) => return Poll::Ready(PumpEnd::ClientProtocol(e)),
+                        }
+                    }
+                    Poll::Ready(Err(e)) => return Poll::Ready(PumpEnd::ClientGone(Some(e))),
+                    Poll::Pending => {}
+                }
+            }
+
+            if !progress {
+                return Poll::Pending;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pool::server_conn::SERVER_WHOLE;
+    use crate::protocol::encode;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A server that streams far more than the pump may hold, to a client that reads
+    /// nothing: the pump must stop reading, so the server's writes stall.
+    #[tokio::test]
+    async fn a_client_that_stops_reading_bounds_what_the_proxy_buffers() {
+        let (mut client_far, mut client_near) = tokio::io::duplex(64 * 1024);
+        let (mut server_near, mut server_far) = tokio::io::duplex(64 * 1024);
+        let written = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = std::sync::Arc::clone(&written);
+        let producer = tokio::spawn(async move {
+            let mut row = BytesMut::new();
+            encode::raw(b'D', &[b'x'; 8192], &mut row);
+            loop {
+                if server_far.write_all(&row).await.is_err() {
+                    break;
+                }
+                counter.fetch_add(row.len(), std::sync::atomic::Ordering::Relaxed);
+            }
+        });
+        let mut pump = Pump::default();
+        let mut relay = Relay::new(1 << 20);
+        let mut rbuf = BytesMut::new();
+        let mut scanner = FrameScanner::new(SERVER_WHOLE, 1 << 20);
+        let mut tracker = ConnTracker::default();
+        let mut params = BTreeMap::new();
+        let mut side = ServerSide {
+            stream: &mut server_near,
+            rbuf: &mut rbuf,
+            scanner: &mut scanner,
+            tracker: &mut tracker,
+            params: &mut params,
+        };
+        let run = tokio::time::timeout(
+            std::time::Duration::from_millis(500),
+            pump.run(&mut relay, &mut client_near, &mut side),
+        )
+        .await;
+        assert!(run.is_err(), "pump keeps running while blocked");
+        let total = written.load(std::sync::atomic::Ordering::Relaxed);
+        // Two 64 KiB pipes, the high-water mark, one read chunk and one row of slack.
+        let bound = 2 * 64 * 1024 + HIGH_WATER + 2 * READ_CHUNK + 8192 + 5;
+        assert!(total <= bound, "server wrote {total} bytes, bound {bound}");
+        assert!(total > 64 * 1024, "data did flow: {total}");
+
+        // Once the client reads, the flow resumes.
+        let mut sink = vec![0u8; 1 << 20];
+        let mut reader = tokio::spawn(async move {
+            let mut got = 0usize;
+            while got < 4 << 20 {
+                got += client_far.read(&mut sink).await.unwrap();
+            }
+            got
+        });
+        let got = tokio::select! {
+            end = pump.run(&mut relay, &mut client_near, &mut side) => panic!("pump ended: {end:?}"),
+            got = &mut reader => got.unwrap(),
+        };
+        assert!(got >= 4 << 20);
+        producer.abort();
+    }
+}

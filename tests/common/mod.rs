@@ -1,0 +1,138 @@
+//! Test harness: one pair of real PostgreSQL clusters per test binary (started by
+//! `pgtenant::localpg`), a fresh sample world (databases named per test) and a pgtenant
+//! instance per test, plus clients: tokio-postgres, a raw protocol client and psql.
+
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+pub mod raw;
+pub mod tls;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use pgtenant::app::{self, Running};
+use pgtenant::demo::{self, Fixture, SampleTenant};
+use pgtenant::localpg::Cluster;
+
+/// The two clusters every test in a binary shares.
+pub struct World {
+    pub a: Cluster,
+    pub b: Cluster,
+}
+
+static WORLD: OnceLock<World> = OnceLock::new();
+static NEXT: AtomicUsize = AtomicUsize::new(0);
+
+/// Starts the clusters on first use.
+pub fn world() -> &'static World {
+    WORLD.get_or_init(|| {
+        let a = Cluster::start(&[]).expect("start cluster A");
+        let b = Cluster::start(&[]).expect("start cluster B");
+        demo::create_roles(&a, &b).expect("create roles");
+        World { a, b }
+    })
+}
+
+/// A pgtenant instance over a fresh copy of the sample world.
+pub struct Env {
+    pub fixture: Fixture,
+    pub proxy: Running,
+}
+
+impl Env {
+    pub fn addr(&self) -> SocketAddr {
+        self.proxy.addr
+    }
+
+    pub fn port(&self) -> u16 {
+        self.proxy.addr.port()
+    }
+
+    pub fn tenant(&self, name: &str) -> &SampleTenant {
+        self.fixture.tenant(name).expect("sample tenant")
+    }
+
+    /// A tokio-postgres config for `tenant`, logging in as `user.tenant`.
+    pub fn pg_config(&self, tenant: &str) -> tokio_postgres::Config {
+        let t = self.tenant(tenant);
+        let mut c = tokio_postgres::Config::new();
+        c.host("127.0.0.1")
+            .port(self.port())
+            .user(format!("{}@{}", t.user, t.name))
+            .password(t.password.clone())
+            .dbname(t.name)
+            .connect_timeout(Duration::from_secs(10));
+        c
+    }
+
+    /// Connects as `tenant` over plain TCP.
+    pub async fn connect(&self, tenant: &str) -> tokio_postgres::Client {
+        connect_with(self.pg_config(tenant)).await.expect("connect")
+    }
+
+    /// A libpq URL for `tenant`.
+    pub fn url(&self, tenant: &str) -> String {
+        demo::tenant_url(self.tenant(tenant), self.port())
+    }
+
+    /// Superuser SQL on cluster A's shared database.
+    pub fn admin_a(&self, sql: &str) -> String {
+        world().a.psql(&self.fixture.shared_db, sql).expect("admin sql")
+    }
+}
+
+/// Connects with `config` and drives the connection in the background.
+pub async fn connect_with(
+    config: tokio_postgres::Config,
+) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    let (client, connection) = config.connect(tokio_postgres::NoTls).await?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok(client)
+}
+
+/// A fresh sample world and a proxy for it; `extra` is appended to the configuration (and
+/// `edit` may rewrite the whole text first).
+pub async fn start_with(extra: &str, edit: impl FnOnce(String) -> String) -> Env {
+    let w = world();
+    let suffix = format!("_t{}", NEXT.fetch_add(1, Ordering::Relaxed));
+    let fixture = tokio::task::spawn_blocking(move || {
+        demo::create_fixture(&w.a, &w.b, &suffix).expect("fixture")
+    })
+    .await
+    .unwrap();
+    let text = edit(fixture.config("127.0.0.1:0", extra));
+    let snapshot = pgtenant::config::load_str(&text, Path::new("test.toml"))
+        .unwrap_or_else(|e| panic!("test config: {e}\n{text}"));
+    let proxy = app::start(snapshot).await.expect("start proxy");
+    Env { fixture, proxy }
+}
+
+/// A fresh sample world and a proxy with the default configuration.
+pub async fn start() -> Env {
+    start_with("", |t| t).await
+}
+
+/// The SQLSTATE of a tokio-postgres error.
+pub fn code(e: &tokio_postgres::Error) -> String {
+    e.code()
+        .map(|c| c.code().to_owned())
+        .unwrap_or_else(|| format!("no SQLSTATE: {e}"))
+}
+
+/// Runs psql (blocking) with `url` and `sql`; returns (success, stdout, stderr).
+pub fn psql(url: &str, sql: &str) -> (bool, String, String) {
+    let out = std::process::Command::new(world().a.binary("psql"))
+        .args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-d", url, "-c", sql])
+        .output()
+        .expect("run psql");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}

@@ -1,0 +1,159 @@
+//! A raw protocol client for tests that need exact messages: Flush without Sync, abrupt
+//! disconnects mid-COPY, malformed frames, refused startup packets.
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
+use postgres_protocol::message::frontend;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+pub struct Raw {
+    pub stream: TcpStream,
+    buf: BytesMut,
+}
+
+/// A message from the server.
+#[derive(Debug, Clone)]
+pub struct Msg {
+    pub tag: u8,
+    pub body: Bytes,
+}
+
+impl Msg {
+    /// The SQLSTATE of an ErrorResponse.
+    pub fn sqlstate(&self) -> Option<String> {
+        self.field(b'C')
+    }
+
+    /// A field of an ErrorResponse/NoticeResponse.
+    pub fn field(&self, code: u8) -> Option<String> {
+        let mut b = &self.body[..];
+        while let Some((&c, rest)) = b.split_first() {
+            if c == 0 {
+                return None;
+            }
+            let end = rest.iter().position(|&x| x == 0)?;
+            if c == code {
+                return Some(String::from_utf8_lossy(&rest[..end]).into_owned());
+            }
+            b = &rest[end + 1..];
+        }
+        None
+    }
+}
+
+impl Raw {
+    /// Opens a TCP connection and sends a StartupMessage with `params`.
+    pub async fn startup(addr: std::net::SocketAddr, params: &[(&str, &str)]) -> Raw {
+        let stream = TcpStream::connect(addr).await.unwrap();
+        let mut raw = Raw {
+            stream,
+            buf: BytesMut::new(),
+        };
+        let mut out = BytesMut::new();
+        frontend::startup_message(params.iter().copied(), &mut out).unwrap();
+        raw.send(&out).await;
+        raw
+    }
+
+    /// Connects and authenticates; returns the client after the first ReadyForQuery.
+    pub async fn connect(addr: std::net::SocketAddr, params: &[(&str, &str)], password: &str) -> Raw {
+        let mut raw = Raw::startup(addr, params).await;
+        raw.authenticate(password).await.expect("authenticated");
+        raw.until_ready().await;
+        raw
+    }
+
+    /// Runs the SCRAM exchange; returns the ErrorResponse if authentication fails.
+    pub async fn authenticate(&mut self, password: &str) -> Result<(), Msg> {
+        let mut scram: Option<ScramSha256> = None;
+        loop {
+            let m = self.recv().await;
+            match m.tag {
+                b'E' => return Err(m),
+                b'v' => continue,
+                b'R' => {}
+                other => panic!("unexpected message {:?} during auth", other as char),
+            }
+            let code = (&m.body[..4]).get_i32();
+            let mut out = BytesMut::new();
+            match code {
+                0 => return Ok(()),
+                10 => {
+                    let s = ScramSha256::new(password.as_bytes(), ChannelBinding::unsupported());
+                    frontend::sasl_initial_response("SCRAM-SHA-256", s.message(), &mut out)
+                        .unwrap();
+                    scram = Some(s);
+                }
+                11 => {
+                    let s = scram.as_mut().unwrap();
+                    s.update(&m.body[4..]).unwrap();
+                    frontend::sasl_response(s.message(), &mut out).unwrap();
+                }
+                12 => scram.as_mut().unwrap().finish(&m.body[4..]).unwrap(),
+                other => panic!("unexpected auth request {other}"),
+            }
+            if !out.is_empty() {
+                self.send(&out).await;
+            }
+        }
+    }
+
+    pub async fn send(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).await.unwrap();
+    }
+
+    /// Sends a simple Query.
+    pub async fn query(&mut self, sql: &str) {
+        let mut out = BytesMut::new();
+        frontend::query(sql, &mut out).unwrap();
+        self.send(&out).await;
+    }
+
+    /// The next message, or `None` at end of stream.
+    pub async fn try_recv(&mut self) -> Option<Msg> {
+        loop {
+            if self.buf.len() >= 5 {
+                let len = (&self.buf[1..5]).get_u32() as usize;
+                if self.buf.len() > len {
+                    let mut msg = self.buf.split_to(len + 1);
+                    let tag = msg.get_u8();
+                    msg.advance(4);
+                    return Some(Msg {
+                        tag,
+                        body: msg.freeze(),
+                    });
+                }
+            }
+            self.buf.reserve(64 * 1024);
+            match self.stream.read_buf(&mut self.buf).await {
+                Ok(0) | Err(_) => return None,
+                Ok(_) => {}
+            }
+        }
+    }
+
+    pub async fn recv(&mut self) -> Msg {
+        self.try_recv().await.expect("connection closed")
+    }
+
+    /// Messages up to and including the next ReadyForQuery.
+    pub async fn until_ready(&mut self) -> Vec<Msg> {
+        let mut out = Vec::new();
+        loop {
+            let m = self.recv().await;
+            let done = m.tag == b'Z';
+            out.push(m);
+            if done {
+                return out;
+            }
+        }
+    }
+
+    /// Appends a raw message.
+    pub fn put(out: &mut BytesMut, tag: u8, body: &[u8]) {
+        out.put_u8(tag);
+        out.put_u32(body.len() as u32 + 4);
+        out.put_slice(body);
+    }
+}
