@@ -113,6 +113,22 @@ fn run(mut cmd: Command, what: &str) -> Result<String, LocalPgError> {
 impl Cluster {
     /// Creates and starts a cluster. `settings` are extra `postgresql.conf` settings.
     pub fn start(settings: &[(&str, &str)]) -> Result<Cluster, LocalPgError> {
+        Self::start_inner(settings, None)
+    }
+
+    /// Like [`Cluster::start`], with `ssl = on` using the given PEM certificate and key.
+    pub fn start_with_tls(
+        settings: &[(&str, &str)],
+        cert_pem: &str,
+        key_pem: &str,
+    ) -> Result<Cluster, LocalPgError> {
+        Self::start_inner(settings, Some((cert_pem, key_pem)))
+    }
+
+    fn start_inner(
+        settings: &[(&str, &str)],
+        tls: Option<(&str, &str)>,
+    ) -> Result<Cluster, LocalPgError> {
         let bindir = bindir()?;
         let as_postgres = postgres_account()?;
         let root = std::env::temp_dir().join(format!(
@@ -124,6 +140,27 @@ impl Cluster {
         fs::create_dir_all(&root)?;
         let password = format!("pw{:016x}", rand::random::<u64>());
         fs::write(root.join("pwfile"), format!("{password}\n"))?;
+        let mut settings: Vec<(String, String)> = settings
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        if let Some((cert, key)) = tls {
+            use std::os::unix::fs::PermissionsExt;
+            let (cert_path, key_path) = (root.join("server.crt"), root.join("server.key"));
+            fs::write(&cert_path, cert)?;
+            fs::write(&key_path, key)?;
+            // PostgreSQL refuses a key file others can read.
+            fs::set_permissions(&key_path, fs::Permissions::from_mode(0o600))?;
+            settings.push(("ssl".into(), "on".into()));
+            settings.push((
+                "ssl_cert_file".into(),
+                cert_path.to_string_lossy().into_owned(),
+            ));
+            settings.push((
+                "ssl_key_file".into(),
+                key_path.to_string_lossy().into_owned(),
+            ));
+        }
         if as_postgres.is_some() {
             run(
                 {
@@ -167,7 +204,7 @@ impl Cluster {
 
         let mut last_error = String::new();
         for _ in 0..5 {
-            match cluster.launch(settings) {
+            match cluster.launch(&settings) {
                 Ok(()) => {
                     cluster.spawn_watchdog();
                     return Ok(cluster);
@@ -205,7 +242,7 @@ impl Cluster {
         c
     }
 
-    fn launch(&mut self, settings: &[(&str, &str)]) -> Result<(), LocalPgError> {
+    fn launch(&mut self, settings: &[(String, String)]) -> Result<(), LocalPgError> {
         self.port = free_port()?;
         let log = fs::File::create(self.root.join("postgres.log"))?;
         let mut cmd = self.server_command();
@@ -223,7 +260,7 @@ impl Cluster {
             ("shared_buffers", "64MB"),
             ("password_encryption", "scram-sha-256"),
         ];
-        conf.extend_from_slice(settings);
+        conf.extend(settings.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         for (k, v) in conf {
             cmd.arg("-c").arg(format!("{k}={v}"));
         }

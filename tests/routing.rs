@@ -44,13 +44,20 @@ async fn shared_tenants_each_see_only_their_own_rows() {
         )
         .await
         .unwrap_err();
-    assert_eq!(code(&err), "42501", "RLS WITH CHECK refuses a forged tenant_id");
+    assert_eq!(
+        code(&err),
+        "42501",
+        "RLS WITH CHECK refuses a forged tenant_id"
+    );
     assert_eq!(
         names(&globex, "SELECT name FROM items ORDER BY id").await,
         ["globex doomsday device"]
     );
     let updated = globex
-        .execute("UPDATE items SET name = 'hacked' WHERE name LIKE 'acme%'", &[])
+        .execute(
+            "UPDATE items SET name = 'hacked' WHERE name LIKE 'acme%'",
+            &[],
+        )
         .await
         .unwrap();
     assert_eq!(updated, 0, "globex cannot touch acme's rows");
@@ -109,7 +116,10 @@ async fn the_schema_tenant_sees_its_schema_and_not_the_shared_tables() {
 async fn the_dedicated_tenant_reaches_its_own_database() {
     let env = start().await;
     let initech = env.connect("initech").await;
-    assert_eq!(names(&initech, "SELECT name FROM items").await, ["initech TPS report"]);
+    assert_eq!(
+        names(&initech, "SELECT name FROM items").await,
+        ["initech TPS report"]
+    );
     let db = initech
         .query_one("SELECT current_database()", &[])
         .await

@@ -37,7 +37,7 @@ pub enum HandshakeError {
     #[error("direct TLS without ALPN \"postgresql\"")]
     DirectTlsAlpn,
     #[error("the client did not use TLS, which this listener requires")]
-    TlsRequired(ClientStream),
+    TlsRequired,
     #[error("repeated {0} request")]
     Repeated(&'static str),
 }
@@ -46,7 +46,7 @@ impl Reportable for HandshakeError {
     fn kind(&self) -> ErrorKind {
         match self {
             HandshakeError::Io(_) => ErrorKind::ClientDisconnect,
-            HandshakeError::TlsRequired(_) => ErrorKind::Auth,
+            HandshakeError::TlsRequired => ErrorKind::Auth,
             _ => ErrorKind::Protocol,
         }
     }
@@ -60,33 +60,28 @@ impl Reportable for HandshakeError {
                 sqlstate::PROTOCOL_VIOLATION,
                 e.to_string(),
             )),
-            HandshakeError::TlsRequired(_) => Self::tls_required_notice(),
+            HandshakeError::TlsRequired => Some(
+                ClientError::fatal(
+                    sqlstate::INVALID_AUTHORIZATION,
+                    "connections to pgtenant must use TLS",
+                )
+                .with_hint("connect with sslmode=require"),
+            ),
             _ => None,
         }
     }
 }
 
-impl HandshakeError {
-    /// What a plaintext client is told when the listener requires TLS.
-    pub fn tls_required_notice() -> Option<ClientError> {
-        Some(
-            ClientError::fatal(
-                sqlstate::INVALID_AUTHORIZATION,
-                "connections to pgtenant must use TLS",
-            )
-            .with_hint("connect with sslmode=require"),
-        )
+/// Tells the client why its opening was refused (when it should hear it) and returns the
+/// error.
+async fn refuse<S: AsyncWrite + Unpin>(stream: &mut S, error: HandshakeError) -> HandshakeError {
+    if let Some(notice) = error.client_error() {
+        let mut out = BytesMut::new();
+        notice.encode(&mut out);
+        let _ = stream.write_all(&out).await;
+        let _ = stream.flush().await;
     }
-}
-
-impl std::fmt::Debug for ClientStream {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(if self.is_tls() {
-            "ClientStream(tls)"
-        } else {
-            "ClientStream(plain)"
-        })
-    }
+    error
 }
 
 /// Reads one opening packet without reading past it (the TLS handshake may follow).
@@ -147,7 +142,10 @@ pub async fn negotiate(
     }
 
     loop {
-        let (packet, _) = read_packet(&mut stream).await?;
+        let packet = match read_packet(&mut stream).await {
+            Ok((packet, _)) => packet,
+            Err(e) => return Err(refuse(&mut stream, e).await),
+        };
         match packet {
             InitialPacket::SslRequest => {
                 if ssl_seen {
@@ -180,7 +178,7 @@ pub async fn negotiate(
             InitialPacket::Cancel { pid, secret } => return Ok(Opening::Cancel { pid, secret }),
             InitialPacket::Startup(startup) => {
                 if mode == ClientTlsMode::Require && !stream.is_tls() {
-                    return Err(HandshakeError::TlsRequired(stream));
+                    return Err(refuse(&mut stream, HandshakeError::TlsRequired).await);
                 }
                 return Ok(Opening::Startup { stream, startup });
             }

@@ -185,15 +185,8 @@ async fn open(
             }
             return None;
         }
-        Err(HandshakeError::TlsRequired(mut stream)) => {
-            if let Some(notice) = HandshakeError::tls_required_notice() {
-                send_error(&mut stream, &notice).await;
-            }
-            tracing::info!("refused plaintext connection");
-            return None;
-        }
         Err(e) => {
-            tracing::debug!(error = %e, "handshake failed");
+            tracing::info!(kind = e.kind().as_str(), error = %e, "handshake failed");
             return None;
         }
     };

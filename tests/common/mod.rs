@@ -80,7 +80,10 @@ impl Env {
 
     /// Superuser SQL on cluster A's shared database.
     pub fn admin_a(&self, sql: &str) -> String {
-        world().a.psql(&self.fixture.shared_db, sql).expect("admin sql")
+        world()
+            .a
+            .psql(&self.fixture.shared_db, sql)
+            .expect("admin sql")
     }
 }
 
@@ -127,7 +130,18 @@ pub fn code(e: &tokio_postgres::Error) -> String {
 /// Runs psql (blocking) with `url` and `sql`; returns (success, stdout, stderr).
 pub fn psql(url: &str, sql: &str) -> (bool, String, String) {
     let out = std::process::Command::new(world().a.binary("psql"))
-        .args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-d", url, "-c", sql])
+        .args([
+            "-X",
+            "-q",
+            "-A",
+            "-t",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-d",
+            url,
+            "-c",
+            sql,
+        ])
         .output()
         .expect("run psql");
     (

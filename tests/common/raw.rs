@@ -43,6 +43,14 @@ impl Msg {
 }
 
 impl Raw {
+    /// Wraps a connected stream (nothing sent yet).
+    pub fn from_stream(stream: TcpStream) -> Raw {
+        Raw {
+            stream,
+            buf: BytesMut::new(),
+        }
+    }
+
     /// Opens a TCP connection and sends a StartupMessage with `params`.
     pub async fn startup(addr: std::net::SocketAddr, params: &[(&str, &str)]) -> Raw {
         let stream = TcpStream::connect(addr).await.unwrap();
@@ -57,7 +65,11 @@ impl Raw {
     }
 
     /// Connects and authenticates; returns the client after the first ReadyForQuery.
-    pub async fn connect(addr: std::net::SocketAddr, params: &[(&str, &str)], password: &str) -> Raw {
+    pub async fn connect(
+        addr: std::net::SocketAddr,
+        params: &[(&str, &str)],
+        password: &str,
+    ) -> Raw {
         let mut raw = Raw::startup(addr, params).await;
         raw.authenticate(password).await.expect("authenticated");
         raw.until_ready().await;

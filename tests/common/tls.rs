@@ -11,7 +11,6 @@ use std::task::{Context, Poll};
 use rustls::RootCertStore;
 use rustls_pki_types::{CertificateDer, ServerName};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
 use tokio_postgres::tls::{ChannelBinding, MakeTlsConnect, TlsConnect};
 
 /// A test CA that signs server certificates, written as PEM files into `dir`.
@@ -79,8 +78,11 @@ pub struct RustlsTlsConnect {
     name: ServerName<'static>,
 }
 
-impl MakeTlsConnect<TcpStream> for RustlsConnect {
-    type Stream = TlsStream;
+impl<S> MakeTlsConnect<S> for RustlsConnect
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    type Stream = TlsStream<S>;
     type TlsConnect = RustlsTlsConnect;
     type Error = io::Error;
 
@@ -93,12 +95,15 @@ impl MakeTlsConnect<TcpStream> for RustlsConnect {
     }
 }
 
-impl TlsConnect<TcpStream> for RustlsTlsConnect {
-    type Stream = TlsStream;
+impl<S> TlsConnect<S> for RustlsTlsConnect
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    type Stream = TlsStream<S>;
     type Error = io::Error;
-    type Future = Pin<Box<dyn Future<Output = io::Result<TlsStream>> + Send>>;
+    type Future = Pin<Box<dyn Future<Output = io::Result<TlsStream<S>>> + Send>>;
 
-    fn connect(self, stream: TcpStream) -> Self::Future {
+    fn connect(self, stream: S) -> Self::Future {
         Box::pin(async move {
             let connector = tokio_rustls::TlsConnector::from(self.config);
             let tls = connector.connect(self.name, stream).await?;
@@ -107,11 +112,17 @@ impl TlsConnect<TcpStream> for RustlsTlsConnect {
     }
 }
 
-pub struct TlsStream(tokio_rustls::client::TlsStream<TcpStream>);
+pub struct TlsStream<S>(tokio_rustls::client::TlsStream<S>);
 
-impl tokio_postgres::tls::TlsStream for TlsStream {
+impl<S: AsyncRead + AsyncWrite + Unpin> tokio_postgres::tls::TlsStream for TlsStream<S> {
     fn channel_binding(&self) -> ChannelBinding {
-        match self.0.get_ref().1.peer_certificates().and_then(|c| c.first()) {
+        match self
+            .0
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+        {
             Some(cert) => {
                 ChannelBinding::tls_server_end_point(pgtenant::net::tls::end_point_hash(cert))
             }
@@ -120,7 +131,7 @@ impl tokio_postgres::tls::TlsStream for TlsStream {
     }
 }
 
-impl AsyncRead for TlsStream {
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for TlsStream<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -130,7 +141,7 @@ impl AsyncRead for TlsStream {
     }
 }
 
-impl AsyncWrite for TlsStream {
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for TlsStream<S> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
