@@ -11,6 +11,14 @@ use anyhow::Context as _;
 use crate::auth::verifier::ScramVerifier;
 use crate::localpg::{Cluster, LocalPgError};
 
+/// Prints a line of the demo's output; a closed stdout must not stop the cleanup.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout().lock(), $($arg)*);
+    }};
+}
+
 /// A tenant of the sample world.
 #[derive(Debug, Clone)]
 pub struct SampleTenant {
@@ -234,7 +242,7 @@ pub fn tenant_url(tenant: &SampleTenant, port: u16) -> String {
 
 /// Runs the demo until Ctrl-C.
 pub async fn run(port: u16) -> anyhow::Result<()> {
-    println!("pgtenant demo: starting two throwaway PostgreSQL clusters...");
+    say!("pgtenant demo: starting two throwaway PostgreSQL clusters...");
     let (a, b) = tokio::task::spawn_blocking(|| -> Result<(Cluster, Cluster), LocalPgError> {
         Ok((Cluster::start(&[])?, Cluster::start(&[])?))
     })
@@ -258,28 +266,28 @@ pub async fn run(port: u16) -> anyhow::Result<()> {
                 running = Some(r);
                 break;
             }
-            Err(e) => println!("  port {candidate} is not available ({e:#}); trying another"),
+            Err(e) => say!("  port {candidate} is not available ({e:#}); trying another"),
         }
     }
     let running = running.context("could not start the proxy")?;
     let port = running.addr.port();
-    println!(
+    say!(
         "pgtenant is listening on {} (configuration: {})",
         running.addr,
         path.display()
     );
-    println!("Connect as a tenant (each sees only its own rows: try `SELECT * FROM items;`):");
+    say!("Connect as a tenant (each sees only its own rows: try `SELECT * FROM items;`):");
     for t in &fixture.tenants {
-        println!(
+        say!(
             "  {:<9} {:<10} psql \"{}\"",
             t.name,
             format!("({})", t.kind),
             tenant_url(t, port)
         );
     }
-    println!("Press Ctrl-C to stop; the clusters are removed on exit.");
+    say!("Press Ctrl-C to stop; the clusters are removed on exit.");
     crate::app::wait_for_signals(&running, Some(&path)).await?;
-    println!("stopping...");
+    say!("stopping...");
     running.shutdown(Duration::from_secs(2)).await;
     tokio::task::block_in_place(move || {
         drop(a);

@@ -418,3 +418,26 @@ async fn a_server_connection_that_dies_gives_the_client_an_error_and_others_carr
     again.simple_query("SELECT 1").await.unwrap();
     assert_ne!(backend_pid(&again).await, pid);
 }
+
+#[tokio::test]
+async fn a_malformed_message_ends_only_that_session_with_08p01() {
+    let env = start().await;
+    let t = env.tenant("acme");
+    let mut raw = Raw::connect(env.addr(), &[("user", "app@acme")], &t.password).await;
+    // A Terminate whose length is below the minimum of 4.
+    raw.send(&[b'X', 0, 0, 0, 2]).await;
+    let m = raw.recv().await;
+    assert_eq!((m.tag, m.sqlstate().as_deref()), (b'E', Some("08P01")));
+    assert!(raw.try_recv().await.is_none(), "then the connection closes");
+
+    // Garbage instead of a startup packet: the connection is dropped, the proxy lives on.
+    let mut junk = tokio::net::TcpStream::connect(env.addr()).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut junk, &[0xff; 64])
+        .await
+        .unwrap();
+    env.connect("acme")
+        .await
+        .simple_query("SELECT 1")
+        .await
+        .unwrap();
+}

@@ -1,0 +1,155 @@
+//! Criterion benchmarks of the per-message hot path: framing server output (DataRows with a
+//! ReadyForQuery every so often) and client input, as the relay does it, plus the
+//! per-connection costs (SCRAM exchange, identity resolution, startup parsing).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+use std::hint::black_box;
+use std::path::Path;
+
+use bytes::BytesMut;
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use pgtenant::auth::identity::{Claims, resolve};
+use pgtenant::auth::scram::{SCRAM_SHA_256, ScramServer};
+use pgtenant::auth::verifier::ScramVerifier;
+use pgtenant::pool::server_conn::SERVER_WHOLE;
+use pgtenant::protocol::encode;
+use pgtenant::protocol::frame::FrameScanner;
+use pgtenant::protocol::startup::parse_initial;
+use pgtenant::protocol::tracker::ConnTracker;
+use pgtenant::session::relay::{Relay, server_bytes};
+
+/// 64 KiB of what pgbench -S gets back: RowDescription, DataRow, CommandComplete, ReadyForQuery.
+fn server_stream() -> BytesMut {
+    let mut out = BytesMut::new();
+    while out.len() < 64 * 1024 {
+        encode::raw(
+            b'T',
+            b"\0\x01abalance\0\0\0\0\0\0\0\0\0\0\x17\0\x04\xff\xff\xff\xff\0\0",
+            &mut out,
+        );
+        encode::raw(b'D', b"\0\x01\0\0\0\x041234", &mut out);
+        encode::raw(b'C', b"SELECT 1\0", &mut out);
+        encode::raw(b'Z', b"I", &mut out);
+    }
+    out
+}
+
+fn client_stream() -> BytesMut {
+    let mut out = BytesMut::new();
+    while out.len() < 64 * 1024 {
+        encode::raw(
+            b'Q',
+            b"SELECT abalance FROM pgbench_accounts WHERE aid = 48213;\0",
+            &mut out,
+        );
+    }
+    out
+}
+
+fn relay(c: &mut Criterion) {
+    let server = server_stream();
+    let mut g = c.benchmark_group("relay");
+    g.throughput(Throughput::Bytes(server.len() as u64));
+    g.bench_function("server_to_client_64k", |b| {
+        let mut scanner = FrameScanner::new(SERVER_WHOLE, 1 << 20);
+        let mut tracker = ConnTracker::default();
+        let mut params = BTreeMap::new();
+        let mut out = BytesMut::with_capacity(128 * 1024);
+        b.iter(|| {
+            let mut input = server.clone();
+            out.clear();
+            for _ in 0..(server.len() / 40) {
+                tracker.client_message(b'Q');
+            }
+            server_bytes(
+                &mut scanner,
+                &mut input,
+                &mut out,
+                &mut tracker,
+                &mut params,
+            )
+            .unwrap();
+            black_box(out.len())
+        })
+    });
+    let client = client_stream();
+    g.throughput(Throughput::Bytes(client.len() as u64));
+    g.bench_function("client_to_server_64k", |b| {
+        let mut relay = Relay::new(1 << 20);
+        let mut tracker = ConnTracker::default();
+        let mut out = BytesMut::with_capacity(128 * 1024);
+        b.iter(|| {
+            let mut input = client.clone();
+            out.clear();
+            relay
+                .client_bytes(&mut input, &mut out, &mut tracker)
+                .unwrap();
+            black_box(out.len())
+        })
+    });
+    g.finish();
+}
+
+fn connection_setup(c: &mut Criterion) {
+    let verifier = ScramVerifier::parse(&ScramVerifier::from_password(b"pw")).unwrap();
+    c.bench_function("scram_server_exchange", |b| {
+        // Both server steps, with a proof that fails only at the final comparison: the same
+        // HMAC/SHA work as a success (the client's PBKDF2 is not the server's cost).
+        b.iter(|| {
+            let mut server = ScramServer::new(verifier.clone(), true, None);
+            let first = server
+                .client_first(SCRAM_SHA_256, b"n,,n=,r=rOprNGfwEbeRWgbNEkqO")
+                .unwrap();
+            let nonce = first.split(',').next().unwrap();
+            let last = format!("c=biws,{nonce},p=dHzbZapWIk4jUhN+Ute9ytag9zjfMHgsqmmiz7AndVQ=");
+            black_box(server.client_final(last.as_bytes()).unwrap_err());
+        });
+    });
+
+    let v = ScramVerifier::from_password(b"pw");
+    let mut text = String::from(
+        "[listen]\naddr = \"127.0.0.1:0\"\n[shards.a]\nhost = \"h\"\ndatabase = \"d\"\nuser = \"u\"\n",
+    );
+    for i in 0..1000 {
+        text.push_str(&format!(
+            "[[tenants]]\nid = \"00000000-0000-0000-0000-{i:012}\"\nname = \"t{i}\"\nplacement = {{ kind = \"shared\", shard = \"a\" }}\nusers = [{{ name = \"app\", scram = \"{v}\" }}]\n"
+        ));
+    }
+    let snapshot = pgtenant::config::load_str(&text, Path::new("bench.toml")).unwrap();
+    c.bench_function("resolve_identity_1000_tenants", |b| {
+        b.iter(|| {
+            black_box(
+                resolve(
+                    &snapshot,
+                    Some("db.example.com"),
+                    Claims {
+                        sni: Some("t517.db.example.com"),
+                        user: "app@t517",
+                        database: Some("t517"),
+                    },
+                )
+                .unwrap(),
+            )
+        })
+    });
+
+    let mut startup = BytesMut::new();
+    postgres_protocol::message::frontend::startup_message(
+        [
+            ("user", "app@acme"),
+            ("database", "acme"),
+            ("application_name", "pgbench"),
+            ("client_encoding", "UTF8"),
+        ],
+        &mut startup,
+    )
+    .unwrap();
+    c.bench_function("parse_startup_message", |b| {
+        b.iter(|| black_box(parse_initial(&startup).unwrap()))
+    });
+}
+
+criterion_group!(benches, relay, connection_setup);
+criterion_main!(benches);

@@ -1,0 +1,396 @@
+//! Load comparison: pgbench `-S` straight to PostgreSQL and through pgtenant, interleaved in
+//! one run, with medians, ratios, the latency pgtenant adds per query, and pgtenant's own CPU
+//! time per transaction (read from /proc). Run it with `scripts/bench.sh`, which builds the
+//! release binary first. Speed is measured here, never asserted in tests.
+//!
+//! When PgBouncer is installed (`/usr/sbin/pgbouncer`; `scripts/bench.sh` installs it with apt
+//! if missing) it runs in the same rounds, in the same pool mode, as a third target.
+//!
+//! Options: `--seconds N` per run (default 10), `--rounds N` (default 3), `--clients 1,16`,
+//! `--modes simple,extended,prepared` (default simple), `--no-pgbouncer`.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use pgtenant::auth::verifier::ScramVerifier;
+use pgtenant::localpg::Cluster;
+
+struct Options {
+    seconds: u32,
+    rounds: usize,
+    clients: Vec<u32>,
+    modes: Vec<String>,
+    pgbouncer: bool,
+}
+
+fn options() -> Options {
+    let mut o = Options {
+        seconds: 10,
+        rounds: 3,
+        clients: vec![1, 16],
+        modes: vec!["simple".into()],
+        pgbouncer: true,
+    };
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    if let Some(i) = args.iter().position(|a| a == "--no-pgbouncer") {
+        args.remove(i);
+        o.pgbouncer = false;
+    }
+    for pair in args.chunks(2) {
+        let value = pair.get(1).cloned().unwrap_or_default();
+        match pair[0].as_str() {
+            "--seconds" => o.seconds = value.parse().expect("--seconds N"),
+            "--rounds" => o.rounds = value.parse().expect("--rounds N"),
+            "--clients" => {
+                o.clients = value
+                    .split(',')
+                    .map(|c| c.parse().expect("--clients 1,16"))
+                    .collect()
+            }
+            "--modes" => o.modes = value.split(',').map(str::to_owned).collect(),
+            other => panic!("unknown option {other}"),
+        }
+    }
+    o
+}
+
+struct Run {
+    tps: f64,
+    latency_ms: f64,
+    transactions: u64,
+}
+
+fn pgbench(
+    cluster: &Cluster,
+    url: &str,
+    clients: u32,
+    mode: &str,
+    seconds: u32,
+    password: &str,
+) -> Run {
+    let out = Command::new(cluster.binary("pgbench"))
+        .args(["-n", "-S", "-M", mode, "-T", &seconds.to_string()])
+        .args([
+            "-c",
+            &clients.to_string(),
+            "-j",
+            &clients.min(2).to_string(),
+        ])
+        .arg(url)
+        .env("PGPASSWORD", password)
+        .output()
+        .expect("run pgbench");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "pgbench failed: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let number = |prefix: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.trim().strip_prefix(prefix))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no {prefix:?} in pgbench output:\n{text}"))
+    };
+    Run {
+        tps: number("tps = "),
+        latency_ms: number("latency average = "),
+        transactions: number("number of transactions actually processed: ") as u64,
+    }
+}
+
+/// utime + stime of `pid`, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("read /proc stat");
+    let after_name = &stat[stat.rfind(')').expect("stat format") + 2..];
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+fn clock_ticks_per_second() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+fn main() {
+    let opts = options();
+    let binary = std::env::var("PGTENANT_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/release/pgtenant")
+        });
+    assert!(
+        binary.is_file(),
+        "build the release binary first: cargo build --release"
+    );
+
+    eprintln!("starting PostgreSQL...");
+    let cluster = Cluster::start(&[("max_connections", "300")]).expect("cluster");
+    cluster
+        .psql(
+            "postgres",
+            &format!(
+                "CREATE ROLE pgtenant_app LOGIN PASSWORD '{}'",
+                cluster.password
+            ),
+        )
+        .unwrap();
+    cluster
+        .psql("postgres", "CREATE DATABASE bench OWNER pgtenant_app")
+        .unwrap();
+    let direct_url = format!("postgresql://pgtenant_app@127.0.0.1:{}/bench", cluster.port);
+    let init = Command::new(cluster.binary("pgbench"))
+        .args(["-i", "-q", "-s", "10", &direct_url])
+        .env("PGPASSWORD", &cluster.password)
+        .output()
+        .unwrap();
+    assert!(
+        init.status.success(),
+        "{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let dir = std::env::temp_dir().join(format!("pgtenant-load-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("pgtenant.toml");
+    let client_password = "bench-password";
+    std::fs::write(
+        &config,
+        format!(
+            r#"[listen]
+addr = "127.0.0.1:{port}"
+[pool]
+mode = "session"
+[shards.bench]
+host = "127.0.0.1"
+port = {pg_port}
+database = "bench"
+user = "pgtenant_app"
+password = "{pg_password}"
+max_connections = 100
+tls = "disable"
+[[tenants]]
+id = "00000000-0000-0000-0000-00000000be4c"
+name = "bench"
+placement = {{ kind = "dedicated", shard = "bench" }}
+[[tenants.users]]
+name = "app"
+scram = "{verifier}"
+"#,
+            pg_port = cluster.port,
+            pg_password = cluster.password,
+            verifier = ScramVerifier::from_password(client_password.as_bytes()),
+        ),
+    )
+    .unwrap();
+    let proxy = Reaper(
+        Command::new(&binary)
+            .arg("--config")
+            .arg(&config)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start pgtenant"),
+    );
+    wait_for_port(port);
+    let mut targets = vec![
+        Target {
+            name: "direct",
+            url: direct_url.clone(),
+            password: cluster.password.clone(),
+            pid: None,
+        },
+        Target {
+            name: "pgtenant",
+            url: format!("postgresql://app%40bench@127.0.0.1:{port}/bench"),
+            password: client_password.into(),
+            pid: Some(proxy.0.id()),
+        },
+    ];
+    let mut bouncer = None;
+    if opts.pgbouncer && std::path::Path::new(PGBOUNCER).is_file() {
+        let (child, bouncer_port) = start_pgbouncer(&dir, &cluster, client_password, "session");
+        targets.push(Target {
+            name: "pgbouncer",
+            url: format!("postgresql://app@127.0.0.1:{bouncer_port}/bench"),
+            password: client_password.into(),
+            pid: Some(child.id()),
+        });
+        bouncer = Some(Reaper(child));
+    }
+    let ticks = clock_ticks_per_second();
+
+    // (clients, mode, target) -> runs, and CPU µs per transaction of the proxy process.
+    let mut results: BTreeMap<(u32, String, &str), Vec<Run>> = BTreeMap::new();
+    let mut cpu: BTreeMap<(u32, String, &str), Vec<f64>> = BTreeMap::new();
+    for round in 0..opts.rounds {
+        for &clients in &opts.clients {
+            for mode in &opts.modes {
+                // Rotate the order each round so no target always runs first.
+                targets.rotate_left(1);
+                for t in &targets {
+                    eprintln!("round {} -c {clients} -M {mode} {}", round + 1, t.name);
+                    let before = t.pid.map(cpu_ticks);
+                    let run = pgbench(&cluster, &t.url, clients, mode, opts.seconds, &t.password);
+                    if let (Some(pid), Some(before)) = (t.pid, before) {
+                        let used = (cpu_ticks(pid) - before) as f64 / ticks;
+                        cpu.entry((clients, mode.clone(), t.name))
+                            .or_default()
+                            .push(used * 1e6 / run.transactions.max(1) as f64);
+                    }
+                    results
+                        .entry((clients, mode.clone(), t.name))
+                        .or_default()
+                        .push(run);
+                }
+            }
+        }
+    }
+
+    println!(
+        "\npgbench -S, session pooling, {} s per run, {} rounds, medians (scale 10, {} cores)",
+        opts.seconds,
+        opts.rounds,
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    );
+    println!(
+        "{:>7} {:>9} {:>10} {:>10} {:>7} {:>9} {:>11} {:>12}",
+        "clients", "mode", "target", "tps", "ratio", "lat ms", "added us/q", "cpu us/tx"
+    );
+    for &clients in &opts.clients {
+        for mode in &opts.modes {
+            let pick = |target: &str| -> (f64, f64) {
+                let runs = &results[&(clients, mode.clone(), target)];
+                (
+                    median(runs.iter().map(|r| r.tps).collect()),
+                    median(runs.iter().map(|r| r.latency_ms).collect()),
+                )
+            };
+            let (d_tps, d_lat) = pick("direct");
+            for name in ["direct", "pgtenant", "pgbouncer"] {
+                if !results.contains_key(&(clients, mode.clone(), name)) {
+                    continue;
+                }
+                let (tps, lat) = pick(name);
+                let cpu_text = cpu
+                    .get(&(clients, mode.clone(), name))
+                    .map(|v| format!("{:.1}", median(v.clone())))
+                    .unwrap_or_else(|| "-".into());
+                println!(
+                    "{clients:>7} {mode:>9} {name:>10} {tps:>10.0} {:>7.2} {lat:>9.3} {:>11.1} {cpu_text:>12}",
+                    tps / d_tps,
+                    (lat - d_lat) * 1000.0,
+                );
+            }
+        }
+    }
+    drop((proxy, bouncer));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+const PGBOUNCER: &str = "/usr/sbin/pgbouncer";
+
+/// Kills a child process when dropped, so a failed run leaves nothing behind.
+struct Reaper(Child);
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+struct Target {
+    name: &'static str,
+    url: String,
+    password: String,
+    pid: Option<u32>,
+}
+
+fn wait_for_port(port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "nothing listens on {port}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Starts PgBouncer (as the `postgres` OS user when root: it refuses to run as root) in front
+/// of the same database, with SCRAM for clients.
+fn start_pgbouncer(
+    dir: &std::path::Path,
+    cluster: &Cluster,
+    password: &str,
+    pool_mode: &str,
+) -> (Child, u16) {
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let bdir = dir.join("pgbouncer");
+    std::fs::create_dir_all(&bdir).unwrap();
+    // A plaintext entry: with a SCRAM verifier here PgBouncer 1.18 reuses the client's SCRAM
+    // keys for the server login, which fails for a different server user.
+    std::fs::write(
+        bdir.join("userlist.txt"),
+        format!("\"app\" \"{password}\"\n"),
+    )
+    .unwrap();
+    std::fs::write(
+        bdir.join("pgbouncer.ini"),
+        format!(
+            "[databases]\nbench = host=127.0.0.1 port={pg_port} dbname=bench user=pgtenant_app password={pg_password}\n\
+             [pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\n\
+             auth_type = scram-sha-256\nauth_file = {auth}\npool_mode = {pool_mode}\n\
+             max_client_conn = 1000\ndefault_pool_size = 100\nlogfile = {log}\n",
+            pg_port = cluster.port,
+            pg_password = cluster.password,
+            auth = bdir.join("userlist.txt").display(),
+            log = bdir.join("pgbouncer.log").display(),
+        ),
+    )
+    .unwrap();
+    let mut cmd = Command::new(PGBOUNCER);
+    cmd.arg(bdir.join("pgbouncer.ini"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let uid = |flag: &str, user: Option<&str>| -> Option<u32> {
+        let out = Command::new("id").arg(flag).args(user).output().ok()?;
+        String::from_utf8_lossy(&out.stdout).trim().parse().ok()
+    };
+    if uid("-u", None) == Some(0) {
+        use std::os::unix::process::CommandExt;
+        let _ = Command::new("chown")
+            .args(["-R", "postgres:"])
+            .arg(dir)
+            .status();
+        cmd.uid(uid("-u", Some("postgres")).unwrap())
+            .gid(uid("-g", Some("postgres")).unwrap());
+    }
+    let child = cmd.spawn().expect("start pgbouncer");
+    wait_for_port(port);
+    (child, port)
+}

@@ -1,0 +1,143 @@
+//! The command line and the shipped examples: every file in `config/` loads, `check` reports
+//! errors with file and line, `passwd` makes a verifier that authenticates its password, and
+//! the demo starts and serves a working URL.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::io::Write;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::str::FromStr;
+use std::time::{Duration, Instant};
+
+fn pgtenant() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_pgtenant"))
+}
+
+#[test]
+fn every_config_example_loads() {
+    let mut seen = 0;
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let files = ["config", "docker"]
+        .iter()
+        .flat_map(|d| std::fs::read_dir(root.join(d)).unwrap())
+        .map(|e| e.unwrap().path());
+    for path in files {
+        if path.extension().is_some_and(|e| e == "toml") {
+            pgtenant::config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+            let out = pgtenant()
+                .arg("check")
+                .arg("--config")
+                .arg(&path)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            seen += 1;
+        }
+    }
+    assert!(seen >= 2);
+}
+
+#[test]
+fn check_names_file_and_line_of_an_error() {
+    let dir = std::env::temp_dir().join(format!("pgtenant-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("bad.toml");
+    std::fs::write(
+        &path,
+        "[listen]\naddr = \"127.0.0.1:6432\"\n\n[shards.a]\nhost = \"h\"\ndatabase = \"d\"\nuser = \"u\"\nmax_conections = 5\n",
+    )
+    .unwrap();
+    let out = pgtenant()
+        .arg("check")
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&format!("{}:8:", path.display())), "{err}");
+    assert!(err.contains("max_conections"), "{err}");
+}
+
+#[test]
+fn passwd_prints_a_verifier_for_the_password_on_stdin() {
+    let mut child = pgtenant()
+        .arg("passwd")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(b"s3cret\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    let verifier = pgtenant::auth::verifier::ScramVerifier::parse(text.trim()).unwrap();
+    assert!(!text.contains("s3cret"));
+
+    use pgtenant::auth::scram::{SCRAM_SHA_256, ScramServer};
+    use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
+    let mut server = ScramServer::new(verifier, true, None);
+    let mut client = ScramSha256::new(b"s3cret", ChannelBinding::unsupported());
+    let first = server
+        .client_first(SCRAM_SHA_256, client.message())
+        .unwrap();
+    client.update(first.as_bytes()).unwrap();
+    let last = server.client_final(client.message()).unwrap();
+    client.finish(last.as_bytes()).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_starts_and_a_printed_url_works() {
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_pgtenant"))
+        .args(["demo", "--port", "0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let urls = async move {
+        use tokio::io::AsyncBufReadExt;
+        let mut lines = tokio::io::BufReader::new(stdout).lines();
+        let mut urls = Vec::new();
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if let Some(start) = line.find("postgresql://") {
+                urls.push(line[start..].trim_end_matches('"').to_owned());
+            }
+            if line.contains("Press Ctrl-C") {
+                break;
+            }
+        }
+        urls
+    };
+    let urls = tokio::time::timeout(Duration::from_secs(120), urls)
+        .await
+        .expect("demo printed its URLs");
+    assert_eq!(urls.len(), 4, "{urls:?}");
+    let config = tokio_postgres::Config::from_str(&urls[0]).unwrap();
+    let client = common::connect_with(config).await.unwrap();
+    let rows = client
+        .query("SELECT name FROM items ORDER BY id", &[])
+        .await
+        .unwrap();
+    let names: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+    assert_eq!(names, ["acme anvil", "acme rocket skates"]);
+    drop(client);
+
+    let pid = child.id().unwrap().to_string();
+    Command::new("kill").args(["-INT", &pid]).status().unwrap();
+    let started = Instant::now();
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .expect("demo stops on Ctrl-C")
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+    assert!(started.elapsed() < Duration::from_secs(30));
+}
