@@ -260,11 +260,12 @@ mod tests {
             while got < 4 << 20 {
                 got += client_far.read(&mut sink).await.unwrap();
             }
-            got
+            // Hand the stream back: dropping it here would end the pump with a broken pipe.
+            (got, client_far)
         });
         let got = tokio::select! {
             end = pump.run(&mut relay, &mut client_near, &mut side) => panic!("pump ended: {end:?}"),
-            got = &mut reader => got.unwrap(),
+            done = &mut reader => done.unwrap().0,
         };
         assert!(got >= 4 << 20);
         producer.abort();
