@@ -1,0 +1,565 @@
+//! A lexer that splits SQL text exactly as PostgreSQL's scanner does (`src/backend/parser/
+//! scan.l`; docs 4.1 "Lexical Structure"), for the guard.
+//!
+//! It works on bytes, so any ASCII-safe client encoding lexes correctly. It handles case
+//! folding of identifiers, `"quoted"` and `U&"…" UESCAPE` identifiers, `'…'`, `E'…'`, `B'…'`,
+//! `X'…'`, `N'…'`, `U&'…'` and `$tag$…$tag$` strings, nested `/* */` comments, `--` comments,
+//! numbers as PostgreSQL 15 splits them (`1abc` is a number then an identifier), operators cut
+//! at comment starts, and `standard_conforming_strings = off`. Anything unterminated or
+//! undecodable is an error: the guard refuses what it cannot lex.
+
+use std::borrow::Cow;
+
+/// A lexing failure.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LexError {
+    #[error("unterminated quoted string")]
+    UnterminatedString,
+    #[error("unterminated quoted identifier")]
+    UnterminatedIdentifier,
+    #[error("zero-length delimited identifier")]
+    EmptyIdentifier,
+    #[error("unterminated /* comment")]
+    UnterminatedComment,
+    #[error("unterminated dollar-quoted string")]
+    UnterminatedDollarQuote,
+    #[error("invalid Unicode escape")]
+    BadUnicodeEscape,
+}
+
+/// What a token is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Kind<'a> {
+    /// An identifier or keyword, case-folded (unquoted) or exact (quoted).
+    Ident { name: Cow<'a, str>, quoted: bool },
+    /// A string constant; `value` is its decoded content when decoding is certain.
+    Str { value: Option<String> },
+    /// A numeric constant, as written.
+    Number(&'a [u8]),
+    /// A positional parameter `$n`.
+    Param,
+    /// An operator, e.g. `=`, `::`, `->>`.
+    Op(&'a [u8]),
+    /// One of `( ) [ ] , ; : .`.
+    Punct(u8),
+}
+
+/// A token and where it stands in the text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Token<'a> {
+    pub kind: Kind<'a>,
+    pub start: usize,
+    pub end: usize,
+}
+
+impl Token<'_> {
+    /// The identifier's name, if this is an identifier.
+    pub fn ident(&self) -> Option<&str> {
+        match &self.kind {
+            Kind::Ident { name, .. } => Some(name),
+            _ => None,
+        }
+    }
+
+    /// True for an unquoted identifier equal to `keyword` (lower case).
+    pub fn is_keyword(&self, keyword: &str) -> bool {
+        matches!(&self.kind, Kind::Ident { name, quoted: false } if name == keyword)
+    }
+
+    /// True for the punctuation byte `p`.
+    pub fn is_punct(&self, p: u8) -> bool {
+        self.kind == Kind::Punct(p)
+    }
+}
+
+fn is_ident_start(b: u8) -> bool {
+    b.is_ascii_alphabetic() || b == b'_' || b >= 0x80
+}
+
+fn is_ident_cont(b: u8) -> bool {
+    is_ident_start(b) || b.is_ascii_digit() || b == b'$'
+}
+
+fn is_dollar_tag_cont(b: u8) -> bool {
+    is_ident_start(b) || b.is_ascii_digit()
+}
+
+fn is_op_char(b: u8) -> bool {
+    b"+-*/<>=~!@#%^&|`?".contains(&b)
+}
+
+fn is_space(b: u8) -> bool {
+    matches!(b, b' ' | b'\t' | b'\n' | b'\r' | 0x0c | 0x0b)
+}
+
+struct Lexer<'a> {
+    src: &'a [u8],
+    pos: usize,
+    standard_conforming: bool,
+}
+
+/// Lexes `sql`. `standard_conforming` is the session's `standard_conforming_strings`.
+pub fn lex(sql: &[u8], standard_conforming: bool) -> Result<Vec<Token<'_>>, LexError> {
+    let mut lx = Lexer {
+        src: sql,
+        pos: 0,
+        standard_conforming,
+    };
+    let mut out = Vec::new();
+    while let Some(t) = lx.next()? {
+        out.push(t);
+    }
+    Ok(out)
+}
+
+impl<'a> Lexer<'a> {
+    fn peek(&self, off: usize) -> Option<u8> {
+        self.src.get(self.pos + off).copied()
+    }
+
+    fn rest(&self) -> &'a [u8] {
+        &self.src[self.pos..]
+    }
+
+    fn skip_space_and_comments(&mut self) -> Result<(), LexError> {
+        loop {
+            match (self.peek(0), self.peek(1)) {
+                (Some(b), _) if is_space(b) => self.pos += 1,
+                (Some(b'-'), Some(b'-')) => {
+                    while let Some(b) = self.peek(0) {
+                        self.pos += 1;
+                        if b == b'\n' || b == b'\r' {
+                            break;
+                        }
+                    }
+                }
+                (Some(b'/'), Some(b'*')) => self.skip_block_comment()?,
+                _ => return Ok(()),
+            }
+        }
+    }
+
+    fn skip_block_comment(&mut self) -> Result<(), LexError> {
+        let mut depth = 0usize;
+        loop {
+            match (self.peek(0), self.peek(1)) {
+                (Some(b'/'), Some(b'*')) => {
+                    depth += 1;
+                    self.pos += 2;
+                }
+                (Some(b'*'), Some(b'/')) => {
+                    depth -= 1;
+                    self.pos += 2;
+                    if depth == 0 {
+                        return Ok(());
+                    }
+                }
+                (Some(_), _) => self.pos += 1,
+                (None, _) => return Err(LexError::UnterminatedComment),
+            }
+        }
+    }
+
+    fn next(&mut self) -> Result<Option<Token<'a>>, LexError> {
+        self.skip_space_and_comments()?;
+        let start = self.pos;
+        let Some(b) = self.peek(0) else {
+            return Ok(None);
+        };
+        let next = self.peek(1);
+        let kind = match b {
+            b'\'' => self.string(false, false)?,
+            b'"' => self.quoted_ident(false)?,
+            b'$' if next.is_some_and(|c| c.is_ascii_digit()) => {
+                self.pos += 1;
+                while self.peek(0).is_some_and(|c| c.is_ascii_digit()) {
+                    self.pos += 1;
+                }
+                Kind::Param
+            }
+            b'$' => self.dollar_string()?,
+            b'0'..=b'9' => self.number(),
+            b'.' if next.is_some_and(|c| c.is_ascii_digit()) => self.number(),
+            b'(' | b')' | b'[' | b']' | b',' | b';' | b'.' => {
+                self.pos += 1;
+                Kind::Punct(b)
+            }
+            b':' => {
+                if next == Some(b':') {
+                    self.pos += 2;
+                    Kind::Op(&self.src[start..start + 2])
+                } else if next == Some(b'=') {
+                    self.pos += 2;
+                    Kind::Op(&self.src[start..start + 2])
+                } else {
+                    self.pos += 1;
+                    Kind::Punct(b':')
+                }
+            }
+            // Prefixed strings and identifiers: E'', B'', X'', N'', U&'', U&"".
+            b'e' | b'E' if next == Some(b'\'') => {
+                self.pos += 1;
+                self.string(true, false)?
+            }
+            b'b' | b'B' | b'x' | b'X' | b'n' | b'N' if next == Some(b'\'') => {
+                self.pos += 1;
+                self.string(false, false)?
+            }
+            b'u' | b'U' if next == Some(b'&') && self.peek(2) == Some(b'\'') => {
+                self.pos += 2;
+                self.string(false, true)?
+            }
+            b'u' | b'U' if next == Some(b'&') && self.peek(2) == Some(b'"') => {
+                self.pos += 2;
+                self.quoted_ident(true)?
+            }
+            c if is_ident_start(c) => {
+                while self.peek(0).is_some_and(is_ident_cont) {
+                    self.pos += 1;
+                }
+                let raw = &self.src[start..self.pos];
+                let name = if raw.iter().any(|c| c.is_ascii_uppercase()) {
+                    Cow::Owned(String::from_utf8_lossy(raw).to_ascii_lowercase())
+                } else {
+                    String::from_utf8_lossy(raw)
+                };
+                Kind::Ident {
+                    name,
+                    quoted: false,
+                }
+            }
+            c if is_op_char(c) => self.operator(),
+            _ => {
+                // Any other byte stands alone; PostgreSQL would reject it, and the guard treats
+                // it as an operator it does not know.
+                self.pos += 1;
+                Kind::Op(&self.src[start..self.pos])
+            }
+        };
+        Ok(Some(Token {
+            kind,
+            start,
+            end: self.pos,
+        }))
+    }
+
+    fn operator(&mut self) -> Kind<'a> {
+        let start = self.pos;
+        let mut end = start;
+        while end < self.src.len() && is_op_char(self.src[end]) {
+            end += 1;
+        }
+        let mut op = &self.src[start..end];
+        // A comment start inside an operator ends the operator there.
+        for i in 0..op.len().saturating_sub(1) {
+            if &op[i..i + 2] == b"/*" || &op[i..i + 2] == b"--" {
+                op = &op[..i];
+                break;
+            }
+        }
+        self.pos = start + op.len().max(1);
+        Kind::Op(&self.src[start..self.pos])
+    }
+
+    fn number(&mut self) -> Kind<'a> {
+        let start = self.pos;
+        while self.peek(0).is_some_and(|c| c.is_ascii_digit()) {
+            self.pos += 1;
+        }
+        if self.peek(0) == Some(b'.') && self.peek(1) != Some(b'.') {
+            self.pos += 1;
+            while self.peek(0).is_some_and(|c| c.is_ascii_digit()) {
+                self.pos += 1;
+            }
+        }
+        if matches!(self.peek(0), Some(b'e' | b'E')) {
+            let sign = usize::from(matches!(self.peek(1), Some(b'+' | b'-')));
+            if self.peek(1 + sign).is_some_and(|c| c.is_ascii_digit()) {
+                self.pos += 1 + sign;
+                while self.peek(0).is_some_and(|c| c.is_ascii_digit()) {
+                    self.pos += 1;
+                }
+            }
+        }
+        Kind::Number(&self.src[start..self.pos])
+    }
+
+    /// A `'…'` string starting at the opening quote. `escapes`: E'' backslash escapes (also
+    /// plain strings when standard_conforming_strings is off). `unicode`: U&'' (value not
+    /// decoded).
+    fn string(&mut self, escapes: bool, unicode: bool) -> Result<Kind<'a>, LexError> {
+        let backslash = escapes || (!self.standard_conforming && !unicode);
+        let mut value: Option<Vec<u8>> = Some(Vec::new());
+        loop {
+            // self.pos is at an opening quote.
+            self.pos += 1;
+            loop {
+                let Some(c) = self.peek(0) else {
+                    return Err(LexError::UnterminatedString);
+                };
+                if c == b'\'' {
+                    if self.peek(1) == Some(b'\'') {
+                        if let Some(v) = value.as_mut() {
+                            v.push(b'\'');
+                        }
+                        self.pos += 2;
+                        continue;
+                    }
+                    self.pos += 1;
+                    break;
+                }
+                if c == b'\\' && backslash {
+                    // The escape's meaning is not decoded; the value is no longer certain.
+                    value = None;
+                    if self.peek(1).is_none() {
+                        return Err(LexError::UnterminatedString);
+                    }
+                    self.pos += 2;
+                    continue;
+                }
+                if let Some(v) = value.as_mut() {
+                    v.push(c);
+                }
+                self.pos += 1;
+            }
+            // 'a' <newline> 'b' continues the same string.
+            let save = self.pos;
+            let mut saw_newline = false;
+            while let Some(c) = self.peek(0) {
+                if c == b'\n' || c == b'\r' {
+                    saw_newline = true;
+                } else if !is_space(c) {
+                    break;
+                }
+                self.pos += 1;
+            }
+            if saw_newline && self.peek(0) == Some(b'\'') {
+                continue;
+            }
+            self.pos = save;
+            break;
+        }
+        if unicode {
+            self.skip_uescape()?;
+            value = None;
+        }
+        Ok(Kind::Str {
+            value: value.and_then(|v| String::from_utf8(v).ok()),
+        })
+    }
+
+    /// A `"…"` identifier at the opening quote; `unicode` for `U&"…"`.
+    fn quoted_ident(&mut self, unicode: bool) -> Result<Kind<'a>, LexError> {
+        self.pos += 1;
+        let mut raw = Vec::new();
+        loop {
+            let Some(c) = self.peek(0) else {
+                return Err(LexError::UnterminatedIdentifier);
+            };
+            self.pos += 1;
+            if c == b'"' {
+                if self.peek(0) == Some(b'"') {
+                    raw.push(b'"');
+                    self.pos += 1;
+                    continue;
+                }
+                break;
+            }
+            raw.push(c);
+        }
+        if raw.is_empty() {
+            return Err(LexError::EmptyIdentifier);
+        }
+        let name = if unicode {
+            let escape = self.skip_uescape()?.unwrap_or(b'\\');
+            decode_unicode_escapes(&raw, escape)?
+        } else {
+            String::from_utf8_lossy(&raw).into_owned()
+        };
+        Ok(Kind::Ident {
+            name: Cow::Owned(name),
+            quoted: true,
+        })
+    }
+
+    /// After a U& literal: an optional `UESCAPE 'c'`; returns the escape character.
+    fn skip_uescape(&mut self) -> Result<Option<u8>, LexError> {
+        let save = self.pos;
+        self.skip_space_and_comments()?;
+        let word = self.rest();
+        if word.len() >= 7 && word[..7].eq_ignore_ascii_case(b"uescape") {
+            let after_word = self.pos + 7;
+            if self.src.get(after_word).is_some_and(|&c| is_ident_cont(c)) {
+                self.pos = save;
+                return Ok(None);
+            }
+            self.pos = after_word;
+            self.skip_space_and_comments()?;
+            let r = self.rest();
+            if r.len() >= 3 && r[0] == b'\'' && r[2] == b'\'' {
+                let c = r[1];
+                let invalid = c.is_ascii_hexdigit() || c == b'+' || c == b'\'' || c == b'"' || is_space(c);
+                if invalid {
+                    return Err(LexError::BadUnicodeEscape);
+                }
+                self.pos += 3;
+                return Ok(Some(c));
+            }
+            return Err(LexError::BadUnicodeEscape);
+        }
+        self.pos = save;
+        Ok(None)
+    }
+
+    /// `$tag$…$tag$` at the first `$`; a `$` that does not open a tag is an operator-like
+    /// byte.
+    fn dollar_string(&mut self) -> Result<Kind<'a>, LexError> {
+        let start = self.pos;
+        let mut end = start + 1;
+        if self.src.get(end).is_some_and(|&c| is_ident_start(c)) {
+            while self.src.get(end).is_some_and(|&c| is_dollar_tag_cont(c)) {
+                end += 1;
+            }
+        }
+        if self.src.get(end) != Some(&b'$') {
+            self.pos += 1;
+            return Ok(Kind::Op(&self.src[start..start + 1]));
+        }
+        let tag = &self.src[start..=end];
+        let body_start = end + 1;
+        let body = &self.src[body_start..];
+        let close = body
+            .windows(tag.len())
+            .position(|w| w == tag)
+            .ok_or(LexError::UnterminatedDollarQuote)?;
+        self.pos = body_start + close + tag.len();
+        Ok(Kind::Str {
+            value: String::from_utf8(body[..close].to_vec()).ok(),
+        })
+    }
+}
+
+/// Decodes the `\XXXX` and `\+XXXXXX` escapes of a U& literal.
+fn decode_unicode_escapes(raw: &[u8], escape: u8) -> Result<String, LexError> {
+    let mut out = String::new();
+    let mut i = 0;
+    let text = std::str::from_utf8(raw).map_err(|_| LexError::BadUnicodeEscape)?;
+    let bytes = text.as_bytes();
+    while i < bytes.len() {
+        if bytes[i] != escape {
+            let ch = text[i..].chars().next().ok_or(LexError::BadUnicodeEscape)?;
+            out.push(ch);
+            i += ch.len_utf8();
+            continue;
+        }
+        if bytes.get(i + 1) == Some(&escape) {
+            out.push(escape as char);
+            i += 2;
+            continue;
+        }
+        let (digits, skip) = if bytes.get(i + 1) == Some(&b'+') {
+            (bytes.get(i + 2..i + 8), 8)
+        } else {
+            (bytes.get(i + 1..i + 5), 5)
+        };
+        let digits = digits.ok_or(LexError::BadUnicodeEscape)?;
+        let hex = std::str::from_utf8(digits).map_err(|_| LexError::BadUnicodeEscape)?;
+        let code = u32::from_str_radix(hex, 16).map_err(|_| LexError::BadUnicodeEscape)?;
+        out.push(char::from_u32(code).ok_or(LexError::BadUnicodeEscape)?);
+        i += skip;
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn idents(sql: &str) -> Vec<String> {
+        lex(sql.as_bytes(), true)
+            .unwrap()
+            .iter()
+            .filter_map(|t| t.ident().map(str::to_owned))
+            .collect()
+    }
+
+    #[test]
+    fn identifiers_fold_and_quoted_ones_keep_case() {
+        assert_eq!(idents("SELECT Foo, \"Bar\", \"a\"\"b\""), ["select", "foo", "Bar", "a\"b"]);
+    }
+
+    #[test]
+    fn unicode_identifiers_decode() {
+        assert_eq!(idents(r#"U&"s\0065t_config""#), ["set_config"]);
+        assert_eq!(idents(r#"U&"s!0065t_config" UESCAPE '!'"#), ["set_config"]);
+        assert_eq!(idents(r#"u&"\+000073et""#), ["set"]);
+        assert!(lex(br#"U&"\00zz""#, true).is_err());
+        assert!(lex(br#"U&"x" UESCAPE 'a'"#, true).is_err());
+    }
+
+    #[test]
+    fn strings_hide_their_content() {
+        assert_eq!(idents("SELECT 'set_config(' , E'\\'set_config', $$set_config$$, $a$ x $a$"), ["select"]);
+        let t = lex(b"'it''s'", true).unwrap();
+        assert_eq!(t[0].kind, Kind::Str { value: Some("it's".into()) });
+    }
+
+    #[test]
+    fn backslashes_follow_standard_conforming_strings() {
+        // With standard_conforming_strings off, \' does not end the string.
+        assert_eq!(idents(r"SELECT 'a\' , set_config"), ["select", "set_config"]);
+        assert_eq!(
+            lex(br"SELECT 'a\' , set_config", false).unwrap_err(),
+            LexError::UnterminatedString
+        );
+        assert_eq!(
+            lex(br"SELECT 'a\', set_config', x", false)
+                .unwrap()
+                .iter()
+                .filter_map(|t| t.ident().map(str::to_owned))
+                .collect::<Vec<_>>(),
+            ["select", "x"]
+        );
+    }
+
+    #[test]
+    fn comments_nest_and_are_skipped() {
+        assert_eq!(idents("SELECT /* a /* set_config */ b */ x -- set_config\n, y"), ["select", "x", "y"]);
+        assert_eq!(lex(b"SELECT /* /* */", true).unwrap_err(), LexError::UnterminatedComment);
+    }
+
+    #[test]
+    fn dollar_signs_inside_identifiers_do_not_open_quotes() {
+        assert_eq!(idents("SELECT a$$b"), ["select", "a$$b"]);
+        assert_eq!(idents("SELECT $1, $x$ y $x$"), ["select"]);
+        assert_eq!(lex(b"SELECT $a$ open", true).unwrap_err(), LexError::UnterminatedDollarQuote);
+    }
+
+    #[test]
+    fn numbers_split_like_postgres_15() {
+        assert_eq!(idents("SELECT 1set_config"), ["select", "set_config"]);
+        assert_eq!(idents("SELECT 1.5e3abc, .5x"), ["select", "abc", "x"]);
+    }
+
+    #[test]
+    fn operators_stop_at_comment_starts() {
+        let t = lex(b"SELECT 1 +/* c */ 2", true).unwrap();
+        assert!(t.iter().any(|t| t.kind == Kind::Op(b"+")));
+        assert_eq!(idents("SELECT 1 --set_config\n"), ["select"]);
+    }
+
+    #[test]
+    fn string_continuation_needs_a_newline() {
+        let t = lex(b"SELECT 'a'\n'b'", true).unwrap();
+        assert_eq!(t.len(), 2);
+        assert_eq!(t[1].kind, Kind::Str { value: Some("ab".into()) });
+        assert!(lex(b"SELECT 'a' 'b'", true).unwrap().len() == 3);
+    }
+
+    #[test]
+    fn unterminated_things_are_errors() {
+        for bad in [&b"SELECT 'x"[..], b"SELECT \"x", b"SELECT \"\"", b"SELECT E'\\", b"SELECT U&'x' UESCAPE"] {
+            assert!(lex(bad, true).is_err(), "{}", String::from_utf8_lossy(bad));
+        }
+    }
+}
