@@ -18,7 +18,9 @@ use pgtenant::protocol::encode;
 use pgtenant::protocol::frame::FrameScanner;
 use pgtenant::protocol::startup::parse_initial;
 use pgtenant::protocol::tracker::ConnTracker;
-use pgtenant::session::relay::{Relay, server_bytes};
+use pgtenant::quota::Quotas;
+use pgtenant::session::relay::{Relay, RelayRules};
+use pgtenant::tenant::guard::{Policy, Scope};
 
 /// 64 KiB of what pgbench -S gets back: RowDescription, DataRow, CommandComplete, ReadyForQuery.
 fn server_stream() -> BytesMut {
@@ -48,11 +50,63 @@ fn client_stream() -> BytesMut {
     out
 }
 
+fn policy() -> Policy {
+    Policy {
+        scope: Scope::Tenant,
+        protect_search_path: false,
+        readonly: false,
+        max_statement_timeout: None,
+        notify_prefix: Some("acme.".into()),
+        allow_ddl: false,
+    }
+}
+
+fn rules() -> RelayRules {
+    RelayRules {
+        policy: policy(),
+        rebind_sql: "SET app.current_tenant_id TO '6f1c2b7e-1d0a-4c39-9d0e-6f3b2a1c9e01'".into(),
+        tenant: Quotas::default().tenant("acme"),
+        queries_per_second: None,
+        notify_prefix: Some("acme.".into()),
+    }
+}
+
+fn guard(c: &mut Criterion) {
+    let p = policy();
+    let mut g = c.benchmark_group("guard");
+    for (name, sql) in [
+        (
+            "pgbench_select",
+            "SELECT abalance FROM pgbench_accounts WHERE aid = 48213;",
+        ),
+        (
+            "orm_select",
+            "SELECT \"items\".\"id\", \"items\".\"name\", \"items\".\"created_at\" FROM \"items\" WHERE \"items\".\"tenant_id\" = $1 AND \"items\".\"name\" LIKE $2 ORDER BY \"items\".\"id\" DESC LIMIT 50 OFFSET 0",
+        ),
+        (
+            "insert_returning",
+            "INSERT INTO items (name, payload) VALUES ('x', '{\"a\": [1,2,3]}'::jsonb) RETURNING id",
+        ),
+        ("set_timezone", "SET TIME ZONE 'Europe/Paris'"),
+        (
+            "refused_set_config",
+            "SELECT set_config('app.current_tenant_id', $1, false)",
+        ),
+    ] {
+        g.throughput(Throughput::Bytes(sql.len() as u64));
+        g.bench_function(name, |b| {
+            b.iter(|| black_box(p.check(black_box(sql.as_bytes()), true)))
+        });
+    }
+    g.finish();
+}
+
 fn relay(c: &mut Criterion) {
     let server = server_stream();
     let mut g = c.benchmark_group("relay");
     g.throughput(Throughput::Bytes(server.len() as u64));
     g.bench_function("server_to_client_64k", |b| {
+        let mut relay = Relay::new(1 << 20, rules());
         let mut scanner = FrameScanner::new(SERVER_WHOLE, 1 << 20);
         let mut tracker = ConnTracker::default();
         let mut params = BTreeMap::new();
@@ -60,24 +114,22 @@ fn relay(c: &mut Criterion) {
         b.iter(|| {
             let mut input = server.clone();
             out.clear();
-            for _ in 0..(server.len() / 40) {
-                tracker.client_message(b'Q');
-            }
-            server_bytes(
-                &mut scanner,
-                &mut input,
-                &mut out,
-                &mut tracker,
-                &mut params,
-            )
-            .unwrap();
+            relay
+                .server_bytes(
+                    &mut scanner,
+                    &mut input,
+                    &mut out,
+                    &mut tracker,
+                    &mut params,
+                )
+                .unwrap();
             black_box(out.len())
         })
     });
     let client = client_stream();
     g.throughput(Throughput::Bytes(client.len() as u64));
     g.bench_function("client_to_server_64k", |b| {
-        let mut relay = Relay::new(1 << 20);
+        let mut relay = Relay::new(1 << 20, rules());
         let mut tracker = ConnTracker::default();
         let mut out = BytesMut::with_capacity(128 * 1024);
         b.iter(|| {
@@ -151,5 +203,5 @@ fn connection_setup(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, relay, connection_setup);
+criterion_group!(benches, guard, relay, connection_setup);
 criterion_main!(benches);

@@ -20,6 +20,8 @@ use crate::cancel::CancelRegistry;
 use crate::config::{self, Snapshot};
 use crate::net::tls::{ClientTls, client_tls};
 use crate::pool::Pools;
+use crate::quota::Quotas;
+use crate::quota::login::LoginThrottle;
 
 /// State shared by all sessions.
 pub struct AppState {
@@ -27,6 +29,10 @@ pub struct AppState {
     client_tls: ArcSwapOption<ClientTls>,
     pub pools: Pools,
     pub cancels: Arc<CancelRegistry>,
+    /// Per-tenant live counters (client connections, query rate, server-connection caps).
+    pub quotas: Quotas,
+    /// Failed-login slow-down and the per-source un-authenticated cap.
+    pub logins: Arc<LoginThrottle>,
     /// Fires when sessions must end now.
     pub shutdown: CancellationToken,
     process_secret: [u8; 32],
@@ -42,6 +48,8 @@ impl AppState {
             snapshot: ArcSwap::from_pointee(snapshot),
             client_tls: ArcSwapOption::from(tls.map(Arc::new)),
             cancels: Arc::new(CancelRegistry::default()),
+            quotas: Quotas::default(),
+            logins: Arc::new(LoginThrottle::default()),
             shutdown: CancellationToken::new(),
             process_secret: rand::random(),
             session_ids: AtomicU64::new(1),

@@ -5,6 +5,8 @@
 //! the client should hear about it, a [`ClientError`] carrying the SQLSTATE and a message that
 //! never names servers, shards or other tenants. SQLSTATEs follow PostgreSQL's Appendix A.
 
+use std::borrow::Cow;
+
 use bytes::BytesMut;
 
 /// SQLSTATE codes pgtenant sends itself (PostgreSQL docs, Appendix A).
@@ -90,7 +92,7 @@ impl Severity {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ClientError {
     pub severity: Severity,
-    pub sqlstate: &'static str,
+    pub sqlstate: Cow<'static, str>,
     pub message: String,
     pub hint: Option<String>,
 }
@@ -100,8 +102,23 @@ impl ClientError {
     pub fn fatal(sqlstate: &'static str, message: impl Into<String>) -> Self {
         ClientError {
             severity: Severity::Fatal,
-            sqlstate,
+            sqlstate: Cow::Borrowed(sqlstate),
             message: message.into(),
+            hint: None,
+        }
+    }
+
+    /// A FATAL error relaying what a server said (its code and message).
+    pub fn fatal_from_server(code: &str, message: &str) -> Self {
+        let valid = code.len() == 5 && code.bytes().all(|b| b.is_ascii_alphanumeric());
+        ClientError {
+            severity: Severity::Fatal,
+            sqlstate: if valid {
+                Cow::Owned(code.to_owned())
+            } else {
+                Cow::Borrowed(sqlstate::INTERNAL_ERROR)
+            },
+            message: message.to_owned(),
             hint: None,
         }
     }
@@ -110,7 +127,7 @@ impl ClientError {
     pub fn error(sqlstate: &'static str, message: impl Into<String>) -> Self {
         ClientError {
             severity: Severity::Error,
-            sqlstate,
+            sqlstate: Cow::Borrowed(sqlstate),
             message: message.into(),
             hint: None,
         }
@@ -127,7 +144,7 @@ impl ClientError {
         let mut fields = vec![
             (b'S', self.severity.as_str().to_owned()),
             (b'V', self.severity.as_str().to_owned()),
-            (b'C', self.sqlstate.to_owned()),
+            (b'C', self.sqlstate.to_string()),
             (b'M', self.message.clone()),
         ];
         if let Some(hint) = &self.hint {

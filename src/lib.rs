@@ -19,5 +19,6 @@ pub mod localpg;
 pub mod net;
 pub mod pool;
 pub mod protocol;
+pub mod quota;
 pub mod session;
 pub mod tenant;

@@ -47,6 +47,8 @@ pub struct ListenConfig {
     pub startup_timeout: Duration,
     #[serde(default = "default_max_unauthenticated")]
     pub max_unauthenticated: usize,
+    #[serde(default = "default_max_unauthenticated_per_source")]
+    pub max_unauthenticated_per_source: usize,
     /// Largest Query/Parse message pgtenant accepts (bytes); others stream through.
     #[serde(default = "default_max_message_size")]
     pub max_message_size: usize,
@@ -66,6 +68,9 @@ fn default_startup_timeout() -> Duration {
 }
 fn default_max_unauthenticated() -> usize {
     1000
+}
+fn default_max_unauthenticated_per_source() -> usize {
+    256
 }
 fn default_max_message_size() -> usize {
     64 << 20
@@ -300,6 +305,9 @@ pub struct TenantConfig {
     pub tls: Option<TenantTlsConfig>,
     #[serde(default)]
     pub isolation: IsolationMode,
+    /// DDL on its own schema (schema placement with `isolation = "role"` only).
+    #[serde(default)]
+    pub allow_ddl: bool,
     #[serde(default)]
     pub server_user: Option<String>,
     #[serde(default)]

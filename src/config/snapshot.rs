@@ -108,6 +108,7 @@ pub struct Listen {
     pub tenant_from: Vec<TenantSource>,
     pub startup_timeout: Duration,
     pub max_unauthenticated: usize,
+    pub max_unauthenticated_per_source: usize,
     pub max_message_size: usize,
     pub tls: Option<ListenTls>,
 }
@@ -190,6 +191,8 @@ pub struct Tenant {
     /// The plan's limits with the tenant's overrides applied.
     pub limits: PlanConfig,
     pub isolation: Isolation,
+    /// May run DDL in its own schema.
+    pub allow_ddl: bool,
     pub users: HashMap<String, TenantUser>,
     pub tls: Option<CertMaterial>,
 }

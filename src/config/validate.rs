@@ -164,6 +164,7 @@ pub fn build_snapshot(file: ConfigFile, text: &str, path: &Path) -> Result<Snaps
         tenant_from: l.tenant_from,
         startup_timeout: l.startup_timeout,
         max_unauthenticated: l.max_unauthenticated.max(1),
+        max_unauthenticated_per_source: l.max_unauthenticated_per_source.max(1),
         max_message_size: l.max_message_size,
         tls,
     };
@@ -440,6 +441,15 @@ pub fn build_snapshot(file: ConfigFile, text: &str, path: &Path) -> Result<Snaps
             }
         };
 
+        if t.allow_ddl
+            && !(pl.kind == PlacementKind::Schema && matches!(isolation, Isolation::Role { .. }))
+        {
+            return Err(ctx.err(
+                here,
+                subject,
+                "allow_ddl needs a schema placement with isolation = \"role\"".into(),
+            ));
+        }
         let tls = match t.tls {
             None => None,
             Some(tt) => {
@@ -499,6 +509,7 @@ pub fn build_snapshot(file: ConfigFile, text: &str, path: &Path) -> Result<Snaps
             },
             limits,
             isolation,
+            allow_ddl: t.allow_ddl,
             users,
             tls,
         }));

@@ -33,6 +33,8 @@ const RESET_PATIENCE: Duration = Duration::from_secs(5);
 pub enum PoolError {
     #[error("timed out after {0:?} waiting for a server connection")]
     Timeout(Duration),
+    #[error("timed out after {1:?} waiting for one of the tenant's {0} server connections")]
+    TenantBusy(usize, Duration),
     #[error(transparent)]
     Server(#[from] ServerError),
     #[error("TLS setup for the shard failed: {0}")]
@@ -42,7 +44,7 @@ pub enum PoolError {
 impl Reportable for PoolError {
     fn kind(&self) -> ErrorKind {
         match self {
-            PoolError::Timeout(_) => ErrorKind::Quota,
+            PoolError::Timeout(_) | PoolError::TenantBusy(..) => ErrorKind::Quota,
             PoolError::Server(e) => e.kind(),
             PoolError::Tls(_) => ErrorKind::ServerUnavailable,
         }
@@ -59,6 +61,16 @@ impl Reportable for PoolError {
                     ),
                 )
                 .with_hint("all of this database's server connections are busy; retry later"),
+            ),
+            PoolError::TenantBusy(n, d) => Some(
+                ClientError::fatal(
+                    sqlstate::TOO_MANY_CONNECTIONS,
+                    format!(
+                        "all {n} server connections this tenant may use stayed busy for {}",
+                        crate::config::format_duration(*d)
+                    ),
+                )
+                .with_hint("this tenant's plan caps its server connections; retry later"),
             ),
             PoolError::Server(e) => e.client_error(),
             PoolError::Tls(_) => Some(ClientError::fatal(
@@ -93,10 +105,11 @@ pub struct Pool {
     settings: PoolSettings,
 }
 
-/// A checked-out connection; its permit returns to the pool with it.
+/// A checked-out connection; its permits return with it.
 pub struct PooledConn {
     pub conn: ServerConn,
     _permit: OwnedSemaphorePermit,
+    _tenant_permit: Option<OwnedSemaphorePermit>,
 }
 
 impl Pool {
@@ -124,13 +137,29 @@ impl Pool {
     }
 
     /// Takes a connection for `tenant`: an idle one (preferring one bound to the tenant) or a
-    /// new one, waiting at most `checkout_timeout` for a permit.
-    pub async fn checkout(&self, tenant: TenantId) -> Result<PooledConn, PoolError> {
+    /// new one, waiting at most `checkout_timeout` for the tenant's own cap (`tenant_cap`:
+    /// its size and semaphore), then for the shard's.
+    pub async fn checkout(
+        &self,
+        tenant: TenantId,
+        tenant_cap: Option<(usize, Arc<Semaphore>)>,
+    ) -> Result<PooledConn, PoolError> {
         let timeout = self.settings.checkout_timeout;
+        let started = tokio::time::Instant::now();
+        let tenant_permit = match tenant_cap {
+            None => None,
+            Some((n, sem)) => Some(
+                tokio::time::timeout(timeout, sem.acquire_owned())
+                    .await
+                    .map_err(|_| PoolError::TenantBusy(n, timeout))?
+                    .map_err(|_| PoolError::TenantBusy(n, timeout))?,
+            ),
+        };
+        let timeout = timeout.saturating_sub(started.elapsed());
         let permit = tokio::time::timeout(timeout, Arc::clone(&self.permits).acquire_owned())
             .await
-            .map_err(|_| PoolError::Timeout(timeout))?
-            .map_err(|_| PoolError::Timeout(timeout))?;
+            .map_err(|_| PoolError::Timeout(self.settings.checkout_timeout))?
+            .map_err(|_| PoolError::Timeout(self.settings.checkout_timeout))?;
         loop {
             let candidate = {
                 let mut idle = self.idle();
@@ -146,6 +175,7 @@ impl Pool {
                 return Ok(PooledConn {
                     conn,
                     _permit: permit,
+                    _tenant_permit: tenant_permit,
                 });
             }
             tracing::debug!(shard = %self.shard.name, "dropping stale server connection");
@@ -161,6 +191,7 @@ impl Pool {
         Ok(PooledConn {
             conn,
             _permit: permit,
+            _tenant_permit: tenant_permit,
         })
     }
 

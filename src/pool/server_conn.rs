@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 
 use crate::cancel::CancelTarget;
@@ -27,8 +27,10 @@ pub const SERVER_WHOLE: TagSet = TagSet::of(&[
     tag::PARAMETER_STATUS,
     tag::BACKEND_KEY_DATA,
     tag::AUTHENTICATION,
+    tag::ERROR_RESPONSE,
+    tag::NOTIFICATION_RESPONSE,
 ]);
-/// Largest server message read whole (ParameterStatus and friends are tiny).
+/// Largest server message read whole (ParameterStatus, errors and notifications are small).
 const MAX_SERVER_WHOLE: usize = 1 << 20;
 /// Every message whole: used only during startup, when messages are small.
 const ALL_WHOLE: TagSet = {
@@ -198,15 +200,8 @@ impl ServerConn {
             match piece {
                 None => self.fill().await?,
                 Some(Piece::Pass { tag, len, .. }) => {
-                    let head = self.rbuf.split_to(len);
+                    self.rbuf.advance(len);
                     if let Some(t) = tag {
-                        if t == tag::ERROR_RESPONSE && first_error.is_none() {
-                            // Error bodies are small; when whole in the buffer, keep the text.
-                            first_error = Some(
-                                server_msgs::error_fields(head.get(5..).unwrap_or_default())
-                                    .unwrap_or_default(),
-                            );
-                        }
                         self.tracker.server_message(t, None);
                     }
                 }
@@ -223,6 +218,9 @@ impl ServerConn {
                             if let Ok((k, v)) = server_msgs::parameter_status(body) {
                                 self.params.insert(k.to_owned(), v.to_owned());
                             }
+                        }
+                        tag::ERROR_RESPONSE if first_error.is_none() => {
+                            first_error = Some(server_msgs::error_fields(body).unwrap_or_default());
                         }
                         other => self.tracker.server_message(other, None),
                     }

@@ -2,16 +2,19 @@
 //! server connection with the tenant context bound → forwarding → the server connection's
 //! safe return to its pool.
 //!
-//! The un-authenticated phase runs under `listen.startup_timeout` and holds a permit of the
-//! listener's un-authenticated cap; both are released once the client has authenticated.
+//! Until authentication finishes, a connection holds a permit of the listener's
+//! un-authenticated cap and a slot of its source address's cap, and must finish within
+//! `listen.startup_timeout`. Failed logins slow down further attempts from the same source
+//! and for the same user. This file covers that phase; `run.rs` covers the rest.
 
 pub mod handshake;
 pub mod pump;
 pub mod relay;
+mod run;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
@@ -23,18 +26,15 @@ use crate::app::AppState;
 use crate::auth::identity::{self, Claims, Disagreement};
 use crate::auth::verifier::ScramVerifier;
 use crate::auth::{self, AuthError};
-use crate::config::{ClientTlsMode, Snapshot, Tenant};
+use crate::config::{ClientTlsMode, Snapshot, Tenant, TenantUser};
 use crate::error::{ClientError, ErrorKind, Reportable, sqlstate};
 use crate::net::stream::ClientStream;
-use crate::pool::{PoolError, PooledConn, ServerError};
+use crate::pool::{PoolError, ServerError};
+use crate::protocol::encode;
 use crate::protocol::startup::StartupMessage;
-use crate::protocol::{TxStatus, encode};
 use crate::tenant::params::ClientSettings;
-use crate::tenant::route::{RouteError, route};
-use crate::tenant::{binding_sql, quote_literal};
+use crate::tenant::route::RouteError;
 use handshake::{HandshakeError, Opening};
-use pump::{Pump, PumpEnd, ServerSide};
-use relay::Relay;
 
 /// Everything that can end a session before or instead of forwarding.
 #[derive(Debug, thiserror::Error)]
@@ -49,6 +49,8 @@ pub enum SessionError {
     Route(#[from] RouteError),
     #[error("{}", .0.message)]
     Refused(ClientError),
+    #[error("{}", .0.message)]
+    Quota(ClientError),
     #[error(transparent)]
     Pool(#[from] PoolError),
     #[error(transparent)]
@@ -65,6 +67,7 @@ impl Reportable for SessionError {
             SessionError::Identity(_) => ErrorKind::Auth,
             SessionError::Route(e) => e.kind(),
             SessionError::Refused(_) => ErrorKind::Policy,
+            SessionError::Quota(_) => ErrorKind::Quota,
             SessionError::Pool(e) => e.kind(),
             SessionError::Server(e) => e.kind(),
             SessionError::ClientIo(_) => ErrorKind::ClientDisconnect,
@@ -75,36 +78,22 @@ impl Reportable for SessionError {
         match self {
             SessionError::Handshake(e) => e.client_error(),
             SessionError::Auth(e) => e.client_error(),
-            SessionError::Identity(d) => Some(ClientError::fatal(
-                sqlstate::INVALID_AUTHORIZATION,
-                format!("the {d}"),
-            ).with_hint("name one tenant: in the TLS server name, the user name (user@tenant) or the database")),
+            SessionError::Identity(d) => Some(
+                ClientError::fatal(sqlstate::INVALID_AUTHORIZATION, format!("the {d}")).with_hint(
+                    "name one tenant: in the TLS server name, the user name (user@tenant) or the database",
+                ),
+            ),
             SessionError::Route(e) => e.client_error(),
-            SessionError::Refused(e) => Some(e.clone()),
+            SessionError::Refused(e) | SessionError::Quota(e) => Some(e.clone()),
             SessionError::Pool(e) => e.client_error(),
-            SessionError::Server(ServerError::Server(fields)) => Some(ClientError {
-                severity: crate::error::Severity::Fatal,
-                sqlstate: sqlstate_from(&fields.code),
-                message: fields.message.clone(),
-                hint: None,
-            }),
+            // What the server said about the client's own settings (e.g. a bad TimeZone).
+            SessionError::Server(ServerError::Server(fields)) => Some(
+                ClientError::fatal_from_server(&fields.code, &fields.message),
+            ),
             SessionError::Server(e) => e.client_error(),
             SessionError::ClientIo(_) => None,
         }
     }
-}
-
-/// Maps a server SQLSTATE onto the static codes pgtenant reports (unknown codes keep their
-/// class as `XX000`).
-fn sqlstate_from(code: &str) -> &'static str {
-    const KNOWN: &[&str] = &[
-        "22023", "42704", "22P02", "42501", "3D000", "28P01", "53300",
-    ];
-    KNOWN
-        .iter()
-        .find(|k| **k == code)
-        .copied()
-        .unwrap_or(sqlstate::INTERNAL_ERROR)
 }
 
 /// Sends `error` (if the client should hear it) and flushes; failures are ignored, since
@@ -131,6 +120,12 @@ struct Authenticated {
     settings: ClientSettings,
 }
 
+impl Authenticated {
+    fn account(&self) -> Option<&TenantUser> {
+        self.tenant.users.get(&self.user)
+    }
+}
+
 /// Serves one accepted TCP connection to its end.
 pub async fn serve(
     state: Arc<AppState>,
@@ -142,9 +137,16 @@ pub async fn serve(
     let span = tracing::info_span!("session", id, %peer);
     async move {
         let snapshot = state.snapshot();
+        let Some(pending) = state
+            .logins
+            .enter(peer.ip(), snapshot.listen.max_unauthenticated_per_source)
+        else {
+            tracing::info!("too many connections still authenticating from this address");
+            return;
+        };
         let deadline = snapshot.listen.startup_timeout;
         let opened = tokio::time::timeout(deadline, open(&state, &snapshot, tcp, peer)).await;
-        drop(unauthenticated);
+        drop((unauthenticated, pending));
         let client = match opened {
             Ok(Some(client)) => client,
             Ok(None) => return,
@@ -154,7 +156,7 @@ pub async fn serve(
             }
         };
         tracing::info!(tenant = %client.tenant.name, user = %client.user, "authenticated");
-        run_session(&state, &snapshot, client).await;
+        run::run_session(&state, &snapshot, client).await;
     }
     .instrument(span)
     .await;
@@ -190,7 +192,7 @@ async fn open(
             return None;
         }
     };
-    match authenticate(state, snapshot, &mut stream, &startup).await {
+    match authenticate(state, snapshot, &mut stream, &startup, peer).await {
         Ok((tenant, user, settings)) => Some(Authenticated {
             stream,
             tenant,
@@ -211,6 +213,7 @@ async fn authenticate(
     snapshot: &Snapshot,
     stream: &mut ClientStream,
     startup: &StartupMessage,
+    peer: SocketAddr,
 ) -> Result<(Arc<Tenant>, String, ClientSettings), SessionError> {
     let unsupported = startup.protocol_options();
     if startup.minor > 0 || !unsupported.is_empty() {
@@ -245,191 +248,36 @@ async fn authenticate(
         .tenant
         .as_ref()
         .and_then(|t| t.users.get(&identity.user).map(|u| (Arc::clone(t), u)));
+    let login_key = format!("{}/{}", identity.tenant_key, identity.user);
     let (verifier, real) = match &account {
         Some((_, u)) => (u.verifier.clone(), true),
         None => (
-            ScramVerifier::mock(
-                state.process_secret(),
-                &format!("{}/{}", identity.tenant_key, identity.user),
-            ),
+            ScramVerifier::mock(state.process_secret(), &login_key),
             false,
         ),
     };
+    // Earlier failures from this address or for this user slow every attempt down, so
+    // giving up early on a slow answer tells a prober nothing.
+    let delay = state.logins.delay(peer.ip(), &login_key, Instant::now());
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
     let channel_binding = state
         .client_tls()
         .filter(|_| stream.is_tls())
         .map(|tls| tls.resolver.channel_binding(sni.as_deref()));
-    auth::authenticate(stream, &identity.user, verifier, real, channel_binding).await?;
+    match auth::authenticate(stream, &identity.user, verifier, real, channel_binding).await {
+        Ok(()) => state.logins.succeeded(&login_key),
+        Err(e) => {
+            if matches!(e, AuthError::Failed(_)) {
+                state.logins.failed(peer.ip(), &login_key, Instant::now());
+            }
+            return Err(e.into());
+        }
+    }
     let Some((tenant, _)) = account else {
         // Unreachable: a mock verifier never authenticates.
         return Err(AuthError::Failed(identity.user).into());
     };
     Ok((tenant, identity.user, settings))
-}
-
-/// The SQL that binds the tenant context and the client's startup settings.
-fn session_setup_sql(tenant: &Tenant, settings: &ClientSettings) -> String {
-    let mut sql = binding_sql(tenant);
-    if !settings.0.is_empty() {
-        let calls: Vec<String> = settings
-            .0
-            .iter()
-            .map(|(k, v)| {
-                format!(
-                    "pg_catalog.set_config({}, {}, false)",
-                    quote_literal(k),
-                    quote_literal(v)
-                )
-            })
-            .collect();
-        sql.push_str("; SELECT ");
-        sql.push_str(&calls.join(", "));
-    }
-    sql
-}
-
-async fn run_session(state: &AppState, snapshot: &Snapshot, client: Authenticated) {
-    let Authenticated {
-        mut stream,
-        tenant,
-        user,
-        startup,
-        settings,
-    } = client;
-    let setup = async {
-        settings
-            .check_placement(tenant.placement.kind)
-            .map_err(SessionError::Refused)?;
-        let shard = route(snapshot, &tenant, startup.get("database"))?;
-        let pool = state.pools.for_tenant(&shard, &tenant)?;
-        let mut pooled = pool.checkout(tenant.id).await?;
-        match pooled
-            .conn
-            .run_own(&session_setup_sql(&tenant, &settings))
-            .await
-        {
-            Ok(()) => {
-                pooled.conn.bound = Some(tenant.id);
-                Ok((pool, pooled))
-            }
-            Err(e) => {
-                pool.checkin(pooled, true).await;
-                Err(SessionError::from(e))
-            }
-        }
-    };
-    let (pool, mut pooled) = match setup.await {
-        Ok(ok) => ok,
-        Err(e) => {
-            tracing::info!(kind = e.kind().as_str(), error = %e, "session refused");
-            report(&mut stream, &e).await;
-            return;
-        }
-    };
-
-    let cancel = state.cancels.register();
-    cancel.set_target(Some(pooled.conn.cancel_target()));
-    let mut out = BytesMut::new();
-    for (name, value) in &pooled.conn.params {
-        let value = if name == "session_authorization" {
-            &user
-        } else {
-            value
-        };
-        encode::parameter_status(name, value, &mut out);
-    }
-    let (pid, secret) = cancel.key();
-    encode::backend_key_data(pid, secret, &mut out);
-    encode::ready_for_query(TxStatus::Idle, &mut out);
-    if stream.write_all(&out).await.is_err() || stream.flush().await.is_err() {
-        drop(cancel);
-        pool.checkin(pooled, true).await;
-        return;
-    }
-
-    let mut relay = Relay::new(snapshot.listen.max_message_size);
-    let mut pump = Pump::default();
-    let end = forward(state, &mut relay, &mut pump, &mut stream, &mut pooled).await;
-    drop(cancel);
-    finish(end, &mut stream, &mut pump, &pooled).await;
-    let leftover = pump.take_to_server();
-    if !leftover.is_empty() && relay.client_at_boundary() {
-        // Messages the client sent just before leaving (e.g. a query and Terminate).
-        let _ = pooled.conn.send(&leftover).await;
-    }
-    pool.checkin(pooled, relay.client_at_boundary()).await;
-}
-
-/// Forwards until the session ends or pgtenant shuts down.
-async fn forward(
-    state: &AppState,
-    relay: &mut Relay,
-    pump: &mut Pump,
-    stream: &mut ClientStream,
-    pooled: &mut PooledConn,
-) -> Option<PumpEnd> {
-    let conn = &mut pooled.conn;
-    let mut side = ServerSide {
-        stream: &mut conn.stream,
-        rbuf: &mut conn.rbuf,
-        scanner: &mut conn.scanner,
-        tracker: &mut conn.tracker,
-        params: &mut conn.params,
-    };
-    tokio::select! {
-        end = pump.run(relay, stream, &mut side) => Some(end),
-        _ = state.shutdown.cancelled() => None,
-    }
-}
-
-/// Tells the client how the session ended, when it is still there to hear it.
-async fn finish(
-    end: Option<PumpEnd>,
-    stream: &mut ClientStream,
-    pump: &mut Pump,
-    pooled: &PooledConn,
-) {
-    let notice = match &end {
-        None => Some(ClientError::fatal(
-            sqlstate::ADMIN_SHUTDOWN,
-            "terminating connection because pgtenant is shutting down",
-        )),
-        Some(PumpEnd::ServerGone(_)) | Some(PumpEnd::ServerProtocol(_)) => {
-            Some(ClientError::fatal(
-                sqlstate::CONNECTION_FAILURE,
-                "the connection to the tenant's database was lost",
-            ))
-        }
-        Some(PumpEnd::ClientProtocol(e)) => {
-            tracing::info!(error = %e, "client broke the protocol");
-            Some(ClientError::fatal(
-                sqlstate::PROTOCOL_VIOLATION,
-                e.to_string(),
-            ))
-        }
-        Some(PumpEnd::Terminated) | Some(PumpEnd::ClientGone(_)) => None,
-    };
-    tracing::info!(end = ?end.as_ref().map(end_label), "session ended");
-    let Some(notice) = notice else { return };
-    let mut out = pump.take_to_client();
-    // An error may only follow whole messages.
-    if !pooled.conn.scanner.at_boundary() {
-        out.clear();
-    }
-    notice.encode(&mut out);
-    let _ = tokio::time::timeout(Duration::from_secs(5), async {
-        let _ = stream.write_all(&out).await;
-        let _ = stream.flush().await;
-    })
-    .await;
-}
-
-fn end_label(end: &PumpEnd) -> &'static str {
-    match end {
-        PumpEnd::Terminated => "terminate",
-        PumpEnd::ClientGone(_) => "client_gone",
-        PumpEnd::ClientProtocol(_) => "client_protocol",
-        PumpEnd::ServerGone(_) => "server_gone",
-        PumpEnd::ServerProtocol(_) => "server_protocol",
-    }
 }

@@ -18,7 +18,7 @@ use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::io::poll_read_buf;
 
-use super::relay::{ClientStep, Relay, ServerProtocolError, server_bytes};
+use super::relay::{ClientStep, Relay, ServerProtocolError};
 use crate::protocol::frame::{FrameError, FrameScanner};
 use crate::protocol::tracker::ConnTracker;
 
@@ -160,7 +160,7 @@ impl Pump {
                     Poll::Ready(Ok(0)) => return Poll::Ready(PumpEnd::ServerGone(None)),
                     Poll::Ready(Ok(_)) => {
                         progress = true;
-                        if let Err(e) = server_bytes(
+                        if let Err(e) = relay.server_bytes(
                             server.scanner,
                             server.rbuf,
                             &mut self.to_client,
@@ -229,7 +229,7 @@ mod tests {
             }
         });
         let mut pump = Pump::default();
-        let mut relay = Relay::new(1 << 20);
+        let mut relay = Relay::new(1 << 20, super::super::relay::test_rules(None));
         let mut rbuf = BytesMut::new();
         let mut scanner = FrameScanner::new(SERVER_WHOLE, 1 << 20);
         let mut tracker = ConnTracker::default();

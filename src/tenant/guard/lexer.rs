@@ -185,10 +185,7 @@ impl<'a> Lexer<'a> {
                 Kind::Punct(b)
             }
             b':' => {
-                if next == Some(b':') {
-                    self.pos += 2;
-                    Kind::Op(&self.src[start..start + 2])
-                } else if next == Some(b'=') {
+                if next == Some(b':') || next == Some(b'=') {
                     self.pos += 2;
                     Kind::Op(&self.src[start..start + 2])
                 } else {
@@ -398,7 +395,8 @@ impl<'a> Lexer<'a> {
             let r = self.rest();
             if r.len() >= 3 && r[0] == b'\'' && r[2] == b'\'' {
                 let c = r[1];
-                let invalid = c.is_ascii_hexdigit() || c == b'+' || c == b'\'' || c == b'"' || is_space(c);
+                let invalid =
+                    c.is_ascii_hexdigit() || c == b'+' || c == b'\'' || c == b'"' || is_space(c);
                 if invalid {
                     return Err(LexError::BadUnicodeEscape);
                 }
@@ -485,7 +483,10 @@ mod tests {
 
     #[test]
     fn identifiers_fold_and_quoted_ones_keep_case() {
-        assert_eq!(idents("SELECT Foo, \"Bar\", \"a\"\"b\""), ["select", "foo", "Bar", "a\"b"]);
+        assert_eq!(
+            idents("SELECT Foo, \"Bar\", \"a\"\"b\""),
+            ["select", "foo", "Bar", "a\"b"]
+        );
     }
 
     #[test]
@@ -499,15 +500,26 @@ mod tests {
 
     #[test]
     fn strings_hide_their_content() {
-        assert_eq!(idents("SELECT 'set_config(' , E'\\'set_config', $$set_config$$, $a$ x $a$"), ["select"]);
+        assert_eq!(
+            idents("SELECT 'set_config(' , E'\\'set_config', $$set_config$$, $a$ x $a$"),
+            ["select"]
+        );
         let t = lex(b"'it''s'", true).unwrap();
-        assert_eq!(t[0].kind, Kind::Str { value: Some("it's".into()) });
+        assert_eq!(
+            t[0].kind,
+            Kind::Str {
+                value: Some("it's".into())
+            }
+        );
     }
 
     #[test]
     fn backslashes_follow_standard_conforming_strings() {
         // With standard_conforming_strings off, \' does not end the string.
-        assert_eq!(idents(r"SELECT 'a\' , set_config"), ["select", "set_config"]);
+        assert_eq!(
+            idents(r"SELECT 'a\' , set_config"),
+            ["select", "set_config"]
+        );
         assert_eq!(
             lex(br"SELECT 'a\' , set_config", false).unwrap_err(),
             LexError::UnterminatedString
@@ -524,15 +536,24 @@ mod tests {
 
     #[test]
     fn comments_nest_and_are_skipped() {
-        assert_eq!(idents("SELECT /* a /* set_config */ b */ x -- set_config\n, y"), ["select", "x", "y"]);
-        assert_eq!(lex(b"SELECT /* /* */", true).unwrap_err(), LexError::UnterminatedComment);
+        assert_eq!(
+            idents("SELECT /* a /* set_config */ b */ x -- set_config\n, y"),
+            ["select", "x", "y"]
+        );
+        assert_eq!(
+            lex(b"SELECT /* /* */", true).unwrap_err(),
+            LexError::UnterminatedComment
+        );
     }
 
     #[test]
     fn dollar_signs_inside_identifiers_do_not_open_quotes() {
         assert_eq!(idents("SELECT a$$b"), ["select", "a$$b"]);
         assert_eq!(idents("SELECT $1, $x$ y $x$"), ["select"]);
-        assert_eq!(lex(b"SELECT $a$ open", true).unwrap_err(), LexError::UnterminatedDollarQuote);
+        assert_eq!(
+            lex(b"SELECT $a$ open", true).unwrap_err(),
+            LexError::UnterminatedDollarQuote
+        );
     }
 
     #[test]
@@ -552,13 +573,24 @@ mod tests {
     fn string_continuation_needs_a_newline() {
         let t = lex(b"SELECT 'a'\n'b'", true).unwrap();
         assert_eq!(t.len(), 2);
-        assert_eq!(t[1].kind, Kind::Str { value: Some("ab".into()) });
+        assert_eq!(
+            t[1].kind,
+            Kind::Str {
+                value: Some("ab".into())
+            }
+        );
         assert!(lex(b"SELECT 'a' 'b'", true).unwrap().len() == 3);
     }
 
     #[test]
     fn unterminated_things_are_errors() {
-        for bad in [&b"SELECT 'x"[..], b"SELECT \"x", b"SELECT \"\"", b"SELECT E'\\", b"SELECT U&'x' UESCAPE"] {
+        for bad in [
+            &b"SELECT 'x"[..],
+            b"SELECT \"x",
+            b"SELECT \"\"",
+            b"SELECT E'\\",
+            b"SELECT U&'x' UESCAPE",
+        ] {
             assert!(lex(bad, true).is_err(), "{}", String::from_utf8_lossy(bad));
         }
     }

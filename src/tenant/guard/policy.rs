@@ -147,18 +147,70 @@ const SETTABLE_PREFIXES: &[&str] = &["enable_", "geqo", "jit", "cpu_", "parallel
 const IDENTITY_SETTINGS: &[&str] = &["role", "session_authorization"];
 /// Client encodings in which every byte below 0x80 is ASCII, so the lexer reads them right.
 const SAFE_ENCODINGS: &[&str] = &[
-    "utf8", "unicode", "sql_ascii", "latin1", "latin2", "latin3", "latin4", "latin5", "latin6",
-    "latin7", "latin8", "latin9", "latin10", "win1250", "win1251", "win1252", "win1253",
-    "win1254", "win1255", "win1256", "win1257", "win1258", "iso_8859_5", "iso_8859_6",
-    "iso_8859_7", "iso_8859_8", "koi8r", "koi8u", "euc_jp", "euc_kr", "euc_cn", "euc_tw",
-    "euc_jis_2004", "win866", "win874", "mule_internal",
+    "utf8",
+    "unicode",
+    "sql_ascii",
+    "latin1",
+    "latin2",
+    "latin3",
+    "latin4",
+    "latin5",
+    "latin6",
+    "latin7",
+    "latin8",
+    "latin9",
+    "latin10",
+    "win1250",
+    "win1251",
+    "win1252",
+    "win1253",
+    "win1254",
+    "win1255",
+    "win1256",
+    "win1257",
+    "win1258",
+    "iso_8859_5",
+    "iso_8859_6",
+    "iso_8859_7",
+    "iso_8859_8",
+    "koi8r",
+    "koi8u",
+    "euc_jp",
+    "euc_kr",
+    "euc_cn",
+    "euc_tw",
+    "euc_jis_2004",
+    "win866",
+    "win874",
+    "mule_internal",
 ];
 
 /// Statement kinds allowed as they are (Tenant scope).
 const ALLOWED_STATEMENTS: &[&str] = &[
-    "select", "insert", "update", "delete", "merge", "with", "values", "table", "begin",
-    "start", "commit", "end", "rollback", "abort", "savepoint", "release", "declare", "fetch",
-    "move", "close", "show", "deallocate", "execute", "call",
+    "select",
+    "insert",
+    "update",
+    "delete",
+    "merge",
+    "with",
+    "values",
+    "table",
+    "begin",
+    "start",
+    "commit",
+    "end",
+    "rollback",
+    "abort",
+    "savepoint",
+    "release",
+    "declare",
+    "fetch",
+    "move",
+    "close",
+    "show",
+    "deallocate",
+    "execute",
+    "call",
 ];
 
 impl Policy {
@@ -220,7 +272,9 @@ impl Policy {
     ) -> Result<(), Verdict> {
         for (i, t) in tokens.iter().enumerate() {
             let Some(name) = t.ident() else { continue };
-            if DENIED_FUNCTIONS.contains(&name) || DENIED_PREFIXES.iter().any(|p| name.starts_with(p)) {
+            if DENIED_FUNCTIONS.contains(&name)
+                || DENIED_PREFIXES.iter().any(|p| name.starts_with(p))
+            {
                 return Err(Verdict::refuse(format!(
                     "\"{name}\" is not allowed through pgtenant"
                 )));
@@ -311,7 +365,10 @@ impl Policy {
             "explain" => {
                 let mut i = 1;
                 if stmt.get(1).is_some_and(|t| t.is_punct(b'(')) {
-                    let close = stmt.iter().position(|t| t.is_punct(b')')).unwrap_or(stmt.len());
+                    let close = stmt
+                        .iter()
+                        .position(|t| t.is_punct(b')'))
+                        .unwrap_or(stmt.len());
                     i = close + 1;
                 } else {
                     while matches!(word(i), "analyze" | "analyse" | "verbose") {
@@ -336,7 +393,10 @@ impl Policy {
                 if let Some(channel) = stmt.get(1)
                     && let Kind::Ident { name, .. } = &channel.kind
                 {
-                    edits.push((channel.start..channel.end, quote_ident(&self.channel(name)?)));
+                    edits.push((
+                        channel.start..channel.end,
+                        quote_ident(&self.channel(name)?),
+                    ));
                 }
                 Ok(false)
             }
@@ -359,7 +419,8 @@ impl Policy {
             "create" if tenant => self.check_create(stmt),
             "drop" if tenant => {
                 if keyword(1, "table")
-                    || (self.allow_ddl && matches!(word(1), "index" | "sequence" | "type" | "domain"))
+                    || (self.allow_ddl
+                        && matches!(word(1), "index" | "sequence" | "type" | "domain"))
                 {
                     Ok(false)
                 } else {
@@ -367,7 +428,9 @@ impl Policy {
                 }
             }
             "alter" | "truncate" | "comment" if tenant && self.allow_ddl => {
-                if first == "alter" && !matches!(word(1), "table" | "index" | "sequence" | "type" | "domain") {
+                if first == "alter"
+                    && !matches!(word(1), "table" | "index" | "sequence" | "type" | "domain")
+                {
                     return Err(self.refuse_kind(&format!("ALTER {}", word(1).to_uppercase())));
                 }
                 Ok(false)
@@ -402,7 +465,10 @@ impl Policy {
         }
         let object = word(i);
         let ddl_ok = self.allow_ddl
-            && matches!(object, "table" | "index" | "unique" | "sequence" | "type" | "domain");
+            && matches!(
+                object,
+                "table" | "index" | "unique" | "sequence" | "type" | "domain"
+            );
         if (object == "table" && temporary) || ddl_ok {
             Ok(false)
         } else {
@@ -421,7 +487,8 @@ impl Policy {
             return Err(Verdict {
                 refusal: Some(Refusal {
                     sqlstate: sqlstate::INSUFFICIENT_PRIVILEGE,
-                    message: "this user is read-only: READ WRITE transactions are not allowed".into(),
+                    message: "this user is read-only: READ WRITE transactions are not allowed"
+                        .into(),
                 }),
                 ..Verdict::default()
             });
@@ -456,8 +523,8 @@ impl Policy {
             "schema" => ("search_path".to_owned(), i + 1),
             "names" => ("client_encoding".to_owned(), i + 1),
             _ => {
-                let (name, end) = setting_name(stmt, i)
-                    .ok_or_else(|| self.refuse_kind("this form of SET"))?;
+                let (name, end) =
+                    setting_name(stmt, i).ok_or_else(|| self.refuse_kind("this form of SET"))?;
                 let value_at = match stmt.get(end) {
                     Some(t) if t.is_keyword("to") || t.kind == Kind::Op(b"=") => end + 1,
                     _ => end,
@@ -482,8 +549,15 @@ impl Policy {
                 .ok_or_else(|| self.refuse_kind("this form of RESET"))?,
         };
         self.check_setting_name(&name, self.scope == Scope::Tenant)?;
-        if self.readonly && matches!(name.as_str(), "default_transaction_read_only" | "transaction_read_only") {
-            return Err(Verdict::refuse("this user is read-only: it cannot reset read-only mode"));
+        if self.readonly
+            && matches!(
+                name.as_str(),
+                "default_transaction_read_only" | "transaction_read_only"
+            )
+        {
+            return Err(Verdict::refuse(
+                "this user is read-only: it cannot reset read-only mode",
+            ));
         }
         Ok(false)
     }
@@ -501,7 +575,8 @@ impl Policy {
         if !tenant_rules {
             return Ok(());
         }
-        if IDENTITY_SETTINGS.contains(&name) || (name == "search_path" && self.protect_search_path) {
+        if IDENTITY_SETTINGS.contains(&name) || (name == "search_path" && self.protect_search_path)
+        {
             return protected();
         }
         let custom = name.contains('.') && !name.starts_with("pgtenant.");
@@ -522,12 +597,13 @@ impl Policy {
     fn check_setting_value(&self, name: &str, value: &[Token<'_>]) -> Result<(), Verdict> {
         let text = value_text(value);
         match name {
-            "default_transaction_read_only" | "transaction_read_only" if self.readonly => {
-                if !matches!(text.as_deref(), Some("on" | "true" | "yes" | "1")) {
-                    return Err(Verdict::refuse(
-                        "this user is read-only: read-only mode cannot be turned off",
-                    ));
-                }
+            "default_transaction_read_only" | "transaction_read_only"
+                if self.readonly
+                    && !matches!(text.as_deref(), Some("on" | "true" | "yes" | "1")) =>
+            {
+                return Err(Verdict::refuse(
+                    "this user is read-only: read-only mode cannot be turned off",
+                ));
             }
             "statement_timeout" => {
                 if let Some(max) = self.max_statement_timeout {
@@ -592,7 +668,9 @@ fn value_text(value: &[Token<'_>]) -> Option<String> {
 /// A statement_timeout value in milliseconds: `5000`, `'5s'`, `'1min'`, `'100ms'`, `'1h'`.
 fn parse_timeout_ms(text: &str) -> Option<u64> {
     let text = text.trim();
-    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
     let (digits, unit) = text.split_at(split);
     let n: u64 = digits.parse().ok()?;
     let factor = match unit.trim() {

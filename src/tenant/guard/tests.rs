@@ -55,7 +55,9 @@ fn assert_allowed(p: &Policy, cases: &[&str]) {
 fn assert_refused(p: &Policy, cases: &[&str]) {
     for sql in cases {
         let v = p.check(sql.as_bytes(), true);
-        let r = v.refusal.unwrap_or_else(|| panic!("passed but should be refused: {sql}"));
+        let r = v
+            .refusal
+            .unwrap_or_else(|| panic!("passed but should be refused: {sql}"));
         assert_eq!(r.sqlstate, "42501", "{sql}");
         assert!(!r.message.is_empty());
     }
@@ -190,7 +192,12 @@ fn prepared_statements_explain_copy_and_temp_tables_pass() {
 
 #[test]
 fn reset_all_and_discard_all_rebind() {
-    for sql in ["RESET ALL", "DISCARD ALL", "SELECT 1; DISCARD ALL", "reset  all;"] {
+    for sql in [
+        "RESET ALL",
+        "DISCARD ALL",
+        "SELECT 1; DISCARD ALL",
+        "reset  all;",
+    ] {
         let v = shared().check(sql.as_bytes(), true);
         assert!(v.refusal.is_none() && v.rebind, "{sql}: {v:?}");
     }
@@ -208,10 +215,7 @@ fn channels_move_into_the_tenants_namespace() {
             "SELECT pg_notify('events', 'x')",
             "SELECT pg_notify('acme.events', 'x')",
         ),
-        (
-            "LISTEN a; LISTEN b",
-            "LISTEN \"acme.a\"; LISTEN \"acme.b\"",
-        ),
+        ("LISTEN a; LISTEN b", "LISTEN \"acme.a\"; LISTEN \"acme.b\""),
     ];
     for (sql, want) in cases {
         let v = shared().check(sql.as_bytes(), true);
@@ -503,7 +507,10 @@ fn read_only_users_stay_read_only() {
             readonly: true,
             ..dedicated()
         },
-        &["SET default_transaction_read_only = off", "BEGIN READ WRITE"],
+        &[
+            "SET default_transaction_read_only = off",
+            "BEGIN READ WRITE",
+        ],
     );
 }
 
@@ -523,11 +530,19 @@ fn dedicated_placements_skip_the_tenant_rules() {
             "SET client_encoding = 'SJIS'",
         ],
     );
-    assert!(dedicated().check(b"LISTEN events", true).rewritten.is_none());
+    assert!(
+        dedicated()
+            .check(b"LISTEN events", true)
+            .rewritten
+            .is_none()
+    );
     // The plan's timeout and the tenant context still hold.
     assert_refused(
         &dedicated(),
-        &["SET statement_timeout = 0", "SET app.current_tenant_id = 'x'"],
+        &[
+            "SET statement_timeout = 0",
+            "SET app.current_tenant_id = 'x'",
+        ],
     );
 }
 

@@ -1,0 +1,178 @@
+//! Per-tenant limits (DESIGN.md §2 plans): client connections, server connections, queries
+//! per second, statement and idle-in-transaction timeouts. The counting logic is sans-IO
+//! (callers pass the time); sessions and pools hold the shared per-tenant state.
+//!
+//! Limits are read from the snapshot each time they are checked, so a reload applies them
+//! to new connections and queries without a restart.
+
+pub mod login;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use tokio::sync::Semaphore;
+
+/// A token bucket: `rate` tokens per second, holding at most `rate` (a burst of one second).
+#[derive(Debug, Clone)]
+pub struct TokenBucket {
+    rate: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl TokenBucket {
+    /// A full bucket refilling at `rate` per second.
+    pub fn new(rate: u32, now: Instant) -> Self {
+        TokenBucket {
+            rate: f64::from(rate),
+            tokens: f64::from(rate),
+            last: now,
+        }
+    }
+
+    /// Changes the rate (after a reload), keeping the tokens already earned.
+    pub fn set_rate(&mut self, rate: u32) {
+        self.rate = f64::from(rate);
+        self.tokens = self.tokens.min(self.rate);
+    }
+
+    /// Takes one token if there is one.
+    pub fn try_take(&mut self, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.rate);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// Live per-tenant counters.
+#[derive(Default)]
+pub struct TenantState {
+    clients: AtomicUsize,
+    bucket: Mutex<Option<TokenBucket>>,
+    servers: Mutex<Option<(usize, Arc<Semaphore>)>>,
+}
+
+impl TenantState {
+    /// Takes a query token when the tenant has a rate; true when the query may run.
+    pub fn take_query(&self, rate: Option<u32>, now: Instant) -> bool {
+        let Some(rate) = rate else { return true };
+        let mut bucket = self.bucket.lock().unwrap_or_else(|p| p.into_inner());
+        let b = bucket.get_or_insert_with(|| TokenBucket::new(rate, now));
+        if b.rate != f64::from(rate) {
+            b.set_rate(rate);
+        }
+        b.try_take(now)
+    }
+
+    /// The semaphore capping this tenant's server connections at `limit`.
+    pub fn server_permits(&self, limit: usize) -> Arc<Semaphore> {
+        let mut slot = self.servers.lock().unwrap_or_else(|p| p.into_inner());
+        match &*slot {
+            Some((l, s)) if *l == limit => Arc::clone(s),
+            _ => {
+                // A changed limit gets a fresh semaphore; holders of the old one release
+                // into it, so the new cap applies fully once they are gone.
+                let s = Arc::new(Semaphore::new(limit));
+                *slot = Some((limit, Arc::clone(&s)));
+                s
+            }
+        }
+    }
+
+    /// Current client connections.
+    pub fn clients(&self) -> usize {
+        self.clients.load(Ordering::Relaxed)
+    }
+}
+
+/// A client connection counted against its tenant; the count drops with it.
+pub struct ClientSlot(Arc<TenantState>);
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        self.0.clients.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Per-tenant state for all tenants, created on first use.
+#[derive(Default)]
+pub struct Quotas {
+    tenants: Mutex<HashMap<String, Arc<TenantState>>>,
+}
+
+impl Quotas {
+    /// The state of tenant `name`.
+    pub fn tenant(&self, name: &str) -> Arc<TenantState> {
+        let mut map = self.tenants.lock().unwrap_or_else(|p| p.into_inner());
+        Arc::clone(map.entry(name.to_owned()).or_default())
+    }
+
+    /// Admits a client connection for `name` if it has fewer than `limit`.
+    pub fn admit_client(&self, name: &str, limit: Option<usize>) -> Option<ClientSlot> {
+        let state = self.tenant(name);
+        let now = state.clients.fetch_add(1, Ordering::Relaxed) + 1;
+        let slot = ClientSlot(state);
+        match limit {
+            Some(max) if now > max => None,
+            _ => Some(slot),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn a_bucket_allows_a_burst_then_the_rate() {
+        let t0 = Instant::now();
+        let mut b = TokenBucket::new(10, t0);
+        assert_eq!((0..20).filter(|_| b.try_take(t0)).count(), 10);
+        assert!(!b.try_take(t0));
+        assert!(b.try_take(t0 + Duration::from_millis(100)));
+        assert!(!b.try_take(t0 + Duration::from_millis(100)));
+        // Idle time refills only up to the burst.
+        let later = t0 + Duration::from_secs(60);
+        assert_eq!((0..20).filter(|_| b.try_take(later)).count(), 10);
+    }
+
+    #[test]
+    fn client_slots_count_and_release() {
+        let q = Quotas::default();
+        let a = q.admit_client("acme", Some(2)).unwrap();
+        let _b = q.admit_client("acme", Some(2)).unwrap();
+        assert!(q.admit_client("acme", Some(2)).is_none());
+        assert!(
+            q.admit_client("globex", Some(2)).is_some(),
+            "other tenants are not affected"
+        );
+        drop(a);
+        assert!(q.admit_client("acme", Some(2)).is_some());
+        assert!(q.admit_client("acme", None).is_some());
+    }
+
+    #[test]
+    fn query_rates_apply_per_tenant_and_follow_reloads() {
+        let q = Quotas::default();
+        let acme = q.tenant("acme");
+        let now = Instant::now();
+        assert_eq!((0..10).filter(|_| acme.take_query(Some(5), now)).count(), 5);
+        assert!(q.tenant("globex").take_query(Some(5), now));
+        assert!(acme.take_query(None, now), "no limit, no refusal");
+        assert_eq!(
+            (0..10)
+                .filter(|_| acme.take_query(Some(2), now + Duration::from_secs(1)))
+                .count(),
+            2
+        );
+    }
+}

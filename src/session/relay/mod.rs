@@ -1,0 +1,535 @@
+//! The forwarding logic of a session, sans-IO (DESIGN.md §4): client bytes go to the server
+//! and server bytes to the client, message by message. The relay reads only what the proxy
+//! must. On the client side that is Query, Parse, Execute, Sync, FunctionCall and Terminate,
+//! for the guard and the query rate. On the server side it is ReadyForQuery, ParameterStatus,
+//! ErrorResponse and NotificationResponse. Everything else passes through as the same bytes,
+//! in runs as long as the buffer allows.
+//!
+//! A refused message never reaches the server as written. It is replaced by one the server
+//! fails on (a syntax error for Query/Parse, an unknown portal for Execute). The server's
+//! error is then swapped for pgtenant's, so replies keep their order and transaction state
+//! and the Sync rules stay exactly PostgreSQL's. The relay's own statements (binding the
+//! context again after `RESET ALL`) are pipelined into the stream. Their replies are
+//! consumed, except ParameterStatus, which the client should see.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::{Buf, BufMut, BytesMut};
+
+use crate::error::{ClientError, sqlstate};
+use crate::protocol::frame::{FrameError, FrameScanner, Piece, TagSet};
+use crate::protocol::tracker::ConnTracker;
+use crate::protocol::{encode, server_msgs, tag, take_cstr};
+use crate::quota::TenantState;
+use crate::tenant::guard::{Policy, Scope};
+
+/// Client messages the relay reads whole.
+const CLIENT_WHOLE: TagSet = TagSet::of(&[
+    tag::TERMINATE,
+    tag::QUERY,
+    tag::PARSE,
+    tag::EXECUTE,
+    tag::SYNC,
+    tag::FUNCTION_CALL,
+]);
+
+/// Text the server fails to parse: stands in for a refused statement.
+const REFUSED_SQL: &[u8] = b"PGTENANT_REFUSED_STATEMENT\0";
+/// A portal that does not exist: stands in for a refused Execute.
+const REFUSED_PORTAL: &[u8] = b"pgtenant_refused_portal\0";
+
+/// What the client side of the relay saw.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientStep {
+    /// Keep going.
+    Continue,
+    /// The client sent Terminate: the session is over.
+    Terminate,
+}
+
+/// A server message that is malformed where the proxy must read it.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerProtocolError {
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    #[error("malformed {0} message")]
+    Malformed(&'static str),
+}
+
+/// The rules a session's relay applies.
+pub struct RelayRules {
+    /// The guard for this tenant and user.
+    pub policy: Policy,
+    /// SQL that binds the tenant context (and the client's startup settings) again.
+    pub rebind_sql: String,
+    /// The tenant's shared counters, and its query rate if it has one.
+    pub tenant: Arc<TenantState>,
+    pub queries_per_second: Option<u32>,
+    /// The prefix of the tenant's notification channels.
+    pub notify_prefix: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Owner {
+    Client,
+    /// pgtenant's own statement: its replies are consumed.
+    Proxy,
+}
+
+/// Counters a session reports when it ends.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct RelayCounters {
+    pub queries: u64,
+    pub refused: u64,
+    pub throttled: u64,
+}
+
+/// Per-session forwarding state.
+pub struct Relay {
+    client_scan: FrameScanner,
+    rules: RelayRules,
+    standard_conforming: bool,
+    /// Who owns each ReadyForQuery still owed, oldest first.
+    owners: VecDeque<Owner>,
+    /// Number of the epoch (run of messages closed by one ReadyForQuery) the next client
+    /// message belongs to, and of the epoch the server is answering.
+    next_epoch: u64,
+    done_epoch: u64,
+    /// Errors to show in place of the server's, per epoch.
+    refusals: VecDeque<(u64, ClientError)>,
+    rebind_at_sync: bool,
+    /// The server message being passed through belongs to pgtenant: drop its pieces.
+    swallowing: bool,
+    /// When the statement the server is running now started (for the statement timeout).
+    busy_since: Option<Instant>,
+    /// When the last ReadyForQuery arrived (for the idle-in-transaction timeout).
+    ready_since: Instant,
+    pub counters: RelayCounters,
+}
+
+impl Relay {
+    /// `max_message` caps client messages read whole.
+    pub fn new(max_message: usize, rules: RelayRules) -> Self {
+        Relay {
+            client_scan: FrameScanner::new(CLIENT_WHOLE, max_message),
+            rules,
+            standard_conforming: true,
+            owners: VecDeque::new(),
+            next_epoch: 0,
+            done_epoch: 0,
+            refusals: VecDeque::new(),
+            rebind_at_sync: false,
+            swallowing: false,
+            busy_since: None,
+            ready_since: Instant::now(),
+            counters: RelayCounters::default(),
+        }
+    }
+
+    /// When the statement now running on the server started, if one is.
+    pub fn busy_since(&self) -> Option<Instant> {
+        self.busy_since
+    }
+
+    /// When the server last became ready for the client (nothing is owed since then).
+    pub fn ready_since(&self) -> Option<Instant> {
+        self.owners.is_empty().then_some(self.ready_since)
+    }
+
+    /// Shows `error` in place of the next error the server reports for the statement running
+    /// now (pgtenant cancelled it).
+    pub fn explain_next_error(&mut self, error: ClientError) {
+        self.refusals.push_back((self.done_epoch, error));
+    }
+
+    /// Whether the client stopped between two messages (a half-sent message leaves the
+    /// server connection unusable).
+    pub fn client_at_boundary(&self) -> bool {
+        self.client_scan.at_boundary()
+    }
+
+    /// Records that a ReadyForQuery is owed to `owner`.
+    fn open_epoch(&mut self, owner: Owner, tracker: &mut ConnTracker, t: u8) {
+        if self.owners.is_empty() {
+            self.busy_since = Some(Instant::now());
+        }
+        self.owners.push_back(owner);
+        self.next_epoch += 1;
+        tracker.client_message(t);
+    }
+
+    fn refuse(&mut self, epoch: u64, error: ClientError) {
+        self.refusals.push_back((epoch, error));
+    }
+
+    /// Appends pgtenant's rebind statement to `out`.
+    fn inject_rebind(&mut self, out: &mut BytesMut, tracker: &mut ConnTracker) {
+        let mut body = Vec::with_capacity(self.rules.rebind_sql.len() + 1);
+        body.extend_from_slice(self.rules.rebind_sql.as_bytes());
+        body.push(0);
+        encode::raw(tag::QUERY, &body, out);
+        self.open_epoch(Owner::Proxy, tracker, tag::QUERY);
+    }
+
+    /// Moves everything forwardable from `input` to `to_server`.
+    pub fn client_bytes(
+        &mut self,
+        input: &mut BytesMut,
+        to_server: &mut BytesMut,
+        tracker: &mut ConnTracker,
+    ) -> Result<ClientStep, FrameError> {
+        let mut run = 0;
+        loop {
+            let piece = match self.client_scan.next(&input[run..])? {
+                None => break,
+                Some(p) => p,
+            };
+            let (t, len) = match piece {
+                Piece::Pass { tag, len, .. } => {
+                    if let Some(t) = tag {
+                        tracker.client_message(t);
+                    }
+                    run += len;
+                    continue;
+                }
+                Piece::Whole { tag, len } => (tag, len),
+            };
+            let message = &input[run..run + len];
+            let replacement = match t {
+                tag::TERMINATE => {
+                    move_run(input, run, to_server);
+                    input.advance(len);
+                    return Ok(ClientStep::Terminate);
+                }
+                tag::QUERY => self.on_query(&message[5..]),
+                tag::PARSE => self.on_parse(&message[5..]),
+                tag::EXECUTE => self.on_execute(&message[5..]),
+                tag::FUNCTION_CALL if self.rules.policy.scope == Scope::Tenant => {
+                    self.counters.refused += 1;
+                    self.refuse(
+                        self.next_epoch,
+                        ClientError::error(
+                            sqlstate::INSUFFICIENT_PRIVILEGE,
+                            "the FunctionCall (fast-path) message is not allowed through pgtenant",
+                        ),
+                    );
+                    let mut out = BytesMut::new();
+                    encode::raw(tag::QUERY, REFUSED_SQL, &mut out);
+                    Some((tag::QUERY, out))
+                }
+                _ => None,
+            };
+            let sent_tag = replacement.as_ref().map(|(t, _)| *t).unwrap_or(t);
+            match replacement {
+                None => run += len,
+                Some((_, bytes)) => {
+                    move_run(input, run, to_server);
+                    input.advance(len);
+                    to_server.extend_from_slice(&bytes);
+                    run = 0;
+                }
+            }
+            match sent_tag {
+                tag::QUERY | tag::SYNC | tag::FUNCTION_CALL => {
+                    self.open_epoch(Owner::Client, tracker, sent_tag);
+                    let rebind = std::mem::take(&mut self.rebind_at_sync);
+                    if rebind {
+                        move_run(input, run, to_server);
+                        run = 0;
+                        self.inject_rebind(to_server, tracker);
+                    }
+                }
+                other => tracker.client_message(other),
+            }
+        }
+        move_run(input, run, to_server);
+        Ok(ClientStep::Continue)
+    }
+
+    /// Checks a Query; returns the message to send instead, if any.
+    fn on_query(&mut self, body: &[u8]) -> Option<(u8, BytesMut)> {
+        self.counters.queries += 1;
+        let epoch = self.next_epoch;
+        if !self.take_query_token() {
+            let error = self.throttled();
+            self.refuse(epoch, error);
+            return Some((tag::QUERY, refused_query()));
+        }
+        let text = cstr_prefix(body);
+        let verdict = self.rules.policy.check(text, self.standard_conforming);
+        if let Some(r) = verdict.refusal {
+            self.counters.refused += 1;
+            self.refuse(epoch, ClientError::error(r.sqlstate, r.message));
+            return Some((tag::QUERY, refused_query()));
+        }
+        // The rebind goes right after this Query (the epoch opens when it is sent).
+        self.rebind_at_sync |= verdict.rebind;
+        verdict.rewritten.map(|sql| {
+            let mut out = BytesMut::new();
+            let mut b = sql.into_bytes();
+            b.push(0);
+            encode::raw(tag::QUERY, &b, &mut out);
+            (tag::QUERY, out)
+        })
+    }
+
+    /// Checks a Parse; the replacement keeps its name and parameter types.
+    fn on_parse(&mut self, body: &[u8]) -> Option<(u8, BytesMut)> {
+        // A malformed Parse goes through unchanged: the server rejects it.
+        let (name, rest) = take_cstr(body)?;
+        let (text, params) = take_cstr(rest)?;
+        let verdict = self.rules.policy.check(text, self.standard_conforming);
+        let new_text: Option<Vec<u8>> = if let Some(r) = verdict.refusal {
+            self.counters.refused += 1;
+            self.refuse(self.next_epoch, ClientError::error(r.sqlstate, r.message));
+            Some(REFUSED_SQL[..REFUSED_SQL.len() - 1].to_vec())
+        } else {
+            self.rebind_at_sync |= verdict.rebind;
+            verdict.rewritten.map(String::into_bytes)
+        };
+        new_text.map(|text| {
+            let mut b = Vec::with_capacity(name.len() + text.len() + params.len() + 2);
+            b.extend_from_slice(name);
+            b.push(0);
+            b.extend_from_slice(&text);
+            b.push(0);
+            b.extend_from_slice(params);
+            let mut out = BytesMut::new();
+            encode::raw(tag::PARSE, &b, &mut out);
+            (tag::PARSE, out)
+        })
+    }
+
+    /// Counts an Execute against the query rate.
+    fn on_execute(&mut self, body: &[u8]) -> Option<(u8, BytesMut)> {
+        self.counters.queries += 1;
+        if self.take_query_token() {
+            return None;
+        }
+        let error = self.throttled();
+        self.refuse(self.next_epoch, error);
+        let max_rows = take_cstr(body)
+            .map(|(_, rest)| rest)
+            .unwrap_or(&[0, 0, 0, 0]);
+        let mut b = Vec::with_capacity(REFUSED_PORTAL.len() + 4);
+        b.extend_from_slice(REFUSED_PORTAL);
+        b.extend_from_slice(max_rows);
+        let mut out = BytesMut::new();
+        encode::raw(tag::EXECUTE, &b, &mut out);
+        Some((tag::EXECUTE, out))
+    }
+
+    fn take_query_token(&mut self) -> bool {
+        self.rules
+            .tenant
+            .take_query(self.rules.queries_per_second, Instant::now())
+    }
+
+    fn throttled(&mut self) -> ClientError {
+        self.counters.throttled += 1;
+        ClientError::error(
+            sqlstate::CONFIGURATION_LIMIT_EXCEEDED,
+            format!(
+                "this tenant is over its limit of {} queries per second",
+                self.rules.queries_per_second.unwrap_or_default()
+            ),
+        )
+        .with_hint("slow down and retry")
+    }
+
+    /// Moves everything forwardable from the server's `input` to `to_client`, updating the
+    /// connection's tracker and parameters.
+    pub fn server_bytes(
+        &mut self,
+        scanner: &mut FrameScanner,
+        input: &mut BytesMut,
+        to_client: &mut BytesMut,
+        tracker: &mut ConnTracker,
+        params: &mut BTreeMap<String, String>,
+    ) -> Result<(), ServerProtocolError> {
+        let mut run = 0;
+        while let Some(piece) = scanner.next(&input[run..])? {
+            match piece {
+                Piece::Pass { tag, len, .. } => {
+                    if let Some(t) = tag {
+                        tracker.server_message(t, None);
+                        self.swallowing = self.owners.front() == Some(&Owner::Proxy);
+                    }
+                    if self.swallowing {
+                        drop_piece(input, &mut run, len, to_client);
+                    } else {
+                        run += len;
+                    }
+                }
+                Piece::Whole { tag: t, len } => {
+                    let body = &input[run + 5..run + len];
+                    let proxy = self.owners.front() == Some(&Owner::Proxy);
+                    match t {
+                        tag::READY_FOR_QUERY => {
+                            let status = server_msgs::ready_for_query(body)
+                                .map_err(|_| ServerProtocolError::Malformed("ReadyForQuery"))?;
+                            tracker.server_message(t, Some(status));
+                            self.owners.pop_front();
+                            self.done_epoch += 1;
+                            let now = Instant::now();
+                            if self.owners.is_empty() {
+                                self.busy_since = None;
+                                self.ready_since = now;
+                            } else {
+                                self.busy_since = Some(now);
+                            }
+                            let done = self.done_epoch;
+                            self.refusals.retain(|(e, _)| *e >= done);
+                            if proxy {
+                                drop_piece(input, &mut run, len, to_client);
+                            } else {
+                                run += len;
+                            }
+                        }
+                        tag::PARAMETER_STATUS => {
+                            let (k, v) = server_msgs::parameter_status(body)
+                                .map_err(|_| ServerProtocolError::Malformed("ParameterStatus"))?;
+                            if k == "standard_conforming_strings" {
+                                self.standard_conforming = v == "on";
+                            }
+                            params.insert(k.to_owned(), v.to_owned());
+                            run += len;
+                        }
+                        tag::ERROR_RESPONSE if proxy => {
+                            let fields = server_msgs::error_fields(body).unwrap_or_default();
+                            tracing::warn!(code = %fields.code, message = %fields.message,
+                                "rebinding the tenant context failed; retrying after the next statement");
+                            self.rebind_at_sync = true;
+                            drop_piece(input, &mut run, len, to_client);
+                        }
+                        tag::ERROR_RESPONSE => {
+                            let epoch = self.done_epoch;
+                            match self.refusals.iter().position(|(e, _)| *e == epoch) {
+                                Some(i) => {
+                                    let mine = self.refusals.remove(i).map(|(_, e)| e);
+                                    let mut out = BytesMut::new();
+                                    if let Some(e) = mine {
+                                        e.encode(&mut out);
+                                    }
+                                    replace_piece(input, &mut run, len, to_client, &out);
+                                }
+                                None => run += len,
+                            }
+                        }
+                        tag::NOTIFICATION_RESPONSE => {
+                            let out = self.rename_notification(body);
+                            replace_piece(input, &mut run, len, to_client, &out);
+                        }
+                        other => {
+                            tracker.server_message(other, None);
+                            if proxy {
+                                drop_piece(input, &mut run, len, to_client);
+                            } else {
+                                run += len;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        move_run(input, run, to_client);
+        Ok(())
+    }
+
+    /// Strips the tenant's prefix from a notification's channel; notifications from outside
+    /// the namespace are dropped (empty result).
+    fn rename_notification(&self, body: &[u8]) -> BytesMut {
+        let mut out = BytesMut::new();
+        let Some(prefix) = &self.rules.notify_prefix else {
+            encode::raw(tag::NOTIFICATION_RESPONSE, body, &mut out);
+            return out;
+        };
+        let Some((pid, rest)) = body.split_first_chunk::<4>() else {
+            return out;
+        };
+        let Some((channel, payload)) = take_cstr(rest) else {
+            return out;
+        };
+        let Some(own) = channel.strip_prefix(prefix.as_bytes()) else {
+            return out;
+        };
+        let mut b = Vec::with_capacity(body.len());
+        b.put_slice(pid);
+        b.put_slice(own);
+        b.put_u8(0);
+        b.put_slice(payload);
+        encode::raw(tag::NOTIFICATION_RESPONSE, &b, &mut out);
+        out
+    }
+}
+
+fn refused_query() -> BytesMut {
+    let mut out = BytesMut::new();
+    encode::raw(tag::QUERY, REFUSED_SQL, &mut out);
+    out
+}
+
+/// The bytes of a NUL-terminated body up to the first NUL (the whole body if none).
+fn cstr_prefix(body: &[u8]) -> &[u8] {
+    match body.iter().position(|&b| b == 0) {
+        Some(n) => &body[..n],
+        None => body,
+    }
+}
+
+/// Forwards the run before the piece at `*run`, then drops the piece.
+fn drop_piece(input: &mut BytesMut, run: &mut usize, len: usize, out: &mut BytesMut) {
+    move_run(input, *run, out);
+    input.advance(len);
+    *run = 0;
+}
+
+/// Forwards the run before the piece at `*run`, then sends `with` instead of the piece.
+fn replace_piece(
+    input: &mut BytesMut,
+    run: &mut usize,
+    len: usize,
+    out: &mut BytesMut,
+    with: &[u8],
+) {
+    drop_piece(input, run, len, out);
+    out.extend_from_slice(with);
+}
+
+/// Moves `input[..run]` to the end of `out`, without copying when `out` is empty and the run
+/// is the whole input.
+fn move_run(input: &mut BytesMut, run: usize, out: &mut BytesMut) {
+    if run == 0 {
+        return;
+    }
+    if out.is_empty() && run == input.len() {
+        std::mem::swap(input, out);
+    } else {
+        out.extend_from_slice(&input[..run]);
+        input.advance(run);
+    }
+}
+
+/// Rules for unit tests: a shared tenant "acme" with an optional query rate.
+#[cfg(test)]
+pub(crate) fn test_rules(qps: Option<u32>) -> RelayRules {
+    RelayRules {
+        policy: Policy {
+            scope: Scope::Tenant,
+            protect_search_path: false,
+            readonly: false,
+            max_statement_timeout: None,
+            notify_prefix: Some("acme.".into()),
+            allow_ddl: false,
+        },
+        rebind_sql: "SET app.current_tenant_id TO 'x'".into(),
+        tenant: crate::quota::Quotas::default().tenant("acme"),
+        queries_per_second: qps,
+        notify_prefix: Some("acme.".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests;

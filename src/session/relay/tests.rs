@@ -1,0 +1,280 @@
+//! Relay logic over byte buffers: forwarding, refusal substitution and error replacement,
+//! the rebind after RESET ALL, notification renaming, and the query rate.
+
+use super::*;
+use crate::pool::server_conn::SERVER_WHOLE;
+use crate::protocol::TxStatus;
+use crate::protocol::frame::split_whole;
+
+fn msg(t: u8, body: &[u8]) -> BytesMut {
+    let mut b = BytesMut::new();
+    encode::raw(t, body, &mut b);
+    b
+}
+
+fn query(sql: &str) -> BytesMut {
+    msg(b'Q', format!("{sql}\0").as_bytes())
+}
+
+struct Harness {
+    relay: Relay,
+    tracker: ConnTracker,
+    scanner: FrameScanner,
+    params: BTreeMap<String, String>,
+}
+
+impl Harness {
+    fn new(qps: Option<u32>) -> Self {
+        Harness {
+            relay: Relay::new(1 << 20, test_rules(qps)),
+            tracker: ConnTracker::default(),
+            scanner: FrameScanner::new(SERVER_WHOLE, 1 << 20),
+            params: BTreeMap::new(),
+        }
+    }
+
+    /// What reaches the server for `client` bytes, as (tag, body) pairs.
+    fn client(&mut self, client: &[u8]) -> Vec<(u8, Vec<u8>)> {
+        let mut input = BytesMut::from(client);
+        let mut out = BytesMut::new();
+        self.relay
+            .client_bytes(&mut input, &mut out, &mut self.tracker)
+            .unwrap();
+        split_whole(&out)
+            .map(|m| m.map(|(t, b)| (t, b.to_vec())).unwrap())
+            .collect()
+    }
+
+    /// What reaches the client for `server` bytes.
+    fn server(&mut self, server: &[u8]) -> Vec<(u8, Vec<u8>)> {
+        let mut input = BytesMut::from(server);
+        let mut out = BytesMut::new();
+        self.relay
+            .server_bytes(
+                &mut self.scanner,
+                &mut input,
+                &mut out,
+                &mut self.tracker,
+                &mut self.params,
+            )
+            .unwrap();
+        split_whole(&out)
+            .map(|m| m.map(|(t, b)| (t, b.to_vec())).unwrap())
+            .collect()
+    }
+}
+
+fn server_error(code: &str) -> BytesMut {
+    msg(
+        b'E',
+        format!("SERROR\0C{code}\0Mserver says no\0\0").as_bytes(),
+    )
+}
+
+fn ready(status: u8) -> BytesMut {
+    msg(b'Z', &[status])
+}
+
+fn field(body: &[u8], code: u8) -> String {
+    crate::protocol::server_msgs::error_fields(body)
+        .map(|f| match code {
+            b'C' => f.code,
+            _ => f.message,
+        })
+        .unwrap()
+}
+
+#[test]
+fn allowed_queries_pass_unchanged() {
+    let mut h = Harness::new(None);
+    let q = query("SELECT 1");
+    assert_eq!(h.client(&q), vec![(b'Q', b"SELECT 1\0".to_vec())]);
+    let mut reply = msg(b'C', b"SELECT 1\0");
+    reply.extend_from_slice(&ready(b'I'));
+    assert_eq!(h.server(&reply).len(), 2);
+    assert!(h.tracker.is_idle());
+}
+
+#[test]
+fn a_refused_query_gets_pgtenants_error_in_its_place() {
+    let mut h = Harness::new(None);
+    let mut input = query("SELECT 1");
+    input.extend_from_slice(&query("SET app.current_tenant_id = 'x'"));
+    input.extend_from_slice(&query("SELECT 2"));
+    let sent = h.client(&input);
+    assert_eq!(sent.len(), 3);
+    assert_eq!(
+        sent[1].1, REFUSED_SQL,
+        "the refused text never reaches the server"
+    );
+
+    // The server answers the three in order; only the middle error is replaced.
+    let mut reply = msg(b'C', b"SELECT 1\0");
+    reply.extend_from_slice(&ready(b'I'));
+    reply.extend_from_slice(&server_error("42601"));
+    reply.extend_from_slice(&ready(b'I'));
+    reply.extend_from_slice(&server_error("42P01"));
+    reply.extend_from_slice(&ready(b'I'));
+    let got = h.server(&reply);
+    let errors: Vec<String> = got
+        .iter()
+        .filter(|(t, _)| *t == b'E')
+        .map(|(_, b)| field(b, b'C'))
+        .collect();
+    assert_eq!(errors, ["42501", "42P01"]);
+    assert!(
+        got.iter()
+            .filter(|(t, _)| *t == b'E')
+            .any(|(_, b)| field(b, b'M').contains("app.current_tenant_id"))
+    );
+    assert_eq!(h.relay.counters.refused, 1);
+}
+
+#[test]
+fn a_refused_parse_keeps_its_name_and_fails_until_sync() {
+    let mut h = Harness::new(None);
+    let mut input = BytesMut::new();
+    postgres_protocol::message::frontend::parse(
+        "s1",
+        "SELECT set_config('app.current_tenant_id', $1, false)",
+        [25u32],
+        &mut input,
+    )
+    .unwrap();
+    postgres_protocol::message::frontend::sync(&mut input);
+    let sent = h.client(&input);
+    assert_eq!(sent[0].0, b'P');
+    assert!(sent[0].1.starts_with(b"s1\0PGTENANT_REFUSED_STATEMENT\0"));
+    assert_eq!(&sent[0].1[sent[0].1.len() - 6..], &[0, 1, 0, 0, 0, 25]);
+    let mut reply = server_error("42601");
+    reply.extend_from_slice(&ready(b'I'));
+    let got = h.server(&reply);
+    assert_eq!(field(&got[0].1, b'C'), "42501");
+}
+
+#[test]
+fn reset_all_is_followed_by_a_rebind_whose_replies_are_consumed() {
+    let mut h = Harness::new(None);
+    let sent = h.client(&query("RESET ALL"));
+    assert_eq!(sent.len(), 2);
+    assert_eq!(sent[1].1, b"SET app.current_tenant_id TO 'x'\0");
+    assert_eq!(h.tracker.pending(), 2);
+
+    let mut reply = msg(b'C', b"RESET\0");
+    reply.extend_from_slice(&msg(b'S', b"application_name\0\0"));
+    reply.extend_from_slice(&ready(b'I'));
+    reply.extend_from_slice(&msg(b'C', b"SET\0"));
+    reply.extend_from_slice(&msg(b'S', b"application_name\0app\0"));
+    reply.extend_from_slice(&ready(b'I'));
+    let got: Vec<u8> = h.server(&reply).iter().map(|(t, _)| *t).collect();
+    // The client sees its own reply and the parameter changes, not the rebind's CommandComplete
+    // or ReadyForQuery.
+    assert_eq!(got, b"CSZS");
+    assert!(h.tracker.is_idle());
+}
+
+#[test]
+fn a_failed_rebind_is_retried_after_the_next_statement() {
+    let mut h = Harness::new(None);
+    h.client(&query("RESET ALL"));
+    let mut reply = msg(b'C', b"RESET\0");
+    reply.extend_from_slice(&ready(b'I'));
+    reply.extend_from_slice(&server_error("25P02"));
+    reply.extend_from_slice(&ready(b'E'));
+    let got: Vec<u8> = h.server(&reply).iter().map(|(t, _)| *t).collect();
+    assert_eq!(got, b"CZ", "the rebind's error is not the client's");
+    let sent = h.client(&query("ROLLBACK"));
+    assert_eq!(
+        sent.len(),
+        2,
+        "the rebind goes again after the next statement"
+    );
+}
+
+#[test]
+fn notifications_leave_the_namespace_on_the_way_out() {
+    let mut h = Harness::new(None);
+    let mut body = 42i32.to_be_bytes().to_vec();
+    body.extend_from_slice(b"acme.events\0hello\0");
+    let got = h.server(&msg(b'A', &body));
+    assert_eq!(&got[0].1[4..], b"events\0hello\0");
+
+    let mut foreign = 42i32.to_be_bytes().to_vec();
+    foreign.extend_from_slice(b"globex.events\0secret\0");
+    assert!(h.server(&msg(b'A', &foreign)).is_empty());
+}
+
+#[test]
+fn listen_is_rewritten_into_the_namespace() {
+    let mut h = Harness::new(None);
+    let sent = h.client(&query("LISTEN events"));
+    assert_eq!(sent[0].1, b"LISTEN \"acme.events\"\0");
+}
+
+#[test]
+fn the_query_rate_refuses_with_53400() {
+    let mut h = Harness::new(Some(2));
+    let mut input = BytesMut::new();
+    for _ in 0..3 {
+        input.extend_from_slice(&query("SELECT 1"));
+    }
+    let sent = h.client(&input);
+    assert_eq!(sent[2].1, REFUSED_SQL);
+    let mut reply = BytesMut::new();
+    for _ in 0..2 {
+        reply.extend_from_slice(&msg(b'C', b"SELECT 1\0"));
+        reply.extend_from_slice(&ready(b'I'));
+    }
+    reply.extend_from_slice(&server_error("42601"));
+    reply.extend_from_slice(&ready(b'I'));
+    let got = h.server(&reply);
+    let e = got.iter().find(|(t, _)| *t == b'E').unwrap();
+    assert_eq!(field(&e.1, b'C'), "53400");
+    assert_eq!(h.relay.counters.throttled, 1);
+
+    // Extended protocol: the Execute is refused through an unknown portal.
+    let mut ext = BytesMut::new();
+    postgres_protocol::message::frontend::execute("", 0, &mut ext).unwrap();
+    let sent = h.client(&ext);
+    assert!(sent[0].1.starts_with(b"pgtenant_refused_portal\0"));
+}
+
+#[test]
+fn function_call_messages_are_refused() {
+    let mut h = Harness::new(None);
+    let sent = h.client(&msg(b'F', &[0, 0, 3, 0xe8, 0, 0, 0, 0, 0, 0]));
+    assert_eq!(sent, vec![(b'Q', REFUSED_SQL.to_vec())]);
+    let mut reply = server_error("42601");
+    reply.extend_from_slice(&ready(b'I'));
+    let got = h.server(&reply);
+    assert_eq!(field(&got[0].1, b'C'), "42501");
+}
+
+#[test]
+fn standard_conforming_strings_follows_the_server() {
+    let mut h = Harness::new(None);
+    h.server(&msg(b'S', b"standard_conforming_strings\0off\0"));
+    // With it off, this hides nothing: the string runs to the end.
+    let sent = h.client(&query(
+        "SELECT 'a\\', set_config('app.current_tenant_id', 'x', false) --'",
+    ));
+    assert_ne!(sent[0].1, REFUSED_SQL);
+    h.server(&msg(b'S', b"standard_conforming_strings\0on\0"));
+    let sent = h.client(&query(
+        "SELECT 'a\\', set_config('app.current_tenant_id', 'x', false) --'",
+    ));
+    assert_eq!(sent[0].1, REFUSED_SQL);
+}
+
+#[test]
+fn busy_and_ready_times_follow_the_exchange() {
+    let mut h = Harness::new(None);
+    assert!(h.relay.busy_since().is_none());
+    h.client(&query("SELECT pg_sleep(1)"));
+    assert!(h.relay.busy_since().is_some());
+    assert!(h.relay.ready_since().is_none());
+    h.server(&ready(b'T'));
+    assert!(h.relay.busy_since().is_none());
+    assert!(h.relay.ready_since().is_some());
+    assert_eq!(h.tracker.status(), TxStatus::InTransaction);
+}

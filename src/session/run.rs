@@ -1,0 +1,332 @@
+//! An authenticated session: admission against the tenant's client limit, routing, a server
+//! connection (within the tenant's server-connection cap) with the tenant context bound, then
+//! forwarding through the relay until the client leaves. While forwarding, the session
+//! enforces the plan's statement timeout itself (by cancelling the server's statement) and its
+//! idle-in-transaction timeout (by ending the session). Last, the server connection goes back
+//! to its pool.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::io::AsyncWriteExt;
+
+use super::pump::{Pump, PumpEnd, ServerSide};
+use super::relay::{Relay, RelayRules};
+use super::{Authenticated, SessionError, report};
+use crate::app::AppState;
+use crate::config::{Isolation, PlacementKind, PlanConfig, Snapshot, Tenant, UserRole};
+use crate::error::{ClientError, Reportable, sqlstate};
+use crate::net::stream::ClientStream;
+use crate::pool::PooledConn;
+use crate::protocol::{TxStatus, encode};
+use crate::tenant::guard::{Policy, Scope};
+use crate::tenant::params::ClientSettings;
+use crate::tenant::route::route;
+use crate::tenant::{binding_sql, quote_ident, quote_literal};
+
+/// The guard policy for `tenant`'s user `role`.
+fn policy_for(tenant: &Tenant, role: UserRole) -> Policy {
+    let scope = match tenant.placement.kind {
+        PlacementKind::Dedicated => Scope::Dedicated,
+        PlacementKind::Shared | PlacementKind::Schema => Scope::Tenant,
+    };
+    Policy {
+        scope,
+        protect_search_path: tenant.placement.kind == PlacementKind::Schema
+            && matches!(tenant.isolation, Isolation::Context),
+        readonly: role == UserRole::Readonly,
+        max_statement_timeout: tenant.limits.statement_timeout.filter(|d| !d.is_zero()),
+        notify_prefix: (scope == Scope::Tenant).then(|| format!("{}.", tenant.name)),
+        allow_ddl: tenant.allow_ddl,
+    }
+}
+
+/// The SQL that binds the tenant context, the user's read-only mode, the plan's statement
+/// timeout and the client's startup settings. It runs when a server connection is taken and
+/// again after the client resets its settings.
+fn session_setup_sql(tenant: &Tenant, role: UserRole, settings: &ClientSettings) -> String {
+    let mut sql = binding_sql(tenant);
+    if role == UserRole::Readonly {
+        sql.push_str("; SET default_transaction_read_only TO on");
+    }
+    if let Some(limit) = tenant.limits.statement_timeout.filter(|d| !d.is_zero()) {
+        sql.push_str(&format!(
+            "; SET statement_timeout TO '{}ms'",
+            limit.as_millis()
+        ));
+    }
+    if !settings.0.is_empty() {
+        let calls: Vec<String> = settings
+            .0
+            .iter()
+            .map(|(k, v)| {
+                format!(
+                    "pg_catalog.set_config({}, {}, false)",
+                    quote_literal(k),
+                    quote_literal(v)
+                )
+            })
+            .collect();
+        sql.push_str("; SELECT ");
+        sql.push_str(&calls.join(", "));
+    }
+    sql
+}
+
+/// Startup settings pass the same rules as the equivalent `SET`.
+fn check_startup_settings(settings: &ClientSettings, policy: &Policy) -> Result<(), SessionError> {
+    for (name, value) in &settings.0 {
+        let sql = format!("SET {} TO {}", quote_ident(name), quote_literal(value));
+        if let Some(r) = policy.check(sql.as_bytes(), true).refusal {
+            return Err(SessionError::Refused(ClientError::fatal(
+                sqlstate::INSUFFICIENT_PRIVILEGE,
+                r.message,
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// How forwarding ended.
+enum SessionEnd {
+    Pump(PumpEnd),
+    Shutdown,
+    IdleInTransaction(Duration),
+}
+
+pub(super) async fn run_session(state: &AppState, snapshot: &Snapshot, client: Authenticated) {
+    let role = client.account().map(|u| u.role).unwrap_or_default();
+    let Authenticated {
+        mut stream,
+        tenant,
+        user,
+        startup,
+        settings,
+    } = client;
+    let policy = policy_for(&tenant, role);
+    let Some(_slot) = state
+        .quotas
+        .admit_client(&tenant.name, tenant.limits.max_client_connections)
+    else {
+        let e = SessionError::Quota(
+            ClientError::fatal(
+                sqlstate::TOO_MANY_CONNECTIONS,
+                format!("too many connections for tenant \"{}\"", tenant.name),
+            )
+            .with_hint("this tenant's plan caps its client connections; close some and retry"),
+        );
+        tracing::info!(
+            kind = e.kind().as_str(),
+            "session refused: client connection limit"
+        );
+        report(&mut stream, &e).await;
+        return;
+    };
+    let setup_sql = session_setup_sql(&tenant, role, &settings);
+    let setup = async {
+        settings
+            .check_placement(tenant.placement.kind)
+            .map_err(SessionError::Refused)?;
+        check_startup_settings(&settings, &policy)?;
+        let shard = route(snapshot, &tenant, startup.get("database"))?;
+        let pool = state.pools.for_tenant(&shard, &tenant)?;
+        let tenant_cap = tenant
+            .limits
+            .max_server_connections
+            .filter(|_| policy.scope == Scope::Tenant)
+            .map(|n| (n, state.quotas.tenant(&tenant.name).server_permits(n)));
+        let mut pooled = pool.checkout(tenant.id, tenant_cap).await?;
+        match pooled.conn.run_own(&setup_sql).await {
+            Ok(()) => {
+                pooled.conn.bound = Some(tenant.id);
+                Ok((pool, pooled))
+            }
+            Err(e) => {
+                pool.checkin(pooled, true).await;
+                Err(SessionError::from(e))
+            }
+        }
+    };
+    let (pool, mut pooled) = match setup.await {
+        Ok(ok) => ok,
+        Err(e) => {
+            tracing::info!(kind = e.kind().as_str(), error = %e, "session refused");
+            report(&mut stream, &e).await;
+            return;
+        }
+    };
+
+    let cancel = state.cancels.register();
+    cancel.set_target(Some(pooled.conn.cancel_target()));
+    let mut out = BytesMut::new();
+    for (name, value) in &pooled.conn.params {
+        let value = if name == "session_authorization" {
+            &user
+        } else {
+            value
+        };
+        encode::parameter_status(name, value, &mut out);
+    }
+    let (pid, secret) = cancel.key();
+    encode::backend_key_data(pid, secret, &mut out);
+    encode::ready_for_query(TxStatus::Idle, &mut out);
+    if stream.write_all(&out).await.is_err() || stream.flush().await.is_err() {
+        drop(cancel);
+        pool.checkin(pooled, true).await;
+        return;
+    }
+
+    let rules = RelayRules {
+        notify_prefix: policy.notify_prefix.clone(),
+        policy,
+        rebind_sql: setup_sql,
+        tenant: state.quotas.tenant(&tenant.name),
+        queries_per_second: tenant.limits.queries_per_second,
+    };
+    let mut relay = Relay::new(snapshot.listen.max_message_size, rules);
+    let mut pump = Pump::default();
+    let end = forward(
+        state,
+        &tenant.limits,
+        &mut relay,
+        &mut pump,
+        &mut stream,
+        &mut pooled,
+    )
+    .await;
+    drop(cancel);
+    let counters = relay.counters;
+    tracing::info!(
+        queries = counters.queries,
+        refused = counters.refused,
+        throttled = counters.throttled,
+        "session counters"
+    );
+    finish(end, &mut stream, &mut pump, &pooled).await;
+    let leftover = pump.take_to_server();
+    if !leftover.is_empty() && relay.client_at_boundary() {
+        // Messages the client sent just before leaving (e.g. a query and Terminate).
+        let _ = pooled.conn.send(&leftover).await;
+    }
+    pool.checkin(pooled, relay.client_at_boundary()).await;
+}
+
+/// How often the session checks its timeouts while forwarding.
+const TIMER_TICK: Duration = Duration::from_millis(100);
+
+/// Forwards until the session ends, pgtenant shuts down, or a timeout ends it.
+async fn forward(
+    state: &AppState,
+    limits: &PlanConfig,
+    relay: &mut Relay,
+    pump: &mut Pump,
+    stream: &mut ClientStream,
+    pooled: &mut PooledConn,
+) -> SessionEnd {
+    let statement_timeout = limits.statement_timeout.filter(|d| !d.is_zero());
+    let idle_timeout = limits.idle_in_transaction_timeout.filter(|d| !d.is_zero());
+    let conn = &mut pooled.conn;
+    let cancel_target = conn.cancel_target();
+    let mut side = ServerSide {
+        stream: &mut conn.stream,
+        rbuf: &mut conn.rbuf,
+        scanner: &mut conn.scanner,
+        tracker: &mut conn.tracker,
+        params: &mut conn.params,
+    };
+    let mut tick = tokio::time::interval(TIMER_TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let timers = statement_timeout.is_some() || idle_timeout.is_some();
+    let mut cancelled_for = None;
+    loop {
+        tokio::select! {
+            end = pump.run(relay, stream, &mut side) => return SessionEnd::Pump(end),
+            _ = state.shutdown.cancelled() => return SessionEnd::Shutdown,
+            _ = tick.tick(), if timers => {
+                if let (Some(limit), Some(since)) = (statement_timeout, relay.busy_since())
+                    && since.elapsed() >= limit
+                    && cancelled_for != Some(since)
+                {
+                    cancelled_for = Some(since);
+                    relay.explain_next_error(ClientError::error(
+                        sqlstate::QUERY_CANCELED,
+                        format!(
+                            "canceling statement due to statement timeout (this tenant's limit is {})",
+                            crate::config::format_duration(limit)
+                        ),
+                    ));
+                    let target = Arc::clone(&cancel_target);
+                    tokio::spawn(async move {
+                        if let Err(e) = target.send(Duration::from_secs(5)).await {
+                            tracing::warn!(error = %e, "statement timeout: cancel failed");
+                        }
+                    });
+                }
+                if let (Some(limit), Some(since)) = (idle_timeout, relay.ready_since())
+                    && side.tracker.status() != TxStatus::Idle
+                    && since.elapsed() >= limit
+                {
+                    return SessionEnd::IdleInTransaction(limit);
+                }
+            }
+        }
+    }
+}
+
+/// Tells the client how the session ended, when it is still there to hear it.
+async fn finish(end: SessionEnd, stream: &mut ClientStream, pump: &mut Pump, pooled: &PooledConn) {
+    let (label, notice) = match &end {
+        SessionEnd::Shutdown => (
+            "shutdown",
+            Some(ClientError::fatal(
+                sqlstate::ADMIN_SHUTDOWN,
+                "terminating connection because pgtenant is shutting down",
+            )),
+        ),
+        SessionEnd::IdleInTransaction(limit) => (
+            "idle_in_transaction_timeout",
+            Some(ClientError::fatal(
+                "25P03",
+                format!(
+                    "terminating connection due to idle-in-transaction timeout (this tenant's limit is {})",
+                    crate::config::format_duration(*limit)
+                ),
+            )),
+        ),
+        SessionEnd::Pump(PumpEnd::ServerGone(_)) | SessionEnd::Pump(PumpEnd::ServerProtocol(_)) => {
+            (
+                "server_gone",
+                Some(ClientError::fatal(
+                    sqlstate::CONNECTION_FAILURE,
+                    "the connection to the tenant's database was lost",
+                )),
+            )
+        }
+        SessionEnd::Pump(PumpEnd::ClientProtocol(e)) => {
+            tracing::info!(error = %e, "client broke the protocol");
+            (
+                "client_protocol",
+                Some(ClientError::fatal(
+                    sqlstate::PROTOCOL_VIOLATION,
+                    e.to_string(),
+                )),
+            )
+        }
+        SessionEnd::Pump(PumpEnd::Terminated) => ("terminate", None),
+        SessionEnd::Pump(PumpEnd::ClientGone(_)) => ("client_gone", None),
+    };
+    tracing::info!(end = label, "session ended");
+    let Some(notice) = notice else { return };
+    let mut out = pump.take_to_client();
+    // An error may only follow whole messages.
+    if !pooled.conn.scanner.at_boundary() {
+        out.clear();
+    }
+    notice.encode(&mut out);
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        let _ = stream.write_all(&out).await;
+        let _ = stream.flush().await;
+    })
+    .await;
+}
