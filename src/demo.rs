@@ -19,7 +19,8 @@ macro_rules! say {
     }};
 }
 
-/// A tenant of the sample world.
+/// A tenant of the sample world. Each has a read-write user (`user`) and a read-only user
+/// `reader`, both with `password`.
 #[derive(Debug, Clone)]
 pub struct SampleTenant {
     pub name: &'static str,
@@ -206,13 +207,12 @@ impl Fixture {
             } else {
                 String::new()
             };
+            let verifier = ScramVerifier::from_password(t.password.as_bytes());
             out.push_str(&format!(
                 "[[tenants]]\nid = \"{}\"\nname = \"{}\"\nplan = \"basic\"\nplacement = {placement}\n{role}\
-                 [[tenants.users]]\nname = \"{}\"\nscram = \"{}\"\n\n",
-                t.id,
-                t.name,
-                t.user,
-                ScramVerifier::from_password(t.password.as_bytes()),
+                 [[tenants.users]]\nname = \"{}\"\nscram = \"{verifier}\"\n\n\
+                 [[tenants.users]]\nname = \"reader\"\nrole = \"readonly\"\nscram = \"{verifier}\"\n\n",
+                t.id, t.name, t.user,
             ));
         }
         out

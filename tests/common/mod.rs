@@ -150,3 +150,60 @@ pub fn psql(url: &str, sql: &str) -> (bool, String, String) {
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+
+/// What the superuser sees in the shared table: every tenant's rows.
+pub fn all_rows(env: &Env) -> String {
+    env.admin_a("SELECT tenant_id, name FROM items ORDER BY id")
+}
+
+/// Runs `sql` as a simple query and returns its SQLSTATE if it failed.
+pub async fn sqlstate_of(client: &tokio_postgres::Client, sql: &str) -> Option<String> {
+    client.simple_query(sql).await.err().map(|e| code(&e))
+}
+
+/// After an attack: no tenant's rows changed, the attacker still sees only its own rows under
+/// its own context, and pgtenant still serves everyone.
+pub async fn assert_isolation_intact(env: &Env, before: &str, attacker: &tokio_postgres::Client) {
+    assert_eq!(all_rows(env), before, "rows changed");
+    let row = attacker
+        .query_one(
+            "SELECT current_setting('app.current_tenant_id'), \
+                    (SELECT count(*) FROM items WHERE tenant_id <> current_setting('app.current_tenant_id')::uuid)",
+            &[],
+        )
+        .await
+        .expect("the attacker's session still works");
+    assert_eq!(row.get::<_, String>(0), pgtenant::demo::ACME_ID);
+    assert_eq!(row.get::<_, i64>(1), 0, "another tenant's rows are visible");
+    let globex = env.connect("globex").await;
+    let names: Vec<String> = globex
+        .query("SELECT name FROM items", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        names,
+        ["globex doomsday device"],
+        "pgtenant serves other tenants"
+    );
+}
+
+/// Every statement in `attacks` fails with 42501 for `client`.
+pub async fn assert_all_refused(client: &tokio_postgres::Client, attacks: &[&str]) {
+    for sql in attacks {
+        assert_eq!(
+            sqlstate_of(client, sql).await.as_deref(),
+            Some("42501"),
+            "not refused: {sql}"
+        );
+    }
+}
+
+/// The message of a tokio-postgres error (the server's or pgtenant's text).
+pub fn message(e: &tokio_postgres::Error) -> String {
+    e.as_db_error()
+        .map(|d| d.message().to_owned())
+        .unwrap_or_else(|| e.to_string())
+}

@@ -53,7 +53,20 @@ impl Raw {
 
     /// Opens a TCP connection and sends a StartupMessage with `params`.
     pub async fn startup(addr: std::net::SocketAddr, params: &[(&str, &str)]) -> Raw {
-        let stream = TcpStream::connect(addr).await.unwrap();
+        Raw::startup_from("127.0.0.1", addr, params).await
+    }
+
+    /// Like `startup`, from local address `source` (any 127.x.y.z works on Linux).
+    pub async fn startup_from(
+        source: &str,
+        addr: std::net::SocketAddr,
+        params: &[(&str, &str)],
+    ) -> Raw {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket
+            .bind(std::net::SocketAddr::new(source.parse().unwrap(), 0))
+            .unwrap();
+        let stream = socket.connect(addr).await.unwrap();
         let mut raw = Raw {
             stream,
             buf: BytesMut::new(),

@@ -1,0 +1,235 @@
+//! Per-tenant quotas from the plan and the tenant's overrides: client connections, server
+//! connections, queries per second, statement timeout (enforced by pgtenant), idle in
+//! transaction, read-only users, and limits changed by a reload without a restart.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::{code, connect_with, sqlstate_of, start_with};
+
+/// Gives acme the settings `overrides` (TOML inline-table body).
+fn acme_settings(overrides: &'static str) -> impl FnOnce(String) -> String {
+    move |t| {
+        t.replacen(
+            "name = \"acme\"\nplan = \"basic\"\n",
+            &format!("name = \"acme\"\nplan = \"basic\"\nsettings = {{ {overrides} }}\n"),
+            1,
+        )
+    }
+}
+
+#[tokio::test]
+async fn client_connections_are_capped_per_tenant() {
+    let env = start_with("", acme_settings("max_client_connections = 2")).await;
+    let a = env.connect("acme").await;
+    let _b = env.connect("acme").await;
+    let err = connect_with(env.pg_config("acme")).await.unwrap_err();
+    assert_eq!(code(&err), "53300");
+    assert!(
+        common::message(&err).contains("too many connections for tenant"),
+        "{err}"
+    );
+    // Other tenants are not affected, and a freed slot is reusable.
+    env.connect("globex").await;
+    drop(a);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    env.connect("acme").await;
+}
+
+#[tokio::test]
+async fn server_connections_are_capped_per_tenant() {
+    let env = start_with("", |t| {
+        acme_settings("max_server_connections = 1")(t).replacen(
+            "[pool]\nmode = \"session\"",
+            "[pool]\nmode = \"session\"\ncheckout_timeout = \"1s\"",
+            1,
+        )
+    })
+    .await;
+    let _holder = env.connect("acme").await;
+    let started = Instant::now();
+    let err = connect_with(env.pg_config("acme")).await.unwrap_err();
+    assert_eq!(code(&err), "53300");
+    assert!(started.elapsed() >= Duration::from_millis(900));
+    assert!(
+        common::message(&err).contains("server connections"),
+        "{err}"
+    );
+    env.connect("globex").await;
+}
+
+#[tokio::test]
+async fn the_query_rate_is_limited_per_tenant() {
+    let env = start_with("", acme_settings("queries_per_second = 5")).await;
+    let acme = env.connect("acme").await;
+    let mut refused = 0;
+    for _ in 0..20 {
+        if let Some(c) = sqlstate_of(&acme, "SELECT 1").await {
+            assert_eq!(c, "53400");
+            refused += 1;
+        }
+    }
+    assert!(
+        (14..=15).contains(&refused),
+        "{refused} of 20 refused at 5/s"
+    );
+    let globex = env.connect("globex").await;
+    for _ in 0..20 {
+        globex.simple_query("SELECT 1").await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    acme.simple_query("SELECT 1").await.unwrap();
+}
+
+#[tokio::test]
+async fn the_statement_timeout_is_enforced_by_pgtenant() {
+    let env = start_with("", acme_settings("statement_timeout = \"1s\"")).await;
+    let acme = env.connect("acme").await;
+    // The server's own statement_timeout is raised out of the way (a superuser could do it
+    // too); pgtenant still cancels at the tenant's limit.
+    let started = Instant::now();
+    let err = acme
+        .simple_query("SET LOCAL statement_timeout = '900ms'; SELECT pg_sleep(5)")
+        .await
+        .unwrap_err();
+    assert_eq!(code(&err), "57014");
+    assert!(
+        started.elapsed() < Duration::from_millis(2000),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        sqlstate_of(&acme, "SET statement_timeout = '10s'")
+            .await
+            .as_deref(),
+        Some("42501")
+    );
+    assert_eq!(
+        sqlstate_of(&acme, "SET statement_timeout = 0")
+            .await
+            .as_deref(),
+        Some("42501")
+    );
+    acme.simple_query("SET statement_timeout = '500ms'")
+        .await
+        .unwrap();
+    let row = acme
+        .query_one("SELECT current_setting('statement_timeout')", &[])
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "500ms");
+}
+
+#[tokio::test]
+async fn statements_over_the_limit_are_cancelled_even_when_the_server_allows_them() {
+    let env = start_with("", acme_settings("statement_timeout = \"1s\"")).await;
+    let acme = env.connect("acme").await;
+    // DEFAULT is allowed (it returns to the server default, here none); pgtenant's own timer
+    // applies the plan.
+    acme.simple_query("SET statement_timeout TO DEFAULT")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let err = acme.simple_query("SELECT pg_sleep(5)").await.unwrap_err();
+    assert_eq!(code(&err), "57014");
+    assert!(common::message(&err).contains("statement timeout"), "{err}");
+    assert!(
+        started.elapsed() < Duration::from_millis(2000),
+        "{:?}",
+        started.elapsed()
+    );
+    acme.simple_query("SELECT 1").await.unwrap();
+}
+
+#[tokio::test]
+async fn idle_in_transaction_sessions_are_ended_and_rolled_back() {
+    let env = start_with("", acme_settings("idle_in_transaction_timeout = \"1s\"")).await;
+    let acme = env.connect("acme").await;
+    acme.simple_query("BEGIN; INSERT INTO items (name) VALUES ('abandoned')")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    let err = acme.simple_query("COMMIT").await.unwrap_err();
+    assert!(
+        err.code().map(|c| c.code()) == Some("25P03") || err.is_closed(),
+        "{err}"
+    );
+    let n = env.admin_a("SELECT count(*) FROM items WHERE name = 'abandoned'");
+    assert_eq!(n.trim(), "0");
+    // Idle outside a transaction is fine.
+    let acme = env.connect("acme").await;
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    acme.simple_query("SELECT 1").await.unwrap();
+}
+
+#[tokio::test]
+async fn read_only_users_cannot_write_or_turn_it_off() {
+    let env = common::start().await;
+    let mut c = env.pg_config("acme");
+    c.user("reader@acme");
+    let reader = connect_with(c).await.unwrap();
+    let n: i64 = reader
+        .query_one("SELECT count(*) FROM items", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 2);
+    assert_eq!(
+        sqlstate_of(&reader, "INSERT INTO items (name) VALUES ('nope')")
+            .await
+            .as_deref(),
+        Some("25006")
+    );
+    for sql in [
+        "SET default_transaction_read_only = off",
+        "SET SESSION CHARACTERISTICS AS TRANSACTION READ WRITE",
+        "BEGIN READ WRITE",
+        "SET transaction_read_only = off",
+    ] {
+        assert_eq!(
+            sqlstate_of(&reader, sql).await.as_deref(),
+            Some("42501"),
+            "{sql}"
+        );
+    }
+    reader.simple_query("RESET ALL").await.unwrap();
+    assert_eq!(
+        sqlstate_of(&reader, "DELETE FROM items").await.as_deref(),
+        Some("25006"),
+        "still read-only after RESET ALL"
+    );
+    let mut c = env.pg_config("acme");
+    c.user("reader@acme")
+        .options("-c default_transaction_read_only=off");
+    assert_eq!(code(&connect_with(c).await.unwrap_err()), "42501");
+    let n = env.admin_a("SELECT count(*) FROM items");
+    assert_eq!(n.trim(), "3");
+}
+
+#[tokio::test]
+async fn a_reload_applies_new_limits_without_a_restart() {
+    let mut text = String::new();
+    let env = start_with("", |t| {
+        let t = acme_settings("max_client_connections = 1")(t);
+        text = t.clone();
+        t
+    })
+    .await;
+    let _a = env.connect("acme").await;
+    assert_eq!(
+        code(&connect_with(env.pg_config("acme")).await.unwrap_err()),
+        "53300"
+    );
+    let relaxed = text.replacen(
+        "max_client_connections = 1",
+        "max_client_connections = 3",
+        1,
+    );
+    let snapshot = pgtenant::config::load_str(&relaxed, Path::new("test.toml")).unwrap();
+    env.proxy.state.reload(snapshot).unwrap();
+    env.connect("acme").await;
+}
