@@ -22,7 +22,11 @@ pub enum Command {
     /// Run the proxy (the default).
     Run,
     /// Validate a configuration file and exit.
-    Check,
+    Check {
+        /// Also connect to every shard and report isolation problems there.
+        #[arg(long)]
+        shards: bool,
+    },
     /// Read a password from standard input and print its SCRAM-SHA-256 verifier.
     Passwd,
     /// Start two throwaway PostgreSQL clusters with four sample tenants behind pgtenant.

@@ -39,25 +39,48 @@ fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
             runtime()?.block_on(pgtenant::app::run(path))?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Check => {
+        Command::Check { shards } => {
             let path = cli
                 .config
                 .ok_or_else(|| anyhow::anyhow!("no configuration: pass --config FILE"))?;
-            match pgtenant::config::load(&path) {
-                Ok(snapshot) => {
-                    println!(
-                        "{}: OK ({} shards, {} tenants)",
-                        path.display(),
-                        snapshot.shards.len(),
-                        snapshot.tenants.len()
-                    );
-                    Ok(ExitCode::SUCCESS)
-                }
+            let snapshot = match pgtenant::config::load(&path) {
+                Ok(snapshot) => snapshot,
                 Err(e) => {
                     eprintln!("{e}");
-                    Ok(ExitCode::FAILURE)
+                    return Ok(ExitCode::FAILURE);
+                }
+            };
+            println!(
+                "{}: OK ({} shards, {} tenants)",
+                path.display(),
+                snapshot.shards.len(),
+                snapshot.tenants.len()
+            );
+            if !shards {
+                return Ok(ExitCode::SUCCESS);
+            }
+            let timeout = snapshot.pool.connect_timeout;
+            let reports = runtime()?.block_on(pgtenant::check::inspect_shards(&snapshot, timeout));
+            let mut sound = true;
+            for r in reports {
+                let who = format!("shard {:?} as {:?}", r.shard, r.login);
+                if let Some(e) = r.error {
+                    println!("{who}: cannot inspect: {e}");
+                    sound = false;
+                } else if r.problems.is_empty() {
+                    println!("{who}: OK");
+                } else {
+                    sound = false;
+                    for p in r.problems {
+                        println!("{who}: WARNING: {p}");
+                    }
                 }
             }
+            Ok(if sound {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
         Command::Passwd => {
             let mut line = String::new();

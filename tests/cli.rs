@@ -141,3 +141,65 @@ async fn the_demo_starts_and_a_printed_url_works() {
     assert!(status.success(), "{status:?}");
     assert!(started.elapsed() < Duration::from_secs(30));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_shards_reports_hardening_problems() {
+    let env = common::start().await;
+    let dir = std::env::temp_dir().join(format!("pgtenant-check-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("shards.toml");
+    std::fs::write(&path, env.fixture.config("127.0.0.1:0", "")).unwrap();
+    let run = |path: std::path::PathBuf| {
+        tokio::task::spawn_blocking(move || {
+            pgtenant()
+                .args(["check", "--shards", "--config"])
+                .arg(path)
+                .output()
+                .unwrap()
+        })
+    };
+    let out = run(path.clone()).await.unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    // The sample world is sound except for PostgreSQL's default TEMP grant to PUBLIC.
+    assert!(text.contains("TEMP is granted to PUBLIC"), "{text}");
+    assert!(!text.contains("superuser"), "{text}");
+    assert!(!text.contains("without ENABLE and FORCE"), "{text}");
+    assert!(
+        text.contains("shard \"initech-db\" as \"pgtenant_app\": OK"),
+        "{text}"
+    );
+    assert!(!out.status.success());
+
+    // A readable table without RLS and a default tenant context are reported.
+    let db = env.fixture.shared_db.clone();
+    env.admin_a(&format!(
+        "CREATE TABLE public.leaky (x int); GRANT SELECT, TRUNCATE ON public.leaky TO pgtenant_app; \
+         REVOKE TEMP ON DATABASE {db} FROM PUBLIC"
+    ));
+    common::world()
+        .a
+        .psql(
+            "postgres",
+            &format!(
+                "ALTER DATABASE {db} SET app.current_tenant_id = '{}'",
+                pgtenant::demo::ACME_ID
+            ),
+        )
+        .unwrap();
+    let out = run(path).await.unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        text.contains("without ENABLE and FORCE ROW LEVEL SECURITY: public.leaky"),
+        "{text}"
+    );
+    assert!(text.contains("TRUNCATE"), "{text}");
+    assert!(text.contains("database or role default"), "{text}");
+    assert!(!text.contains("TEMP is granted"), "{text}");
+    common::world()
+        .a
+        .psql(
+            "postgres",
+            &format!("ALTER DATABASE {db} RESET app.current_tenant_id"),
+        )
+        .unwrap();
+}

@@ -116,6 +116,26 @@ pub struct ServerConn {
     pub(crate) idle_since: Instant,
 }
 
+/// The text columns of a DataRow body.
+fn data_row(body: &[u8]) -> Result<Vec<Option<String>>, ServerError> {
+    let bad = || ServerError::Protocol("malformed DataRow".into());
+    let (count, mut rest) = body.split_first_chunk::<2>().ok_or_else(bad)?;
+    let mut row = Vec::new();
+    for _ in 0..u16::from_be_bytes(*count) {
+        let (len, tail) = rest.split_first_chunk::<4>().ok_or_else(bad)?;
+        let len = i32::from_be_bytes(*len);
+        if len < 0 {
+            row.push(None);
+            rest = tail;
+            continue;
+        }
+        let value = tail.get(..len as usize).ok_or_else(bad)?;
+        row.push(Some(String::from_utf8_lossy(value).into_owned()));
+        rest = &tail[len as usize..];
+    }
+    Ok(row)
+}
+
 impl ServerConn {
     pub(crate) fn new(stream: ServerStream, cancel: Arc<CancelTarget>) -> Self {
         let now = Instant::now();
@@ -239,6 +259,38 @@ impl ServerConn {
         match self.drain().await? {
             Some(fields) => Err(ServerError::Server(fields)),
             None => Ok(()),
+        }
+    }
+
+    /// Runs one simple query of the proxy's own and returns its rows as text (for inspection
+    /// commands; results are read whole, so keep them small).
+    pub async fn query_rows(&mut self, sql: &str) -> Result<Vec<Vec<Option<String>>>, ServerError> {
+        let mut out = BytesMut::new();
+        encode::raw(tag::QUERY, format!("{sql}\0").as_bytes(), &mut out);
+        self.send(&out).await?;
+        let mut rows = Vec::new();
+        let mut error = None;
+        let mut inspect = FrameScanner::new(ALL_WHOLE, MAX_SERVER_WHOLE);
+        std::mem::swap(&mut inspect, &mut self.scanner);
+        let result = loop {
+            let (t, body) = match self.read_message().await {
+                Ok(m) => m,
+                Err(e) => break Err(e),
+            };
+            match t {
+                tag::DATA_ROW => rows.push(data_row(&body)?),
+                tag::ERROR_RESPONSE => {
+                    error = Some(server_msgs::error_fields(&body).unwrap_or_default());
+                }
+                tag::READY_FOR_QUERY => break Ok(()),
+                _ => {}
+            }
+        };
+        std::mem::swap(&mut inspect, &mut self.scanner);
+        result?;
+        match error {
+            Some(fields) => Err(ServerError::Server(fields)),
+            None => Ok(rows),
         }
     }
 

@@ -318,6 +318,11 @@ impl Policy {
         let Some(prefix) = &self.notify_prefix else {
             return Ok(name.to_owned());
         };
+        // The lexer stands U+FFFD in for bytes that are not UTF-8; such a name cannot be
+        // rewritten faithfully.
+        if name.contains('\u{FFFD}') {
+            return Err(Verdict::refuse("channel names must be valid UTF-8"));
+        }
         let full = format!("{prefix}{name}");
         if full.len() > 63 {
             return Err(Verdict::refuse(format!(

@@ -573,3 +573,10 @@ fn ddl_tenants_may_manage_their_tables_but_not_code() {
         ],
     );
 }
+
+#[test]
+fn channel_names_that_are_not_utf8_are_refused() {
+    // Found by fuzzing: the bytes were replaced on the way into the rewrite.
+    let v = shared().check(b"notify \n\xb3\xc6\xc6", true);
+    assert!(v.refusal.is_some());
+}
