@@ -3,6 +3,9 @@
 //! time per transaction (read from /proc). Run it with `scripts/bench.sh`, which builds the
 //! release binary first. Speed is measured here, never asserted in tests.
 //!
+//! `pgtenant` is a dedicated tenant (no guard); `pgt+guard` is a shared tenant on the same
+//! database, so every statement also goes through the full guard.
+//!
 //! When PgBouncer is installed (`/usr/sbin/pgbouncer`; `scripts/bench.sh` installs it with apt
 //! if missing) it runs in the same rounds, in the same pool mode, as a third target.
 //!
@@ -189,10 +192,26 @@ user = "pgtenant_app"
 password = "{pg_password}"
 max_connections = 100
 tls = "disable"
+[shards.bench-shared]
+host = "127.0.0.1"
+port = {pg_port}
+database = "bench"
+user = "pgtenant_app"
+password = "{pg_password}"
+max_connections = 100
+tls = "disable"
 [[tenants]]
 id = "00000000-0000-0000-0000-00000000be4c"
 name = "bench"
 placement = {{ kind = "dedicated", shard = "bench" }}
+[[tenants.users]]
+name = "app"
+scram = "{verifier}"
+# The same database as a shared placement: every statement goes through the full guard.
+[[tenants]]
+id = "00000000-0000-0000-0000-00000000be4d"
+name = "benchshared"
+placement = {{ kind = "shared", shard = "bench-shared" }}
 [[tenants.users]]
 name = "app"
 scram = "{verifier}"
@@ -223,6 +242,12 @@ scram = "{verifier}"
         Target {
             name: "pgtenant",
             url: format!("postgresql://app%40bench@127.0.0.1:{port}/bench"),
+            password: client_password.into(),
+            pid: Some(proxy.0.id()),
+        },
+        Target {
+            name: "pgt+guard",
+            url: format!("postgresql://app%40benchshared@127.0.0.1:{port}/bench"),
             password: client_password.into(),
             pid: Some(proxy.0.id()),
         },
@@ -289,7 +314,7 @@ scram = "{verifier}"
                 )
             };
             let (d_tps, d_lat) = pick("direct");
-            for name in ["direct", "pgtenant", "pgbouncer"] {
+            for name in ["direct", "pgtenant", "pgt+guard", "pgbouncer"] {
                 if !results.contains_key(&(clients, mode.clone(), name)) {
                     continue;
                 }
