@@ -320,3 +320,72 @@ scram = "{verifier}"
     assert_eq!(code(&err), "08001");
     drop(cluster);
 }
+
+/// Server logins other than SCRAM: md5 and trust, as a shard's pg_hba.conf may require.
+#[tokio::test]
+async fn shards_may_use_md5_or_trust_logins() {
+    let cluster = tokio::task::spawn_blocking(|| {
+        let hba = std::env::temp_dir().join(format!("pgtenant-hba-{}.conf", std::process::id()));
+        std::fs::write(
+            &hba,
+            "host all md5user 127.0.0.1/32 md5\nhost all trustuser 127.0.0.1/32 trust\n\
+             host all all 127.0.0.1/32 scram-sha-256\nlocal all all trust\n",
+        )
+        .unwrap();
+        let _ = std::process::Command::new("chmod")
+            .arg("644")
+            .arg(&hba)
+            .status();
+        let c = pgtenant::localpg::Cluster::start(&[("hba_file", &hba.to_string_lossy())]).unwrap();
+        c.psql(
+            "postgres",
+            "SET password_encryption = 'md5'; CREATE ROLE md5user LOGIN PASSWORD 'md5-secret'; \
+             CREATE ROLE trustuser LOGIN",
+        )
+        .unwrap();
+        c.psql("postgres", "CREATE DATABASE legacy").unwrap();
+        c
+    })
+    .await
+    .unwrap();
+    let verifier = pgtenant::auth::verifier::ScramVerifier::from_password(b"pw");
+    for (user, password) in [("md5user", "password = \"md5-secret\""), ("trustuser", "")] {
+        let text = format!(
+            r#"[listen]
+addr = "127.0.0.1:0"
+[shards.legacy]
+host = "127.0.0.1"
+port = {port}
+database = "legacy"
+user = "{user}"
+{password}
+tls = "disable"
+[[tenants]]
+id = "00000000-0000-0000-0000-0000000000bb"
+name = "legacy"
+placement = {{ kind = "dedicated", shard = "legacy" }}
+[[tenants.users]]
+name = "app"
+scram = "{verifier}"
+"#,
+            port = cluster.port
+        );
+        let snapshot = pgtenant::config::load_str(&text, std::path::Path::new("t.toml")).unwrap();
+        let proxy = pgtenant::app::start(snapshot).await.unwrap();
+        let mut c = tokio_postgres::Config::new();
+        c.host("127.0.0.1")
+            .port(proxy.addr.port())
+            .user("app@legacy")
+            .password("pw");
+        let client = common::connect_with(c).await.unwrap();
+        let who: String = client
+            .query_one("SELECT current_user::text", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(who, user);
+        drop(client);
+        proxy.shutdown(std::time::Duration::from_secs(1)).await;
+    }
+    drop(cluster);
+}
