@@ -2,38 +2,15 @@
 //! PostgreSQL's own syntax (`-c name=value`, `--name=value`, backslash escapes; see
 //! `pg_split_opts` and `ParseLongOption` in the PostgreSQL sources).
 //!
-//! Settings are an allow-list: anything not on it is refused with 08P01, and an attempt to set
-//! a protected setting (the tenant context, roles, custom `x.y` settings) with 42501. Accepted
+//! Settings are the guard's allow-list: anything not on it is refused with 08P01, and an
+//! attempt to set a protected setting (the tenant context, roles, custom `x.y` settings) with
+//! 42501. Accepted
 //! settings are applied on the server connection with `set_config`, never put in the server's
 //! startup packet.
 
 use crate::config::PlacementKind;
 use crate::error::{ClientError, sqlstate};
-
-/// Settings a client may choose at startup, lower-case.
-const ALLOWED: &[&str] = &[
-    "application_name",
-    "client_encoding",
-    "datestyle",
-    "timezone",
-    "intervalstyle",
-    "extra_float_digits",
-    "bytea_output",
-    "client_min_messages",
-    "lock_timeout",
-    "statement_timeout",
-    "idle_in_transaction_session_timeout",
-    "default_transaction_isolation",
-    "default_transaction_read_only",
-    "default_transaction_deferrable",
-    "standard_conforming_strings",
-    "timezone_abbreviations",
-    "xmlbinary",
-    "xmloption",
-    "work_mem",
-    "jit",
-    "search_path",
-];
+use crate::tenant::guard::is_settable;
 
 /// Settings that decide who the session is or which rows it sees.
 const PROTECTED: &[&str] = &[
@@ -90,7 +67,8 @@ fn check(name: &str, value: String) -> Result<(String, String), ClientError> {
     if lower.contains('.') || PROTECTED.contains(&lower.as_str()) {
         return Err(protected(name));
     }
-    if !ALLOWED.contains(&lower.as_str()) {
+    // The same settings a client may SET later; their values are checked by the guard.
+    if !is_settable(&lower) {
         return Err(ClientError::fatal(
             sqlstate::PROTOCOL_VIOLATION,
             format!("unsupported startup parameter: {name}"),

@@ -11,7 +11,9 @@
 
 pub mod lexer;
 mod policy;
+mod settings;
 #[cfg(test)]
 mod tests;
 
 pub use policy::{Policy, Refusal, Scope, Verdict};
+pub use settings::is_settable;
