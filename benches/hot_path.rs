@@ -58,6 +58,7 @@ fn policy() -> Policy {
         max_statement_timeout: None,
         notify_prefix: Some("acme.".into()),
         allow_ddl: false,
+        prepared_prefix: None,
     }
 }
 

@@ -23,6 +23,7 @@ fn rules() -> RelayRules {
             max_statement_timeout: None,
             notify_prefix: Some("acme.".into()),
             allow_ddl: false,
+            prepared_prefix: None,
         },
         rebind_sql: "SET app.current_tenant_id TO 'x'".into(),
         tenant: Quotas::default().tenant("acme"),

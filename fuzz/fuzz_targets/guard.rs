@@ -16,6 +16,7 @@ fuzz_target!(|data: &[u8]| {
             max_statement_timeout: Some(Duration::from_secs(30)),
             notify_prefix: Some("acme.".into()),
             allow_ddl: false,
+            prepared_prefix: None,
         },
         Policy {
             scope: Scope::Dedicated,
@@ -24,6 +25,7 @@ fuzz_target!(|data: &[u8]| {
             max_statement_timeout: None,
             notify_prefix: None,
             allow_ddl: true,
+            prepared_prefix: None,
         },
     ];
     for scs in [true, false] {

@@ -39,6 +39,7 @@ fn policy_for(tenant: &Tenant, role: UserRole) -> Policy {
         max_statement_timeout: tenant.limits.statement_timeout.filter(|d| !d.is_zero()),
         notify_prefix: (scope == Scope::Tenant).then(|| format!("{}.", tenant.name)),
         allow_ddl: tenant.allow_ddl,
+        prepared_prefix: None,
     }
 }
 

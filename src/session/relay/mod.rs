@@ -523,6 +523,7 @@ pub(crate) fn test_rules(qps: Option<u32>) -> RelayRules {
             max_statement_timeout: None,
             notify_prefix: Some("acme.".into()),
             allow_ddl: false,
+            prepared_prefix: None,
         },
         rebind_sql: "SET app.current_tenant_id TO 'x'".into(),
         tenant: crate::quota::Quotas::default().tenant("acme"),

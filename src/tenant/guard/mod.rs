@@ -9,11 +9,13 @@
 //! lexer cannot read is refused. Dedicated placements skip the tenant checks but keep the
 //! read-only and statement-timeout rules.
 
+mod effects;
 pub mod lexer;
 mod policy;
 mod settings;
 #[cfg(test)]
 mod tests;
 
+pub use effects::Effect;
 pub use policy::{Policy, Refusal, Scope, Verdict};
 pub use settings::is_settable;

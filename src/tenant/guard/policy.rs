@@ -4,6 +4,7 @@
 use std::ops::Range;
 use std::time::Duration;
 
+use super::effects::{self, Effect};
 use super::lexer::{Kind, Token, lex};
 use crate::error::sqlstate;
 use crate::tenant::{quote_ident, quote_literal};
@@ -31,6 +32,9 @@ pub struct Policy {
     pub notify_prefix: Option<String>,
     /// The tenant may run DDL (schema placement with its own role).
     pub allow_ddl: bool,
+    /// Transaction pooling: report session effects, and rename SQL prepared statements into
+    /// this prefix (the client's own namespace).
+    pub prepared_prefix: Option<String>,
 }
 
 /// Why a statement was refused.
@@ -49,6 +53,8 @@ pub struct Verdict {
     pub rewritten: Option<String>,
     /// The text resets settings: bind the tenant context again after it.
     pub rebind: bool,
+    /// Session-level changes (transaction pooling only).
+    pub effects: Vec<Effect>,
 }
 
 impl Verdict {
@@ -148,16 +154,15 @@ impl Policy {
                 Err(v) => return v,
             }
         }
-        if !edits.is_empty() {
-            edits.sort_by_key(|(r, _)| r.start);
-            let mut out = Vec::with_capacity(sql.len() + 32 * edits.len());
-            let mut at = 0;
-            for (range, text) in edits {
-                out.extend_from_slice(&sql[at..range.start]);
-                out.extend_from_slice(text.as_bytes());
-                at = range.end;
+        if self.prepared_prefix.is_some() {
+            for stmt in tokens.split(|t| t.is_punct(b';')) {
+                if let Err(v) = effects::collect(self, sql, stmt, &mut edits, &mut verdict.effects) {
+                    return v;
+                }
             }
-            out.extend_from_slice(&sql[at..]);
+        }
+        if !edits.is_empty() {
+            let out = effects::apply(sql, &edits, 0..sql.len());
             match String::from_utf8(out) {
                 Ok(s) => verdict.rewritten = Some(s),
                 Err(_) => {
@@ -221,7 +226,7 @@ impl Policy {
     }
 
     /// The namespaced channel for `name`.
-    fn channel(&self, name: &str) -> Result<String, Verdict> {
+    pub(super) fn channel(&self, name: &str) -> Result<String, Verdict> {
         let Some(prefix) = &self.notify_prefix else {
             return Ok(name.to_owned());
         };

@@ -253,7 +253,7 @@ pub fn is_settable(name: &str) -> bool {
 }
 
 /// A dotted setting name starting at `stmt[i]`: `(lower-case name, index after it)`.
-fn setting_name(stmt: &[Token<'_>], mut i: usize) -> Option<(String, usize)> {
+pub(super) fn setting_name(stmt: &[Token<'_>], mut i: usize) -> Option<(String, usize)> {
     let mut name = stmt.get(i)?.ident()?.to_ascii_lowercase();
     i += 1;
     while stmt.get(i).is_some_and(|t| t.is_punct(b'.')) {

@@ -13,6 +13,7 @@ fn shared() -> Policy {
         max_statement_timeout: Some(Duration::from_secs(30)),
         notify_prefix: Some("acme.".into()),
         allow_ddl: false,
+        prepared_prefix: None,
     }
 }
 
@@ -41,6 +42,7 @@ fn dedicated() -> Policy {
 fn ddl() -> Policy {
     Policy {
         allow_ddl: true,
+        prepared_prefix: None,
         ..schema()
     }
 }
@@ -579,4 +581,83 @@ fn channel_names_that_are_not_utf8_are_refused() {
     // Found by fuzzing: the bytes were replaced on the way into the rewrite.
     let v = shared().check(b"notify \n\xb3\xc6\xc6", true);
     assert!(v.refusal.is_some());
+}
+
+fn pooled() -> Policy {
+    Policy {
+        prepared_prefix: Some("pgt_c7_".into()),
+        ..shared()
+    }
+}
+
+#[test]
+fn transaction_pooling_reports_session_effects() {
+    let cases: Vec<(&str, Vec<Effect>, Option<&str>)> = vec![
+        (
+            "SET work_mem = '64MB'",
+            vec![Effect::Set {
+                key: "work_mem".into(),
+                sql: "SET \"work_mem\" TO '64MB'".into(),
+            }],
+            None,
+        ),
+        ("SET LOCAL work_mem = '64MB'", vec![], None),
+        ("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE", vec![], None),
+        (
+            "set time zone 'UTC'",
+            vec![Effect::Set {
+                key: "timezone".into(),
+                sql: "SET \"timezone\" TO 'UTC'".into(),
+            }],
+            None,
+        ),
+        (
+            "SET SESSION datestyle TO ISO, DMY",
+            vec![Effect::Set {
+                key: "datestyle".into(),
+                sql: "SET \"datestyle\" TO ISO, DMY".into(),
+            }],
+            None,
+        ),
+        ("RESET work_mem", vec![Effect::Reset("work_mem".into())], None),
+        ("RESET ALL", vec![Effect::ResetAll], None),
+        ("DISCARD ALL", vec![Effect::DiscardAll], None),
+        (
+            "LISTEN ev",
+            vec![Effect::Listen("acme.ev".into())],
+            Some("LISTEN \"acme.ev\""),
+        ),
+        ("UNLISTEN *", vec![Effect::UnlistenAll], None),
+        (
+            "PREPARE q (int) AS SELECT $1",
+            vec![Effect::Prepare {
+                server_name: "pgt_c7_q".into(),
+                sql: "PREPARE \"pgt_c7_q\" (int) AS SELECT $1".into(),
+            }],
+            Some("PREPARE \"pgt_c7_q\" (int) AS SELECT $1"),
+        ),
+        (
+            "EXECUTE q(1); DEALLOCATE q",
+            vec![
+                Effect::Execute("pgt_c7_q".into()),
+                Effect::Deallocate("pgt_c7_q".into()),
+            ],
+            Some("EXECUTE \"pgt_c7_q\"(1); DEALLOCATE \"pgt_c7_q\""),
+        ),
+        (
+            "DEALLOCATE PREPARE q",
+            vec![Effect::Deallocate("pgt_c7_q".into())],
+            Some("DEALLOCATE PREPARE \"pgt_c7_q\""),
+        ),
+        ("DEALLOCATE ALL", vec![Effect::DeallocateAll], None),
+        ("SELECT 1", vec![], None),
+    ];
+    for (sql, effects, rewritten) in cases {
+        let v = pooled().check(sql.as_bytes(), true);
+        assert!(v.refusal.is_none(), "{sql}: {v:?}");
+        assert_eq!(v.effects, effects, "{sql}");
+        assert_eq!(v.rewritten.as_deref(), rewritten, "{sql}");
+    }
+    // Session pooling reports none.
+    assert!(shared().check(b"SET work_mem = '1MB'", true).effects.is_empty());
 }
