@@ -13,6 +13,7 @@ use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use pgtenant::auth::identity::{Claims, resolve};
 use pgtenant::auth::scram::{SCRAM_SHA_256, ScramServer};
 use pgtenant::auth::verifier::ScramVerifier;
+use pgtenant::pool::cache::PooledState;
 use pgtenant::pool::server_conn::SERVER_WHOLE;
 use pgtenant::protocol::encode;
 use pgtenant::protocol::frame::FrameScanner;
@@ -66,6 +67,8 @@ fn rules() -> RelayRules {
     RelayRules {
         policy: policy(),
         rebind_sql: "SET app.current_tenant_id TO '6f1c2b7e-1d0a-4c39-9d0e-6f3b2a1c9e01'".into(),
+        binding_sql: "SET app.current_tenant_id TO '6f1c2b7e-1d0a-4c39-9d0e-6f3b2a1c9e01'".into(),
+        client_id: 1,
         tenant: Quotas::default().tenant("acme"),
         queries_per_second: None,
         notify_prefix: Some("acme.".into()),
@@ -110,6 +113,7 @@ fn relay(c: &mut Criterion) {
         let mut relay = Relay::new(1 << 20, rules());
         let mut scanner = FrameScanner::new(SERVER_WHOLE, 1 << 20);
         let mut tracker = ConnTracker::default();
+        let mut pooled = PooledState::default();
         let mut params = BTreeMap::new();
         let mut out = BytesMut::with_capacity(128 * 1024);
         b.iter(|| {
@@ -122,6 +126,7 @@ fn relay(c: &mut Criterion) {
                     &mut out,
                     &mut tracker,
                     &mut params,
+                    &mut pooled,
                 )
                 .unwrap();
             black_box(out.len())
@@ -132,12 +137,13 @@ fn relay(c: &mut Criterion) {
     g.bench_function("client_to_server_64k", |b| {
         let mut relay = Relay::new(1 << 20, rules());
         let mut tracker = ConnTracker::default();
+        let mut pooled = PooledState::default();
         let mut out = BytesMut::with_capacity(128 * 1024);
         b.iter(|| {
             let mut input = client.clone();
             out.clear();
             relay
-                .client_bytes(&mut input, &mut out, &mut tracker)
+                .client_bytes(&mut input, &mut out, &mut tracker, &mut pooled)
                 .unwrap();
             black_box(out.len())
         })

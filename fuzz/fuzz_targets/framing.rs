@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 
 use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
+use pgtenant::pool::cache::PooledState;
 use pgtenant::pool::server_conn::SERVER_WHOLE;
 use pgtenant::protocol::frame::{FrameScanner, Piece, TagSet};
 use pgtenant::protocol::tracker::ConnTracker;
@@ -23,9 +24,11 @@ fn rules() -> RelayRules {
             max_statement_timeout: None,
             notify_prefix: Some("acme.".into()),
             allow_ddl: false,
-            prepared_prefix: None,
+            prepared_prefix: Some("pgt_c1_".into()),
         },
         rebind_sql: "SET app.current_tenant_id TO 'x'".into(),
+        binding_sql: "SET app.current_tenant_id TO 'x'".into(),
+        client_id: 1,
         tenant: Quotas::default().tenant("acme"),
         queries_per_second: Some(1000),
         notify_prefix: Some("acme.".into()),
@@ -56,11 +59,12 @@ fuzz_target!(|data: &[u8]| {
 
     let mut relay = Relay::new(4096, rules());
     let mut tracker = ConnTracker::default();
+    let mut pooled = PooledState::default();
     let mut input = BytesMut::new();
     let mut out = BytesMut::new();
     for chunk in [first, second] {
         input.extend_from_slice(chunk);
-        if relay.client_bytes(&mut input, &mut out, &mut tracker).is_err() {
+        if relay.client_bytes(&mut input, &mut out, &mut tracker, &mut pooled).is_err() {
             break;
         }
     }
@@ -71,7 +75,14 @@ fuzz_target!(|data: &[u8]| {
     for chunk in [first, second] {
         input.extend_from_slice(chunk);
         if relay
-            .server_bytes(&mut server_scanner, &mut input, &mut to_client, &mut tracker, &mut params)
+            .server_bytes(
+                &mut server_scanner,
+                &mut input,
+                &mut to_client,
+                &mut tracker,
+                &mut params,
+                &mut pooled,
+            )
             .is_err()
         {
             break;

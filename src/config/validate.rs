@@ -171,13 +171,6 @@ pub fn build_snapshot(file: ConfigFile, text: &str, path: &Path) -> Result<Snaps
 
     // [pool]
     let p = file.pool;
-    if *p.mode.get_ref() == PoolMode::Transaction {
-        return Err(ctx.err(
-            Some(p.mode.span()),
-            None,
-            "pool.mode = \"transaction\" is not available in this version; use \"session\"".into(),
-        ));
-    }
     let pool = PoolSettings {
         mode: *p.mode.get_ref(),
         checkout_timeout: p.checkout_timeout,
@@ -675,12 +668,5 @@ placement = {{ kind = "shared", shard = "shard-a" }}
         let e = load(&text).unwrap_err();
         assert_eq!(e.subject.as_deref(), Some("shard \"shard-a\""));
         assert!(e.message.contains("PGTENANT_TEST_UNSET_VAR"));
-    }
-
-    #[test]
-    fn transaction_mode_is_refused_until_supported() {
-        let e = load(&format!("{BASE}\n[pool]\nmode = \"transaction\"\n")).unwrap_err();
-        assert!(e.message.contains("session"), "{e}");
-        assert!(e.line.is_some());
     }
 }

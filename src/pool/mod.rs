@@ -7,6 +7,7 @@
 //! client left mid-request and resets it (`DISCARD ALL`) before anyone else may use it; any
 //! failure on that path closes it instead.
 
+pub mod cache;
 pub mod connect;
 pub mod server_conn;
 
@@ -142,6 +143,7 @@ impl Pool {
     pub async fn checkout(
         &self,
         tenant: TenantId,
+        client: u64,
         tenant_cap: Option<(usize, Arc<Semaphore>)>,
     ) -> Result<PooledConn, PoolError> {
         let timeout = self.settings.checkout_timeout;
@@ -165,12 +167,19 @@ impl Pool {
                 let mut idle = self.idle();
                 let pos = idle
                     .iter()
-                    .rposition(|c| c.bound == Some(tenant))
+                    .rposition(|c| {
+                        c.bound == Some(tenant) && c.pooled.settings_of.map(|s| s.0) == Some(client)
+                    })
+                    .or_else(|| idle.iter().rposition(|c| c.bound == Some(tenant)))
                     .or_else(|| idle.len().checked_sub(1));
-                pos.map(|p| idle.swap_remove(p))
+                pos.map(|p| idle.remove(p))
             };
             let Some(mut conn) = candidate else { break };
-            if conn.idle_since.elapsed() < self.settings.server_idle_timeout && !conn.looks_closed()
+            let idle_for = conn.idle_since.elapsed();
+            // Probing costs a system call; a connection used within the last second is
+            // trusted (a failure then surfaces as a lost connection, as with any server).
+            if idle_for < self.settings.server_idle_timeout
+                && (idle_for < Duration::from_secs(1) || !conn.looks_closed())
             {
                 return Ok(PooledConn {
                     conn,
@@ -193,6 +202,17 @@ impl Pool {
             _permit: permit,
             _tenant_permit: tenant_permit,
         })
+    }
+
+    /// Transaction pooling: returns a connection between transactions as it is (bound to its
+    /// tenant, statements prepared), or through [`Pool::checkin`] if it is not idle.
+    pub async fn release(&self, mut pooled: PooledConn) {
+        if pooled.conn.tracker.is_idle() && pooled.conn.scanner.at_boundary() {
+            pooled.conn.idle_since = Instant::now();
+            self.idle().push(pooled.conn);
+        } else {
+            self.checkin(pooled, true).await;
+        }
     }
 
     /// Returns a connection. `whole_messages` is false when the client stopped in the middle

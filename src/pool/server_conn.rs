@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 
+use super::cache::PooledState;
 use crate::cancel::CancelTarget;
 use crate::error::{ClientError, ErrorKind, Reportable, sqlstate};
 use crate::net::stream::ServerStream;
@@ -29,6 +30,8 @@ pub const SERVER_WHOLE: TagSet = TagSet::of(&[
     tag::AUTHENTICATION,
     tag::ERROR_RESPONSE,
     tag::NOTIFICATION_RESPONSE,
+    tag::PARSE_COMPLETE,
+    tag::CLOSE_COMPLETE,
 ]);
 /// Largest server message read whole (ParameterStatus, errors and notifications are small).
 const MAX_SERVER_WHOLE: usize = 1 << 20;
@@ -113,6 +116,8 @@ pub struct ServerConn {
     pub(crate) cancel: Arc<CancelTarget>,
     /// The tenant whose context is bound, if any.
     pub bound: Option<TenantId>,
+    /// Transaction-pooling state: prepared statements, whose settings are applied.
+    pub pooled: PooledState,
     pub(crate) idle_since: Instant,
 }
 
@@ -147,6 +152,7 @@ impl ServerConn {
             params: BTreeMap::new(),
             cancel,
             bound: None,
+            pooled: PooledState::default(),
             idle_since: now,
         }
     }
@@ -333,6 +339,7 @@ impl ServerConn {
     /// cursors, temporary tables, LISTEN registrations, advisory locks) and unbinds it.
     pub async fn reset(&mut self, patience: Duration) -> Result<(), ServerError> {
         self.bound = None;
+        self.pooled = PooledState::default();
         tokio::time::timeout(patience, self.run_own("DISCARD ALL"))
             .await
             .map_err(|_| ServerError::Timeout)?

@@ -43,6 +43,8 @@ pub mod tag {
     pub const COPY_OUT_RESPONSE: u8 = b'H';
     pub const COPY_BOTH_RESPONSE: u8 = b'W';
     pub const NEGOTIATE_PROTOCOL_VERSION: u8 = b'v';
+    pub const PARSE_COMPLETE: u8 = b'1';
+    pub const CLOSE_COMPLETE: u8 = b'3';
 }
 
 /// Largest message PostgreSQL itself accepts (`PQ_LARGE_MESSAGE_LIMIT`, 1 GiB - 1).

@@ -19,6 +19,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::io::poll_read_buf;
 
 use super::relay::{ClientStep, Relay, ServerProtocolError};
+use crate::pool::cache::PooledState;
 use crate::protocol::frame::{FrameError, FrameScanner};
 use crate::protocol::tracker::ConnTracker;
 
@@ -39,6 +40,9 @@ pub enum PumpEnd {
     ServerGone(Option<io::Error>),
     /// The server sent something malformed.
     ServerProtocol(ServerProtocolError),
+    /// Transaction pooling: the transaction is over and the server connection may go back
+    /// to its pool.
+    Released,
 }
 
 /// The server connection's parts the pump drives.
@@ -48,6 +52,21 @@ pub struct ServerSide<'a, S> {
     pub scanner: &'a mut FrameScanner,
     pub tracker: &'a mut ConnTracker,
     pub params: &'a mut BTreeMap<String, String>,
+    pub pooled: &'a mut PooledState,
+}
+
+impl<'a> ServerSide<'a, crate::net::stream::ServerStream> {
+    /// The parts of `conn` the pump drives.
+    pub fn of(conn: &'a mut crate::pool::ServerConn) -> Self {
+        ServerSide {
+            stream: &mut conn.stream,
+            rbuf: &mut conn.rbuf,
+            scanner: &mut conn.scanner,
+            tracker: &mut conn.tracker,
+            params: &mut conn.params,
+            pooled: &mut conn.pooled,
+        }
+    }
 }
 
 /// Buffers that outlive one `run` call.
@@ -112,6 +131,70 @@ impl Pump {
         std::mem::take(&mut self.to_client)
     }
 
+    /// Transaction pooling, between transactions: flushes what is queued for the client and
+    /// reads from it until it has sent something (`Ok`), or it left (`Err`). A lone Terminate
+    /// ends the session without taking a server connection.
+    pub async fn wait_for_client<C>(&mut self, client: &mut C) -> Result<(), PumpEnd>
+    where
+        C: AsyncRead + AsyncWrite + Unpin,
+    {
+        poll_fn(|cx| {
+            loop {
+                let mut progress =
+                    match poll_drain(cx, client, &mut self.to_client, &mut self.flush_client) {
+                        Ok(p) => p,
+                        Err(e) => return Poll::Ready(Err(PumpEnd::ClientGone(e))),
+                    };
+                if !self.client_in.is_empty() {
+                    if self.client_in.len() >= 5
+                        && self.client_in[0] == crate::protocol::tag::TERMINATE
+                    {
+                        return Poll::Ready(Err(PumpEnd::Terminated));
+                    }
+                    if self.client_in.len() >= 5 || !self.to_client.is_empty() {
+                        return Poll::Ready(Ok(()));
+                    }
+                }
+                reserve(&mut self.client_in);
+                match poll_read_buf(Pin::new(&mut *client), cx, &mut self.client_in) {
+                    Poll::Ready(Ok(0)) => return Poll::Ready(Err(PumpEnd::ClientGone(None))),
+                    Poll::Ready(Ok(_)) => progress = true,
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(PumpEnd::ClientGone(Some(e)))),
+                    Poll::Pending => {}
+                }
+                if !progress {
+                    return Poll::Pending;
+                }
+            }
+        })
+        .await
+    }
+
+    /// Queues `bytes` (whole messages) for the client.
+    pub fn push_to_client(&mut self, bytes: &[u8]) {
+        self.to_client.extend_from_slice(bytes);
+    }
+
+    /// The bytes queued for the server (pgtenant's own statements go first).
+    pub fn to_server_mut(&mut self) -> &mut BytesMut {
+        &mut self.to_server
+    }
+
+    /// Moves what the client already sent through the relay (after a server connection was
+    /// attached).
+    pub fn process_client<S>(
+        &mut self,
+        relay: &mut Relay,
+        server: &mut ServerSide<'_, S>,
+    ) -> Result<ClientStep, FrameError> {
+        relay.client_bytes(
+            &mut self.client_in,
+            &mut self.to_server,
+            server.tracker,
+            server.pooled,
+        )
+    }
+
     /// Forwards in both directions until one side ends.
     pub async fn run<C, S>(
         &mut self,
@@ -166,8 +249,12 @@ impl Pump {
                             &mut self.to_client,
                             server.tracker,
                             server.params,
+                            server.pooled,
                         ) {
                             return Poll::Ready(PumpEnd::ServerProtocol(e));
+                        }
+                        if self.to_server.is_empty() && relay.at_release_point(server.tracker) {
+                            return Poll::Ready(PumpEnd::Released);
                         }
                     }
                     Poll::Ready(Err(e)) => return Poll::Ready(PumpEnd::ServerGone(Some(e))),
@@ -185,6 +272,7 @@ impl Pump {
                             &mut self.client_in,
                             &mut self.to_server,
                             server.tracker,
+                            server.pooled,
                         ) {
                             Ok(ClientStep::Continue) => {}
                             Ok(ClientStep::Terminate) => return Poll::Ready(PumpEnd::Terminated),
@@ -234,12 +322,14 @@ mod tests {
         let mut scanner = FrameScanner::new(SERVER_WHOLE, 1 << 20);
         let mut tracker = ConnTracker::default();
         let mut params = BTreeMap::new();
+        let mut pooled = PooledState::default();
         let mut side = ServerSide {
             stream: &mut server_near,
             rbuf: &mut rbuf,
             scanner: &mut scanner,
             tracker: &mut tracker,
             params: &mut params,
+            pooled: &mut pooled,
         };
         let run = tokio::time::timeout(
             std::time::Duration::from_millis(500),

@@ -12,13 +12,13 @@ use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
 
 use super::pump::{Pump, PumpEnd, ServerSide};
-use super::relay::{Relay, RelayRules};
+use super::relay::{ClientStep, Relay, RelayRules};
 use super::{Authenticated, SessionError, report};
 use crate::app::AppState;
-use crate::config::{Isolation, PlacementKind, PlanConfig, Snapshot, Tenant, UserRole};
+use crate::config::{Isolation, PlacementKind, PlanConfig, PoolMode, Snapshot, Tenant, UserRole};
 use crate::error::{ClientError, Reportable, sqlstate};
 use crate::net::stream::ClientStream;
-use crate::pool::PooledConn;
+use crate::pool::{Pool, PoolError, PooledConn};
 use crate::protocol::{TxStatus, encode};
 use crate::tenant::guard::{Policy, Scope};
 use crate::tenant::params::ClientSettings;
@@ -94,6 +94,8 @@ enum SessionEnd {
     Pump(PumpEnd),
     Shutdown,
     IdleInTransaction(Duration),
+    /// Transaction pooling: no server connection for the next transaction.
+    Checkout(PoolError),
 }
 
 pub(super) async fn run_session(state: &AppState, snapshot: &Snapshot, client: Authenticated) {
@@ -105,7 +107,12 @@ pub(super) async fn run_session(state: &AppState, snapshot: &Snapshot, client: A
         startup,
         settings,
     } = client;
-    let policy = policy_for(&tenant, role);
+    let client_id = state.next_session_id();
+    let pooling = snapshot.pool.mode == PoolMode::Transaction;
+    let mut policy = policy_for(&tenant, role);
+    if pooling {
+        policy.prepared_prefix = Some(format!("pgt_c{client_id}_"));
+    }
     let Some(_slot) = state
         .quotas
         .admit_client(&tenant.name, tenant.limits.max_client_connections)
@@ -125,6 +132,11 @@ pub(super) async fn run_session(state: &AppState, snapshot: &Snapshot, client: A
         return;
     };
     let setup_sql = session_setup_sql(&tenant, role, &settings);
+    let tenant_cap = tenant
+        .limits
+        .max_server_connections
+        .filter(|_| policy.scope == Scope::Tenant)
+        .map(|n| (n, state.quotas.tenant(&tenant.name).server_permits(n)));
     let setup = async {
         settings
             .check_placement(tenant.placement.kind)
@@ -132,15 +144,27 @@ pub(super) async fn run_session(state: &AppState, snapshot: &Snapshot, client: A
         check_startup_settings(&settings, &policy)?;
         let shard = route(snapshot, &tenant, startup.get("database"))?;
         let pool = state.pools.for_tenant(&shard, &tenant)?;
-        let tenant_cap = tenant
-            .limits
-            .max_server_connections
-            .filter(|_| policy.scope == Scope::Tenant)
-            .map(|n| (n, state.quotas.tenant(&tenant.name).server_permits(n)));
-        let mut pooled = pool.checkout(tenant.id, tenant_cap).await?;
-        match pooled.conn.run_own(&setup_sql).await {
+        let mut pooled = pool
+            .checkout(tenant.id, client_id, tenant_cap.clone())
+            .await?;
+        if pooling
+            && pooled.conn.bound != Some(tenant.id)
+            && pooled.conn.pooled.used
+            && let Err(e) = pooled.conn.reset(Duration::from_secs(5)).await
+        {
+            pool.checkin(pooled, true).await;
+            return Err(SessionError::from(e));
+        }
+        let sql = if pooling {
+            format!("RESET ALL; {setup_sql}")
+        } else {
+            setup_sql.clone()
+        };
+        match pooled.conn.run_own(&sql).await {
             Ok(()) => {
                 pooled.conn.bound = Some(tenant.id);
+                pooled.conn.pooled.used = true;
+                pooled.conn.pooled.settings_of = Some((client_id, 0));
                 Ok((pool, pooled))
             }
             Err(e) => {
@@ -149,7 +173,7 @@ pub(super) async fn run_session(state: &AppState, snapshot: &Snapshot, client: A
             }
         }
     };
-    let (pool, mut pooled) = match setup.await {
+    let (pool, pooled) = match setup.await {
         Ok(ok) => ok,
         Err(e) => {
             tracing::info!(kind = e.kind().as_str(), error = %e, "session refused");
@@ -159,7 +183,6 @@ pub(super) async fn run_session(state: &AppState, snapshot: &Snapshot, client: A
     };
 
     let cancel = state.cancels.register();
-    cancel.set_target(Some(pooled.conn.cancel_target()));
     let mut out = BytesMut::new();
     for (name, value) in &pooled.conn.params {
         let value = if name == "session_authorization" {
@@ -182,20 +205,36 @@ pub(super) async fn run_session(state: &AppState, snapshot: &Snapshot, client: A
         notify_prefix: policy.notify_prefix.clone(),
         policy,
         rebind_sql: setup_sql,
+        binding_sql: binding_sql(&tenant),
+        client_id,
         tenant: state.quotas.tenant(&tenant.name),
         queries_per_second: tenant.limits.queries_per_second,
     };
     let mut relay = Relay::new(snapshot.listen.max_message_size, rules);
     let mut pump = Pump::default();
-    let end = forward(
-        state,
-        &tenant.limits,
-        &mut relay,
-        &mut pump,
-        &mut stream,
-        &mut pooled,
-    )
-    .await;
+    let (end, attached) = if pooling {
+        pool.release(pooled).await;
+        let attached = Attached {
+            pool: &pool,
+            tenant: &tenant,
+            client_id,
+            tenant_cap,
+        };
+        forward_pooled(state, attached, &cancel, &mut relay, &mut pump, &mut stream).await
+    } else {
+        let mut pooled = pooled;
+        cancel.set_target(Some(pooled.conn.cancel_target()));
+        let end = forward(
+            state,
+            &tenant.limits,
+            &mut relay,
+            &mut pump,
+            &mut stream,
+            &mut pooled,
+        )
+        .await;
+        (end, Some(pooled))
+    };
     drop(cancel);
     let counters = relay.counters;
     tracing::info!(
@@ -204,13 +243,78 @@ pub(super) async fn run_session(state: &AppState, snapshot: &Snapshot, client: A
         throttled = counters.throttled,
         "session counters"
     );
-    finish(end, &mut stream, &mut pump, &pooled).await;
+    finish(end, &mut stream, &mut pump, attached.as_ref()).await;
+    let Some(mut pooled) = attached else { return };
     let leftover = pump.take_to_server();
     if !leftover.is_empty() && relay.client_at_boundary() {
         // Messages the client sent just before leaving (e.g. a query and Terminate).
         let _ = pooled.conn.send(&leftover).await;
     }
-    pool.checkin(pooled, relay.client_at_boundary()).await;
+    if pooling && relay.client_at_boundary() {
+        pool.release(pooled).await;
+    } else {
+        pool.checkin(pooled, relay.client_at_boundary()).await;
+    }
+}
+
+/// What transaction pooling needs to take server connections for a client.
+struct Attached<'a> {
+    pool: &'a Arc<Pool>,
+    tenant: &'a Arc<Tenant>,
+    client_id: u64,
+    tenant_cap: Option<(usize, Arc<tokio::sync::Semaphore>)>,
+}
+
+/// Transaction pooling: waits for the client's next message, takes a server connection for
+/// the transaction it starts, forwards until the transaction is over, returns the
+/// connection, and again. Returns how the session ended and the connection it still holds.
+async fn forward_pooled(
+    state: &AppState,
+    a: Attached<'_>,
+    cancel: &crate::cancel::CancelHandle,
+    relay: &mut Relay,
+    pump: &mut Pump,
+    stream: &mut ClientStream,
+) -> (SessionEnd, Option<PooledConn>) {
+    loop {
+        let waited = tokio::select! {
+            r = pump.wait_for_client(stream) => r,
+            _ = state.shutdown.cancelled() => return (SessionEnd::Shutdown, None),
+        };
+        if let Err(end) = waited {
+            return (SessionEnd::Pump(end), None);
+        }
+        let mut pooled = match a
+            .pool
+            .checkout(a.tenant.id, a.client_id, a.tenant_cap.clone())
+            .await
+        {
+            Ok(p) => p,
+            Err(e) => return (SessionEnd::Checkout(e), None),
+        };
+        let same_tenant = pooled.conn.bound == Some(a.tenant.id);
+        pooled.conn.bound = Some(a.tenant.id);
+        cancel.set_target(Some(pooled.conn.cancel_target()));
+        let step = {
+            let mut side = ServerSide::of(&mut pooled.conn);
+            relay.attach(pump.to_server_mut(), side.tracker, side.pooled, same_tenant);
+            pump.process_client(relay, &mut side)
+        };
+        match step {
+            Ok(ClientStep::Continue) => {}
+            Ok(ClientStep::Terminate) => {
+                return (SessionEnd::Pump(PumpEnd::Terminated), Some(pooled));
+            }
+            Err(e) => return (SessionEnd::Pump(PumpEnd::ClientProtocol(e)), Some(pooled)),
+        }
+        match forward(state, &a.tenant.limits, relay, pump, stream, &mut pooled).await {
+            SessionEnd::Pump(PumpEnd::Released) => {
+                cancel.set_target(None);
+                a.pool.release(pooled).await;
+            }
+            end => return (end, Some(pooled)),
+        }
+    }
 }
 
 /// How often the session checks its timeouts while forwarding.
@@ -227,15 +331,8 @@ async fn forward(
 ) -> SessionEnd {
     let statement_timeout = limits.statement_timeout.filter(|d| !d.is_zero());
     let idle_timeout = limits.idle_in_transaction_timeout.filter(|d| !d.is_zero());
-    let conn = &mut pooled.conn;
-    let cancel_target = conn.cancel_target();
-    let mut side = ServerSide {
-        stream: &mut conn.stream,
-        rbuf: &mut conn.rbuf,
-        scanner: &mut conn.scanner,
-        tracker: &mut conn.tracker,
-        params: &mut conn.params,
-    };
+    let cancel_target = pooled.conn.cancel_target();
+    let mut side = ServerSide::of(&mut pooled.conn);
     let mut tick = tokio::time::interval(TIMER_TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let timers = statement_timeout.is_some() || idle_timeout.is_some();
@@ -276,7 +373,12 @@ async fn forward(
 }
 
 /// Tells the client how the session ended, when it is still there to hear it.
-async fn finish(end: SessionEnd, stream: &mut ClientStream, pump: &mut Pump, pooled: &PooledConn) {
+async fn finish(
+    end: SessionEnd,
+    stream: &mut ClientStream,
+    pump: &mut Pump,
+    pooled: Option<&PooledConn>,
+) {
     let (label, notice) = match &end {
         SessionEnd::Shutdown => (
             "shutdown",
@@ -314,14 +416,20 @@ async fn finish(end: SessionEnd, stream: &mut ClientStream, pump: &mut Pump, poo
                 )),
             )
         }
-        SessionEnd::Pump(PumpEnd::Terminated) => ("terminate", None),
+        SessionEnd::Checkout(e) => {
+            tracing::info!(kind = e.kind().as_str(), error = %e, "no server connection");
+            ("checkout", e.client_error())
+        }
+        SessionEnd::Pump(PumpEnd::Terminated) | SessionEnd::Pump(PumpEnd::Released) => {
+            ("terminate", None)
+        }
         SessionEnd::Pump(PumpEnd::ClientGone(_)) => ("client_gone", None),
     };
     tracing::info!(end = label, "session ended");
     let Some(notice) = notice else { return };
     let mut out = pump.take_to_client();
     // An error may only follow whole messages.
-    if !pooled.conn.scanner.at_boundary() {
+    if pooled.is_some_and(|p| !p.conn.scanner.at_boundary()) {
         out.clear();
     }
     notice.encode(&mut out);

@@ -19,11 +19,23 @@ use std::time::Instant;
 use bytes::{Buf, BufMut, BytesMut};
 
 use crate::error::{ClientError, sqlstate};
+use crate::pool::cache::PooledState;
 use crate::protocol::frame::{FrameError, FrameScanner, Piece, TagSet};
 use crate::protocol::tracker::ConnTracker;
 use crate::protocol::{encode, server_msgs, tag, take_cstr};
 use crate::quota::TenantState;
-use crate::tenant::guard::{Policy, Scope};
+use crate::tenant::guard::{Effect, Policy, Scope};
+use pooling::SessionState;
+
+mod pooling;
+
+/// What the guard made of a Parse.
+enum ParseOutcome {
+    /// Refused: send these bytes (a Parse the server fails on) instead.
+    Refused(BytesMut),
+    /// Allowed: forward, with this body when the text was rewritten.
+    Forward(Option<Vec<u8>>),
+}
 
 /// Client messages the relay reads whole.
 const CLIENT_WHOLE: TagSet = TagSet::of(&[
@@ -33,6 +45,18 @@ const CLIENT_WHOLE: TagSet = TagSet::of(&[
     tag::EXECUTE,
     tag::SYNC,
     tag::FUNCTION_CALL,
+]);
+/// With transaction pooling, statement names in Bind, Describe and Close are translated too.
+const CLIENT_WHOLE_POOLED: TagSet = TagSet::of(&[
+    tag::TERMINATE,
+    tag::QUERY,
+    tag::PARSE,
+    tag::EXECUTE,
+    tag::SYNC,
+    tag::FUNCTION_CALL,
+    tag::BIND,
+    tag::DESCRIBE,
+    tag::CLOSE,
 ]);
 
 /// Text the server fails to parse: stands in for a refused statement.
@@ -64,6 +88,10 @@ pub struct RelayRules {
     pub policy: Policy,
     /// SQL that binds the tenant context (and the client's startup settings) again.
     pub rebind_sql: String,
+    /// SQL that binds only the tenant context (run at every transaction when pooling).
+    pub binding_sql: String,
+    /// This client's session id (names its state on pooled connections).
+    pub client_id: u64,
     /// The tenant's shared counters, and its query rate if it has one.
     pub tenant: Arc<TenantState>,
     pub queries_per_second: Option<u32>,
@@ -106,14 +134,26 @@ pub struct Relay {
     busy_since: Option<Instant>,
     /// When the last ReadyForQuery arrived (for the idle-in-transaction timeout).
     ready_since: Instant,
+    /// The epoch being answered has reported an error.
+    epoch_failed: bool,
+    /// Transaction pooling: the client's session state.
+    session: SessionState,
+    /// Channels to subscribe to and unsubscribe from (`None`: all) at the tenant's hub.
+    pub listens: Vec<String>,
+    pub unlistens: Vec<Option<String>>,
     pub counters: RelayCounters,
 }
 
 impl Relay {
     /// `max_message` caps client messages read whole.
     pub fn new(max_message: usize, rules: RelayRules) -> Self {
+        let whole = if rules.policy.prepared_prefix.is_some() {
+            CLIENT_WHOLE_POOLED
+        } else {
+            CLIENT_WHOLE
+        };
         Relay {
-            client_scan: FrameScanner::new(CLIENT_WHOLE, max_message),
+            client_scan: FrameScanner::new(whole, max_message),
             rules,
             standard_conforming: true,
             owners: VecDeque::new(),
@@ -124,8 +164,21 @@ impl Relay {
             swallowing: false,
             busy_since: None,
             ready_since: Instant::now(),
+            epoch_failed: false,
+            session: SessionState::default(),
+            listens: Vec::new(),
+            unlistens: Vec::new(),
             counters: RelayCounters::default(),
         }
+    }
+
+    /// Transaction pooling: the server connection may go back to the pool now (nothing is
+    /// owed, no transaction is open, and the client is between messages).
+    pub fn at_release_point(&self, tracker: &ConnTracker) -> bool {
+        self.rules.policy.prepared_prefix.is_some()
+            && self.owners.is_empty()
+            && tracker.is_idle()
+            && self.client_scan.at_boundary()
     }
 
     /// When the statement now running on the server started, if one is.
@@ -164,21 +217,29 @@ impl Relay {
         self.refusals.push_back((epoch, error));
     }
 
-    /// Appends pgtenant's rebind statement to `out`.
-    fn inject_rebind(&mut self, out: &mut BytesMut, tracker: &mut ConnTracker) {
-        let mut body = Vec::with_capacity(self.rules.rebind_sql.len() + 1);
-        body.extend_from_slice(self.rules.rebind_sql.as_bytes());
+    /// Appends a simple query of pgtenant's own to `out`; its replies will be consumed.
+    fn inject_query(&mut self, out: &mut BytesMut, tracker: &mut ConnTracker, sql: &str) {
+        let mut body = Vec::with_capacity(sql.len() + 1);
+        body.extend_from_slice(sql.as_bytes());
         body.push(0);
         encode::raw(tag::QUERY, &body, out);
         self.open_epoch(Owner::Proxy, tracker, tag::QUERY);
     }
 
-    /// Moves everything forwardable from `input` to `to_server`.
+    /// Appends pgtenant's rebind statement to `out`.
+    fn inject_rebind(&mut self, out: &mut BytesMut, tracker: &mut ConnTracker) {
+        let sql = self.rules.rebind_sql.clone();
+        self.inject_query(out, tracker, &sql);
+    }
+
+    /// Moves everything forwardable from `input` to `to_server`. `pooled` is the server
+    /// connection's transaction-pooling state.
     pub fn client_bytes(
         &mut self,
         input: &mut BytesMut,
         to_server: &mut BytesMut,
         tracker: &mut ConnTracker,
+        pooled: &mut PooledState,
     ) -> Result<ClientStep, FrameError> {
         let mut run = 0;
         loop {
@@ -197,15 +258,41 @@ impl Relay {
                 Piece::Whole { tag, len } => (tag, len),
             };
             let message = &input[run..run + len];
-            let replacement = match t {
+            let body = &message[5..];
+            let mut effects = Vec::new();
+            let mut before = BytesMut::new();
+            let replacement: Option<(u8, BytesMut)> = match t {
                 tag::TERMINATE => {
                     move_run(input, run, to_server);
                     input.advance(len);
                     return Ok(ClientStep::Terminate);
                 }
-                tag::QUERY => self.on_query(&message[5..]),
-                tag::PARSE => self.on_parse(&message[5..]),
-                tag::EXECUTE => self.on_execute(&message[5..]),
+                tag::QUERY => {
+                    let (replacement, found) = self.on_query(body);
+                    effects = found;
+                    if !effects.is_empty() {
+                        self.before_query(&effects, &mut before, tracker, pooled);
+                    }
+                    replacement
+                }
+                tag::PARSE => match self.on_parse(body) {
+                    ParseOutcome::Refused(bytes) => Some((tag::PARSE, bytes)),
+                    ParseOutcome::Forward(new_body) => {
+                        let body = new_body.as_deref().unwrap_or(body);
+                        match self.pooled_message(tag::PARSE, body, pooled) {
+                            Some(bytes) => Some((tag::PARSE, bytes)),
+                            None => new_body.map(|b| {
+                                let mut out = BytesMut::new();
+                                encode::raw(tag::PARSE, &b, &mut out);
+                                (tag::PARSE, out)
+                            }),
+                        }
+                    }
+                },
+                tag::BIND | tag::DESCRIBE | tag::CLOSE => {
+                    self.pooled_message(t, body, pooled).map(|bytes| (t, bytes))
+                }
+                tag::EXECUTE => self.on_execute(body),
                 tag::FUNCTION_CALL if self.rules.policy.scope == Scope::Tenant => {
                     self.counters.refused += 1;
                     self.refuse(
@@ -222,23 +309,33 @@ impl Relay {
                 _ => None,
             };
             let sent_tag = replacement.as_ref().map(|(t, _)| *t).unwrap_or(t);
-            match replacement {
-                None => run += len,
-                Some((_, bytes)) => {
-                    move_run(input, run, to_server);
-                    input.advance(len);
-                    to_server.extend_from_slice(&bytes);
-                    run = 0;
+            if replacement.is_none() && before.is_empty() {
+                run += len;
+            } else {
+                move_run(input, run, to_server);
+                to_server.extend_from_slice(&before);
+                match replacement {
+                    Some((_, bytes)) => to_server.extend_from_slice(&bytes),
+                    None => to_server.extend_from_slice(&input[..len]),
                 }
+                input.advance(len);
+                run = 0;
             }
             match sent_tag {
                 tag::QUERY | tag::SYNC | tag::FUNCTION_CALL => {
+                    let epoch = self.next_epoch;
                     self.open_epoch(Owner::Client, tracker, sent_tag);
-                    let rebind = std::mem::take(&mut self.rebind_at_sync);
-                    if rebind {
+                    let mut after = BytesMut::new();
+                    if !effects.is_empty() {
+                        self.after_query(epoch, effects, &mut after, tracker);
+                    }
+                    if std::mem::take(&mut self.rebind_at_sync) {
+                        self.inject_rebind(&mut after, tracker);
+                    }
+                    if !after.is_empty() {
                         move_run(input, run, to_server);
                         run = 0;
-                        self.inject_rebind(to_server, tracker);
+                        to_server.extend_from_slice(&after);
                     }
                 }
                 other => tracker.client_message(other),
@@ -248,58 +345,71 @@ impl Relay {
         Ok(ClientStep::Continue)
     }
 
-    /// Checks a Query; returns the message to send instead, if any.
-    fn on_query(&mut self, body: &[u8]) -> Option<(u8, BytesMut)> {
+    /// Checks a Query; returns the message to send instead, if any, and its session effects
+    /// (transaction pooling).
+    fn on_query(&mut self, body: &[u8]) -> (Option<(u8, BytesMut)>, Vec<Effect>) {
         self.counters.queries += 1;
         let epoch = self.next_epoch;
         if !self.take_query_token() {
             let error = self.throttled();
             self.refuse(epoch, error);
-            return Some((tag::QUERY, refused_query()));
+            return (Some((tag::QUERY, refused_query())), Vec::new());
         }
         let text = cstr_prefix(body);
         let verdict = self.rules.policy.check(text, self.standard_conforming);
         if let Some(r) = verdict.refusal {
             self.counters.refused += 1;
             self.refuse(epoch, ClientError::error(r.sqlstate, r.message));
-            return Some((tag::QUERY, refused_query()));
+            return (Some((tag::QUERY, refused_query())), Vec::new());
         }
         // The rebind goes right after this Query (the epoch opens when it is sent).
         self.rebind_at_sync |= verdict.rebind;
-        verdict.rewritten.map(|sql| {
+        let replacement = verdict.rewritten.map(|sql| {
             let mut out = BytesMut::new();
             let mut b = sql.into_bytes();
             b.push(0);
             encode::raw(tag::QUERY, &b, &mut out);
             (tag::QUERY, out)
-        })
+        });
+        (replacement, verdict.effects)
     }
 
-    /// Checks a Parse; the replacement keeps its name and parameter types.
-    fn on_parse(&mut self, body: &[u8]) -> Option<(u8, BytesMut)> {
+    /// Checks a Parse. A refused one becomes an unnamed Parse the server fails on; an
+    /// allowed one may come back with rewritten text (same name and parameter types).
+    fn on_parse(&mut self, body: &[u8]) -> ParseOutcome {
         // A malformed Parse goes through unchanged: the server rejects it.
-        let (name, rest) = take_cstr(body)?;
-        let (text, params) = take_cstr(rest)?;
+        let Some((name, rest)) = take_cstr(body) else {
+            return ParseOutcome::Forward(None);
+        };
+        let Some((text, params)) = take_cstr(rest) else {
+            return ParseOutcome::Forward(None);
+        };
         let verdict = self.rules.policy.check(text, self.standard_conforming);
-        let new_text: Option<Vec<u8>> = if let Some(r) = verdict.refusal {
+        if let Some(r) = verdict.refusal {
             self.counters.refused += 1;
             self.refuse(self.next_epoch, ClientError::error(r.sqlstate, r.message));
-            Some(REFUSED_SQL[..REFUSED_SQL.len() - 1].to_vec())
-        } else {
-            self.rebind_at_sync |= verdict.rebind;
-            verdict.rewritten.map(String::into_bytes)
-        };
-        new_text.map(|text| {
-            let mut b = Vec::with_capacity(name.len() + text.len() + params.len() + 2);
-            b.extend_from_slice(name);
-            b.push(0);
-            b.extend_from_slice(&text);
-            b.push(0);
+            let mut b = vec![0];
+            b.extend_from_slice(REFUSED_SQL);
             b.extend_from_slice(params);
             let mut out = BytesMut::new();
             encode::raw(tag::PARSE, &b, &mut out);
-            (tag::PARSE, out)
-        })
+            if self.rules.policy.prepared_prefix.is_some() {
+                self.session
+                    .parses
+                    .push_back((self.next_epoch, pooling::Reply::Client));
+            }
+            return ParseOutcome::Refused(out);
+        }
+        self.rebind_at_sync |= verdict.rebind;
+        ParseOutcome::Forward(verdict.rewritten.map(|text| {
+            let mut b = Vec::with_capacity(name.len() + text.len() + params.len() + 2);
+            b.extend_from_slice(name);
+            b.push(0);
+            b.extend_from_slice(text.as_bytes());
+            b.push(0);
+            b.extend_from_slice(params);
+            b
+        }))
     }
 
     /// Counts an Execute against the query rate.
@@ -348,6 +458,7 @@ impl Relay {
         to_client: &mut BytesMut,
         tracker: &mut ConnTracker,
         params: &mut BTreeMap<String, String>,
+        pooled: &mut PooledState,
     ) -> Result<(), ServerProtocolError> {
         let mut run = 0;
         while let Some(piece) = scanner.next(&input[run..])? {
@@ -372,6 +483,10 @@ impl Relay {
                                 .map_err(|_| ServerProtocolError::Malformed("ReadyForQuery"))?;
                             tracker.server_message(t, Some(status));
                             self.owners.pop_front();
+                            let failed = std::mem::take(&mut self.epoch_failed);
+                            if self.rules.policy.prepared_prefix.is_some() {
+                                self.close_epoch(self.done_epoch, failed, pooled);
+                            }
                             self.done_epoch += 1;
                             let now = Instant::now();
                             if self.owners.is_empty() {
@@ -405,6 +520,7 @@ impl Relay {
                             drop_piece(input, &mut run, len, to_client);
                         }
                         tag::ERROR_RESPONSE => {
+                            self.epoch_failed = true;
                             let epoch = self.done_epoch;
                             match self.refusals.iter().position(|(e, _)| *e == epoch) {
                                 Some(i) => {
@@ -418,10 +534,25 @@ impl Relay {
                                 None => run += len,
                             }
                         }
+                        tag::NOTIFICATION_RESPONSE
+                            if self.rules.policy.prepared_prefix.is_some() =>
+                        {
+                            // Pooled connections do not listen; the tenant's hub delivers.
+                            drop_piece(input, &mut run, len, to_client);
+                        }
                         tag::NOTIFICATION_RESPONSE => {
                             let out = self.rename_notification(body);
                             replace_piece(input, &mut run, len, to_client, &out);
                         }
+                        tag::PARSE_COMPLETE | tag::CLOSE_COMPLETE => match self.reply_for(t) {
+                            Some(shown) if shown == t => run += len,
+                            Some(shown) => {
+                                let mut out = BytesMut::new();
+                                encode::raw(shown, b"", &mut out);
+                                replace_piece(input, &mut run, len, to_client, &out);
+                            }
+                            None => drop_piece(input, &mut run, len, to_client),
+                        },
                         other => {
                             tracker.server_message(other, None);
                             if proxy {
@@ -526,6 +657,8 @@ pub(crate) fn test_rules(qps: Option<u32>) -> RelayRules {
             prepared_prefix: None,
         },
         rebind_sql: "SET app.current_tenant_id TO 'x'".into(),
+        binding_sql: "SET app.current_tenant_id TO 'x'".into(),
+        client_id: 1,
         tenant: crate::quota::Quotas::default().tenant("acme"),
         queries_per_second: qps,
         notify_prefix: Some("acme.".into()),

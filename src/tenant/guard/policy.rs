@@ -156,7 +156,8 @@ impl Policy {
         }
         if self.prepared_prefix.is_some() {
             for stmt in tokens.split(|t| t.is_punct(b';')) {
-                if let Err(v) = effects::collect(self, sql, stmt, &mut edits, &mut verdict.effects) {
+                if let Err(v) = effects::collect(self, sql, stmt, &mut edits, &mut verdict.effects)
+                {
                     return v;
                 }
             }

@@ -619,7 +619,11 @@ fn transaction_pooling_reports_session_effects() {
             }],
             None,
         ),
-        ("RESET work_mem", vec![Effect::Reset("work_mem".into())], None),
+        (
+            "RESET work_mem",
+            vec![Effect::Reset("work_mem".into())],
+            None,
+        ),
         ("RESET ALL", vec![Effect::ResetAll], None),
         ("DISCARD ALL", vec![Effect::DiscardAll], None),
         (
@@ -659,5 +663,10 @@ fn transaction_pooling_reports_session_effects() {
         assert_eq!(v.rewritten.as_deref(), rewritten, "{sql}");
     }
     // Session pooling reports none.
-    assert!(shared().check(b"SET work_mem = '1MB'", true).effects.is_empty());
+    assert!(
+        shared()
+            .check(b"SET work_mem = '1MB'", true)
+            .effects
+            .is_empty()
+    );
 }

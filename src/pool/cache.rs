@@ -1,0 +1,110 @@
+//! What a transaction-pooled server connection carries from one client to the next: the
+//! prepared statements pgtenant created on it (bounded, oldest evicted first), whose settings
+//! are applied, and whether anyone has used it since it was opened or reset.
+
+use std::collections::{HashSet, VecDeque};
+
+/// Server-side prepared statements on one connection, by pgtenant's names.
+#[derive(Debug)]
+pub struct PreparedCache {
+    names: HashSet<String>,
+    order: VecDeque<String>,
+    limit: usize,
+}
+
+impl Default for PreparedCache {
+    fn default() -> Self {
+        PreparedCache::with_limit(256)
+    }
+}
+
+impl PreparedCache {
+    /// A cache holding at most `limit` statements.
+    pub fn with_limit(limit: usize) -> Self {
+        PreparedCache {
+            names: HashSet::new(),
+            order: VecDeque::new(),
+            limit: limit.max(1),
+        }
+    }
+
+    /// Whether `name` exists on the connection.
+    pub fn contains(&self, name: &str) -> bool {
+        self.names.contains(name)
+    }
+
+    /// Records `name`.
+    pub fn insert(&mut self, name: &str) {
+        if self.names.insert(name.to_owned()) {
+            self.order.push_back(name.to_owned());
+        }
+    }
+
+    /// The oldest statements beyond the limit, forgotten here: the caller deallocates them
+    /// (at a point where the server runs no extended-protocol batch).
+    pub fn overflow(&mut self) -> Vec<String> {
+        let mut out = Vec::new();
+        while self.names.len() > self.limit {
+            let Some(oldest) = self.order.pop_front() else {
+                break;
+            };
+            self.names.remove(&oldest);
+            out.push(oldest);
+        }
+        out
+    }
+
+    /// Forgets `name` (it was deallocated or its creation failed).
+    pub fn remove(&mut self, name: &str) {
+        if self.names.remove(name) {
+            self.order.retain(|n| n != name);
+        }
+    }
+
+    /// Forgets everything (DISCARD ALL / DEALLOCATE ALL ran).
+    pub fn clear(&mut self) {
+        self.names.clear();
+        self.order.clear();
+    }
+
+    /// Number of statements.
+    pub fn len(&self) -> usize {
+        self.names.len()
+    }
+
+    /// True when empty.
+    pub fn is_empty(&self) -> bool {
+        self.names.is_empty()
+    }
+}
+
+/// Transaction-pooling state of one server connection.
+#[derive(Debug, Default)]
+pub struct PooledState {
+    pub prepared: PreparedCache,
+    /// `(client id, settings version)` whose settings are applied.
+    pub settings_of: Option<(u64, u64)>,
+    /// Something ran on it since it was opened or last reset.
+    pub used: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cache_evicts_oldest_first() {
+        let mut c = PreparedCache::with_limit(2);
+        c.insert("a");
+        c.insert("b");
+        c.insert("a");
+        assert!(c.overflow().is_empty(), "a was already there");
+        c.insert("c");
+        assert_eq!(c.overflow(), vec!["a".to_owned()]);
+        assert!(!c.contains("a") && c.contains("b") && c.contains("c"));
+        c.remove("b");
+        assert_eq!(c.len(), 1);
+        c.clear();
+        assert!(c.is_empty());
+    }
+}

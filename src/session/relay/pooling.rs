@@ -1,0 +1,418 @@
+//! Transaction pooling in the relay (DESIGN.md §6). A client keeps its session state while its
+//! transactions run on different server connections. That state is its settings, its named
+//! prepared statements (protocol and SQL level) and its LISTEN channels. pgtenant prepares
+//! statements under its own names, creating each on whichever connection the client gets.
+//! Per connection it keeps a bounded cache shared by all of one tenant's clients. It also
+//! replays the client's settings on a connection that last served someone else.
+//!
+//! Replies to what pgtenant sends on its own are consumed, and stand-ins are translated back:
+//! a statement already prepared on the connection becomes a `Close` whose `CloseComplete` is
+//! shown to the client as `ParseComplete`.
+
+use std::collections::{HashMap, VecDeque};
+use std::hash::{Hash, Hasher};
+
+use bytes::BytesMut;
+
+use super::Relay;
+use crate::pool::cache::PooledState;
+use crate::protocol::tracker::ConnTracker;
+use crate::protocol::{encode, tag, take_cstr};
+use crate::tenant::guard::Effect;
+use crate::tenant::quote_ident;
+
+/// A statement name no client can have: closing it is a no-op that still earns a
+/// CloseComplete.
+const NO_STATEMENT: &[u8] = b"pgtenant_no_statement\0";
+
+/// What a ParseComplete or CloseComplete from the server stands for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Reply {
+    /// The client's own message: forward.
+    Client,
+    /// pgtenant's own message: consume.
+    Proxy,
+    /// A stand-in Close for a Parse of a statement the connection already has: show it as
+    /// ParseComplete.
+    AsParse,
+}
+
+/// A named statement the client prepared with Parse.
+#[derive(Debug, Clone)]
+struct Statement {
+    server_name: String,
+    /// The Parse body after the name: query text, NUL, parameter types.
+    definition: Vec<u8>,
+}
+
+/// The client's session as it outlives server connections.
+#[derive(Debug, Default)]
+pub(super) struct SessionState {
+    /// Settings in the order set: `(key, SQL that replays it)`.
+    settings: Vec<(String, String)>,
+    settings_version: u64,
+    statements: HashMap<String, Statement>,
+    /// SQL-level prepared statements by server name: the PREPARE that recreates them.
+    sql_prepared: HashMap<String, String>,
+    /// Replies to ParseComplete and CloseComplete, in the order the server will send them,
+    /// with the epoch they belong to.
+    pub(super) parses: VecDeque<(u64, Reply)>,
+    pub(super) closes: VecDeque<(u64, Reply)>,
+    /// Effects to apply when their epoch succeeds.
+    effects: VecDeque<(u64, Vec<Effect>)>,
+    /// Statements put in the connection's cache during an epoch (undone if it fails).
+    created: Vec<(u64, String)>,
+}
+
+/// pgtenant's name for a statement: the same text and types share one server statement on a
+/// connection (connections serve one tenant between resets).
+fn server_statement_name(definition: &[u8]) -> String {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    definition.hash(&mut h);
+    format!("pgt_s{:016x}", h.finish())
+}
+
+fn encode_parse(name: &str, definition: &[u8], out: &mut BytesMut) {
+    let mut body = Vec::with_capacity(name.len() + 1 + definition.len());
+    body.extend_from_slice(name.as_bytes());
+    body.push(0);
+    body.extend_from_slice(definition);
+    encode::raw(tag::PARSE, &body, out);
+}
+
+impl Relay {
+    fn pooled(&self) -> bool {
+        self.rules.policy.prepared_prefix.is_some()
+    }
+
+    /// Runs when a server connection is attached for the client's next transaction: resets
+    /// it if another tenant used it, replays the client's settings if someone else's are
+    /// applied, deallocates overflow statements, and binds the tenant context. All pipelined
+    /// ahead of the client's messages.
+    pub fn attach(
+        &mut self,
+        out: &mut BytesMut,
+        tracker: &mut ConnTracker,
+        pooled: &mut PooledState,
+        same_tenant: bool,
+    ) {
+        if pooled.used && !same_tenant {
+            self.inject_query(out, tracker, "DISCARD ALL");
+            pooled.prepared.clear();
+            pooled.settings_of = None;
+        }
+        pooled.used = true;
+        let overflow = pooled.prepared.overflow();
+        if !overflow.is_empty() {
+            let sql: Vec<String> = overflow
+                .iter()
+                .map(|n| format!("DEALLOCATE {}", quote_ident(n)))
+                .collect();
+            self.inject_query(out, tracker, &sql.join("; "));
+        }
+        let mine = (self.rules.client_id, self.session.settings_version);
+        if pooled.settings_of == Some(mine) {
+            let binding = self.rules.binding_sql.clone();
+            self.inject_query(out, tracker, &binding);
+        } else {
+            let setup = format!("RESET ALL; {}", self.rules.rebind_sql);
+            self.inject_query(out, tracker, &setup);
+            if !self.session.settings.is_empty() {
+                let replay: Vec<&str> = self
+                    .session
+                    .settings
+                    .iter()
+                    .map(|(_, s)| s.as_str())
+                    .collect();
+                self.inject_query(out, tracker, &replay.join("; "));
+            }
+            pooled.settings_of = Some(mine);
+        }
+    }
+
+    /// Transaction pooling: a Parse, Bind, Describe or Close, renamed into pgtenant's
+    /// statement names. Returns the bytes to send instead, if any (possibly preceded by a
+    /// Parse creating the statement on this connection).
+    pub(super) fn pooled_message(
+        &mut self,
+        t: u8,
+        body: &[u8],
+        pooled: &mut PooledState,
+    ) -> Option<BytesMut> {
+        if !self.pooled() {
+            return None;
+        }
+        let epoch = self.next_epoch;
+        match t {
+            tag::PARSE => {
+                let (name, definition) = take_cstr(body)?;
+                if name.is_empty() {
+                    self.session.parses.push_back((epoch, Reply::Client));
+                    return None;
+                }
+                let name = String::from_utf8_lossy(name).into_owned();
+                let server_name = server_statement_name(definition);
+                self.session.statements.insert(
+                    name,
+                    Statement {
+                        server_name: server_name.clone(),
+                        definition: definition.to_vec(),
+                    },
+                );
+                let mut out = BytesMut::new();
+                if pooled.prepared.contains(&server_name) {
+                    let mut close = vec![b'S'];
+                    close.extend_from_slice(NO_STATEMENT);
+                    encode::raw(tag::CLOSE, &close, &mut out);
+                    self.session.closes.push_back((epoch, Reply::AsParse));
+                } else {
+                    encode_parse(&server_name, definition, &mut out);
+                    self.session.parses.push_back((epoch, Reply::Client));
+                    pooled.prepared.insert(&server_name);
+                    self.session.created.push((epoch, server_name));
+                }
+                Some(out)
+            }
+            tag::BIND => {
+                let (portal, rest) = take_cstr(body)?;
+                let (name, params) = take_cstr(rest)?;
+                let mut out = BytesMut::new();
+                let server_name = self.ensure_statement(name, pooled, &mut out)?;
+                let mut b = Vec::with_capacity(body.len() + 32);
+                b.extend_from_slice(portal);
+                b.push(0);
+                b.extend_from_slice(server_name.as_bytes());
+                b.push(0);
+                b.extend_from_slice(params);
+                encode::raw(tag::BIND, &b, &mut out);
+                Some(out)
+            }
+            tag::DESCRIBE | tag::CLOSE => {
+                let (&kind, rest) = body.split_first()?;
+                if t == tag::CLOSE {
+                    self.session.closes.push_back((epoch, Reply::Client));
+                }
+                if kind != b'S' {
+                    return None;
+                }
+                let (name, _) = take_cstr(rest)?;
+                if name.is_empty() {
+                    return None;
+                }
+                let mut out = BytesMut::new();
+                if t == tag::CLOSE {
+                    // The server statement stays in the connection's cache for others.
+                    self.session
+                        .statements
+                        .remove(String::from_utf8_lossy(name).as_ref());
+                    let mut close = vec![b'S'];
+                    close.extend_from_slice(NO_STATEMENT);
+                    encode::raw(tag::CLOSE, &close, &mut out);
+                    return Some(out);
+                }
+                let server_name = self.ensure_statement(name, pooled, &mut out)?;
+                let mut d = vec![b'S'];
+                d.extend_from_slice(server_name.as_bytes());
+                d.push(0);
+                encode::raw(tag::DESCRIBE, &d, &mut out);
+                Some(out)
+            }
+            _ => None,
+        }
+    }
+
+    /// The server name of the client's statement `name`, creating it on this connection
+    /// first (into `out`) when needed. `None` for names the client never prepared (the
+    /// server reports them).
+    fn ensure_statement(
+        &mut self,
+        name: &[u8],
+        pooled: &mut PooledState,
+        out: &mut BytesMut,
+    ) -> Option<String> {
+        if name.is_empty() {
+            return None;
+        }
+        let statement = self
+            .session
+            .statements
+            .get(String::from_utf8_lossy(name).as_ref())?
+            .clone();
+        if !pooled.prepared.contains(&statement.server_name) {
+            encode_parse(&statement.server_name, &statement.definition, out);
+            self.session
+                .parses
+                .push_back((self.next_epoch, Reply::Proxy));
+            pooled.prepared.insert(&statement.server_name);
+            self.session
+                .created
+                .push((self.next_epoch, statement.server_name.clone()));
+        }
+        Some(statement.server_name)
+    }
+
+    /// Before a client Query with session effects is sent: statements it needs are created
+    /// first, stale ones of the same name dropped.
+    pub(super) fn before_query(
+        &mut self,
+        effects: &[Effect],
+        out: &mut BytesMut,
+        tracker: &mut ConnTracker,
+        pooled: &mut PooledState,
+    ) {
+        for effect in effects {
+            match effect {
+                // A stale statement of an earlier client session, not this one's: drop it.
+                Effect::Prepare { server_name, .. }
+                    if pooled.prepared.contains(server_name)
+                        && !self.session.sql_prepared.contains_key(server_name) =>
+                {
+                    self.inject_query(
+                        out,
+                        tracker,
+                        &format!("DEALLOCATE {}", quote_ident(server_name)),
+                    );
+                    pooled.prepared.remove(server_name);
+                }
+                // Statements the session has must exist here: EXECUTE and DEALLOCATE find
+                // them, and preparing one again fails as it would on PostgreSQL.
+                Effect::Prepare { server_name, .. }
+                | Effect::Execute(server_name)
+                | Effect::Deallocate(server_name)
+                    if !pooled.prepared.contains(server_name) =>
+                {
+                    if let Some(sql) = self.session.sql_prepared.get(server_name).cloned() {
+                        self.inject_query(out, tracker, &sql);
+                        pooled.prepared.insert(server_name);
+                    }
+                }
+                Effect::Listen(channel) => {
+                    self.listens.push(channel.clone());
+                }
+                Effect::Unlisten(channel) => self.unlistens.push(Some(channel.clone())),
+                Effect::UnlistenAll => self.unlistens.push(None),
+                _ => {}
+            }
+        }
+    }
+
+    /// After the Query is sent: its effects wait for the epoch's outcome; a LISTEN is undone
+    /// on the pooled connection at once (notifications come through the tenant's hub).
+    pub(super) fn after_query(
+        &mut self,
+        epoch: u64,
+        effects: Vec<Effect>,
+        out: &mut BytesMut,
+        tracker: &mut ConnTracker,
+    ) {
+        let listened: Vec<String> = effects
+            .iter()
+            .filter_map(|e| match e {
+                Effect::Listen(c) => Some(format!("UNLISTEN {}", quote_ident(c))),
+                _ => None,
+            })
+            .collect();
+        if !listened.is_empty() {
+            self.inject_query(out, tracker, &listened.join("; "));
+        }
+        self.session.effects.push_back((epoch, effects));
+    }
+
+    /// At the ReadyForQuery closing `epoch`: apply its effects if it succeeded, undo its
+    /// statement creations if it failed, and drop replies that will never come.
+    pub(super) fn close_epoch(&mut self, epoch: u64, failed: bool, pooled: &mut PooledState) {
+        self.session.parses.retain(|(e, _)| *e > epoch);
+        self.session.closes.retain(|(e, _)| *e > epoch);
+        let created: Vec<String> = self
+            .session
+            .created
+            .iter()
+            .filter(|(e, _)| *e <= epoch)
+            .map(|(_, n)| n.clone())
+            .collect();
+        self.session.created.retain(|(e, _)| *e > epoch);
+        if failed {
+            for name in created {
+                pooled.prepared.remove(&name);
+            }
+        }
+        while self
+            .session
+            .effects
+            .front()
+            .is_some_and(|(e, _)| *e <= epoch)
+        {
+            let Some((e, effects)) = self.session.effects.pop_front() else {
+                break;
+            };
+            if failed && e == epoch {
+                continue;
+            }
+            for effect in effects {
+                self.apply_effect(effect, pooled);
+            }
+        }
+    }
+
+    fn apply_effect(&mut self, effect: Effect, pooled: &mut PooledState) {
+        let s = &mut self.session;
+        let mut settings_changed = false;
+        match effect {
+            Effect::Set { key, sql } => {
+                s.settings.retain(|(k, _)| *k != key);
+                s.settings.push((key, sql));
+                settings_changed = true;
+            }
+            Effect::Reset(key) => {
+                s.settings.retain(|(k, _)| *k != key);
+                settings_changed = true;
+            }
+            Effect::ResetAll => {
+                s.settings.clear();
+                settings_changed = true;
+            }
+            Effect::DiscardAll => {
+                s.settings.clear();
+                s.statements.clear();
+                s.sql_prepared.clear();
+                pooled.prepared.clear();
+                self.unlistens.push(None);
+                settings_changed = true;
+            }
+            Effect::Prepare { server_name, sql } => {
+                pooled.prepared.insert(&server_name);
+                s.sql_prepared.insert(server_name, sql);
+            }
+            Effect::Deallocate(server_name) => {
+                pooled.prepared.remove(&server_name);
+                s.sql_prepared.remove(&server_name);
+            }
+            Effect::DeallocateAll => {
+                s.statements.clear();
+                s.sql_prepared.clear();
+                pooled.prepared.clear();
+            }
+            Effect::Execute(_) | Effect::Listen(_) | Effect::Unlisten(_) | Effect::UnlistenAll => {}
+        }
+        if settings_changed {
+            s.settings_version += 1;
+            // The connection that ran the change has it applied already.
+            pooled.settings_of = Some((self.rules.client_id, s.settings_version));
+        }
+    }
+
+    /// How a server ParseComplete or CloseComplete is shown to the client: `None` to
+    /// consume it, `Some(tag)` to forward it as that message type.
+    pub(super) fn reply_for(&mut self, t: u8) -> Option<u8> {
+        let queue = if t == tag::PARSE_COMPLETE {
+            &mut self.session.parses
+        } else {
+            &mut self.session.closes
+        };
+        match queue.pop_front().map(|(_, r)| r) {
+            None | Some(Reply::Client) => Some(t),
+            Some(Reply::Proxy) => None,
+            Some(Reply::AsParse) => Some(tag::PARSE_COMPLETE),
+        }
+    }
+}

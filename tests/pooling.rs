@@ -1,0 +1,282 @@
+//! Transaction pooling against real PostgreSQL: many clients over few server connections,
+//! with settings, named prepared statements (protocol and SQL), cancel, pipelines and
+//! abandoned transactions behaving as on a direct connection, and nothing crossing tenants.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Env, code, start_with};
+use pgtenant::demo::{ACME_ID, GLOBEX_ID};
+
+/// Transaction pooling with `max` server connections on the shared shard.
+async fn pooled(max: usize) -> Env {
+    start_with("", move |t| {
+        t.replacen("mode = \"session\"", "mode = \"transaction\"", 1)
+            .replacen(
+                "max_connections = 60",
+                &format!("max_connections = {max}"),
+                1,
+            )
+    })
+    .await
+}
+
+async fn backend_pid(c: &tokio_postgres::Client) -> i32 {
+    c.query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_clients_share_few_server_connections() {
+    let env = pooled(3).await;
+    let mut clients = Vec::new();
+    for i in 0..30 {
+        clients.push((
+            i,
+            env.connect(if i % 2 == 0 { "acme" } else { "globex" })
+                .await,
+        ));
+    }
+    let mut pids = std::collections::HashSet::new();
+    for round in 0..3 {
+        let work = clients.iter().map(|(i, c)| async move {
+            let row = c
+                .query_one(
+                    "SELECT current_setting('app.current_tenant_id'), count(*)::int, pg_backend_pid() FROM items",
+                    &[],
+                )
+                .await
+                .unwrap();
+            (*i, row.get::<_, String>(0), row.get::<_, i32>(1), row.get::<_, i32>(2))
+        });
+        for (i, tenant, n, pid) in futures_util::future::join_all(work).await {
+            let (want_tenant, want_n) = if i % 2 == 0 {
+                (ACME_ID, 2)
+            } else {
+                (GLOBEX_ID, 1)
+            };
+            assert_eq!(
+                (tenant.as_str(), n),
+                (want_tenant, want_n),
+                "client {i} round {round}"
+            );
+            pids.insert(pid);
+        }
+    }
+    assert!(
+        pids.len() <= 3,
+        "30 clients used {} server connections",
+        pids.len()
+    );
+}
+
+#[tokio::test]
+async fn settings_follow_the_client_across_server_connections() {
+    let env = pooled(2).await;
+    let a = env.connect("acme").await;
+    let b = env.connect("acme").await;
+    a.simple_query("SET work_mem = '7MB'").await.unwrap();
+    a.simple_query("SET application_name = 'client-a'")
+        .await
+        .unwrap();
+    b.simple_query("SET work_mem = '9MB'").await.unwrap();
+    for _ in 0..5 {
+        // Both clients keep hopping between the two connections.
+        let (ra, rb) = tokio::join!(
+            a.query_one(
+                "SELECT current_setting('work_mem'), current_setting('application_name')",
+                &[]
+            ),
+            b.query_one(
+                "SELECT current_setting('work_mem'), current_setting('application_name')",
+                &[]
+            )
+        );
+        let (ra, rb) = (ra.unwrap(), rb.unwrap());
+        assert_eq!(ra.get::<_, String>(0), "7MB");
+        assert_eq!(ra.get::<_, String>(1), "client-a");
+        assert_eq!(rb.get::<_, String>(0), "9MB");
+        assert_ne!(rb.get::<_, String>(1), "client-a");
+    }
+    a.simple_query("RESET work_mem").await.unwrap();
+    let row = a.query_one("SHOW work_mem", &[]).await.unwrap();
+    assert_eq!(row.get::<_, String>(0), "4MB");
+    // Rolled back SET LOCAL does not stick; a SET in a committed transaction does.
+    a.simple_query("BEGIN; SET LOCAL work_mem = '1MB'; COMMIT")
+        .await
+        .unwrap();
+    let row = a.query_one("SHOW work_mem", &[]).await.unwrap();
+    assert_eq!(row.get::<_, String>(0), "4MB");
+}
+
+#[tokio::test]
+async fn named_prepared_statements_work_on_any_server_connection() {
+    let env = pooled(2).await;
+    let a = env.connect("acme").await;
+    let other = env.connect("globex").await;
+    let stmt = a
+        .prepare("SELECT name, current_setting('app.current_tenant_id') FROM items WHERE id > $1 ORDER BY id")
+        .await
+        .unwrap();
+    let mut pids = std::collections::HashSet::new();
+    for _ in 0..10 {
+        // The other tenant takes connections in between: a's statement must be re-created.
+        other.simple_query("SELECT 1").await.unwrap();
+        let (rows, pid) = tokio::join!(a.query(&stmt, &[&0i64]), backend_pid(&other));
+        let rows = rows.unwrap();
+        pids.insert(pid);
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows[0].get::<_, String>(1), ACME_ID);
+    }
+    // The same text prepared twice by one client shares a server statement.
+    let again = a
+        .prepare("SELECT name, current_setting('app.current_tenant_id') FROM items WHERE id > $1 ORDER BY id")
+        .await
+        .unwrap();
+    assert_eq!(a.query(&again, &[&0i64]).await.unwrap().len(), 2);
+    drop(stmt);
+    assert_eq!(a.query(&again, &[&0i64]).await.unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn sql_prepare_execute_and_deallocate_behave_as_on_postgres() {
+    let env = pooled(2).await;
+    let a = env.connect("acme").await;
+    let b = env.connect("globex").await;
+    a.simple_query("PREPARE byid (bigint) AS SELECT name FROM items WHERE id = $1")
+        .await
+        .unwrap();
+    for _ in 0..4 {
+        b.simple_query("SELECT 1").await.unwrap();
+        let rows = a.simple_query("EXECUTE byid(1)").await.unwrap();
+        let names: Vec<String> = rows
+            .iter()
+            .filter_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(names, ["acme anvil"]);
+    }
+    // Preparing the same name twice fails, as on PostgreSQL.
+    let err = a
+        .simple_query("PREPARE byid AS SELECT 1")
+        .await
+        .unwrap_err();
+    assert_eq!(code(&err), "42P05");
+    a.simple_query("DEALLOCATE byid").await.unwrap();
+    let err = a.simple_query("EXECUTE byid(1)").await.unwrap_err();
+    assert_eq!(code(&err), "26000");
+    a.simple_query("PREPARE byid AS SELECT 2").await.unwrap();
+    a.simple_query("DEALLOCATE ALL").await.unwrap();
+    assert_eq!(
+        code(&a.simple_query("EXECUTE byid").await.unwrap_err()),
+        "26000"
+    );
+}
+
+#[tokio::test]
+async fn a_tenant_switch_resets_the_server_connection() {
+    let env = pooled(1).await;
+    let a = env.connect("acme").await;
+    a.simple_query("CREATE TEMP TABLE planted (x int); SELECT pg_advisory_lock(99)")
+        .await
+        .unwrap();
+    a.simple_query("DECLARE planted_cursor CURSOR WITH HOLD FOR SELECT 1")
+        .await
+        .unwrap();
+    let pid_a = backend_pid(&a).await;
+    let b = env.connect("globex").await;
+    let row = b
+        .query_one(
+            "SELECT pg_backend_pid(), to_regclass('pg_temp.planted') IS NULL, \
+                    (SELECT count(*) FROM pg_cursors WHERE name = 'planted_cursor'), \
+                    current_setting('app.current_tenant_id')",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, i32>(0), pid_a, "the same server connection");
+    assert!(row.get::<_, bool>(1));
+    assert_eq!(row.get::<_, i64>(2), 0);
+    assert_eq!(row.get::<_, String>(3), GLOBEX_ID);
+    let locks =
+        env.admin_a("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = 99");
+    assert_eq!(locks.trim(), "0");
+}
+
+#[tokio::test]
+async fn cancel_reaches_the_connection_serving_the_client_now() {
+    let env = pooled(2).await;
+    let a = env.connect("acme").await;
+    let token = a.cancel_token();
+    let started = Instant::now();
+    let canceller = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        token.cancel_query(tokio_postgres::NoTls).await.unwrap();
+    });
+    let err = a.simple_query("SELECT pg_sleep(30)").await.unwrap_err();
+    assert_eq!(code(&err), "57014");
+    assert!(started.elapsed() < Duration::from_secs(2));
+    canceller.await.unwrap();
+    // Cancelling an idle client (no connection) does nothing.
+    a.cancel_token()
+        .cancel_query(tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    a.simple_query("SELECT 1").await.unwrap();
+}
+
+#[tokio::test]
+async fn a_client_leaving_mid_transaction_frees_a_clean_connection() {
+    let env = pooled(1).await;
+    let t = env.tenant("acme").clone();
+    let mut raw = common::raw::Raw::connect(env.addr(), &[("user", "app@acme")], &t.password).await;
+    raw.query("BEGIN; INSERT INTO items (name) VALUES ('never committed')")
+        .await;
+    raw.until_ready().await;
+    drop(raw);
+    let c = env.connect("acme").await;
+    let n: i64 = c
+        .query_one(
+            "SELECT count(*) FROM items WHERE name = 'never committed'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 0);
+    let row = c
+        .query_one("SELECT txid_current_if_assigned() IS NULL", &[])
+        .await
+        .unwrap();
+    assert!(row.get::<_, bool>(0));
+}
+
+#[tokio::test]
+async fn pipelined_batches_with_an_error_in_the_middle_behave_as_on_postgres() {
+    let env = pooled(2).await;
+    let c = env.connect("acme").await;
+    let (r1, r2, r3) = tokio::join!(
+        c.query_one("SELECT 1::int", &[]),
+        c.query_one("SELECT 1/0", &[]),
+        c.query_one("SELECT 3::int", &[])
+    );
+    assert_eq!(r1.unwrap().get::<_, i32>(0), 1);
+    assert_eq!(code(&r2.unwrap_err()), "22012");
+    assert_eq!(r3.unwrap().get::<_, i32>(0), 3);
+    // Transactions hold their connection to the end.
+    c.simple_query("BEGIN").await.unwrap();
+    let p1 = backend_pid(&c).await;
+    let other = env.connect("globex").await;
+    let p_other = backend_pid(&other).await;
+    let p2 = backend_pid(&c).await;
+    assert_eq!(p1, p2);
+    assert_ne!(p1, p_other);
+    c.simple_query("COMMIT").await.unwrap();
+}
