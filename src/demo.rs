@@ -221,7 +221,7 @@ impl Fixture {
     /// A complete configuration listening on `addr`; `extra` is appended verbatim.
     pub fn config(&self, addr: &str, extra: &str) -> String {
         format!(
-            "[listen]\naddr = \"{addr}\"\n\n[pool]\nmode = \"session\"\n\n{}\n{extra}",
+            "[listen]\naddr = \"{addr}\"\n\n[pool]\nmode = \"transaction\"\n\n{}\n{extra}",
             self.shards
         )
     }

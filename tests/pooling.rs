@@ -280,3 +280,61 @@ async fn pipelined_batches_with_an_error_in_the_middle_behave_as_on_postgres() {
     assert_ne!(p1, p_other);
     c.simple_query("COMMIT").await.unwrap();
 }
+
+#[tokio::test]
+async fn listen_notify_fans_out_per_tenant() {
+    let env = pooled(2).await;
+    let t = env.tenant("acme").clone();
+    let mut listener =
+        common::raw::Raw::connect(env.addr(), &[("user", "app@acme")], &t.password).await;
+    listener.query("LISTEN events").await;
+    listener.until_ready().await;
+    // The pooled connections themselves do not stay listening.
+    let probe = env.connect("acme").await;
+    let n: i64 = probe
+        .query_one("SELECT count(*) FROM pg_listening_channels()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 0);
+
+    let globex = env.connect("globex").await;
+    globex
+        .simple_query("NOTIFY events, 'from globex'")
+        .await
+        .unwrap();
+    let acme = env.connect("acme").await;
+    acme.simple_query("NOTIFY events, 'one'").await.unwrap();
+    acme.simple_query("BEGIN; SELECT pg_notify('events', 'two'); COMMIT")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    while let Ok(Some(m)) =
+        tokio::time::timeout(Duration::from_millis(700), listener.try_recv()).await
+    {
+        if m.tag == b'A' {
+            let body = &m.body[4..];
+            let mut parts = body.split(|&b| b == 0);
+            let channel = String::from_utf8_lossy(parts.next().unwrap()).into_owned();
+            let payload = String::from_utf8_lossy(parts.next().unwrap()).into_owned();
+            got.push((channel, payload));
+        }
+    }
+    assert_eq!(
+        got,
+        vec![
+            ("events".to_owned(), "one".to_owned()),
+            ("events".to_owned(), "two".to_owned())
+        ]
+    );
+    listener.query("UNLISTEN *").await;
+    listener.until_ready().await;
+    acme.simple_query("NOTIFY events, 'after unlisten'")
+        .await
+        .unwrap();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), listener.try_recv())
+            .await
+            .is_err()
+    );
+}

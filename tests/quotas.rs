@@ -50,7 +50,9 @@ async fn server_connections_are_capped_per_tenant() {
         )
     })
     .await;
-    let _holder = env.connect("acme").await;
+    // An open transaction holds its server connection under either pool mode.
+    let holder = env.connect("acme").await;
+    holder.simple_query("BEGIN").await.unwrap();
     let started = Instant::now();
     let err = connect_with(env.pg_config("acme")).await.unwrap_err();
     assert_eq!(code(&err), "53300");

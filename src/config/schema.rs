@@ -121,9 +121,9 @@ pub struct AdminUserConfig {
 #[serde(rename_all = "lowercase")]
 pub enum PoolMode {
     /// A server connection per transaction.
+    #[default]
     Transaction,
     /// A server connection for the client's whole session.
-    #[default]
     Session,
 }
 

@@ -574,7 +574,7 @@ settings = { statement_timeout = "10s" }"#
             t.limits.statement_timeout,
             Some(std::time::Duration::from_secs(10))
         );
-        assert_eq!(s.pool.mode, PoolMode::Session);
+        assert_eq!(s.pool.mode, PoolMode::Transaction);
         assert_eq!(s.listen.tenant_from.len(), 3);
     }
 

@@ -9,6 +9,7 @@
 
 pub mod cache;
 pub mod connect;
+pub mod notify;
 pub mod server_conn;
 
 use std::collections::HashMap;
@@ -104,6 +105,8 @@ pub struct Pool {
     permits: Arc<Semaphore>,
     idle: Mutex<Vec<ServerConn>>,
     settings: PoolSettings,
+    /// Transaction pooling: the shard's listening connection, started on first use.
+    hub: std::sync::OnceLock<notify::NotifyHub>,
 }
 
 /// A checked-out connection; its permits return with it.
@@ -129,6 +132,7 @@ impl Pool {
             tls,
             idle: Mutex::new(Vec::new()),
             settings,
+            hub: std::sync::OnceLock::new(),
         })
     }
 
@@ -236,6 +240,23 @@ impl Pool {
         pooled.conn.idle_since = Instant::now();
         self.idle().push(pooled.conn);
         // The permit drops here, after the connection is back in the idle list.
+    }
+
+    /// The notification hub for this shard and login (transaction pooling).
+    pub fn hub(&self) -> &notify::NotifyHub {
+        self.hub.get_or_init(|| {
+            notify::NotifyHub::start(
+                Arc::clone(&self.shard),
+                self.login.clone(),
+                self.tls.clone(),
+                self.settings.connect_timeout,
+            )
+        })
+    }
+
+    /// The hub, if a client ever listened.
+    pub fn hub_if_started(&self) -> Option<&notify::NotifyHub> {
+        self.hub.get()
     }
 
     /// Closes idle connections past `server_idle_timeout`.

@@ -45,7 +45,10 @@ impl ConnTracker {
                 self.unsynced = true;
             }
             tag::COPY_DONE | tag::COPY_FAIL => self.copy_in = false,
-            _ => {}
+            tag::FLUSH | tag::COPY_DATA | tag::TERMINATE => {}
+            // A message type the proxy does not know: the server decides what follows (for
+            // an invalid one, a FATAL error), so the connection is not idle until a Sync.
+            _ => self.unsynced = true,
         }
     }
 
@@ -161,6 +164,13 @@ mod tests {
         t.server_message(b'E', None);
         t.server_message(b'Z', Some(TxStatus::Idle));
         assert!(t.is_idle());
+    }
+
+    #[test]
+    fn unknown_messages_keep_the_connection_busy() {
+        let mut t = ConnTracker::default();
+        t.client_message(b'?');
+        assert!(!t.is_idle());
     }
 
     #[test]

@@ -146,8 +146,10 @@ impl Pump {
                         Err(e) => return Poll::Ready(Err(PumpEnd::ClientGone(e))),
                     };
                 if !self.client_in.is_empty() {
-                    if self.client_in.len() >= 5
-                        && self.client_in[0] == crate::protocol::tag::TERMINATE
+                    // A well-formed Terminate; a malformed one goes to the relay, which says so.
+                    if self
+                        .client_in
+                        .starts_with(&[crate::protocol::tag::TERMINATE, 0, 0, 0, 4])
                     {
                         return Poll::Ready(Err(PumpEnd::Terminated));
                     }

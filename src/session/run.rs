@@ -18,8 +18,8 @@ use crate::app::AppState;
 use crate::config::{Isolation, PlacementKind, PlanConfig, PoolMode, Snapshot, Tenant, UserRole};
 use crate::error::{ClientError, Reportable, sqlstate};
 use crate::net::stream::ClientStream;
-use crate::pool::{Pool, PoolError, PooledConn};
-use crate::protocol::{TxStatus, encode};
+use crate::pool::{Pool, PoolError, PooledConn, notify};
+use crate::protocol::{TxStatus, encode, tag};
 use crate::tenant::guard::{Policy, Scope};
 use crate::tenant::params::ClientSettings;
 use crate::tenant::route::route;
@@ -276,13 +276,29 @@ async fn forward_pooled(
     pump: &mut Pump,
     stream: &mut ClientStream,
 ) -> (SessionEnd, Option<PooledConn>) {
-    loop {
+    let (notify_tx, mut notify_rx) =
+        tokio::sync::mpsc::channel::<notify::Notification>(notify::CLIENT_QUEUE);
+    let prefix = relay.notify_prefix().unwrap_or_default().to_owned();
+    let result = loop {
         let waited = tokio::select! {
             r = pump.wait_for_client(stream) => r,
-            _ = state.shutdown.cancelled() => return (SessionEnd::Shutdown, None),
+            Some(n) = notify_rx.recv() => {
+                // Notifications reach the client between its transactions, as on PostgreSQL.
+                let channel = n.channel.strip_prefix(&prefix).unwrap_or(&n.channel);
+                let mut body = n.pid.to_be_bytes().to_vec();
+                body.extend_from_slice(channel.as_bytes());
+                body.push(0);
+                body.extend_from_slice(n.payload.as_bytes());
+                body.push(0);
+                let mut out = BytesMut::new();
+                encode::raw(tag::NOTIFICATION_RESPONSE, &body, &mut out);
+                pump.push_to_client(&out);
+                continue;
+            }
+            _ = state.shutdown.cancelled() => break (SessionEnd::Shutdown, None),
         };
         if let Err(end) = waited {
-            return (SessionEnd::Pump(end), None);
+            break (SessionEnd::Pump(end), None);
         }
         let mut pooled = match a
             .pool
@@ -290,7 +306,7 @@ async fn forward_pooled(
             .await
         {
             Ok(p) => p,
-            Err(e) => return (SessionEnd::Checkout(e), None),
+            Err(e) => break (SessionEnd::Checkout(e), None),
         };
         let same_tenant = pooled.conn.bound == Some(a.tenant.id);
         pooled.conn.bound = Some(a.tenant.id);
@@ -303,17 +319,39 @@ async fn forward_pooled(
         match step {
             Ok(ClientStep::Continue) => {}
             Ok(ClientStep::Terminate) => {
-                return (SessionEnd::Pump(PumpEnd::Terminated), Some(pooled));
+                break (SessionEnd::Pump(PumpEnd::Terminated), Some(pooled));
             }
-            Err(e) => return (SessionEnd::Pump(PumpEnd::ClientProtocol(e)), Some(pooled)),
+            Err(e) => break (SessionEnd::Pump(PumpEnd::ClientProtocol(e)), Some(pooled)),
         }
-        match forward(state, &a.tenant.limits, relay, pump, stream, &mut pooled).await {
+        let end = forward(state, &a.tenant.limits, relay, pump, stream, &mut pooled).await;
+        subscribe(relay, a.pool, a.client_id, &notify_tx);
+        match end {
             SessionEnd::Pump(PumpEnd::Released) => {
                 cancel.set_target(None);
                 a.pool.release(pooled).await;
             }
-            end => return (end, Some(pooled)),
+            end => break (end, Some(pooled)),
         }
+    };
+    subscribe(relay, a.pool, a.client_id, &notify_tx);
+    if let Some(hub) = a.pool.hub_if_started() {
+        hub.unlisten(None, a.client_id);
+    }
+    result
+}
+
+/// Passes the LISTEN/UNLISTEN the client ran to the shard's notification hub.
+fn subscribe(
+    relay: &mut Relay,
+    pool: &Pool,
+    client: u64,
+    deliver: &tokio::sync::mpsc::Sender<notify::Notification>,
+) {
+    for channel in std::mem::take(&mut relay.unlistens) {
+        pool.hub().unlisten(channel, client);
+    }
+    for channel in std::mem::take(&mut relay.listens) {
+        pool.hub().listen(channel, client, deliver.clone());
     }
 }
 

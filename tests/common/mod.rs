@@ -101,6 +101,13 @@ pub async fn connect_with(
 /// A fresh sample world and a proxy for it; `extra` is appended to the configuration (and
 /// `edit` may rewrite the whole text first).
 pub async fn start_with(extra: &str, edit: impl FnOnce(String) -> String) -> Env {
+    // PGTENANT_TEST_LOG=debug shows the proxy's logs while debugging a test.
+    if let Ok(filter) = std::env::var("PGTENANT_TEST_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_test_writer()
+            .try_init();
+    }
     let w = world();
     let suffix = format!("_t{}", NEXT.fetch_add(1, Ordering::Relaxed));
     let fixture = tokio::task::spawn_blocking(move || {

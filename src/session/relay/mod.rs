@@ -136,6 +136,8 @@ pub struct Relay {
     ready_since: Instant,
     /// The epoch being answered has reported an error.
     epoch_failed: bool,
+    /// The server reported a FATAL error: it is about to close the connection.
+    server_fatal: bool,
     /// Transaction pooling: the client's session state.
     session: SessionState,
     /// Channels to subscribe to and unsubscribe from (`None`: all) at the tenant's hub.
@@ -165,6 +167,7 @@ impl Relay {
             busy_since: None,
             ready_since: Instant::now(),
             epoch_failed: false,
+            server_fatal: false,
             session: SessionState::default(),
             listens: Vec::new(),
             unlistens: Vec::new(),
@@ -172,10 +175,16 @@ impl Relay {
         }
     }
 
+    /// The prefix of the tenant's notification channels.
+    pub fn notify_prefix(&self) -> Option<&str> {
+        self.rules.notify_prefix.as_deref()
+    }
+
     /// Transaction pooling: the server connection may go back to the pool now (nothing is
     /// owed, no transaction is open, and the client is between messages).
     pub fn at_release_point(&self, tracker: &ConnTracker) -> bool {
         self.rules.policy.prepared_prefix.is_some()
+            && !self.server_fatal
             && self.owners.is_empty()
             && tracker.is_idle()
             && self.client_scan.at_boundary()
@@ -270,7 +279,7 @@ impl Relay {
                 tag::QUERY => {
                     let (replacement, found) = self.on_query(body);
                     effects = found;
-                    if !effects.is_empty() {
+                    if !effects.is_empty() || self.session.resync {
                         self.before_query(&effects, &mut before, tracker, pooled);
                     }
                     replacement
@@ -521,6 +530,12 @@ impl Relay {
                         }
                         tag::ERROR_RESPONSE => {
                             self.epoch_failed = true;
+                            if server_msgs::error_fields(body)
+                                .is_ok_and(|f| f.severity == "FATAL" || f.severity == "PANIC")
+                            {
+                                // The server closes after this: the connection never goes back.
+                                self.server_fatal = true;
+                            }
                             let epoch = self.done_epoch;
                             match self.refusals.iter().position(|(e, _)| *e == epoch) {
                                 Some(i) => {

@@ -62,6 +62,10 @@ pub(super) struct SessionState {
     effects: VecDeque<(u64, Vec<Effect>)>,
     /// Statements put in the connection's cache during an epoch (undone if it fails).
     created: Vec<(u64, String)>,
+    /// Epochs that dropped every prepared statement (DISCARD ALL, DEALLOCATE ALL).
+    cleared: Vec<u64>,
+    /// Such an epoch failed after pgtenant forgot the statements: deallocate them for real.
+    pub(super) resync: bool,
 }
 
 /// pgtenant's name for a statement: the same text and types share one server statement on a
@@ -260,6 +264,10 @@ impl Relay {
         tracker: &mut ConnTracker,
         pooled: &mut PooledState,
     ) {
+        if std::mem::take(&mut self.session.resync) {
+            self.inject_query(out, tracker, "DEALLOCATE ALL");
+            pooled.prepared.clear();
+        }
         for effect in effects {
             match effect {
                 // A stale statement of an earlier client session, not this one's: drop it.
@@ -284,6 +292,17 @@ impl Relay {
                     if let Some(sql) = self.session.sql_prepared.get(server_name).cloned() {
                         self.inject_query(out, tracker, &sql);
                         pooled.prepared.insert(server_name);
+                    }
+                }
+                // Statements prepared after this in the same pipeline must survive it, so the
+                // maps are cleared now, in message order, not when the reply arrives.
+                Effect::DiscardAll | Effect::DeallocateAll => {
+                    self.session.statements.clear();
+                    self.session.sql_prepared.clear();
+                    pooled.prepared.clear();
+                    self.session.cleared.push(self.next_epoch);
+                    if matches!(effect, Effect::DiscardAll) {
+                        self.unlistens.push(None);
                     }
                 }
                 Effect::Listen(channel) => {
@@ -335,7 +354,11 @@ impl Relay {
             for name in created {
                 pooled.prepared.remove(&name);
             }
+            if self.session.cleared.contains(&epoch) {
+                self.session.resync = true;
+            }
         }
+        self.session.cleared.retain(|e| *e > epoch);
         while self
             .session
             .effects
@@ -373,10 +396,6 @@ impl Relay {
             }
             Effect::DiscardAll => {
                 s.settings.clear();
-                s.statements.clear();
-                s.sql_prepared.clear();
-                pooled.prepared.clear();
-                self.unlistens.push(None);
                 settings_changed = true;
             }
             Effect::Prepare { server_name, sql } => {
@@ -387,12 +406,11 @@ impl Relay {
                 pooled.prepared.remove(&server_name);
                 s.sql_prepared.remove(&server_name);
             }
-            Effect::DeallocateAll => {
-                s.statements.clear();
-                s.sql_prepared.clear();
-                pooled.prepared.clear();
-            }
-            Effect::Execute(_) | Effect::Listen(_) | Effect::Unlisten(_) | Effect::UnlistenAll => {}
+            Effect::DeallocateAll
+            | Effect::Execute(_)
+            | Effect::Listen(_)
+            | Effect::Unlisten(_)
+            | Effect::UnlistenAll => {}
         }
         if settings_changed {
             s.settings_version += 1;

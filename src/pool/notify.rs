@@ -1,0 +1,292 @@
+//! LISTEN/NOTIFY under transaction pooling (DESIGN.md §6). Pooled connections never stay
+//! listening. Instead, one connection per shard and login role, the hub, LISTENs on every
+//! channel some client wants and fans the notifications out to those clients. Channel names
+//! arrive already moved into the tenant's namespace by the guard, so a tenant can only
+//! subscribe to its own channels. The hub reconnects and listens again when its connection
+//! drops.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Buf, BytesMut};
+use rustls::ClientConfig;
+use rustls_pki_types::ServerName;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::mpsc;
+
+use super::ServerConn;
+use super::connect::{self, Login};
+use crate::config::Shard;
+use crate::protocol::frame::{FrameScanner, Piece, TagSet};
+use crate::protocol::{encode, tag, take_cstr};
+use crate::tenant::quote_ident;
+
+/// Notifications waiting for one client, at most; more are dropped (and logged) rather than
+/// buffered without bound for a client that does not come back between transactions.
+pub const CLIENT_QUEUE: usize = 1024;
+
+/// A notification for a client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Notification {
+    /// Process id of the notifying server backend.
+    pub pid: i32,
+    /// The channel as the server knows it (namespaced).
+    pub channel: String,
+    pub payload: String,
+}
+
+enum Command {
+    Listen {
+        channel: String,
+        client: u64,
+        deliver: mpsc::Sender<Notification>,
+    },
+    Unlisten {
+        channel: Option<String>,
+        client: u64,
+    },
+}
+
+/// The shard's listening connection, shared by every pooled client of one login role.
+pub struct NotifyHub {
+    commands: mpsc::UnboundedSender<Command>,
+}
+
+type Tls = Option<(Arc<ClientConfig>, ServerName<'static>)>;
+
+impl NotifyHub {
+    /// Starts the hub's task (it connects when the first client listens).
+    pub fn start(shard: Arc<Shard>, login: Login, tls: Tls, timeout: Duration) -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(run(shard, login, tls, timeout, rx));
+        NotifyHub { commands: tx }
+    }
+
+    /// Delivers notifications on `channel` to `client` through `deliver`.
+    pub fn listen(&self, channel: String, client: u64, deliver: mpsc::Sender<Notification>) {
+        let _ = self.commands.send(Command::Listen {
+            channel,
+            client,
+            deliver,
+        });
+    }
+
+    /// Stops delivering `channel` (or every channel) to `client`.
+    pub fn unlisten(&self, channel: Option<String>, client: u64) {
+        let _ = self.commands.send(Command::Unlisten { channel, client });
+    }
+}
+
+type Subscribers = HashMap<String, HashMap<u64, mpsc::Sender<Notification>>>;
+
+async fn send_query(conn: &mut ServerConn, sql: &str) -> std::io::Result<()> {
+    let mut out = BytesMut::new();
+    let mut body = sql.as_bytes().to_vec();
+    body.push(0);
+    encode::raw(tag::QUERY, &body, &mut out);
+    conn.stream.write_all(&out).await?;
+    conn.stream.flush().await
+}
+
+/// Applies a command; returns the statement the connection must run, if any.
+fn apply(subscribers: &mut Subscribers, command: Command) -> Option<String> {
+    match command {
+        Command::Listen {
+            channel,
+            client,
+            deliver,
+        } => {
+            let entry = subscribers.entry(channel.clone()).or_default();
+            let first = entry.is_empty();
+            entry.insert(client, deliver);
+            first.then(|| format!("LISTEN {}", quote_ident(&channel)))
+        }
+        Command::Unlisten { channel, client } => {
+            let channels: Vec<String> = match channel {
+                Some(c) => vec![c],
+                None => subscribers.keys().cloned().collect(),
+            };
+            let mut emptied = Vec::new();
+            for c in channels {
+                if let Some(entry) = subscribers.get_mut(&c) {
+                    entry.remove(&client);
+                    if entry.is_empty() {
+                        subscribers.remove(&c);
+                        emptied.push(format!("UNLISTEN {}", quote_ident(&c)));
+                    }
+                }
+            }
+            (!emptied.is_empty()).then(|| emptied.join("; "))
+        }
+    }
+}
+
+/// Delivers a NotificationResponse body to the channel's subscribers.
+fn dispatch(subscribers: &mut Subscribers, body: &[u8]) {
+    let Some((pid, rest)) = body.split_first_chunk::<4>() else {
+        return;
+    };
+    let Some((channel, rest)) = take_cstr(rest) else {
+        return;
+    };
+    let Some((payload, _)) = take_cstr(rest) else {
+        return;
+    };
+    let channel = String::from_utf8_lossy(channel).into_owned();
+    let Some(entry) = subscribers.get_mut(&channel) else {
+        return;
+    };
+    let n = Notification {
+        pid: i32::from_be_bytes(*pid),
+        channel,
+        payload: String::from_utf8_lossy(payload).into_owned(),
+    };
+    entry.retain(|client, deliver| match deliver.try_send(n.clone()) {
+        Ok(()) => true,
+        Err(mpsc::error::TrySendError::Full(_)) => {
+            tracing::warn!(client, channel = %n.channel, "client is not taking its notifications; one dropped");
+            true
+        }
+        Err(mpsc::error::TrySendError::Closed(_)) => false,
+    });
+}
+
+async fn run(
+    shard: Arc<Shard>,
+    login: Login,
+    tls: Tls,
+    timeout: Duration,
+    mut commands: mpsc::UnboundedReceiver<Command>,
+) {
+    let mut subscribers: Subscribers = HashMap::new();
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        // Connect only when someone listens.
+        while subscribers.is_empty() {
+            match commands.recv().await {
+                Some(c) => {
+                    apply(&mut subscribers, c);
+                }
+                None => return,
+            }
+        }
+        let mut conn = match connect::open(&shard, &login, tls.as_ref(), timeout).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(shard = %shard.name, error = %e, "notification hub cannot connect; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+                continue;
+            }
+        };
+        backoff = Duration::from_millis(200);
+        let all: Vec<String> = subscribers
+            .keys()
+            .map(|c| format!("LISTEN {}", quote_ident(c)))
+            .collect();
+        if send_query(&mut conn, &all.join("; ")).await.is_err() {
+            continue;
+        }
+        let mut scanner = FrameScanner::new(
+            TagSet::of(&[tag::NOTIFICATION_RESPONSE, tag::ERROR_RESPONSE]),
+            1 << 20,
+        );
+        let mut buf = BytesMut::with_capacity(8192);
+        loop {
+            tokio::select! {
+                command = commands.recv() => {
+                    let Some(command) = command else { return };
+                    if let Some(sql) = apply(&mut subscribers, command)
+                        && send_query(&mut conn, &sql).await.is_err()
+                    {
+                        break;
+                    }
+                }
+                read = conn.stream.read_buf(&mut buf) => {
+                    match read {
+                        Ok(0) | Err(_) => break,
+                        Ok(_) => {}
+                    }
+                    loop {
+                        match scanner.next(&buf) {
+                            Ok(Some(Piece::Whole { tag: t, len })) => {
+                                if t == tag::NOTIFICATION_RESPONSE {
+                                    dispatch(&mut subscribers, &buf[5..len]);
+                                } else {
+                                    let fields = crate::protocol::server_msgs::error_fields(&buf[5..len]).unwrap_or_default();
+                                    tracing::warn!(code = %fields.code, message = %fields.message, "notification hub statement failed");
+                                }
+                                buf.advance(len);
+                            }
+                            Ok(Some(Piece::Pass { len, .. })) => buf.advance(len),
+                            Ok(None) => break,
+                            Err(_) => {
+                                buf.clear();
+                                break;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        tracing::info!(shard = %shard.name, "notification hub connection lost; reconnecting");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn body(channel: &str, payload: &str) -> Vec<u8> {
+        let mut b = 7i32.to_be_bytes().to_vec();
+        b.extend_from_slice(channel.as_bytes());
+        b.push(0);
+        b.extend_from_slice(payload.as_bytes());
+        b.push(0);
+        b
+    }
+
+    #[tokio::test]
+    async fn subscriptions_listen_once_and_fan_out() {
+        let mut subs = Subscribers::new();
+        let (tx1, mut rx1) = mpsc::channel(4);
+        let (tx2, mut rx2) = mpsc::channel(4);
+        let listen = |client, deliver| Command::Listen {
+            channel: "acme.ev".into(),
+            client,
+            deliver,
+        };
+        assert_eq!(
+            apply(&mut subs, listen(1, tx1)),
+            Some("LISTEN \"acme.ev\"".into())
+        );
+        assert_eq!(apply(&mut subs, listen(2, tx2)), None, "already listening");
+        dispatch(&mut subs, &body("acme.ev", "hi"));
+        dispatch(&mut subs, &body("globex.ev", "not yours"));
+        assert_eq!(rx1.recv().await.unwrap().payload, "hi");
+        assert_eq!(rx2.recv().await.unwrap().payload, "hi");
+        assert!(rx1.try_recv().is_err());
+        assert_eq!(
+            apply(
+                &mut subs,
+                Command::Unlisten {
+                    channel: None,
+                    client: 1
+                }
+            ),
+            None
+        );
+        assert_eq!(
+            apply(
+                &mut subs,
+                Command::Unlisten {
+                    channel: Some("acme.ev".into()),
+                    client: 2
+                }
+            ),
+            Some("UNLISTEN \"acme.ev\"".into())
+        );
+        assert!(subs.is_empty());
+    }
+}
