@@ -1,33 +1,40 @@
-//! Load comparison: pgbench `-S` straight to PostgreSQL and through pgtenant, interleaved in
-//! one run, with medians, ratios, the latency pgtenant adds per query, and pgtenant's own CPU
-//! time per transaction (read from /proc). Run it with `scripts/bench.sh`, which builds the
-//! release binary first. Speed is measured here, never asserted in tests.
+//! Load comparison: pgbench `-S` straight to PostgreSQL, through pgtenant and through
+//! PgBouncer, interleaved in one run (the order rotates each round), with medians, ratios to
+//! direct, the latency each proxy adds per query, and each proxy's own CPU time per
+//! transaction (from /proc). Run it with `scripts/bench.sh`, which builds the release binary
+//! and installs PgBouncer with apt if it is missing. Speed is measured here, never asserted
+//! in tests.
 //!
-//! `pgtenant` is a dedicated tenant (no guard); `pgt+guard` is a shared tenant on the same
-//! database, so every statement also goes through the full guard.
+//! Targets: `direct`; `pgtenant` (a dedicated tenant: no guard); `pgt+guard` (a shared tenant
+//! on the same database, so every statement also goes through the full guard and the binding);
+//! `pgbouncer` (same pool mode and server pool size). Both proxies get 16 server connections.
 //!
-//! When PgBouncer is installed (`/usr/sbin/pgbouncer`; `scripts/bench.sh` installs it with apt
-//! if missing) it runs in the same rounds, in the same pool mode, as a third target.
-//!
-//! Options: `--seconds N` per run (default 10), `--rounds N` (default 3), `--clients 1,16`,
-//! `--modes simple,extended,prepared` (default simple), `--no-pgbouncer`.
+//! Options: `--seconds N` per run (default 10), `--rounds N` (default 3), `--clients 1,16,64`,
+//! `--modes simple,extended,prepared`, `--pool-mode transaction|session` (default
+//! transaction), `--connect-clients N` (a `-C` run, new connection per transaction, with N
+//! clients; 0 to skip; default 8), `--no-pgbouncer`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeMap;
 use std::net::TcpListener;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use pgtenant::auth::verifier::ScramVerifier;
 use pgtenant::localpg::Cluster;
 
+const PGBOUNCER: &str = "/usr/sbin/pgbouncer";
+const SERVER_CONNECTIONS: usize = 16;
+
 struct Options {
     seconds: u32,
     rounds: usize,
     clients: Vec<u32>,
     modes: Vec<String>,
+    pool_mode: String,
+    connect_clients: u32,
     pgbouncer: bool,
 }
 
@@ -35,8 +42,10 @@ fn options() -> Options {
     let mut o = Options {
         seconds: 10,
         rounds: 3,
-        clients: vec![1, 16],
-        modes: vec!["simple".into()],
+        clients: vec![1, 16, 64],
+        modes: vec!["simple".into(), "extended".into(), "prepared".into()],
+        pool_mode: "transaction".into(),
+        connect_clients: 8,
         pgbouncer: true,
     };
     let mut args: Vec<String> = std::env::args().skip(1).collect();
@@ -56,12 +65,16 @@ fn options() -> Options {
                     .collect()
             }
             "--modes" => o.modes = value.split(',').map(str::to_owned).collect(),
+            "--pool-mode" => o.pool_mode = value,
+            "--connect-clients" => o.connect_clients = value.parse().expect("--connect-clients N"),
             other => panic!("unknown option {other}"),
         }
     }
     o
 }
 
+/// One pgbench run's result; `None` when pgbench failed (e.g. prepared statements through a
+/// pooler that does not support them).
 struct Run {
     tps: f64,
     latency_ms: f64,
@@ -73,39 +86,42 @@ fn pgbench(
     url: &str,
     clients: u32,
     mode: &str,
+    connect: bool,
     seconds: u32,
     password: &str,
-) -> Run {
-    let out = Command::new(cluster.binary("pgbench"))
-        .args(["-n", "-S", "-M", mode, "-T", &seconds.to_string()])
+) -> Option<Run> {
+    let mut cmd = Command::new(cluster.binary("pgbench"));
+    cmd.args(["-n", "-S", "-M", mode, "-T", &seconds.to_string()])
         .args([
             "-c",
             &clients.to_string(),
             "-j",
             &clients.min(2).to_string(),
-        ])
-        .arg(url)
-        .env("PGPASSWORD", password)
-        .output()
-        .expect("run pgbench");
+        ]);
+    if connect {
+        cmd.arg("-C");
+    }
+    let out = cmd.arg(url).env("PGPASSWORD", password).output().ok()?;
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "pgbench failed: {text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let number = |prefix: &str| -> f64 {
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        eprintln!(
+            "  pgbench failed: {}",
+            err.lines().next().unwrap_or_default()
+        );
+        return None;
+    }
+    let number = |prefix: &str| -> Option<f64> {
         text.lines()
             .find_map(|l| l.trim().strip_prefix(prefix))
             .and_then(|rest| rest.split_whitespace().next())
             .and_then(|n| n.parse().ok())
-            .unwrap_or_else(|| panic!("no {prefix:?} in pgbench output:\n{text}"))
     };
-    Run {
-        tps: number("tps = "),
-        latency_ms: number("latency average = "),
-        transactions: number("number of transactions actually processed: ") as u64,
-    }
+    Some(Run {
+        tps: number("tps = ")?,
+        latency_ms: number("latency average = ")?,
+        transactions: number("number of transactions actually processed: ")? as u64,
+    })
 }
 
 /// utime + stime of `pid`, in clock ticks.
@@ -125,9 +141,117 @@ fn clock_ticks_per_second() -> f64 {
         .unwrap_or(100.0)
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+fn median(mut v: Vec<f64>) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
+    Some(v[v.len() / 2])
+}
+
+/// Kills a child process when dropped, so a failed run leaves nothing behind.
+struct Reaper(Child);
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+struct Target {
+    name: &'static str,
+    url: String,
+    password: String,
+    pid: Option<u32>,
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn wait_for_port(port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "nothing listens on {port}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn pgtenant_config(port: u16, cluster: &Cluster, pool_mode: &str, client_password: &str) -> String {
+    let verifier = ScramVerifier::from_password(client_password.as_bytes());
+    let shard = |name: &str| {
+        format!(
+            "[shards.{name}]\nhost = \"127.0.0.1\"\nport = {}\ndatabase = \"bench\"\nuser = \"pgtenant_app\"\n\
+             password = \"{}\"\nmax_connections = {SERVER_CONNECTIONS}\ntls = \"disable\"\n",
+            cluster.port, cluster.password
+        )
+    };
+    format!(
+        "[listen]\naddr = \"127.0.0.1:{port}\"\n[pool]\nmode = \"{pool_mode}\"\n{}{}\
+         [[tenants]]\nid = \"00000000-0000-0000-0000-00000000be4c\"\nname = \"bench\"\n\
+         placement = {{ kind = \"dedicated\", shard = \"bench\" }}\n\
+         [[tenants.users]]\nname = \"app\"\nscram = \"{verifier}\"\n\
+         # The same database as a shared placement: every statement goes through the full guard.\n\
+         [[tenants]]\nid = \"00000000-0000-0000-0000-00000000be4d\"\nname = \"benchshared\"\n\
+         placement = {{ kind = \"shared\", shard = \"bench-shared\" }}\n\
+         [[tenants.users]]\nname = \"app\"\nscram = \"{verifier}\"\n",
+        shard("bench"),
+        shard("bench-shared"),
+    )
+}
+
+/// Starts PgBouncer (as the `postgres` OS user when root: it refuses to run as root) in front
+/// of the same database, with SCRAM for clients.
+fn start_pgbouncer(dir: &Path, cluster: &Cluster, password: &str, pool_mode: &str) -> (Child, u16) {
+    let port = free_port();
+    let bdir = dir.join("pgbouncer");
+    std::fs::create_dir_all(&bdir).unwrap();
+    // A plaintext entry: with a SCRAM verifier here PgBouncer 1.18 reuses the client's SCRAM
+    // keys for the server login, which fails for a different server user.
+    std::fs::write(
+        bdir.join("userlist.txt"),
+        format!("\"app\" \"{password}\"\n"),
+    )
+    .unwrap();
+    std::fs::write(
+        bdir.join("pgbouncer.ini"),
+        format!(
+            "[databases]\nbench = host=127.0.0.1 port={pg_port} dbname=bench user=pgtenant_app password={pg_password}\n\
+             [pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\n\
+             auth_type = scram-sha-256\nauth_file = {auth}\npool_mode = {pool_mode}\n\
+             max_client_conn = 1000\ndefault_pool_size = {SERVER_CONNECTIONS}\nlogfile = {log}\n",
+            pg_port = cluster.port,
+            pg_password = cluster.password,
+            auth = bdir.join("userlist.txt").display(),
+            log = bdir.join("pgbouncer.log").display(),
+        ),
+    )
+    .unwrap();
+    let mut cmd = Command::new(PGBOUNCER);
+    cmd.arg(bdir.join("pgbouncer.ini"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let id = |flag: &str, user: Option<&str>| -> Option<u32> {
+        let out = Command::new("id").arg(flag).args(user).output().ok()?;
+        String::from_utf8_lossy(&out.stdout).trim().parse().ok()
+    };
+    if id("-u", None) == Some(0) {
+        use std::os::unix::process::CommandExt;
+        let _ = Command::new("chown")
+            .args(["-R", "postgres:"])
+            .arg(dir)
+            .status();
+        cmd.uid(id("-u", Some("postgres")).unwrap())
+            .gid(id("-g", Some("postgres")).unwrap());
+    }
+    let child = cmd.spawn().expect("start pgbouncer");
+    wait_for_port(port);
+    (child, port)
 }
 
 fn main() {
@@ -168,58 +292,14 @@ fn main() {
         String::from_utf8_lossy(&init.stderr)
     );
 
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let dir = std::env::temp_dir().join(format!("pgtenant-load-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let config = dir.join("pgtenant.toml");
     let client_password = "bench-password";
     std::fs::write(
         &config,
-        format!(
-            r#"[listen]
-addr = "127.0.0.1:{port}"
-[pool]
-mode = "session"
-[shards.bench]
-host = "127.0.0.1"
-port = {pg_port}
-database = "bench"
-user = "pgtenant_app"
-password = "{pg_password}"
-max_connections = 100
-tls = "disable"
-[shards.bench-shared]
-host = "127.0.0.1"
-port = {pg_port}
-database = "bench"
-user = "pgtenant_app"
-password = "{pg_password}"
-max_connections = 100
-tls = "disable"
-[[tenants]]
-id = "00000000-0000-0000-0000-00000000be4c"
-name = "bench"
-placement = {{ kind = "dedicated", shard = "bench" }}
-[[tenants.users]]
-name = "app"
-scram = "{verifier}"
-# The same database as a shared placement: every statement goes through the full guard.
-[[tenants]]
-id = "00000000-0000-0000-0000-00000000be4d"
-name = "benchshared"
-placement = {{ kind = "shared", shard = "bench-shared" }}
-[[tenants.users]]
-name = "app"
-scram = "{verifier}"
-"#,
-            pg_port = cluster.port,
-            pg_password = cluster.password,
-            verifier = ScramVerifier::from_password(client_password.as_bytes()),
-        ),
+        pgtenant_config(port, &cluster, &opts.pool_mode, client_password),
     )
     .unwrap();
     let proxy = Reaper(
@@ -253,8 +333,9 @@ scram = "{verifier}"
         },
     ];
     let mut bouncer = None;
-    if opts.pgbouncer && std::path::Path::new(PGBOUNCER).is_file() {
-        let (child, bouncer_port) = start_pgbouncer(&dir, &cluster, client_password, "session");
+    if opts.pgbouncer && Path::new(PGBOUNCER).is_file() {
+        let (child, bouncer_port) =
+            start_pgbouncer(&dir, &cluster, client_password, &opts.pool_mode);
         targets.push(Target {
             name: "pgbouncer",
             url: format!("postgresql://app@127.0.0.1:{bouncer_port}/bench"),
@@ -265,35 +346,56 @@ scram = "{verifier}"
     }
     let ticks = clock_ticks_per_second();
 
-    // (clients, mode, target) -> runs, and CPU µs per transaction of the proxy process.
-    let mut results: BTreeMap<(u32, String, &str), Vec<Run>> = BTreeMap::new();
-    let mut cpu: BTreeMap<(u32, String, &str), Vec<f64>> = BTreeMap::new();
+    // Each scenario: (clients, pgbench mode, -C).
+    let mut scenarios: Vec<(u32, String, bool)> = Vec::new();
+    for &c in &opts.clients {
+        for m in &opts.modes {
+            scenarios.push((c, m.clone(), false));
+        }
+    }
+    if opts.connect_clients > 0 {
+        scenarios.push((opts.connect_clients, "simple".into(), true));
+    }
+    type Key = (u32, String, bool, &'static str);
+    let mut results: BTreeMap<Key, Vec<Run>> = BTreeMap::new();
+    let mut cpu: BTreeMap<Key, Vec<f64>> = BTreeMap::new();
     for round in 0..opts.rounds {
-        for &clients in &opts.clients {
-            for mode in &opts.modes {
-                // Rotate the order each round so no target always runs first.
-                targets.rotate_left(1);
-                for t in &targets {
-                    eprintln!("round {} -c {clients} -M {mode} {}", round + 1, t.name);
-                    let before = t.pid.map(cpu_ticks);
-                    let run = pgbench(&cluster, &t.url, clients, mode, opts.seconds, &t.password);
-                    if let (Some(pid), Some(before)) = (t.pid, before) {
-                        let used = (cpu_ticks(pid) - before) as f64 / ticks;
-                        cpu.entry((clients, mode.clone(), t.name))
-                            .or_default()
-                            .push(used * 1e6 / run.transactions.max(1) as f64);
-                    }
-                    results
-                        .entry((clients, mode.clone(), t.name))
+        for (clients, mode, connect) in &scenarios {
+            targets.rotate_left(1);
+            for t in &targets {
+                let label = if *connect { "-C " } else { "" };
+                eprintln!(
+                    "round {} {label}-c {clients} -M {mode} {}",
+                    round + 1,
+                    t.name
+                );
+                let before = t.pid.map(cpu_ticks);
+                let Some(run) = pgbench(
+                    &cluster,
+                    &t.url,
+                    *clients,
+                    mode,
+                    *connect,
+                    opts.seconds,
+                    &t.password,
+                ) else {
+                    continue;
+                };
+                let key = (*clients, mode.clone(), *connect, t.name);
+                if let (Some(pid), Some(before)) = (t.pid, before) {
+                    let used = cpu_ticks(pid).saturating_sub(before) as f64 / ticks;
+                    cpu.entry(key.clone())
                         .or_default()
-                        .push(run);
+                        .push(used * 1e6 / run.transactions.max(1) as f64);
                 }
+                results.entry(key).or_default().push(run);
             }
         }
     }
 
     println!(
-        "\npgbench -S, session pooling, {} s per run, {} rounds, medians (scale 10, {} cores)",
+        "\npgbench -S, {} pooling, {SERVER_CONNECTIONS} server connections per proxy, {} s per run, {} rounds, medians (scale 10, {} cores)",
+        opts.pool_mode,
         opts.seconds,
         opts.rounds,
         std::thread::available_parallelism()
@@ -301,121 +403,44 @@ scram = "{verifier}"
             .unwrap_or(1)
     );
     println!(
-        "{:>7} {:>9} {:>10} {:>10} {:>7} {:>9} {:>11} {:>12}",
+        "{:>10} {:>9} {:>10} {:>10} {:>7} {:>9} {:>11} {:>10}",
         "clients", "mode", "target", "tps", "ratio", "lat ms", "added us/q", "cpu us/tx"
     );
-    for &clients in &opts.clients {
-        for mode in &opts.modes {
-            let pick = |target: &str| -> (f64, f64) {
-                let runs = &results[&(clients, mode.clone(), target)];
-                (
-                    median(runs.iter().map(|r| r.tps).collect()),
-                    median(runs.iter().map(|r| r.latency_ms).collect()),
-                )
-            };
-            let (d_tps, d_lat) = pick("direct");
-            for name in ["direct", "pgtenant", "pgt+guard", "pgbouncer"] {
-                if !results.contains_key(&(clients, mode.clone(), name)) {
-                    continue;
+    for (clients, mode, connect) in &scenarios {
+        let pick = |target: &'static str| -> Option<(f64, f64)> {
+            let runs = results.get(&(*clients, mode.clone(), *connect, target))?;
+            Some((
+                median(runs.iter().map(|r| r.tps).collect())?,
+                median(runs.iter().map(|r| r.latency_ms).collect())?,
+            ))
+        };
+        let Some((d_tps, d_lat)) = pick("direct") else {
+            continue;
+        };
+        let label = if *connect {
+            format!("-C {clients}")
+        } else {
+            clients.to_string()
+        };
+        for name in ["direct", "pgtenant", "pgt+guard", "pgbouncer"] {
+            let Some((tps, lat)) = pick(name) else {
+                if targets.iter().any(|t| t.name == name) {
+                    println!("{label:>10} {mode:>9} {name:>10} {:>10}", "failed");
                 }
-                let (tps, lat) = pick(name);
-                let cpu_text = cpu
-                    .get(&(clients, mode.clone(), name))
-                    .map(|v| format!("{:.1}", median(v.clone())))
-                    .unwrap_or_else(|| "-".into());
-                println!(
-                    "{clients:>7} {mode:>9} {name:>10} {tps:>10.0} {:>7.2} {lat:>9.3} {:>11.1} {cpu_text:>12}",
-                    tps / d_tps,
-                    (lat - d_lat) * 1000.0,
-                );
-            }
+                continue;
+            };
+            let cpu_text = cpu
+                .get(&(*clients, mode.clone(), *connect, name))
+                .and_then(|v| median(v.clone()))
+                .map(|v| format!("{v:.1}"))
+                .unwrap_or_else(|| "-".into());
+            println!(
+                "{label:>10} {mode:>9} {name:>10} {tps:>10.0} {:>7.2} {lat:>9.3} {:>11.1} {cpu_text:>10}",
+                tps / d_tps,
+                (lat - d_lat) * 1000.0,
+            );
         }
     }
     drop((proxy, bouncer));
     let _ = std::fs::remove_dir_all(&dir);
-}
-
-const PGBOUNCER: &str = "/usr/sbin/pgbouncer";
-
-/// Kills a child process when dropped, so a failed run leaves nothing behind.
-struct Reaper(Child);
-
-impl Drop for Reaper {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-struct Target {
-    name: &'static str,
-    url: String,
-    password: String,
-    pid: Option<u32>,
-}
-
-fn wait_for_port(port: u16) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "nothing listens on {port}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// Starts PgBouncer (as the `postgres` OS user when root: it refuses to run as root) in front
-/// of the same database, with SCRAM for clients.
-fn start_pgbouncer(
-    dir: &std::path::Path,
-    cluster: &Cluster,
-    password: &str,
-    pool_mode: &str,
-) -> (Child, u16) {
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let bdir = dir.join("pgbouncer");
-    std::fs::create_dir_all(&bdir).unwrap();
-    // A plaintext entry: with a SCRAM verifier here PgBouncer 1.18 reuses the client's SCRAM
-    // keys for the server login, which fails for a different server user.
-    std::fs::write(
-        bdir.join("userlist.txt"),
-        format!("\"app\" \"{password}\"\n"),
-    )
-    .unwrap();
-    std::fs::write(
-        bdir.join("pgbouncer.ini"),
-        format!(
-            "[databases]\nbench = host=127.0.0.1 port={pg_port} dbname=bench user=pgtenant_app password={pg_password}\n\
-             [pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\n\
-             auth_type = scram-sha-256\nauth_file = {auth}\npool_mode = {pool_mode}\n\
-             max_client_conn = 1000\ndefault_pool_size = 100\nlogfile = {log}\n",
-            pg_port = cluster.port,
-            pg_password = cluster.password,
-            auth = bdir.join("userlist.txt").display(),
-            log = bdir.join("pgbouncer.log").display(),
-        ),
-    )
-    .unwrap();
-    let mut cmd = Command::new(PGBOUNCER);
-    cmd.arg(bdir.join("pgbouncer.ini"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    let uid = |flag: &str, user: Option<&str>| -> Option<u32> {
-        let out = Command::new("id").arg(flag).args(user).output().ok()?;
-        String::from_utf8_lossy(&out.stdout).trim().parse().ok()
-    };
-    if uid("-u", None) == Some(0) {
-        use std::os::unix::process::CommandExt;
-        let _ = Command::new("chown")
-            .args(["-R", "postgres:"])
-            .arg(dir)
-            .status();
-        cmd.uid(uid("-u", Some("postgres")).unwrap())
-            .gid(uid("-g", Some("postgres")).unwrap());
-    }
-    let child = cmd.spawn().expect("start pgbouncer");
-    wait_for_port(port);
-    (child, port)
 }
