@@ -67,7 +67,11 @@ fn rules() -> RelayRules {
     RelayRules {
         policy: policy(),
         rebind_sql: "SET app.current_tenant_id TO '6f1c2b7e-1d0a-4c39-9d0e-6f3b2a1c9e01'".into(),
-        binding_sql: "SET app.current_tenant_id TO '6f1c2b7e-1d0a-4c39-9d0e-6f3b2a1c9e01'".into(),
+        binding: pgtenant::session::relay::Binding {
+            sql: "SET app.current_tenant_id TO '6f1c2b7e-1d0a-4c39-9d0e-6f3b2a1c9e01'".into(),
+            tenant_id: "x".into(),
+            search_path: None,
+        },
         client_id: 1,
         tenant: Quotas::default().tenant("acme"),
         queries_per_second: None,

@@ -392,7 +392,7 @@ async fn a_client_that_stops_reading_blocks_the_server_not_the_proxy() {
     for _ in 0..50 {
         tokio::time::sleep(Duration::from_millis(100)).await;
         waiting = env.admin_a(
-            "SELECT wait_event FROM pg_stat_activity WHERE query LIKE 'SELECT ''marker-backpressure''%'",
+            "SELECT wait_event FROM pg_stat_activity WHERE query LIKE '%''marker-backpressure''%' AND pid <> pg_backend_pid()",
         );
         if waiting.trim() == "ClientWrite" {
             break;

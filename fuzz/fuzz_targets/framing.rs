@@ -27,7 +27,11 @@ fn rules() -> RelayRules {
             prepared_prefix: Some("pgt_c1_".into()),
         },
         rebind_sql: "SET app.current_tenant_id TO 'x'".into(),
-        binding_sql: "SET app.current_tenant_id TO 'x'".into(),
+        binding: pgtenant::session::relay::Binding {
+            sql: "SET app.current_tenant_id TO 'x'".into(),
+            tenant_id: "x".into(),
+            search_path: None,
+        },
         client_id: 1,
         tenant: Quotas::default().tenant("acme"),
         queries_per_second: Some(1000),

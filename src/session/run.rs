@@ -12,7 +12,7 @@ use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
 
 use super::pump::{Pump, PumpEnd, ServerSide};
-use super::relay::{ClientStep, Relay, RelayRules};
+use super::relay::{Binding, ClientStep, Relay, RelayRules};
 use super::{Authenticated, SessionError, report};
 use crate::app::AppState;
 use crate::config::{Isolation, PlacementKind, PlanConfig, PoolMode, Snapshot, Tenant, UserRole};
@@ -205,7 +205,14 @@ pub(super) async fn run_session(state: &AppState, snapshot: &Snapshot, client: A
         notify_prefix: policy.notify_prefix.clone(),
         policy,
         rebind_sql: setup_sql,
-        binding_sql: binding_sql(&tenant),
+        binding: Binding {
+            sql: binding_sql(&tenant),
+            tenant_id: tenant.id.to_string(),
+            search_path: match (tenant.placement.kind, &tenant.placement.schema) {
+                (PlacementKind::Schema, Some(schema)) => Some(quote_ident(schema)),
+                _ => None,
+            },
+        },
         client_id,
         tenant: state.quotas.tenant(&tenant.name),
         queries_per_second: tenant.limits.queries_per_second,

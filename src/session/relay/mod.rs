@@ -25,8 +25,11 @@ use crate::protocol::tracker::ConnTracker;
 use crate::protocol::{encode, server_msgs, tag, take_cstr};
 use crate::quota::TenantState;
 use crate::tenant::guard::{Effect, Policy, Scope};
+pub use binding::Binding;
+use binding::InBand;
 use pooling::SessionState;
 
+mod binding;
 mod pooling;
 
 /// What the guard made of a Parse.
@@ -88,8 +91,8 @@ pub struct RelayRules {
     pub policy: Policy,
     /// SQL that binds the tenant context (and the client's startup settings) again.
     pub rebind_sql: String,
-    /// SQL that binds only the tenant context (run at every transaction when pooling).
-    pub binding_sql: String,
+    /// The tenant binding run at every transaction when pooling.
+    pub binding: Binding,
     /// This client's session id (names its state on pooled connections).
     pub client_id: u64,
     /// The tenant's shared counters, and its query rate if it has one.
@@ -138,6 +141,10 @@ pub struct Relay {
     epoch_failed: bool,
     /// The server reported a FATAL error: it is about to close the connection.
     server_fatal: bool,
+    /// Transaction pooling: the next transaction still needs its binding.
+    binding_due: bool,
+    /// Replies of an in-band binding still to consume.
+    in_band: Option<InBand>,
     /// Transaction pooling: the client's session state.
     session: SessionState,
     /// Channels to subscribe to and unsubscribe from (`None`: all) at the tenant's hub.
@@ -168,6 +175,8 @@ impl Relay {
             ready_since: Instant::now(),
             epoch_failed: false,
             server_fatal: false,
+            binding_due: false,
+            in_band: None,
             session: SessionState::default(),
             listens: Vec::new(),
             unlistens: Vec::new(),
@@ -259,6 +268,11 @@ impl Relay {
             let (t, len) = match piece {
                 Piece::Pass { tag, len, .. } => {
                     if let Some(t) = tag {
+                        if self.binding_due {
+                            move_run(input, run, to_server);
+                            run = 0;
+                            self.bind_separately(to_server, tracker);
+                        }
                         tracker.client_message(t);
                     }
                     run += len;
@@ -270,6 +284,17 @@ impl Relay {
             let body = &message[5..];
             let mut effects = Vec::new();
             let mut before = BytesMut::new();
+            let mut prefix = false;
+            if self.binding_due && t != tag::TERMINATE {
+                match self.binding_plan(t, body) {
+                    binding::Plan::Prefix => prefix = true,
+                    binding::Plan::Extended => {
+                        self.binding_due = false;
+                        self.bind_extended(&mut before, tracker, pooled);
+                    }
+                    binding::Plan::Separate => self.bind_separately(&mut before, tracker),
+                }
+            }
             let replacement: Option<(u8, BytesMut)> = match t {
                 tag::TERMINATE => {
                     move_run(input, run, to_server);
@@ -317,6 +342,20 @@ impl Relay {
                 }
                 _ => None,
             };
+            let mut replacement = replacement;
+            // A refused statement needs no binding; the next one gets it.
+            let refused = self
+                .refusals
+                .back()
+                .is_some_and(|(e, _)| *e == self.next_epoch);
+            if prefix && !refused {
+                self.binding_due = false;
+                let text = match &replacement {
+                    Some((_, bytes)) => bytes.get(5..).unwrap_or_default().to_vec(),
+                    None => body.to_vec(),
+                };
+                replacement = Some((tag::QUERY, self.bind_prefix(&text)));
+            }
             let sent_tag = replacement.as_ref().map(|(t, _)| *t).unwrap_or(t);
             if replacement.is_none() && before.is_empty() {
                 run += len;
@@ -405,7 +444,7 @@ impl Relay {
             if self.rules.policy.prepared_prefix.is_some() {
                 self.session
                     .parses
-                    .push_back((self.next_epoch, pooling::Reply::Client));
+                    .push_back((self.next_epoch, pooling::Reply::Client, None));
             }
             return ParseOutcome::Refused(out);
         }
@@ -475,7 +514,8 @@ impl Relay {
                 Piece::Pass { tag, len, .. } => {
                     if let Some(t) = tag {
                         tracker.server_message(t, None);
-                        self.swallowing = self.owners.front() == Some(&Owner::Proxy);
+                        self.swallowing =
+                            self.owners.front() == Some(&Owner::Proxy) || self.in_band_reply(t);
                     }
                     if self.swallowing {
                         drop_piece(input, &mut run, len, to_client);
@@ -493,6 +533,13 @@ impl Relay {
                             tracker.server_message(t, Some(status));
                             self.owners.pop_front();
                             let failed = std::mem::take(&mut self.epoch_failed);
+                            if self
+                                .in_band
+                                .as_ref()
+                                .is_some_and(|ib| ib.epoch <= self.done_epoch)
+                            {
+                                self.in_band = None;
+                            }
                             if self.rules.policy.prepared_prefix.is_some() {
                                 self.close_epoch(self.done_epoch, failed, pooled);
                             }
@@ -537,6 +584,7 @@ impl Relay {
                                 self.server_fatal = true;
                             }
                             let epoch = self.done_epoch;
+                            let shifted = self.in_band_error(body);
                             match self.refusals.iter().position(|(e, _)| *e == epoch) {
                                 Some(i) => {
                                     let mine = self.refusals.remove(i).map(|(_, e)| e);
@@ -546,7 +594,12 @@ impl Relay {
                                     }
                                     replace_piece(input, &mut run, len, to_client, &out);
                                 }
-                                None => run += len,
+                                None => match shifted {
+                                    Some(out) => {
+                                        replace_piece(input, &mut run, len, to_client, &out)
+                                    }
+                                    None => run += len,
+                                },
                             }
                         }
                         tag::NOTIFICATION_RESPONSE
@@ -672,7 +725,11 @@ pub(crate) fn test_rules(qps: Option<u32>) -> RelayRules {
             prepared_prefix: None,
         },
         rebind_sql: "SET app.current_tenant_id TO 'x'".into(),
-        binding_sql: "SET app.current_tenant_id TO 'x'".into(),
+        binding: Binding {
+            sql: "SET app.current_tenant_id TO 'x'".into(),
+            tenant_id: "x".into(),
+            search_path: None,
+        },
         client_id: 1,
         tenant: crate::quota::Quotas::default().tenant("acme"),
         queries_per_second: qps,

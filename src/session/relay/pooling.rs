@@ -54,14 +54,15 @@ pub(super) struct SessionState {
     statements: HashMap<String, Statement>,
     /// SQL-level prepared statements by server name: the PREPARE that recreates them.
     sql_prepared: HashMap<String, String>,
-    /// Replies to ParseComplete and CloseComplete, in the order the server will send them,
-    /// with the epoch they belong to.
-    pub(super) parses: VecDeque<(u64, Reply)>,
+    /// Replies to ParseComplete, in the order the server will send them, with the epoch
+    /// they belong to and the server statement the Parse creates (if pgtenant caches it).
+    pub(super) parses: VecDeque<(u64, Reply, Option<String>)>,
+    /// Replies to CloseComplete, like `parses`.
     pub(super) closes: VecDeque<(u64, Reply)>,
     /// Effects to apply when their epoch succeeds.
     effects: VecDeque<(u64, Vec<Effect>)>,
     /// Statements put in the connection's cache during an epoch (undone if it fails).
-    created: Vec<(u64, String)>,
+    pub(super) created: Vec<(u64, String)>,
     /// Epochs that dropped every prepared statement (DISCARD ALL, DEALLOCATE ALL).
     cleared: Vec<u64>,
     /// Such an epoch failed after pgtenant forgot the statements: deallocate them for real.
@@ -116,8 +117,8 @@ impl Relay {
         }
         let mine = (self.rules.client_id, self.session.settings_version);
         if pooled.settings_of == Some(mine) {
-            let binding = self.rules.binding_sql.clone();
-            self.inject_query(out, tracker, &binding);
+            // Bound in band with the transaction's first statement.
+            self.binding_due = true;
         } else {
             let setup = format!("RESET ALL; {}", self.rules.rebind_sql);
             self.inject_query(out, tracker, &setup);
@@ -132,6 +133,15 @@ impl Relay {
             }
             pooled.settings_of = Some(mine);
         }
+    }
+
+    /// The query text of the client's statement `name`, if it prepared one.
+    pub(super) fn statement_text(&self, name: &[u8]) -> Option<Vec<u8>> {
+        let statement = self
+            .session
+            .statements
+            .get(String::from_utf8_lossy(name).as_ref())?;
+        take_cstr(&statement.definition).map(|(text, _)| text.to_vec())
     }
 
     /// Transaction pooling: a Parse, Bind, Describe or Close, renamed into pgtenant's
@@ -151,7 +161,7 @@ impl Relay {
             tag::PARSE => {
                 let (name, definition) = take_cstr(body)?;
                 if name.is_empty() {
-                    self.session.parses.push_back((epoch, Reply::Client));
+                    self.session.parses.push_back((epoch, Reply::Client, None));
                     return None;
                 }
                 let name = String::from_utf8_lossy(name).into_owned();
@@ -171,7 +181,11 @@ impl Relay {
                     self.session.closes.push_back((epoch, Reply::AsParse));
                 } else {
                     encode_parse(&server_name, definition, &mut out);
-                    self.session.parses.push_back((epoch, Reply::Client));
+                    self.session.parses.push_back((
+                        epoch,
+                        Reply::Client,
+                        Some(server_name.clone()),
+                    ));
                     pooled.prepared.insert(&server_name);
                     self.session.created.push((epoch, server_name));
                 }
@@ -244,9 +258,11 @@ impl Relay {
             .clone();
         if !pooled.prepared.contains(&statement.server_name) {
             encode_parse(&statement.server_name, &statement.definition, out);
-            self.session
-                .parses
-                .push_back((self.next_epoch, Reply::Proxy));
+            self.session.parses.push_back((
+                self.next_epoch,
+                Reply::Proxy,
+                Some(statement.server_name.clone()),
+            ));
             pooled.prepared.insert(&statement.server_name);
             self.session
                 .created
@@ -338,9 +354,10 @@ impl Relay {
     }
 
     /// At the ReadyForQuery closing `epoch`: apply its effects if it succeeded, undo its
-    /// statement creations if it failed, and drop replies that will never come.
+    /// statement creations the server never confirmed if it failed, and drop replies that
+    /// will never come.
     pub(super) fn close_epoch(&mut self, epoch: u64, failed: bool, pooled: &mut PooledState) {
-        self.session.parses.retain(|(e, _)| *e > epoch);
+        self.session.parses.retain(|(e, _, _)| *e > epoch);
         self.session.closes.retain(|(e, _)| *e > epoch);
         let created: Vec<String> = self
             .session
@@ -422,15 +439,32 @@ impl Relay {
     /// How a server ParseComplete or CloseComplete is shown to the client: `None` to
     /// consume it, `Some(tag)` to forward it as that message type.
     pub(super) fn reply_for(&mut self, t: u8) -> Option<u8> {
-        let queue = if t == tag::PARSE_COMPLETE {
-            &mut self.session.parses
+        let reply = if t == tag::PARSE_COMPLETE {
+            let Some((epoch, reply, created)) = self.session.parses.pop_front() else {
+                return Some(t);
+            };
+            if let Some(name) = created {
+                // The statement exists on the server now, whatever happens to its epoch.
+                if let Some(i) = self
+                    .session
+                    .created
+                    .iter()
+                    .position(|(e, n)| *e == epoch && *n == name)
+                {
+                    self.session.created.swap_remove(i);
+                }
+            }
+            reply
         } else {
-            &mut self.session.closes
+            let Some((_, reply)) = self.session.closes.pop_front() else {
+                return Some(t);
+            };
+            reply
         };
-        match queue.pop_front().map(|(_, r)| r) {
-            None | Some(Reply::Client) => Some(t),
-            Some(Reply::Proxy) => None,
-            Some(Reply::AsParse) => Some(tag::PARSE_COMPLETE),
+        match reply {
+            Reply::Client => Some(t),
+            Reply::Proxy => None,
+            Reply::AsParse => Some(tag::PARSE_COMPLETE),
         }
     }
 }

@@ -282,3 +282,104 @@ fn busy_and_ready_times_follow_the_exchange() {
     assert!(h.relay.ready_since().is_some());
     assert_eq!(h.tracker.status(), TxStatus::InTransaction);
 }
+
+fn pooled_harness() -> Harness {
+    let mut rules = test_rules(None);
+    rules.policy.prepared_prefix = Some("pgt_c1_".into());
+    let mut h = Harness {
+        relay: Relay::new(1 << 20, rules),
+        tracker: ConnTracker::default(),
+        scanner: FrameScanner::new(SERVER_WHOLE, 1 << 20),
+        params: BTreeMap::new(),
+        pooled: PooledState::default(),
+    };
+    // A connection that already has this client's settings: the binding goes in band.
+    h.pooled.settings_of = Some((1, 0));
+    h.pooled.used = true;
+    let mut out = BytesMut::new();
+    h.relay
+        .attach(&mut out, &mut h.tracker, &mut h.pooled, true);
+    assert!(out.is_empty(), "nothing up front");
+    h
+}
+
+#[test]
+fn in_band_binding_prefixes_a_simple_query_and_consumes_its_reply() {
+    let mut h = pooled_harness();
+    let sent = h.client(&query("SELECT 1"));
+    assert_eq!(sent.len(), 1);
+    assert_eq!(sent[0].1, b"SET app.current_tenant_id TO 'x'; SELECT 1\0");
+    let mut reply = msg(b'C', b"SET\0");
+    reply.extend_from_slice(&msg(b'T', b"\0\0"));
+    reply.extend_from_slice(&msg(b'D', b"\0\0"));
+    reply.extend_from_slice(&msg(b'C', b"SELECT 1\0"));
+    reply.extend_from_slice(&ready(b'I'));
+    let got: Vec<u8> = h.server(&reply).iter().map(|(t, _)| *t).collect();
+    assert_eq!(got, b"TDCZ");
+    assert!(h.relay.at_release_point(&h.tracker));
+}
+
+#[test]
+fn in_band_binding_shifts_error_positions_back() {
+    let mut h = pooled_harness();
+    h.client(&query("SELECT nosuch"));
+    let shift = "SET app.current_tenant_id TO 'x'; ".len();
+    let mut reply = msg(b'C', b"SET\0");
+    reply.extend_from_slice(&msg(
+        b'E',
+        format!("SERROR\0C42703\0Mcolumn does not exist\0P{}\0\0", shift + 8).as_bytes(),
+    ));
+    reply.extend_from_slice(&ready(b'I'));
+    let got = h.server(&reply);
+    assert_eq!(got[0].0, b'E');
+    assert!(String::from_utf8_lossy(&got[0].1).contains("P8\0"));
+}
+
+#[test]
+fn in_band_binding_rides_an_extended_batch() {
+    let mut h = pooled_harness();
+    let mut batch = BytesMut::new();
+    postgres_protocol::message::frontend::parse("s1", "SELECT 1", [], &mut batch).unwrap();
+    postgres_protocol::message::frontend::describe(b'S', "s1", &mut batch).unwrap();
+    postgres_protocol::message::frontend::sync(&mut batch);
+    let sent: Vec<u8> = h.client(&batch).iter().map(|(t, _)| *t).collect();
+    // pgtenant's Parse + Bind + Execute, then the client's Parse, Describe, Sync.
+    assert_eq!(sent, b"PBEPDS");
+    let mut reply = msg(b'1', b"");
+    reply.extend_from_slice(&msg(b'2', b""));
+    reply.extend_from_slice(&msg(b'D', b"\0\x01\0\0\0\x01x"));
+    reply.extend_from_slice(&msg(b'C', b"SELECT 1\0"));
+    reply.extend_from_slice(&msg(b'1', b""));
+    reply.extend_from_slice(&msg(b't', b"\0\0"));
+    reply.extend_from_slice(&msg(b'T', b"\0\0"));
+    reply.extend_from_slice(&ready(b'I'));
+    let got: Vec<u8> = h.server(&reply).iter().map(|(t, _)| *t).collect();
+    assert_eq!(got, b"1tTZ");
+}
+
+#[test]
+fn statements_the_server_confirmed_stay_cached_when_their_transaction_fails() {
+    let mut h = pooled_harness();
+    let mut batch = BytesMut::new();
+    postgres_protocol::message::frontend::parse("s1", "SELECT 1", [], &mut batch).unwrap();
+    postgres_protocol::message::frontend::parse("s2", "SELEC 2", [], &mut batch).unwrap();
+    postgres_protocol::message::frontend::sync(&mut batch);
+    let sent: Vec<u8> = h.client(&batch).iter().map(|(t, _)| *t).collect();
+    assert_eq!(sent, b"PBEPPS");
+    let bind_name = h.relay.rules.binding.statement().0.to_owned();
+    // The binding and s1 are parsed; s2 is a syntax error.
+    let mut reply = msg(b'1', b"");
+    reply.extend_from_slice(&msg(b'2', b""));
+    reply.extend_from_slice(&msg(b'D', b"\0\x01\0\0\0\x01x"));
+    reply.extend_from_slice(&msg(b'C', b"SELECT 1\0"));
+    reply.extend_from_slice(&msg(b'1', b""));
+    reply.extend_from_slice(&server_error("42601"));
+    reply.extend_from_slice(&ready(b'I'));
+    let got: Vec<u8> = h.server(&reply).iter().map(|(t, _)| *t).collect();
+    assert_eq!(got, b"1EZ");
+    assert!(
+        h.pooled.prepared.contains(&bind_name),
+        "the binding statement exists on the server: forgetting it means 42P05 later"
+    );
+    assert_eq!(h.pooled.prepared.len(), 2, "s1 stays cached, s2 does not");
+}

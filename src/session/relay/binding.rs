@@ -1,0 +1,280 @@
+//! Binding the tenant context at the start of every pooled transaction, in band (DESIGN.md
+//! §5 S1, §6). A separate statement per transaction would cost the server a whole extra
+//! implicit transaction. So when the transaction's first statement allows it, the binding
+//! rides inside that statement's own transaction:
+//!
+//! - a simple Query gets the binding `SET` prepended to its text. The `SET`'s
+//!   CommandComplete is consumed, and error positions are shifted back;
+//! - an extended-protocol batch gets a Bind and Execute of pgtenant's own `set_config`
+//!   statement ahead of the client's messages, before its Sync. Their replies are consumed.
+//!
+//! Statements that cannot run inside a transaction block (DISCARD ALL, VACUUM, CREATE
+//! INDEX CONCURRENTLY, ...) or that PostgreSQL treats specially keep a separate binding
+//! statement. If the client's transaction fails, the binding rolls back with it; the next
+//! transaction binds again, so no statement ever runs unbound.
+
+use std::collections::VecDeque;
+
+use bytes::BytesMut;
+use postgres_protocol::message::frontend;
+
+use super::Relay;
+use super::pooling::Reply;
+use crate::pool::cache::PooledState;
+use crate::protocol::tracker::ConnTracker;
+use crate::protocol::{encode, tag, take_cstr};
+
+/// First keywords after which a statement may share the binding's transaction.
+const IN_BAND_SAFE: &[&str] = &[
+    "select",
+    "insert",
+    "update",
+    "delete",
+    "merge",
+    "with",
+    "values",
+    "table",
+    "begin",
+    "start",
+    "set",
+    "show",
+    "declare",
+    "fetch",
+    "move",
+    "prepare",
+    "execute",
+    "deallocate",
+    "explain",
+    "copy",
+    "reset",
+    "listen",
+    "unlisten",
+    "notify",
+    "commit",
+    "rollback",
+    "end",
+    "abort",
+];
+
+/// Replies of the in-band binding to consume at the start of a client epoch.
+#[derive(Debug)]
+pub(super) struct InBand {
+    pub(super) epoch: u64,
+    pub(super) expect: VecDeque<u8>,
+    /// Bytes prepended to the client's query text (error positions move by this much).
+    pub(super) shift: usize,
+}
+
+/// What the tenant binding needs.
+#[derive(Debug, Clone)]
+pub struct Binding {
+    /// `SET` statement(s) binding the context.
+    pub sql: String,
+    pub tenant_id: String,
+    /// The schema tenant's `search_path` value, if bound.
+    pub search_path: Option<String>,
+}
+
+impl Binding {
+    pub(super) fn statement(&self) -> (&'static str, &'static str) {
+        match self.search_path {
+            None => (
+                "pgt_bind1",
+                "SELECT pg_catalog.set_config('app.current_tenant_id', $1, false)",
+            ),
+            Some(_) => (
+                "pgt_bind2",
+                "SELECT pg_catalog.set_config('app.current_tenant_id', $1, false), \
+                 pg_catalog.set_config('search_path', $2, false)",
+            ),
+        }
+    }
+
+    /// Number of SET statements in `sql` (one CommandComplete each).
+    fn statements(&self) -> usize {
+        1 + usize::from(self.search_path.is_some())
+    }
+}
+
+/// Whether `text` starts with a keyword that may share a transaction with the binding.
+pub(super) fn in_band_safe(text: &[u8]) -> bool {
+    let start = text
+        .iter()
+        .position(|b| !b.is_ascii_whitespace())
+        .unwrap_or(text.len());
+    let word: Vec<u8> = text[start..]
+        .iter()
+        .take_while(|b| b.is_ascii_alphabetic())
+        .map(u8::to_ascii_lowercase)
+        .collect();
+    std::str::from_utf8(&word).is_ok_and(|w| IN_BAND_SAFE.contains(&w))
+}
+
+/// How the binding goes with a transaction's first message.
+pub(super) enum Plan {
+    /// Prepended to the Query's text.
+    Prefix,
+    /// Bind and Execute of pgtenant's statement ahead of the extended batch.
+    Extended,
+    /// A separate statement before the message.
+    Separate,
+}
+
+impl Relay {
+    /// Decides, from the first message of a transaction, how its binding goes. It must run
+    /// before anything else about the message is recorded, so the message's epoch is known.
+    pub(super) fn binding_plan(&self, t: u8, body: &[u8]) -> Plan {
+        let text: Option<Vec<u8>> = match t {
+            tag::QUERY => Some(body.strip_suffix(&[0]).unwrap_or(body).to_vec()),
+            tag::PARSE => take_cstr(body)
+                .and_then(|(_, rest)| take_cstr(rest))
+                .map(|(text, _)| text.to_vec()),
+            tag::BIND => take_cstr(body)
+                .and_then(|(_, rest)| take_cstr(rest))
+                .and_then(|(name, _)| self.statement_text(name)),
+            _ => None,
+        };
+        match text {
+            Some(text) if in_band_safe(&text) && t == tag::QUERY => Plan::Prefix,
+            Some(text) if in_band_safe(&text) => Plan::Extended,
+            _ => Plan::Separate,
+        }
+    }
+
+    /// Appends pgtenant's Bind and Execute (and, once per connection, its Parse) for the
+    /// extended batch about to start.
+    pub(super) fn bind_extended(
+        &mut self,
+        out: &mut BytesMut,
+        tracker: &mut ConnTracker,
+        pooled: &mut PooledState,
+    ) {
+        let binding = self.rules.binding.clone();
+        let epoch = self.next_epoch;
+        let (name, sql) = binding.statement();
+        let mut msgs = BytesMut::new();
+        let created = !pooled.prepared.contains(name);
+        if created && frontend::parse(name, sql, std::iter::empty::<u32>(), &mut msgs).is_err() {
+            self.inject_query(out, tracker, &binding.sql);
+            return;
+        }
+        let mut values = vec![binding.tenant_id.as_str()];
+        if let Some(path) = &binding.search_path {
+            values.push(path);
+        }
+        let bound = frontend::bind(
+            "",
+            name,
+            std::iter::empty::<i16>(),
+            values,
+            |v, buf| {
+                buf.extend_from_slice(v.as_bytes());
+                Ok(postgres_protocol::IsNull::No)
+            },
+            std::iter::empty::<i16>(),
+            &mut msgs,
+        );
+        if bound.is_err() || frontend::execute("", 0, &mut msgs).is_err() {
+            self.inject_query(out, tracker, &binding.sql);
+            return;
+        }
+        if created {
+            // Cached like any statement: parsed once per connection.
+            self.session
+                .parses
+                .push_back((epoch, Reply::Proxy, Some(name.to_owned())));
+            pooled.prepared.insert(name);
+            self.session.created.push((epoch, name.to_owned()));
+            tracker.client_message(tag::PARSE);
+        }
+        tracker.client_message(tag::BIND);
+        tracker.client_message(tag::EXECUTE);
+        out.extend_from_slice(&msgs);
+        self.in_band = Some(InBand {
+            epoch,
+            expect: [b'2', b'D', b'C'].into_iter().collect(),
+            shift: 0,
+        });
+    }
+
+    /// The Query `text` (as it will be sent) with the binding in front of it.
+    pub(super) fn bind_prefix(&mut self, text: &[u8]) -> BytesMut {
+        let binding = &self.rules.binding;
+        let prefix = format!("{}; ", binding.sql);
+        let text = text.strip_suffix(&[0]).unwrap_or(text);
+        let mut b = Vec::with_capacity(prefix.len() + text.len() + 1);
+        b.extend_from_slice(prefix.as_bytes());
+        b.extend_from_slice(text);
+        b.push(0);
+        let mut q = BytesMut::new();
+        encode::raw(tag::QUERY, &b, &mut q);
+        self.in_band = Some(InBand {
+            epoch: self.next_epoch,
+            expect: std::iter::repeat_n(b'C', binding.statements()).collect(),
+            shift: prefix.len(),
+        });
+        q
+    }
+
+    /// A separate binding statement before the message about to be sent.
+    pub(super) fn bind_separately(&mut self, out: &mut BytesMut, tracker: &mut ConnTracker) {
+        if std::mem::take(&mut self.binding_due) {
+            let sql = self.rules.binding.sql.clone();
+            self.inject_query(out, tracker, &sql);
+        }
+    }
+
+    /// Whether a server message starting now is an in-band binding reply to consume.
+    pub(super) fn in_band_reply(&mut self, t: u8) -> bool {
+        match &mut self.in_band {
+            Some(ib) if ib.epoch == self.done_epoch && ib.expect.front() == Some(&t) => {
+                ib.expect.pop_front();
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// An ErrorResponse in the client's epoch: the binding failed if its replies were still
+    /// due (the next transaction binds again), and positions in the client's text move back.
+    pub(super) fn in_band_error(&mut self, body: &[u8]) -> Option<BytesMut> {
+        let ib = self
+            .in_band
+            .as_mut()
+            .filter(|ib| ib.epoch == self.done_epoch)?;
+        if !ib.expect.is_empty() {
+            ib.expect.clear();
+            tracing::warn!(
+                "binding the tenant context failed with the transaction's first statement"
+            );
+            return None;
+        }
+        if ib.shift == 0 {
+            return None;
+        }
+        let shift = ib.shift;
+        let mut fields = Vec::new();
+        let mut rest = body;
+        while let Some((&code, tail)) = rest.split_first() {
+            if code == 0 {
+                break;
+            }
+            let (value, tail) = take_cstr(tail)?;
+            let mut value = String::from_utf8_lossy(value).into_owned();
+            if code == b'P' {
+                match value.parse::<usize>() {
+                    Ok(p) if p > shift => value = (p - shift).to_string(),
+                    _ => {
+                        rest = tail;
+                        continue;
+                    }
+                }
+            }
+            fields.push((code, value));
+            rest = tail;
+        }
+        let mut out = BytesMut::new();
+        encode::error_response(fields, &mut out);
+        Some(out)
+    }
+}
