@@ -228,7 +228,14 @@ impl Policy {
                 }
             }
             "client_encoding" if self.scope == Scope::Tenant => {
-                let encoding = text.unwrap_or_default().replace(['-', '_'], "");
+                // PostgreSQL compares encoding names with everything but letters and digits
+                // removed (asyncpg sends 'utf-8' with the quotes as the value).
+                let encoding: String = text
+                    .unwrap_or_default()
+                    .chars()
+                    .filter(char::is_ascii_alphanumeric)
+                    .collect::<String>()
+                    .to_ascii_lowercase();
                 let safe = SAFE_ENCODINGS
                     .iter()
                     .any(|e| e.replace('_', "") == encoding)

@@ -138,6 +138,9 @@ fn harmless_settings_pass() {
             "SET timezone TO 'Europe/Paris'",
             "SET NAMES 'UTF8'",
             "SET client_encoding = 'LATIN1'",
+            // asyncpg's startup value, quotes included; PostgreSQL strips them.
+            "SET client_encoding = '''utf-8'''",
+            "SET client_encoding = 'Utf-8'",
             "SET datestyle = ISO, MDY",
             "SET extra_float_digits = 3",
             "SET enable_seqscan = off",
@@ -433,6 +436,7 @@ fn other_statement_kinds_are_refused() {
             "SET client_encoding = 'SJIS'",
             "SET NAMES 'BIG5'",
             "SET client_encoding TO gbk",
+            "SET client_encoding = '''s-j-i-s'''",
             "SET shared_preload_libraries = 'x'",
             "SET pgtenant.anything = 'x'",
         ],
