@@ -114,6 +114,39 @@ async fn settings_follow_the_client_across_server_connections() {
     assert_eq!(row.get::<_, String>(0), "4MB");
 }
 
+/// Drivers such as pgjdbc and psycopg send SET with Parse/Bind/Execute, not a simple Query.
+#[tokio::test]
+async fn settings_made_with_the_extended_protocol_follow_the_client() {
+    // One server connection: the clients take turns on it.
+    let env = pooled(1).await;
+    let a = env.connect("acme").await;
+    let b = env.connect("acme").await;
+    // A named statement prepared in one transaction and executed in later ones.
+    let set = a.prepare("SET work_mem = '1234kB'").await.unwrap();
+    a.execute(&set, &[]).await.unwrap();
+    b.execute("SET work_mem = '2345kB'", &[]).await.unwrap();
+    // Prepared but never executed: no effect.
+    let _unused = b.prepare("SET work_mem = '64MB'").await.unwrap();
+    for _ in 0..5 {
+        let (ra, rb) = tokio::join!(
+            a.query_one("SELECT current_setting('work_mem')", &[]),
+            b.query_one("SELECT current_setting('work_mem')", &[])
+        );
+        assert_eq!(ra.unwrap().get::<_, String>(0), "1234kB");
+        assert_eq!(rb.unwrap().get::<_, String>(0), "2345kB");
+    }
+    // A failed batch changes nothing.
+    let failed = a.execute("SET work_mem = 'lots'", &[]).await.unwrap_err();
+    assert_eq!(code(&failed), "22023");
+    b.execute("RESET work_mem", &[]).await.unwrap();
+    let (ra, rb) = tokio::join!(
+        a.query_one("SHOW work_mem", &[]),
+        b.query_one("SHOW work_mem", &[])
+    );
+    assert_eq!(ra.unwrap().get::<_, String>(0), "1234kB");
+    assert_eq!(rb.unwrap().get::<_, String>(0), "4MB");
+}
+
 #[tokio::test]
 async fn named_prepared_statements_work_on_any_server_connection() {
     let env = pooled(2).await;

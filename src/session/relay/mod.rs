@@ -36,8 +36,9 @@ mod pooling;
 enum ParseOutcome {
     /// Refused: send these bytes (a Parse the server fails on) instead.
     Refused(BytesMut),
-    /// Allowed: forward, with this body when the text was rewritten.
-    Forward(Option<Vec<u8>>),
+    /// Allowed: forward, with this body when the text was rewritten, and the statement's
+    /// session effects (transaction pooling).
+    Forward(Option<Vec<u8>>, Vec<Effect>),
 }
 
 /// Client messages the relay reads whole.
@@ -311,9 +312,14 @@ impl Relay {
                 }
                 tag::PARSE => match self.on_parse(body) {
                     ParseOutcome::Refused(bytes) => Some((tag::PARSE, bytes)),
-                    ParseOutcome::Forward(new_body) => {
+                    ParseOutcome::Forward(new_body, found) => {
+                        // What the statement needs on this connection goes ahead of it;
+                        // its effects count when a Bind executes it.
+                        if !found.is_empty() || self.session.resync {
+                            self.before_query(&found, &mut before, tracker, pooled);
+                        }
                         let body = new_body.as_deref().unwrap_or(body);
-                        match self.pooled_message(tag::PARSE, body, pooled) {
+                        match self.pooled_message(tag::PARSE, body, pooled, found) {
                             Some(bytes) => Some((tag::PARSE, bytes)),
                             None => new_body.map(|b| {
                                 let mut out = BytesMut::new();
@@ -323,9 +329,9 @@ impl Relay {
                         }
                     }
                 },
-                tag::BIND | tag::DESCRIBE | tag::CLOSE => {
-                    self.pooled_message(t, body, pooled).map(|bytes| (t, bytes))
-                }
+                tag::BIND | tag::DESCRIBE | tag::CLOSE => self
+                    .pooled_message(t, body, pooled, Vec::new())
+                    .map(|bytes| (t, bytes)),
                 tag::EXECUTE => self.on_execute(body),
                 tag::FUNCTION_CALL if self.rules.policy.scope == Scope::Tenant => {
                     self.counters.refused += 1;
@@ -368,6 +374,10 @@ impl Relay {
                 }
                 input.advance(len);
                 run = 0;
+            }
+            if sent_tag == tag::SYNC {
+                // The effects of the statements this batch executed.
+                effects = std::mem::take(&mut self.session.pending_effects);
             }
             match sent_tag {
                 tag::QUERY | tag::SYNC | tag::FUNCTION_CALL => {
@@ -427,10 +437,10 @@ impl Relay {
     fn on_parse(&mut self, body: &[u8]) -> ParseOutcome {
         // A malformed Parse goes through unchanged: the server rejects it.
         let Some((name, rest)) = take_cstr(body) else {
-            return ParseOutcome::Forward(None);
+            return ParseOutcome::Forward(None, Vec::new());
         };
         let Some((text, params)) = take_cstr(rest) else {
-            return ParseOutcome::Forward(None);
+            return ParseOutcome::Forward(None, Vec::new());
         };
         let verdict = self.rules.policy.check(text, self.standard_conforming);
         if let Some(r) = verdict.refusal {
@@ -449,7 +459,7 @@ impl Relay {
             return ParseOutcome::Refused(out);
         }
         self.rebind_at_sync |= verdict.rebind;
-        ParseOutcome::Forward(verdict.rewritten.map(|text| {
+        let rewritten = verdict.rewritten.map(|text| {
             let mut b = Vec::with_capacity(name.len() + text.len() + params.len() + 2);
             b.extend_from_slice(name);
             b.push(0);
@@ -457,7 +467,8 @@ impl Relay {
             b.push(0);
             b.extend_from_slice(params);
             b
-        }))
+        });
+        ParseOutcome::Forward(rewritten, verdict.effects)
     }
 
     /// Counts an Execute against the query rate.

@@ -43,6 +43,8 @@ struct Statement {
     server_name: String,
     /// The Parse body after the name: query text, NUL, parameter types.
     definition: Vec<u8>,
+    /// What executing it changes in the session (a `SET` sent with Parse/Bind/Execute).
+    effects: Vec<Effect>,
 }
 
 /// The client's session as it outlives server connections.
@@ -61,6 +63,9 @@ pub(super) struct SessionState {
     pub(super) closes: VecDeque<(u64, Reply)>,
     /// Effects to apply when their epoch succeeds.
     effects: VecDeque<(u64, Vec<Effect>)>,
+    /// The unnamed statement's effects, and those of statements bound since the last Sync.
+    unnamed_effects: Vec<Effect>,
+    pub(super) pending_effects: Vec<Effect>,
     /// Statements put in the connection's cache during an epoch (undone if it fails).
     pub(super) created: Vec<(u64, String)>,
     /// Epochs that dropped every prepared statement (DISCARD ALL, DEALLOCATE ALL).
@@ -152,6 +157,7 @@ impl Relay {
         t: u8,
         body: &[u8],
         pooled: &mut PooledState,
+        effects: Vec<Effect>,
     ) -> Option<BytesMut> {
         if !self.pooled() {
             return None;
@@ -162,6 +168,7 @@ impl Relay {
                 let (name, definition) = take_cstr(body)?;
                 if name.is_empty() {
                     self.session.parses.push_back((epoch, Reply::Client, None));
+                    self.session.unnamed_effects = effects;
                     return None;
                 }
                 let name = String::from_utf8_lossy(name).into_owned();
@@ -171,6 +178,7 @@ impl Relay {
                     Statement {
                         server_name: server_name.clone(),
                         definition: definition.to_vec(),
+                        effects,
                     },
                 );
                 let mut out = BytesMut::new();
@@ -194,6 +202,18 @@ impl Relay {
             tag::BIND => {
                 let (portal, rest) = take_cstr(body)?;
                 let (name, params) = take_cstr(rest)?;
+                let effects = if name.is_empty() {
+                    &self.session.unnamed_effects
+                } else {
+                    self.session
+                        .statements
+                        .get(String::from_utf8_lossy(name).as_ref())
+                        .map_or(&[][..], |s| &s.effects[..])
+                };
+                if !effects.is_empty() {
+                    let effects = effects.to_vec();
+                    self.session.pending_effects.extend(effects);
+                }
                 let mut out = BytesMut::new();
                 let server_name = self.ensure_statement(name, pooled, &mut out)?;
                 let mut b = Vec::with_capacity(body.len() + 32);
