@@ -1,0 +1,66 @@
+"""psycopg 3 through pgtenant: server-side prepared statements (prepare=True and the automatic
+prepare_threshold), explicit transactions, pipeline mode and per-client settings."""
+
+import asyncio
+import sys
+
+import psycopg
+
+from common import QUERY, check, spec, work_mem_of
+
+ROUNDS = 10
+
+
+async def client(i, port, tenant, pids):
+    conn = await psycopg.AsyncConnection.connect(
+        host="127.0.0.1", port=port, user=tenant.user, password=tenant.password,
+        dbname=tenant.database, autocommit=True, prepare_threshold=0,
+    )
+    async with conn:
+        await conn.execute(f"SET work_mem = '{work_mem_of(i)}'")
+        query = QUERY.format(param="%s")
+        for r in range(ROUNDS):
+            cur = await conn.execute(query, (r,), prepare=True)
+            pids.add(check(i, tenant, await cur.fetchone()))
+            async with conn.transaction():
+                cur = await conn.execute(query, (r,), prepare=True)
+                pids.add(check(i, tenant, await cur.fetchone()))
+                cur = await conn.execute("SHOW work_mem")
+                if (await cur.fetchone())[0] != work_mem_of(i):
+                    raise AssertionError(f"client {i}: SHOW work_mem is someone else's")
+            await asyncio.sleep(0)
+        # Pipeline mode: several statements, each with its own Sync, in one round trip.
+        async with conn.pipeline():
+            curs = [await conn.execute(query, (r,), prepare=True) for r in range(3)]
+        for cur in curs:
+            pids.add(check(i, tenant, await cur.fetchone()))
+        # An error in the middle of a pipeline fails that statement only.
+        try:
+            async with conn.pipeline():
+                await conn.execute("SELECT 1")
+                await conn.execute("SELECT 1/0")
+        except psycopg.errors.DivisionByZero:
+            pass
+        else:
+            raise AssertionError(f"client {i}: division by zero not reported")
+        cur = await conn.execute(query, (0,), prepare=True)
+        pids.add(check(i, tenant, await cur.fetchone()))
+        # Statements really were prepared on the server, by psycopg's own names.
+        if not conn._prepared._names:
+            raise AssertionError(f"client {i}: psycopg prepared nothing")
+
+
+async def main():
+    port, clients, tenants = spec()
+    pids = set()
+    await asyncio.gather(*(client(i, port, tenants[i % len(tenants)], pids) for i in range(clients)))
+    print(f"psycopg {psycopg.__version__}: {clients} clients ok")
+    print(f"pids={len(pids)}")
+
+
+if __name__ == "__main__":
+    try:
+        asyncio.run(main())
+    except Exception as e:  # noqa: BLE001 - report and fail
+        print(f"FAILED: {type(e).__name__}: {e}", file=sys.stderr)
+        sys.exit(1)
