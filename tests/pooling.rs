@@ -371,3 +371,93 @@ async fn listen_notify_fans_out_per_tenant() {
             .is_err()
     );
 }
+
+/// pgjdbc sends LISTEN and NOTIFY with Parse/Bind/Execute; they work as with a simple Query.
+#[tokio::test]
+async fn listen_and_notify_through_the_extended_protocol() {
+    let env = pooled(2).await;
+    let t = env.tenant("acme").clone();
+    let mut listener =
+        common::raw::Raw::connect(env.addr(), &[("user", "app@acme")], &t.password).await;
+    let mut batch = bytes::BytesMut::new();
+    postgres_protocol::message::frontend::parse("", "LISTEN events", [], &mut batch).unwrap();
+    postgres_protocol::message::frontend::bind(
+        "",
+        "",
+        std::iter::empty::<i16>(),
+        std::iter::empty::<Option<&[u8]>>(),
+        |v, buf| {
+            buf.extend_from_slice(v.unwrap_or_default());
+            Ok(postgres_protocol::IsNull::No)
+        },
+        std::iter::empty::<i16>(),
+        &mut batch,
+    )
+    .map_err(|_| "bind")
+    .unwrap();
+    postgres_protocol::message::frontend::execute("", 0, &mut batch).unwrap();
+    postgres_protocol::message::frontend::sync(&mut batch);
+    listener.send(&batch).await;
+    let replies = listener.until_ready().await;
+    assert!(replies.iter().all(|m| m.tag != b'E'), "LISTEN failed");
+    let probe = env.connect("acme").await;
+    let n: i64 = probe
+        .query_one("SELECT count(*) FROM pg_listening_channels()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 0, "the pooled connection stayed listening");
+
+    let globex = env.connect("globex").await;
+    globex
+        .execute("NOTIFY events, 'from globex'", &[])
+        .await
+        .unwrap();
+    probe.execute("NOTIFY events, 'ext'", &[]).await.unwrap();
+    let mut got = Vec::new();
+    while let Ok(Some(m)) =
+        tokio::time::timeout(Duration::from_millis(700), listener.try_recv()).await
+    {
+        if m.tag == b'A' {
+            let mut parts = m.body[4..].split(|&b| b == 0);
+            let channel = String::from_utf8_lossy(parts.next().unwrap()).into_owned();
+            let payload = String::from_utf8_lossy(parts.next().unwrap()).into_owned();
+            got.push((channel, payload));
+        }
+    }
+    assert_eq!(got, vec![("events".to_owned(), "ext".to_owned())]);
+}
+
+/// As on PostgreSQL, a NOTIFY committed after LISTEN returned is delivered, even when that
+/// LISTEN is the first one and pgtenant's listening connection has yet to be opened.
+#[tokio::test]
+async fn a_notify_right_after_listen_returns_is_delivered() {
+    let env = pooled(2).await;
+    let t = env.tenant("acme").clone();
+    let sender = env.connect("acme").await;
+    let mut listener =
+        common::raw::Raw::connect(env.addr(), &[("user", "app@acme")], &t.password).await;
+    for round in 0..3 {
+        listener.query(&format!("LISTEN ch{round}")).await;
+        listener.until_ready().await;
+        sender
+            .batch_execute(&format!("NOTIFY ch{round}, 'now'"))
+            .await
+            .unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(3), async {
+            loop {
+                match listener.try_recv().await {
+                    Some(m) if m.tag == b'A' => return Some(m),
+                    Some(_) => continue,
+                    None => return None,
+                }
+            }
+        })
+        .await;
+        let m = got
+            .ok()
+            .flatten()
+            .unwrap_or_else(|| panic!("round {round}: no notification"));
+        assert!(String::from_utf8_lossy(&m.body[4..]).starts_with(&format!("ch{round}\0now")));
+    }
+}

@@ -5,7 +5,7 @@
 //! subscribe to its own channels. The hub reconnects and listens again when its connection
 //! drops.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,7 +13,7 @@ use bytes::{Buf, BytesMut};
 use rustls::ClientConfig;
 use rustls_pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use super::ServerConn;
 use super::connect::{self, Login};
@@ -41,6 +41,8 @@ enum Command {
         channel: String,
         client: u64,
         deliver: mpsc::Sender<Notification>,
+        /// Told once the hub's connection is listening on the channel.
+        done: Option<oneshot::Sender<()>>,
     },
     Unlisten {
         channel: Option<String>,
@@ -63,13 +65,24 @@ impl NotifyHub {
         NotifyHub { commands: tx }
     }
 
-    /// Delivers notifications on `channel` to `client` through `deliver`.
-    pub fn listen(&self, channel: String, client: u64, deliver: mpsc::Sender<Notification>) {
+    /// Delivers notifications on `channel` to `client` through `deliver`. The receiver
+    /// completes once the hub's connection listens on the channel (as on PostgreSQL, where a
+    /// NOTIFY committed after LISTEN returned is delivered); it fails if the hub lost its
+    /// connection first.
+    pub fn listen(
+        &self,
+        channel: String,
+        client: u64,
+        deliver: mpsc::Sender<Notification>,
+    ) -> oneshot::Receiver<()> {
+        let (done, confirmed) = oneshot::channel();
         let _ = self.commands.send(Command::Listen {
             channel,
             client,
             deliver,
+            done: Some(done),
         });
+        confirmed
     }
 
     /// Stops delivering `channel` (or every channel) to `client`.
@@ -96,6 +109,7 @@ fn apply(subscribers: &mut Subscribers, command: Command) -> Option<String> {
             channel,
             client,
             deliver,
+            ..
         } => {
             let entry = subscribers.entry(channel.clone()).or_default();
             let first = entry.is_empty();
@@ -120,6 +134,43 @@ fn apply(subscribers: &mut Subscribers, command: Command) -> Option<String> {
             (!emptied.is_empty()).then(|| emptied.join("; "))
         }
     }
+}
+
+/// The confirmation a Listen command carries.
+fn take_done(command: &mut Command) -> Option<oneshot::Sender<()>> {
+    match command {
+        Command::Listen { done, .. } => done.take(),
+        Command::Unlisten { .. } => None,
+    }
+}
+
+/// Confirmations waiting for the ReadyForQuery of each statement the hub sent, in order.
+type Pending = VecDeque<Vec<oneshot::Sender<()>>>;
+
+/// Applies `command` on a connected hub: sends its statement, if any, and files its
+/// confirmation behind the statement that makes it true. `Err` when the connection failed.
+async fn apply_connected(
+    conn: &mut ServerConn,
+    subscribers: &mut Subscribers,
+    pending: &mut Pending,
+    mut command: Command,
+) -> std::io::Result<()> {
+    let done = take_done(&mut command);
+    match apply(subscribers, command) {
+        Some(sql) => {
+            send_query(conn, &sql).await?;
+            pending.push_back(done.into_iter().collect());
+        }
+        // Already listening, or about to be once the statements in flight finish.
+        None => match (done, pending.back_mut()) {
+            (Some(done), Some(last)) => last.push(done),
+            (Some(done), None) => {
+                let _ = done.send(());
+            }
+            (None, _) => {}
+        },
+    }
+    Ok(())
 }
 
 /// Delivers a NotificationResponse body to the channel's subscribers.
@@ -161,11 +212,14 @@ async fn run(
 ) {
     let mut subscribers: Subscribers = HashMap::new();
     let mut backoff = Duration::from_millis(200);
+    // Confirmations for listens that arrived while the hub had no connection.
+    let mut waiting: Vec<oneshot::Sender<()>> = Vec::new();
     loop {
         // Connect only when someone listens.
         while subscribers.is_empty() {
             match commands.recv().await {
-                Some(c) => {
+                Some(mut c) => {
+                    waiting.extend(take_done(&mut c));
                     apply(&mut subscribers, c);
                 }
                 None => return,
@@ -175,6 +229,8 @@ async fn run(
             Ok(c) => c,
             Err(e) => {
                 tracing::warn!(shard = %shard.name, error = %e, "notification hub cannot connect; retrying");
+                // Listeners waiting for confirmation go on without it.
+                waiting.clear();
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(10));
                 continue;
@@ -186,10 +242,17 @@ async fn run(
             .map(|c| format!("LISTEN {}", quote_ident(c)))
             .collect();
         if send_query(&mut conn, &all.join("; ")).await.is_err() {
+            waiting.clear();
             continue;
         }
+        let mut pending: Pending = VecDeque::new();
+        pending.push_back(std::mem::take(&mut waiting));
         let mut scanner = FrameScanner::new(
-            TagSet::of(&[tag::NOTIFICATION_RESPONSE, tag::ERROR_RESPONSE]),
+            TagSet::of(&[
+                tag::NOTIFICATION_RESPONSE,
+                tag::ERROR_RESPONSE,
+                tag::READY_FOR_QUERY,
+            ]),
             1 << 20,
         );
         let mut buf = BytesMut::with_capacity(8192);
@@ -197,8 +260,9 @@ async fn run(
             tokio::select! {
                 command = commands.recv() => {
                     let Some(command) = command else { return };
-                    if let Some(sql) = apply(&mut subscribers, command)
-                        && send_query(&mut conn, &sql).await.is_err()
+                    if apply_connected(&mut conn, &mut subscribers, &mut pending, command)
+                        .await
+                        .is_err()
                     {
                         break;
                     }
@@ -213,6 +277,10 @@ async fn run(
                             Ok(Some(Piece::Whole { tag: t, len })) => {
                                 if t == tag::NOTIFICATION_RESPONSE {
                                     dispatch(&mut subscribers, &buf[5..len]);
+                                } else if t == tag::READY_FOR_QUERY {
+                                    for done in pending.pop_front().unwrap_or_default() {
+                                        let _ = done.send(());
+                                    }
                                 } else {
                                     let fields = crate::protocol::server_msgs::error_fields(&buf[5..len]).unwrap_or_default();
                                     tracing::warn!(code = %fields.code, message = %fields.message, "notification hub statement failed");
@@ -256,6 +324,7 @@ mod tests {
             channel: "acme.ev".into(),
             client,
             deliver,
+            done: None,
         };
         assert_eq!(
             apply(&mut subs, listen(1, tx1)),

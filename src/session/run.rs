@@ -286,6 +286,8 @@ async fn forward_pooled(
     let (notify_tx, mut notify_rx) =
         tokio::sync::mpsc::channel::<notify::Notification>(notify::CLIENT_QUEUE);
     let prefix = relay.notify_prefix().unwrap_or_default().to_owned();
+    let shutdown = state.shutdown.cancelled();
+    tokio::pin!(shutdown);
     let result = loop {
         let waited = tokio::select! {
             r = pump.wait_for_client(stream) => r,
@@ -302,7 +304,7 @@ async fn forward_pooled(
                 pump.push_to_client(&out);
                 continue;
             }
-            _ = state.shutdown.cancelled() => break (SessionEnd::Shutdown, None),
+            _ = &mut shutdown => break (SessionEnd::Shutdown, None),
         };
         if let Err(end) = waited {
             break (SessionEnd::Pump(end), None);
@@ -331,11 +333,14 @@ async fn forward_pooled(
             Err(e) => break (SessionEnd::Pump(PumpEnd::ClientProtocol(e)), Some(pooled)),
         }
         let end = forward(state, &a.tenant.limits, relay, pump, stream, &mut pooled).await;
-        subscribe(relay, a.pool, a.client_id, &notify_tx);
+        let listened = subscribe(relay, a.pool, a.client_id, &notify_tx);
         match end {
             SessionEnd::Pump(PumpEnd::Released) => {
                 cancel.set_target(None);
                 a.pool.release(pooled).await;
+                // The ReadyForQuery is still unsent: the client learns LISTEN is done only
+                // when it is.
+                confirm_listens(listened).await;
             }
             end => break (end, Some(pooled)),
         }
@@ -347,18 +352,49 @@ async fn forward_pooled(
     result
 }
 
-/// Passes the LISTEN/UNLISTEN the client ran to the shard's notification hub.
+/// Passes the LISTEN/UNLISTEN the client ran to the shard's notification hub. Returns the
+/// hub's confirmations for the new listens.
 fn subscribe(
     relay: &mut Relay,
     pool: &Pool,
     client: u64,
     deliver: &tokio::sync::mpsc::Sender<notify::Notification>,
-) {
+) -> Vec<tokio::sync::oneshot::Receiver<()>> {
     for channel in std::mem::take(&mut relay.unlistens) {
         pool.hub().unlisten(channel, client);
     }
-    for channel in std::mem::take(&mut relay.listens) {
-        pool.hub().listen(channel, client, deliver.clone());
+    std::mem::take(&mut relay.listens)
+        .into_iter()
+        .map(|channel| pool.hub().listen(channel, client, deliver.clone()))
+        .collect()
+}
+
+/// How long a client's ReadyForQuery after LISTEN waits for the hub to listen too.
+const LISTEN_CONFIRM: Duration = Duration::from_secs(5);
+
+/// Waits until the hub listens on the channels just subscribed, so that, as on PostgreSQL, a
+/// NOTIFY committed after the client's LISTEN returned reaches the client.
+async fn confirm_listens(confirmations: Vec<tokio::sync::oneshot::Receiver<()>>) {
+    if confirmations.is_empty() {
+        return;
+    }
+    let all = async {
+        for confirmed in confirmations {
+            let _ = confirmed.await;
+        }
+    };
+    if tokio::time::timeout(LISTEN_CONFIRM, all).await.is_err() {
+        tracing::warn!("the notification hub did not confirm LISTEN in time");
+    }
+}
+
+/// The next tick of `tick`; never, without one.
+async fn next_tick(tick: &mut Option<tokio::time::Interval>) {
+    match tick {
+        Some(t) => {
+            t.tick().await;
+        }
+        None => std::future::pending().await,
     }
 }
 
@@ -378,15 +414,21 @@ async fn forward(
     let idle_timeout = limits.idle_in_transaction_timeout.filter(|d| !d.is_zero());
     let cancel_target = pooled.conn.cancel_target();
     let mut side = ServerSide::of(&mut pooled.conn);
-    let mut tick = tokio::time::interval(TIMER_TICK);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let timers = statement_timeout.is_some() || idle_timeout.is_some();
+    // Created only when a plan has timeouts: in transaction mode this runs per transaction.
+    let mut tick = timers.then(|| {
+        let mut tick = tokio::time::interval(TIMER_TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        tick
+    });
+    let shutdown = state.shutdown.cancelled();
+    tokio::pin!(shutdown);
     let mut cancelled_for = None;
     loop {
         tokio::select! {
             end = pump.run(relay, stream, &mut side) => return SessionEnd::Pump(end),
-            _ = state.shutdown.cancelled() => return SessionEnd::Shutdown,
-            _ = tick.tick(), if timers => {
+            _ = &mut shutdown => return SessionEnd::Shutdown,
+            _ = next_tick(&mut tick), if timers => {
                 if let (Some(limit), Some(since)) = (statement_timeout, relay.busy_since())
                     && since.elapsed() >= limit
                     && cancelled_for != Some(since)
