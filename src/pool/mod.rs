@@ -103,7 +103,9 @@ pub struct Pool {
     login: Login,
     tls: Option<(Arc<ClientConfig>, ServerName<'static>)>,
     permits: Arc<Semaphore>,
-    idle: Mutex<Vec<ServerConn>>,
+    // Boxed so that checkout and release move a pointer, not the whole connection state.
+    #[allow(clippy::vec_box)]
+    idle: Mutex<Vec<Box<ServerConn>>>,
     settings: PoolSettings,
     /// Transaction pooling: the shard's listening connection, started on first use.
     hub: std::sync::OnceLock<notify::NotifyHub>,
@@ -111,7 +113,8 @@ pub struct Pool {
 
 /// A checked-out connection; its permits return with it.
 pub struct PooledConn {
-    pub conn: ServerConn,
+    /// Boxed: it moves in and out of the idle list on every transaction.
+    pub conn: Box<ServerConn>,
     _permit: OwnedSemaphorePermit,
     _tenant_permit: Option<OwnedSemaphorePermit>,
 }
@@ -136,7 +139,8 @@ impl Pool {
         })
     }
 
-    fn idle(&self) -> std::sync::MutexGuard<'_, Vec<ServerConn>> {
+    #[allow(clippy::vec_box)]
+    fn idle(&self) -> std::sync::MutexGuard<'_, Vec<Box<ServerConn>>> {
         // Pushing or popping a Vec cannot be interrupted half-way; a poisoned lock is fine.
         self.idle.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -154,18 +158,25 @@ impl Pool {
         let started = tokio::time::Instant::now();
         let tenant_permit = match tenant_cap {
             None => None,
-            Some((n, sem)) => Some(
-                tokio::time::timeout(timeout, sem.acquire_owned())
+            // A free permit is taken at once; only a wait needs the timer.
+            Some((n, sem)) => Some(match Arc::clone(&sem).try_acquire_owned() {
+                Ok(p) => p,
+                Err(_) => tokio::time::timeout(timeout, sem.acquire_owned())
                     .await
                     .map_err(|_| PoolError::TenantBusy(n, timeout))?
                     .map_err(|_| PoolError::TenantBusy(n, timeout))?,
-            ),
+            }),
         };
-        let timeout = timeout.saturating_sub(started.elapsed());
-        let permit = tokio::time::timeout(timeout, Arc::clone(&self.permits).acquire_owned())
-            .await
-            .map_err(|_| PoolError::Timeout(self.settings.checkout_timeout))?
-            .map_err(|_| PoolError::Timeout(self.settings.checkout_timeout))?;
+        let permit = match Arc::clone(&self.permits).try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => {
+                let timeout = timeout.saturating_sub(started.elapsed());
+                tokio::time::timeout(timeout, Arc::clone(&self.permits).acquire_owned())
+                    .await
+                    .map_err(|_| PoolError::Timeout(self.settings.checkout_timeout))?
+                    .map_err(|_| PoolError::Timeout(self.settings.checkout_timeout))?
+            }
+        };
         loop {
             let candidate = {
                 let mut idle = self.idle();
@@ -202,7 +213,7 @@ impl Pool {
         .await?;
         tracing::debug!(shard = %self.shard.name, user = %self.login.user, "opened server connection");
         Ok(PooledConn {
-            conn,
+            conn: Box::new(conn),
             _permit: permit,
             _tenant_permit: tenant_permit,
         })

@@ -13,9 +13,7 @@
 //! statement. If the client's transaction fails, the binding rolls back with it; the next
 //! transaction binds again, so no statement ever runs unbound.
 
-use std::collections::VecDeque;
-
-use bytes::BytesMut;
+use bytes::{BufMut, BytesMut};
 use postgres_protocol::message::frontend;
 
 use super::Relay;
@@ -60,7 +58,8 @@ const IN_BAND_SAFE: &[&str] = &[
 #[derive(Debug)]
 pub(super) struct InBand {
     pub(super) epoch: u64,
-    pub(super) expect: VecDeque<u8>,
+    /// Message types still to consume, in order.
+    pub(super) expect: &'static [u8],
     /// Bytes prepended to the client's query text (error positions move by this much).
     pub(super) shift: usize,
 }
@@ -88,11 +87,6 @@ impl Binding {
                  pg_catalog.set_config('search_path', $2, false)",
             ),
         }
-    }
-
-    /// Number of SET statements in `sql` (one CommandComplete each).
-    fn statements(&self) -> usize {
-        1 + usize::from(self.search_path.is_some())
     }
 }
 
@@ -124,19 +118,19 @@ impl Relay {
     /// Decides, from the first message of a transaction, how its binding goes. It must run
     /// before anything else about the message is recorded, so the message's epoch is known.
     pub(super) fn binding_plan(&self, t: u8, body: &[u8]) -> Plan {
-        let text: Option<Vec<u8>> = match t {
-            tag::QUERY => Some(body.strip_suffix(&[0]).unwrap_or(body).to_vec()),
+        let text: Option<&[u8]> = match t {
+            tag::QUERY => Some(body.strip_suffix(&[0]).unwrap_or(body)),
             tag::PARSE => take_cstr(body)
                 .and_then(|(_, rest)| take_cstr(rest))
-                .map(|(text, _)| text.to_vec()),
+                .map(|(text, _)| text),
             tag::BIND => take_cstr(body)
                 .and_then(|(_, rest)| take_cstr(rest))
                 .and_then(|(name, _)| self.statement_text(name)),
             _ => None,
         };
         match text {
-            Some(text) if in_band_safe(&text) && t == tag::QUERY => Plan::Prefix,
-            Some(text) if in_band_safe(&text) => Plan::Extended,
+            Some(text) if in_band_safe(text) && t == tag::QUERY => Plan::Prefix,
+            Some(text) if in_band_safe(text) => Plan::Extended,
             _ => Plan::Separate,
         }
     }
@@ -192,7 +186,7 @@ impl Relay {
         out.extend_from_slice(&msgs);
         self.in_band = Some(InBand {
             epoch,
-            expect: [b'2', b'D', b'C'].into_iter().collect(),
+            expect: b"2DC",
             shift: 0,
         });
     }
@@ -200,18 +194,25 @@ impl Relay {
     /// The Query `text` (as it will be sent) with the binding in front of it.
     pub(super) fn bind_prefix(&mut self, text: &[u8]) -> BytesMut {
         let binding = &self.rules.binding;
-        let prefix = format!("{}; ", binding.sql);
+        let prefix = binding.sql.as_bytes();
         let text = text.strip_suffix(&[0]).unwrap_or(text);
-        let mut b = Vec::with_capacity(prefix.len() + text.len() + 1);
-        b.extend_from_slice(prefix.as_bytes());
-        b.extend_from_slice(text);
-        b.push(0);
-        let mut q = BytesMut::new();
-        encode::raw(tag::QUERY, &b, &mut q);
+        // Written in place: this runs for every pooled transaction that starts with a Query.
+        let body_len = prefix.len() + 2 + text.len() + 1;
+        let mut q = BytesMut::with_capacity(5 + body_len);
+        q.put_u8(tag::QUERY);
+        q.put_u32(u32::try_from(body_len + 4).unwrap_or(u32::MAX));
+        q.put_slice(prefix);
+        q.put_slice(b"; ");
+        q.put_slice(text);
+        q.put_u8(0);
         self.in_band = Some(InBand {
             epoch: self.next_epoch,
-            expect: std::iter::repeat_n(b'C', binding.statements()).collect(),
-            shift: prefix.len(),
+            expect: if binding.search_path.is_some() {
+                b"CC"
+            } else {
+                b"C"
+            },
+            shift: prefix.len() + 2,
         });
         q
     }
@@ -227,8 +228,8 @@ impl Relay {
     /// Whether a server message starting now is an in-band binding reply to consume.
     pub(super) fn in_band_reply(&mut self, t: u8) -> bool {
         match &mut self.in_band {
-            Some(ib) if ib.epoch == self.done_epoch && ib.expect.front() == Some(&t) => {
-                ib.expect.pop_front();
+            Some(ib) if ib.epoch == self.done_epoch && ib.expect.first() == Some(&t) => {
+                ib.expect = &ib.expect[1..];
                 true
             }
             _ => false,
@@ -243,7 +244,7 @@ impl Relay {
             .as_mut()
             .filter(|ib| ib.epoch == self.done_epoch)?;
         if !ib.expect.is_empty() {
-            ib.expect.clear();
+            ib.expect = &[];
             tracing::warn!(
                 "binding the tenant context failed with the transaction's first statement"
             );

@@ -356,11 +356,11 @@ impl Relay {
                 .is_some_and(|(e, _)| *e == self.next_epoch);
             if prefix && !refused {
                 self.binding_due = false;
-                let text = match &replacement {
-                    Some((_, bytes)) => bytes.get(5..).unwrap_or_default().to_vec(),
-                    None => body.to_vec(),
+                let q = match &replacement {
+                    Some((_, bytes)) => self.bind_prefix(bytes.get(5..).unwrap_or_default()),
+                    None => self.bind_prefix(body),
                 };
-                replacement = Some((tag::QUERY, self.bind_prefix(&text)));
+                replacement = Some((tag::QUERY, q));
             }
             let sent_tag = replacement.as_ref().map(|(t, _)| *t).unwrap_or(t);
             if replacement.is_none() && before.is_empty() {

@@ -141,12 +141,12 @@ impl Relay {
     }
 
     /// The query text of the client's statement `name`, if it prepared one.
-    pub(super) fn statement_text(&self, name: &[u8]) -> Option<Vec<u8>> {
+    pub(super) fn statement_text(&self, name: &[u8]) -> Option<&[u8]> {
         let statement = self
             .session
             .statements
             .get(String::from_utf8_lossy(name).as_ref())?;
-        take_cstr(&statement.definition).map(|(text, _)| text.to_vec())
+        take_cstr(&statement.definition).map(|(text, _)| text)
     }
 
     /// Transaction pooling: a Parse, Bind, Describe or Close, renamed into pgtenant's
