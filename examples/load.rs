@@ -1,9 +1,9 @@
 //! Load comparison: pgbench `-S` straight to PostgreSQL, through pgtenant and through
 //! PgBouncer, interleaved in one run (the order rotates each round), with medians, ratios to
 //! direct, the latency each proxy adds per query, and each proxy's own CPU time per
-//! transaction (from /proc). Run it with `scripts/bench.sh`, which builds the release binary
-//! and installs PgBouncer with apt if it is missing. Speed is measured here, never asserted
-//! in tests.
+//! transaction (from /proc; in total and the part in user space). Run it with
+//! `scripts/bench.sh`, which builds the release binary and installs PgBouncer with apt if it
+//! is missing. Speed is measured here, never asserted in tests.
 //!
 //! Targets: `direct`; `pgtenant` (a dedicated tenant: no guard); `pgt+guard` (a shared tenant
 //! on the same database, so every statement also goes through the full guard and the binding);
@@ -12,7 +12,8 @@
 //! Options: `--seconds N` per run (default 10), `--rounds N` (default 3), `--clients 1,16,64`,
 //! `--modes simple,extended,prepared`, `--pool-mode transaction|session` (default
 //! transaction), `--connect-clients N` (a `-C` run, new connection per transaction, with N
-//! clients; 0 to skip; default 8), `--no-pgbouncer`.
+//! clients; 0 to skip; default 8), `--no-pgbouncer`, `--targets pgtenant,direct` (only
+//! these, e.g. while profiling one of them).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -36,6 +37,10 @@ struct Options {
     pool_mode: String,
     connect_clients: u32,
     pgbouncer: bool,
+    /// Only these targets (all when empty).
+    targets: Vec<String>,
+    /// pgtenant's `--threads` (its default when absent).
+    proxy_threads: Option<usize>,
 }
 
 fn options() -> Options {
@@ -47,6 +52,8 @@ fn options() -> Options {
         pool_mode: "transaction".into(),
         connect_clients: 8,
         pgbouncer: true,
+        targets: Vec::new(),
+        proxy_threads: None,
     };
     let mut args: Vec<String> = std::env::args().skip(1).collect();
     if let Some(i) = args.iter().position(|a| a == "--no-pgbouncer") {
@@ -66,6 +73,8 @@ fn options() -> Options {
             }
             "--modes" => o.modes = value.split(',').map(str::to_owned).collect(),
             "--pool-mode" => o.pool_mode = value,
+            "--targets" => o.targets = value.split(',').map(str::to_owned).collect(),
+            "--proxy-threads" => o.proxy_threads = Some(value.parse().expect("--proxy-threads N")),
             "--connect-clients" => o.connect_clients = value.parse().expect("--connect-clients N"),
             other => panic!("unknown option {other}"),
         }
@@ -124,12 +133,15 @@ fn pgbench(
     })
 }
 
-/// utime + stime of `pid`, in clock ticks.
-fn cpu_ticks(pid: u32) -> u64 {
+/// (utime, stime) of `pid`, in clock ticks.
+fn cpu_ticks(pid: u32) -> (u64, u64) {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("read /proc stat");
     let after_name = &stat[stat.rfind(')').expect("stat format") + 2..];
     let fields: Vec<&str> = after_name.split_whitespace().collect();
-    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+    (
+        fields[11].parse::<u64>().unwrap(),
+        fields[12].parse::<u64>().unwrap(),
+    )
 }
 
 fn clock_ticks_per_second() -> f64 {
@@ -302,8 +314,12 @@ fn main() {
         pgtenant_config(port, &cluster, &opts.pool_mode, client_password),
     )
     .unwrap();
+    let mut proxy_cmd = Command::new(&binary);
+    if let Some(n) = opts.proxy_threads {
+        proxy_cmd.args(["--threads", &n.to_string()]);
+    }
     let proxy = Reaper(
-        Command::new(&binary)
+        proxy_cmd
             .arg("--config")
             .arg(&config)
             .env("RUST_LOG", "warn")
@@ -344,6 +360,9 @@ fn main() {
         });
         bouncer = Some(Reaper(child));
     }
+    if !opts.targets.is_empty() {
+        targets.retain(|t| opts.targets.iter().any(|n| n == t.name));
+    }
     let ticks = clock_ticks_per_second();
 
     // Each scenario: (clients, pgbench mode, -C).
@@ -358,7 +377,8 @@ fn main() {
     }
     type Key = (u32, String, bool, &'static str);
     let mut results: BTreeMap<Key, Vec<Run>> = BTreeMap::new();
-    let mut cpu: BTreeMap<Key, Vec<f64>> = BTreeMap::new();
+    // CPU per transaction: (total, in user space).
+    let mut cpu: BTreeMap<Key, Vec<(f64, f64)>> = BTreeMap::new();
     for round in 0..opts.rounds {
         for (clients, mode, connect) in &scenarios {
             targets.rotate_left(1);
@@ -383,10 +403,13 @@ fn main() {
                 };
                 let key = (*clients, mode.clone(), *connect, t.name);
                 if let (Some(pid), Some(before)) = (t.pid, before) {
-                    let used = cpu_ticks(pid).saturating_sub(before) as f64 / ticks;
+                    let (user, system) = cpu_ticks(pid);
+                    let user = user.saturating_sub(before.0) as f64 / ticks;
+                    let system = system.saturating_sub(before.1) as f64 / ticks;
+                    let per_tx = 1e6 / run.transactions.max(1) as f64;
                     cpu.entry(key.clone())
                         .or_default()
-                        .push(used * 1e6 / run.transactions.max(1) as f64);
+                        .push(((user + system) * per_tx, user * per_tx));
                 }
                 results.entry(key).or_default().push(run);
             }
@@ -394,8 +417,10 @@ fn main() {
     }
 
     println!(
-        "\npgbench -S, {} pooling, {SERVER_CONNECTIONS} server connections per proxy, {} s per run, {} rounds, medians (scale 10, {} cores)",
+        "\npgbench -S, {} pooling, {SERVER_CONNECTIONS} server connections per proxy, pgtenant threads: {}, {} s per run, {} rounds, medians (scale 10, {} cores)",
         opts.pool_mode,
+        opts.proxy_threads
+            .map_or_else(|| "one per core".to_owned(), |n| n.to_string()),
         opts.seconds,
         opts.rounds,
         std::thread::available_parallelism()
@@ -403,8 +428,8 @@ fn main() {
             .unwrap_or(1)
     );
     println!(
-        "{:>10} {:>9} {:>10} {:>10} {:>7} {:>9} {:>11} {:>10}",
-        "clients", "mode", "target", "tps", "ratio", "lat ms", "added us/q", "cpu us/tx"
+        "{:>10} {:>9} {:>10} {:>10} {:>7} {:>9} {:>11} {:>10} {:>9}",
+        "clients", "mode", "target", "tps", "ratio", "lat ms", "added us/q", "cpu us/tx", "(user)"
     );
     for (clients, mode, connect) in &scenarios {
         let pick = |target: &'static str| -> Option<(f64, f64)> {
@@ -429,13 +454,16 @@ fn main() {
                 }
                 continue;
             };
-            let cpu_text = cpu
-                .get(&(*clients, mode.clone(), *connect, name))
-                .and_then(|v| median(v.clone()))
-                .map(|v| format!("{v:.1}"))
-                .unwrap_or_else(|| "-".into());
+            let samples = cpu.get(&(*clients, mode.clone(), *connect, name));
+            let cpu_of = |part: fn(&(f64, f64)) -> f64| {
+                samples
+                    .and_then(|v| median(v.iter().map(part).collect()))
+                    .map(|v| format!("{v:.1}"))
+                    .unwrap_or_else(|| "-".into())
+            };
+            let (cpu_text, user_text) = (cpu_of(|c| c.0), cpu_of(|c| c.1));
             println!(
-                "{label:>10} {mode:>9} {name:>10} {tps:>10.0} {:>7.2} {lat:>9.3} {:>11.1} {cpu_text:>10}",
+                "{label:>10} {mode:>9} {name:>10} {tps:>10.0} {:>7.2} {lat:>9.3} {:>11.1} {cpu_text:>10} {user_text:>9}",
                 tps / d_tps,
                 (lat - d_lat) * 1000.0,
             );

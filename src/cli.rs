@@ -12,6 +12,11 @@ pub struct Cli {
     /// Configuration file (runs the proxy when no command is given).
     #[arg(long, short, global = true, env = "PGTENANT_CONFIG")]
     pub config: Option<PathBuf>,
+    /// Threads serving connections when running the proxy. 1 runs everything on one thread,
+    /// as PgBouncer does: the least CPU per transaction, best on small machines. Default: one
+    /// per CPU core.
+    #[arg(long, global = true, env = "PGTENANT_THREADS")]
+    pub threads: Option<usize>,
     #[command(subcommand)]
     pub command: Option<Command>,
 }

@@ -36,7 +36,18 @@ fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
             let path = cli
                 .config
                 .ok_or_else(|| anyhow::anyhow!("no configuration: pass --config FILE"))?;
-            runtime()?.block_on(pgtenant::app::run(path))?;
+            let proxy_runtime = match cli.threads {
+                Some(0) => anyhow::bail!("--threads must be at least 1"),
+                Some(1) => tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?,
+                Some(n) => tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(n)
+                    .enable_all()
+                    .build()?,
+                None => runtime()?,
+            };
+            proxy_runtime.block_on(pgtenant::app::run(path))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Check { shards } => {
