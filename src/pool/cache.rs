@@ -3,6 +3,7 @@
 //! are applied, and whether anyone has used it since it was opened or reset.
 
 use std::collections::{HashSet, VecDeque};
+use std::sync::Arc;
 
 /// Server-side prepared statements on one connection, by pgtenant's names.
 #[derive(Debug)]
@@ -78,12 +79,26 @@ impl PreparedCache {
     }
 }
 
+/// The identity of a client's session state: its setup statement (tenant binding, role and
+/// startup settings) and the settings it made since, length-prefixed so that no two
+/// different states spell the same key.
+pub fn settings_key<'a>(setup_sql: &str, settings: impl IntoIterator<Item = &'a str>) -> Arc<str> {
+    let mut key = format!("{}:{setup_sql}", setup_sql.len());
+    for s in settings {
+        key.push_str(&format!("|{}:{s}", s.len()));
+    }
+    Arc::from(key)
+}
+
 /// Transaction-pooling state of one server connection.
 #[derive(Debug, Default)]
 pub struct PooledState {
     pub prepared: PreparedCache,
-    /// `(client id, settings version)` whose settings are applied.
-    pub settings_of: Option<(u64, u64)>,
+    /// The session state applied on it, as [`settings_key`] spells it: a client whose key
+    /// is the same needs nothing replayed.
+    pub settings_of: Option<Arc<str>>,
+    /// The client whose transaction ran on it last (checkout prefers it).
+    pub last_client: Option<u64>,
     /// Something ran on it since it was opened or last reset.
     pub used: bool,
 }

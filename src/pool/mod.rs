@@ -182,9 +182,7 @@ impl Pool {
                 let mut idle = self.idle();
                 let pos = idle
                     .iter()
-                    .rposition(|c| {
-                        c.bound == Some(tenant) && c.pooled.settings_of.map(|s| s.0) == Some(client)
-                    })
+                    .rposition(|c| c.bound == Some(tenant) && c.pooled.last_client == Some(client))
                     .or_else(|| idle.iter().rposition(|c| c.bound == Some(tenant)))
                     .or_else(|| idle.len().checked_sub(1));
                 pos.map(|p| idle.remove(p))

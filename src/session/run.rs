@@ -164,7 +164,9 @@ pub(super) async fn run_session(state: &AppState, snapshot: &Snapshot, client: A
             Ok(()) => {
                 pooled.conn.bound = Some(tenant.id);
                 pooled.conn.pooled.used = true;
-                pooled.conn.pooled.settings_of = Some((client_id, 0));
+                pooled.conn.pooled.settings_of =
+                    Some(crate::pool::cache::settings_key(&setup_sql, []));
+                pooled.conn.pooled.last_client = Some(client_id);
                 Ok((pool, pooled))
             }
             Err(e) => {

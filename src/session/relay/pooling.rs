@@ -11,11 +11,12 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::{Hash, Hasher};
+use std::sync::Arc;
 
 use bytes::BytesMut;
 
 use super::Relay;
-use crate::pool::cache::PooledState;
+use crate::pool::cache::{PooledState, settings_key};
 use crate::protocol::tracker::ConnTracker;
 use crate::protocol::{encode, tag, take_cstr};
 use crate::tenant::guard::Effect;
@@ -52,7 +53,8 @@ struct Statement {
 pub(super) struct SessionState {
     /// Settings in the order set: `(key, SQL that replays it)`.
     settings: Vec<(String, String)>,
-    settings_version: u64,
+    /// [`settings_key`] of the setup and `settings`, built when first needed after a change.
+    key: Option<Arc<str>>,
     statements: HashMap<String, Statement>,
     /// SQL-level prepared statements by server name: the PREPARE that recreates them.
     sql_prepared: HashMap<String, String>,
@@ -120,8 +122,11 @@ impl Relay {
                 .collect();
             self.inject_query(out, tracker, &sql.join("; "));
         }
-        let mine = (self.rules.client_id, self.session.settings_version);
-        if pooled.settings_of == Some(mine) {
+        pooled.last_client = Some(self.rules.client_id);
+        let mine = self.settings_key();
+        // Any client whose session state is the same (the common case: same user, same
+        // startup settings, no SETs of its own) needs no replay.
+        if pooled.settings_of.as_deref() == Some(&*mine) {
             // Bound in band with the transaction's first statement.
             self.binding_due = true;
         } else {
@@ -138,6 +143,15 @@ impl Relay {
             }
             pooled.settings_of = Some(mine);
         }
+    }
+
+    /// The key of the client's session state (see [`settings_key`]).
+    pub(super) fn settings_key(&mut self) -> Arc<str> {
+        let s = &mut self.session;
+        let rebind = &self.rules.rebind_sql;
+        Arc::clone(s.key.get_or_insert_with(|| {
+            settings_key(rebind, s.settings.iter().map(|(_, sql)| sql.as_str()))
+        }))
     }
 
     /// The query text of the client's statement `name`, if it prepared one.
@@ -450,9 +464,9 @@ impl Relay {
             | Effect::UnlistenAll => {}
         }
         if settings_changed {
-            s.settings_version += 1;
+            s.key = None;
             // The connection that ran the change has it applied already.
-            pooled.settings_of = Some((self.rules.client_id, s.settings_version));
+            pooled.settings_of = Some(self.settings_key());
         }
     }
 

@@ -294,7 +294,7 @@ fn pooled_harness() -> Harness {
         pooled: PooledState::default(),
     };
     // A connection that already has this client's settings: the binding goes in band.
-    h.pooled.settings_of = Some((1, 0));
+    h.pooled.settings_of = Some(h.relay.settings_key());
     h.pooled.used = true;
     let mut out = BytesMut::new();
     h.relay
@@ -382,4 +382,44 @@ fn statements_the_server_confirmed_stay_cached_when_their_transaction_fails() {
         "the binding statement exists on the server: forgetting it means 42P05 later"
     );
     assert_eq!(h.pooled.prepared.len(), 2, "s1 stays cached, s2 does not");
+}
+
+fn pooled_client(client_id: u64, rebind_sql: &str) -> Relay {
+    let mut rules = test_rules(None);
+    rules.policy.prepared_prefix = Some(format!("pgt_c{client_id}_"));
+    rules.client_id = client_id;
+    rules.rebind_sql = rebind_sql.into();
+    Relay::new(1 << 20, rules)
+}
+
+#[test]
+fn a_connection_needs_no_replay_for_a_client_with_the_same_session_state() {
+    let mut h = pooled_harness();
+    let mut out = BytesMut::new();
+    // Another client, same setup and no SETs of its own: the binding goes in band.
+    let mut other = pooled_client(2, "SET app.current_tenant_id TO 'x'");
+    other.attach(&mut out, &mut h.tracker, &mut h.pooled, true);
+    assert!(out.is_empty(), "nothing to replay");
+    assert_eq!(h.pooled.last_client, Some(2));
+    // A read-only user of the same tenant: its setup differs, so the state is reset first.
+    let mut reader = pooled_client(
+        3,
+        "SET app.current_tenant_id TO 'x'; SET default_transaction_read_only = on",
+    );
+    reader.attach(&mut out, &mut h.tracker, &mut h.pooled, true);
+    let sent: Vec<String> = split_whole(&out)
+        .map(|m| String::from_utf8_lossy(&m.unwrap().1).into_owned())
+        .collect();
+    assert_eq!(
+        sent,
+        ["RESET ALL; SET app.current_tenant_id TO 'x'; SET default_transaction_read_only = on\0"]
+    );
+}
+
+#[test]
+fn session_state_keys_cannot_be_forged_by_moving_text_between_parts() {
+    use crate::pool::cache::settings_key;
+    assert_ne!(settings_key("A", ["B|1:C"]), settings_key("A", ["B", "C"]));
+    assert_ne!(settings_key("A|1:B", []), settings_key("A", ["B"]));
+    assert_eq!(settings_key("A", ["B"]), settings_key("A", ["B"]));
 }
