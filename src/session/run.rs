@@ -290,10 +290,12 @@ async fn forward_pooled(
     let prefix = relay.notify_prefix().unwrap_or_default().to_owned();
     let shutdown = state.shutdown.cancelled();
     tokio::pin!(shutdown);
+    let mut listening = false;
     let result = loop {
         let waited = tokio::select! {
             r = pump.wait_for_client(stream) => r,
-            Some(n) = notify_rx.recv() => {
+            // Only a client that ever listened has notifications to wait for.
+            Some(n) = notify_rx.recv(), if listening => {
                 // Notifications reach the client between its transactions, as on PostgreSQL.
                 let channel = n.channel.strip_prefix(&prefix).unwrap_or(&n.channel);
                 let mut body = n.pid.to_be_bytes().to_vec();
@@ -336,6 +338,7 @@ async fn forward_pooled(
         }
         let end = forward(state, &a.tenant.limits, relay, pump, stream, &mut pooled).await;
         let listened = subscribe(relay, a.pool, a.client_id, &notify_tx);
+        listening |= !listened.is_empty();
         match end {
             SessionEnd::Pump(PumpEnd::Released) => {
                 cancel.set_target(None);

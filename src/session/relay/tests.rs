@@ -408,7 +408,7 @@ fn a_connection_needs_no_replay_for_a_client_with_the_same_session_state() {
     );
     reader.attach(&mut out, &mut h.tracker, &mut h.pooled, true);
     let sent: Vec<String> = split_whole(&out)
-        .map(|m| String::from_utf8_lossy(&m.unwrap().1).into_owned())
+        .map(|m| String::from_utf8_lossy(m.unwrap().1).into_owned())
         .collect();
     assert_eq!(
         sent,
