@@ -341,18 +341,7 @@ async fn listen_notify_fans_out_per_tenant() {
     acme.simple_query("BEGIN; SELECT pg_notify('events', 'two'); COMMIT")
         .await
         .unwrap();
-    let mut got = Vec::new();
-    while let Ok(Some(m)) =
-        tokio::time::timeout(Duration::from_millis(700), listener.try_recv()).await
-    {
-        if m.tag == b'A' {
-            let body = &m.body[4..];
-            let mut parts = body.split(|&b| b == 0);
-            let channel = String::from_utf8_lossy(parts.next().unwrap()).into_owned();
-            let payload = String::from_utf8_lossy(parts.next().unwrap()).into_owned();
-            got.push((channel, payload));
-        }
-    }
+    let got = listener.notifications(Duration::from_millis(700)).await;
     assert_eq!(
         got,
         vec![
@@ -414,17 +403,7 @@ async fn listen_and_notify_through_the_extended_protocol() {
         .await
         .unwrap();
     probe.execute("NOTIFY events, 'ext'", &[]).await.unwrap();
-    let mut got = Vec::new();
-    while let Ok(Some(m)) =
-        tokio::time::timeout(Duration::from_millis(700), listener.try_recv()).await
-    {
-        if m.tag == b'A' {
-            let mut parts = m.body[4..].split(|&b| b == 0);
-            let channel = String::from_utf8_lossy(parts.next().unwrap()).into_owned();
-            let payload = String::from_utf8_lossy(parts.next().unwrap()).into_owned();
-            got.push((channel, payload));
-        }
-    }
+    let got = listener.notifications(Duration::from_millis(700)).await;
     assert_eq!(got, vec![("events".to_owned(), "ext".to_owned())]);
 }
 

@@ -10,20 +10,6 @@ use std::time::Duration;
 use common::raw::Raw;
 use common::{all_rows, assert_isolation_intact, start};
 
-async fn notifications(raw: &mut Raw, wait: Duration) -> Vec<(String, String)> {
-    let mut got = Vec::new();
-    while let Ok(Some(m)) = tokio::time::timeout(wait, raw.try_recv()).await {
-        if m.tag == b'A' {
-            let body = &m.body[4..];
-            let mut parts = body.split(|&b| b == 0);
-            let channel = String::from_utf8_lossy(parts.next().unwrap()).into_owned();
-            let payload = String::from_utf8_lossy(parts.next().unwrap()).into_owned();
-            got.push((channel, payload));
-        }
-    }
-    got
-}
-
 #[tokio::test]
 async fn notifications_stay_within_the_tenant() {
     let env = start().await;
@@ -60,7 +46,7 @@ async fn notifications_stay_within_the_tenant() {
         .await
         .unwrap();
 
-    let got = notifications(&mut listener, Duration::from_millis(700)).await;
+    let got = listener.notifications(Duration::from_millis(700)).await;
     assert_eq!(
         got,
         vec![
@@ -76,7 +62,8 @@ async fn notifications_stay_within_the_tenant() {
         .await
         .unwrap();
     assert!(
-        notifications(&mut listener, Duration::from_millis(500))
+        listener
+            .notifications(Duration::from_millis(500))
             .await
             .is_empty()
     );

@@ -43,6 +43,22 @@ impl Msg {
 }
 
 impl Raw {
+    /// The `(channel, payload)` of every NotificationResponse that arrives until nothing has
+    /// come for `quiet`.
+    pub async fn notifications(&mut self, quiet: std::time::Duration) -> Vec<(String, String)> {
+        let mut got = Vec::new();
+        while let Ok(Some(m)) = tokio::time::timeout(quiet, self.try_recv()).await {
+            if m.tag == b'A' {
+                let mut parts = m.body[4..].split(|&b| b == 0);
+                let mut next =
+                    || String::from_utf8_lossy(parts.next().unwrap_or_default()).into_owned();
+                let channel = next();
+                got.push((channel, next()));
+            }
+        }
+        got
+    }
+
     /// Wraps a connected stream (nothing sent yet).
     pub fn from_stream(stream: TcpStream) -> Raw {
         Raw {
