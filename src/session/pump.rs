@@ -234,9 +234,11 @@ impl Pump {
                 Ok(p) => progress |= p,
                 Err(e) => return Poll::Ready(PumpEnd::ServerGone(e)),
             }
-            match poll_drain(cx, client, &mut self.to_client, &mut self.flush_client) {
-                Ok(p) => progress |= p,
-                Err(e) => return Poll::Ready(PumpEnd::ClientGone(e)),
+            if !relay.holds_client_output(server.tracker) {
+                match poll_drain(cx, client, &mut self.to_client, &mut self.flush_client) {
+                    Ok(p) => progress |= p,
+                    Err(e) => return Poll::Ready(PumpEnd::ClientGone(e)),
+                }
             }
 
             if self.to_client.len() < HIGH_WATER {

@@ -22,7 +22,7 @@ use crate::error::{ClientError, sqlstate};
 use crate::pool::cache::PooledState;
 use crate::protocol::frame::{FrameError, FrameScanner, Piece, TagSet};
 use crate::protocol::tracker::ConnTracker;
-use crate::protocol::{encode, server_msgs, tag, take_cstr};
+use crate::protocol::{TxStatus, encode, server_msgs, tag, take_cstr};
 use crate::quota::TenantState;
 use crate::tenant::guard::{Effect, Policy, Scope};
 pub use binding::Binding;
@@ -198,6 +198,16 @@ impl Relay {
             && self.owners.is_empty()
             && tracker.is_idle()
             && self.client_scan.at_boundary()
+    }
+
+    /// Transaction pooling: the client's transaction ended with a LISTEN the notification hub
+    /// has not confirmed yet. Its ReadyForQuery waits, so that a NOTIFY the client's peers
+    /// commit after seeing it cannot be missed.
+    pub fn holds_client_output(&self, tracker: &ConnTracker) -> bool {
+        !self.listens.is_empty()
+            && tracker.status() == TxStatus::Idle
+            && !tracker.unsynced()
+            && !self.owners.iter().any(|o| matches!(o, Owner::Client))
     }
 
     /// When the statement now running on the server started, if one is.

@@ -423,3 +423,37 @@ fn session_state_keys_cannot_be_forged_by_moving_text_between_parts() {
     assert_ne!(settings_key("A|1:B", []), settings_key("A", ["B"]));
     assert_eq!(settings_key("A", ["B"]), settings_key("A", ["B"]));
 }
+
+#[test]
+fn the_ready_for_query_after_listen_waits_for_the_hub() {
+    let mut h = pooled_harness();
+    let sent = h.client(&query("LISTEN ch"));
+    // The client's (prefixed) LISTEN, then pgtenant's UNLISTEN on the pooled connection.
+    assert_eq!(sent.len(), 2);
+    assert!(!h.relay.holds_client_output(&h.tracker));
+    let mut reply = msg(b'C', b"SET\0");
+    reply.extend_from_slice(&msg(b'C', b"LISTEN\0"));
+    reply.extend_from_slice(&ready(b'I'));
+    h.server(&reply);
+    assert!(
+        h.relay.holds_client_output(&h.tracker),
+        "the client's transaction is over and the hub has not listened yet"
+    );
+    // Inside an explicit transaction nothing is held: the client must be able to COMMIT.
+    let mut h = pooled_harness();
+    h.client(&query("BEGIN; LISTEN ch"));
+    let mut reply = msg(b'C', b"SET\0");
+    reply.extend_from_slice(&msg(b'C', b"BEGIN\0"));
+    reply.extend_from_slice(&msg(b'C', b"LISTEN\0"));
+    reply.extend_from_slice(&ready(b'T'));
+    h.server(&reply);
+    assert!(!h.relay.holds_client_output(&h.tracker));
+    // Nor while an extended batch waits for its Sync (asyncpg prepares with Flush).
+    let mut h = pooled_harness();
+    let mut batch = BytesMut::new();
+    postgres_protocol::message::frontend::parse("s1", "LISTEN ch", [], &mut batch).unwrap();
+    postgres_protocol::message::frontend::describe(b'S', "s1", &mut batch).unwrap();
+    postgres_protocol::message::frontend::flush(&mut batch);
+    h.client(&batch);
+    assert!(!h.relay.holds_client_output(&h.tracker));
+}
