@@ -19,9 +19,8 @@ use pgtenant::protocol::encode;
 use pgtenant::protocol::frame::FrameScanner;
 use pgtenant::protocol::startup::parse_initial;
 use pgtenant::protocol::tracker::ConnTracker;
-use pgtenant::quota::Quotas;
 use pgtenant::session::relay::{Relay, RelayRules};
-use pgtenant::tenant::guard::{Policy, Scope};
+use pgtenant::tenant::guard::Policy;
 
 /// 64 KiB of what pgbench -S gets back: RowDescription, DataRow, CommandComplete, ReadyForQuery.
 fn server_stream() -> BytesMut {
@@ -52,31 +51,11 @@ fn client_stream() -> BytesMut {
 }
 
 fn policy() -> Policy {
-    Policy {
-        scope: Scope::Tenant,
-        protect_search_path: false,
-        readonly: false,
-        max_statement_timeout: None,
-        notify_prefix: Some("acme.".into()),
-        allow_ddl: false,
-        prepared_prefix: None,
-    }
+    RelayRules::sample_shared(None).policy
 }
 
 fn rules() -> RelayRules {
-    RelayRules {
-        policy: policy(),
-        rebind_sql: "SET app.current_tenant_id TO '6f1c2b7e-1d0a-4c39-9d0e-6f3b2a1c9e01'".into(),
-        binding: pgtenant::session::relay::Binding {
-            sql: "SET app.current_tenant_id TO '6f1c2b7e-1d0a-4c39-9d0e-6f3b2a1c9e01'".into(),
-            tenant_id: "x".into(),
-            search_path: None,
-        },
-        client_id: 1,
-        tenant: Quotas::default().tenant("acme"),
-        queries_per_second: None,
-        notify_prefix: Some("acme.".into()),
-    }
+    RelayRules::sample_shared(None)
 }
 
 fn guard(c: &mut Criterion) {

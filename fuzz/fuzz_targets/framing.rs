@@ -11,32 +11,13 @@ use pgtenant::pool::cache::PooledState;
 use pgtenant::pool::server_conn::SERVER_WHOLE;
 use pgtenant::protocol::frame::{FrameScanner, Piece, TagSet};
 use pgtenant::protocol::tracker::ConnTracker;
-use pgtenant::quota::Quotas;
 use pgtenant::session::relay::{Relay, RelayRules};
-use pgtenant::tenant::guard::{Policy, Scope};
 
 fn rules() -> RelayRules {
-    RelayRules {
-        policy: Policy {
-            scope: Scope::Tenant,
-            protect_search_path: false,
-            readonly: false,
-            max_statement_timeout: None,
-            notify_prefix: Some("acme.".into()),
-            allow_ddl: false,
-            prepared_prefix: Some("pgt_c1_".into()),
-        },
-        rebind_sql: "SET app.current_tenant_id TO 'x'".into(),
-        binding: pgtenant::session::relay::Binding {
-            sql: "SET app.current_tenant_id TO 'x'".into(),
-            tenant_id: "x".into(),
-            search_path: None,
-        },
-        client_id: 1,
-        tenant: Quotas::default().tenant("acme"),
-        queries_per_second: Some(1000),
-        notify_prefix: Some("acme.".into()),
-    }
+    // Transaction pooling and a query rate: the paths that rewrite and refuse messages.
+    let mut rules = RelayRules::sample_shared(Some(1000));
+    rules.policy.prepared_prefix = Some("pgt_c1_".into());
+    rules
 }
 
 fuzz_target!(|data: &[u8]| {

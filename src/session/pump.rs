@@ -321,7 +321,10 @@ mod tests {
             }
         });
         let mut pump = Pump::default();
-        let mut relay = Relay::new(1 << 20, super::super::relay::test_rules(None));
+        let mut relay = Relay::new(
+            1 << 20,
+            super::super::relay::RelayRules::sample_shared(None),
+        );
         let mut rbuf = BytesMut::new();
         let mut scanner = FrameScanner::new(SERVER_WHOLE, 1 << 20);
         let mut tracker = ConnTracker::default();

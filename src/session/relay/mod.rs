@@ -732,29 +732,31 @@ fn move_run(input: &mut BytesMut, run: usize, out: &mut BytesMut) {
     }
 }
 
-/// Rules for unit tests: a shared tenant "acme" with an optional query rate.
-#[cfg(test)]
-pub(crate) fn test_rules(qps: Option<u32>) -> RelayRules {
-    RelayRules {
-        policy: Policy {
-            scope: Scope::Tenant,
-            protect_search_path: false,
-            readonly: false,
-            max_statement_timeout: None,
+impl RelayRules {
+    /// A shared tenant "acme" bound to the id `x`, session pooling, an optional query rate:
+    /// the one fixture for unit tests, benchmarks and fuzz targets.
+    pub fn sample_shared(queries_per_second: Option<u32>) -> RelayRules {
+        RelayRules {
+            policy: Policy {
+                scope: Scope::Tenant,
+                protect_search_path: false,
+                readonly: false,
+                max_statement_timeout: None,
+                notify_prefix: Some("acme.".into()),
+                allow_ddl: false,
+                prepared_prefix: None,
+            },
+            rebind_sql: "SET app.current_tenant_id TO 'x'".into(),
+            binding: Binding {
+                sql: "SET app.current_tenant_id TO 'x'".into(),
+                tenant_id: "x".into(),
+                search_path: None,
+            },
+            client_id: 1,
+            tenant: crate::quota::Quotas::default().tenant("acme"),
+            queries_per_second,
             notify_prefix: Some("acme.".into()),
-            allow_ddl: false,
-            prepared_prefix: None,
-        },
-        rebind_sql: "SET app.current_tenant_id TO 'x'".into(),
-        binding: Binding {
-            sql: "SET app.current_tenant_id TO 'x'".into(),
-            tenant_id: "x".into(),
-            search_path: None,
-        },
-        client_id: 1,
-        tenant: crate::quota::Quotas::default().tenant("acme"),
-        queries_per_second: qps,
-        notify_prefix: Some("acme.".into()),
+        }
     }
 }
 

@@ -27,7 +27,7 @@ struct Harness {
 impl Harness {
     fn new(qps: Option<u32>) -> Self {
         Harness {
-            relay: Relay::new(1 << 20, test_rules(qps)),
+            relay: Relay::new(1 << 20, RelayRules::sample_shared(qps)),
             tracker: ConnTracker::default(),
             scanner: FrameScanner::new(SERVER_WHOLE, 1 << 20),
             params: BTreeMap::new(),
@@ -284,7 +284,7 @@ fn busy_and_ready_times_follow_the_exchange() {
 }
 
 fn pooled_harness() -> Harness {
-    let mut rules = test_rules(None);
+    let mut rules = RelayRules::sample_shared(None);
     rules.policy.prepared_prefix = Some("pgt_c1_".into());
     let mut h = Harness {
         relay: Relay::new(1 << 20, rules),
@@ -385,7 +385,7 @@ fn statements_the_server_confirmed_stay_cached_when_their_transaction_fails() {
 }
 
 fn pooled_client(client_id: u64, rebind_sql: &str) -> Relay {
-    let mut rules = test_rules(None);
+    let mut rules = RelayRules::sample_shared(None);
     rules.policy.prepared_prefix = Some(format!("pgt_c{client_id}_"));
     rules.client_id = client_id;
     rules.rebind_sql = rebind_sql.into();
