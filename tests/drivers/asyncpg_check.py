@@ -3,11 +3,10 @@ prepare(), transactions, type introspection, per-client settings and LISTEN/NOTI
 add_listener, which must only ever deliver the client's own tenant's notifications."""
 
 import asyncio
-import sys
 
 import asyncpg
 
-from common import QUERY, check, spec, work_mem_of
+from common import QUERY, check, run, run_clients, spec, work_mem_of
 
 ROUNDS = 10
 
@@ -75,16 +74,11 @@ async def notifications(port, tenants):
 
 async def main():
     port, clients, tenants = spec()
-    pids = set()
-    await asyncio.gather(*(client(i, port, tenants[i % len(tenants)], pids) for i in range(clients)))
+    pids = await run_clients(client, port, clients, tenants)
     await notifications(port, tenants)
     print(f"asyncpg {asyncpg.__version__}: {clients} clients ok, notifications per tenant ok")
     print(f"pids={len(pids)}")
 
 
 if __name__ == "__main__":
-    try:
-        asyncio.run(main())
-    except Exception as e:  # noqa: BLE001 - report and fail
-        print(f"FAILED: {type(e).__name__}: {e}", file=sys.stderr)
-        sys.exit(1)
+    run(main)

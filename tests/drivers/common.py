@@ -1,6 +1,9 @@
-"""Shared parsing of the driver-check environment (see README.md)."""
+"""Shared parts of the Python driver checks: the environment (see README.md), the per-row
+check, and running every client at once."""
 
+import asyncio
 import os
+import sys
 
 QUERY = (
     "SELECT current_setting('app.current_tenant_id') AS tenant, count(*)::int AS n, "
@@ -34,3 +37,20 @@ def check(i, tenant, row):
     if (tenant_id, n, work_mem) != want:
         raise AssertionError(f"client {i} ({tenant.name}): got {(tenant_id, n, work_mem)}, want {want}")
     return pid
+
+
+async def run_clients(client, port, clients, tenants):
+    """Runs `client(i, port, tenant, pids)` for every client at once; returns the distinct
+    server backends they saw."""
+    pids = set()
+    await asyncio.gather(*(client(i, port, tenants[i % len(tenants)], pids) for i in range(clients)))
+    return pids
+
+
+def run(main):
+    """Runs the coroutine function `main`; any failure is reported and exits non-zero."""
+    try:
+        asyncio.run(main())
+    except Exception as e:  # noqa: BLE001 - report and fail
+        print(f"FAILED: {type(e).__name__}: {e}", file=sys.stderr)
+        sys.exit(1)

@@ -2,11 +2,10 @@
 prepare_threshold), explicit transactions, pipeline mode and per-client settings."""
 
 import asyncio
-import sys
 
 import psycopg
 
-from common import QUERY, check, spec, work_mem_of
+from common import QUERY, check, run, run_clients, spec, work_mem_of
 
 ROUNDS = 10
 
@@ -52,15 +51,10 @@ async def client(i, port, tenant, pids):
 
 async def main():
     port, clients, tenants = spec()
-    pids = set()
-    await asyncio.gather(*(client(i, port, tenants[i % len(tenants)], pids) for i in range(clients)))
+    pids = await run_clients(client, port, clients, tenants)
     print(f"psycopg {psycopg.__version__}: {clients} clients ok")
     print(f"pids={len(pids)}")
 
 
 if __name__ == "__main__":
-    try:
-        asyncio.run(main())
-    except Exception as e:  # noqa: BLE001 - report and fail
-        print(f"FAILED: {type(e).__name__}: {e}", file=sys.stderr)
-        sys.exit(1)
+    run(main)
