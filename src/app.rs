@@ -86,11 +86,28 @@ impl AppState {
                 current.listen.addr
             );
         }
+        require_context_keys(&snapshot)?;
         let tls = client_tls(&snapshot)?;
         self.client_tls.store(tls.map(Arc::new));
         self.snapshot.store(Arc::new(snapshot));
         Ok(())
     }
+}
+
+/// A shard whose `context_key_file` does not exist yet cannot bind the verified context its
+/// policies read: the proxy refuses the configuration rather than serve tenants no rows.
+fn require_context_keys(snapshot: &Snapshot) -> anyhow::Result<()> {
+    for shard in snapshot.shards.values() {
+        if let (Some(path), None) = (&shard.context_key_file, &shard.context_key) {
+            anyhow::bail!(
+                "shard {:?}: context_key_file {} does not exist; run `pgtenant shard init --shard {}` first",
+                shard.name,
+                path.display(),
+                shard.name
+            );
+        }
+    }
+    Ok(())
 }
 
 /// A running proxy.
@@ -123,6 +140,7 @@ impl Running {
 
 /// Binds the listener and starts accepting.
 pub async fn start(snapshot: Snapshot) -> anyhow::Result<Running> {
+    require_context_keys(&snapshot)?;
     let listener = TcpListener::bind(snapshot.listen.addr)
         .await
         .with_context(|| format!("cannot listen on {}", snapshot.listen.addr))?;

@@ -100,6 +100,7 @@ async fn inspect(conn: &mut ServerConn, shared: bool) -> Result<Vec<String>, Ser
                 truncatable.join(", ")
             ));
         }
+        problems.extend(inspect_context(conn).await?);
         let temp = conn
             .query_rows("SELECT has_database_privilege('public', current_database(), 'TEMP')::text")
             .await?;
@@ -123,6 +124,94 @@ async fn inspect(conn: &mut ServerConn, shared: bool) -> Result<Vec<String>, Ser
     }
     Ok(problems)
 }
+
+/// The verified context and what depends on it (shared shards): `pgtenant.tenant_id()`
+/// installed, its key unreadable, policies that read the unverified setting, keys of tenant
+/// tables without the tenant column, and catalog objects that show other sessions.
+async fn inspect_context(conn: &mut ServerConn) -> Result<Vec<String>, ServerError> {
+    let mut problems = Vec::new();
+    let installed = conn
+        .query_rows("SELECT (to_regprocedure('pgtenant.tenant_id()') IS NOT NULL)::text")
+        .await?;
+    if cell(&installed) != Some("true") {
+        problems.push(
+            "pgtenant.tenant_id() is not installed: run `pgtenant shard init`, set context_key_file, \
+             and make policies read (SELECT pgtenant.tenant_id())"
+                .into(),
+        );
+    } else {
+        let readable = conn
+            .query_rows(
+                "SELECT (to_regclass('pgtenant.context_key') IS NOT NULL \
+                   AND has_table_privilege('pgtenant.context_key', 'SELECT'))::text",
+            )
+            .await?;
+        if cell(&readable) == Some("true") {
+            problems.push(
+                "the login role can read pgtenant.context_key (the shard's context key)".into(),
+            );
+        }
+    }
+    let unverified = list(
+        conn.query_rows(&format!(
+            "SELECT schemaname || '.' || tablename || ' (' || policyname || ')' FROM pg_policies \
+             WHERE coalesce(qual, '') || ' ' || coalesce(with_check, '') LIKE '%{TENANT_SETTING}%' \
+             ORDER BY 1"
+        ))
+        .await?,
+    );
+    if !unverified.is_empty() {
+        problems.push(format!(
+            "policies read the unverified setting {TENANT_SETTING} (any SQL that sets it passes them; \
+             read (SELECT pgtenant.tenant_id()) instead): {}",
+            unverified.join(", ")
+        ));
+    }
+    let keys = list(
+        conn.query_rows(&format!(
+            "SELECT k.conrelid::regclass::text || ' ' || k.conname FROM pg_constraint k \
+             JOIN pg_class t ON t.oid = k.conrelid \
+             JOIN pg_attribute a ON a.attrelid = t.oid AND a.attname = '{TENANT_COLUMN}' AND NOT a.attisdropped \
+             WHERE t.relrowsecurity AND k.contype IN ('p', 'u', 'f') AND NOT (a.attnum = ANY (k.conkey)) \
+             ORDER BY 1"
+        ))
+        .await?,
+    );
+    if !keys.is_empty() {
+        problems.push(format!(
+            "keys of tenant tables without the {TENANT_COLUMN} column (a duplicate-key or \
+             foreign-key error tells one tenant that another's row exists): {}",
+            keys.join(", ")
+        ));
+    }
+    let checks: Vec<String> = crate::tenant::context::HARDENED
+        .iter()
+        .map(|(kind, name)| {
+            if *kind == "TABLE" {
+                format!(
+                    "SELECT '{name}' WHERE to_regclass('{name}') IS NOT NULL \
+                     AND has_table_privilege('{name}', 'SELECT')"
+                )
+            } else {
+                format!(
+                    "SELECT '{name}' WHERE to_regprocedure('{name}') IS NOT NULL \
+                     AND has_function_privilege('{name}', 'EXECUTE')"
+                )
+            }
+        })
+        .collect();
+    let exposed = list(conn.query_rows(&checks.join(" UNION ALL ")).await?);
+    if !exposed.is_empty() {
+        problems.push(format!(
+            "the login role can see or signal other sessions (run `pgtenant shard init` to revoke): {}",
+            exposed.join(", ")
+        ));
+    }
+    Ok(problems)
+}
+
+/// The column that holds a row's tenant in shared tables (the seed schema's `tenant_id`).
+pub const TENANT_COLUMN: &str = "tenant_id";
 
 /// Inspects every shard with every login pgtenant uses there.
 pub async fn inspect_shards(snapshot: &Snapshot, timeout: std::time::Duration) -> Vec<ShardReport> {

@@ -34,10 +34,29 @@ pub enum Command {
     },
     /// Read a password from standard input and print its SCRAM-SHA-256 verifier.
     Passwd,
+    /// Shard administration.
+    #[command(subcommand)]
+    Shard(ShardCommand),
     /// Start two throwaway PostgreSQL clusters with four sample tenants behind pgtenant.
     Demo {
         /// Port for pgtenant to listen on (0 picks a free one).
         #[arg(long, default_value_t = 6432)]
         port: u16,
+    },
+}
+
+/// `pgtenant shard ...`.
+#[derive(Debug, Subcommand)]
+pub enum ShardCommand {
+    /// Install the verified tenant context on a shard (schema `pgtenant`, its key, grants)
+    /// and harden it for pgtenant's login role. Idempotent.
+    Init {
+        /// The shard, as named in the configuration.
+        #[arg(long)]
+        shard: String,
+        /// A privileged role to install with, as a libpq URL (used once, never stored), e.g.
+        /// postgres://postgres@db-host:5432/app
+        #[arg(long, env = "PGTENANT_ADMIN_URL")]
+        admin_url: String,
     },
 }

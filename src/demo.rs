@@ -10,6 +10,7 @@ use anyhow::Context as _;
 
 use crate::auth::verifier::ScramVerifier;
 use crate::localpg::{Cluster, LocalPgError};
+use crate::tenant::context::{self, ContextKey};
 
 /// Prints a line of the demo's output; a closed stdout must not stop the cleanup.
 macro_rules! say {
@@ -80,18 +81,35 @@ pub fn create_fixture(a: &Cluster, b: &Cluster, suffix: &str) -> Result<Fixture,
     let shared_db = format!("app{suffix}");
     let dedicated_db = format!("initech{suffix}");
     a.psql("postgres", &format!("CREATE DATABASE {shared_db}"))?;
+    // The shared shard verifies the tenant context (what `pgtenant shard init` does), and its
+    // policies read the verified tenant, not the setting a client could write.
+    let key_file = key_dir()?.join(format!("shared{suffix}.key"));
+    let _ = std::fs::remove_file(&key_file);
+    let key = ContextKey::generate();
+    key.create(&key_file)
+        .map_err(|e| LocalPgError::Setup(e.to_string()))?;
+    a.psql(
+        &shared_db,
+        &format!(
+            "{}\n{};\n{}",
+            context::install_sql(APP_ROLE),
+            key.store_sql(),
+            context::harden_sql()
+        ),
+    )?;
     a.psql(
         &shared_db,
         &format!(
             "CREATE TABLE public.items (
-                id bigserial PRIMARY KEY,
-                tenant_id uuid NOT NULL DEFAULT current_setting('app.current_tenant_id')::uuid,
-                name text NOT NULL);
+                id bigserial,
+                tenant_id uuid NOT NULL DEFAULT pgtenant.tenant_id(),
+                name text NOT NULL,
+                PRIMARY KEY (tenant_id, id));
              ALTER TABLE public.items ENABLE ROW LEVEL SECURITY;
              ALTER TABLE public.items FORCE ROW LEVEL SECURITY;
              CREATE POLICY tenant_isolation ON public.items
-                USING (tenant_id = NULLIF(current_setting('app.current_tenant_id', true), '')::uuid)
-                WITH CHECK (tenant_id = NULLIF(current_setting('app.current_tenant_id', true), '')::uuid);
+                USING (tenant_id = (SELECT pgtenant.tenant_id()))
+                WITH CHECK (tenant_id = (SELECT pgtenant.tenant_id()));
              GRANT SELECT, INSERT, UPDATE, DELETE ON public.items TO {APP_ROLE};
              GRANT USAGE ON SEQUENCE public.items_id_seq TO {APP_ROLE};
              INSERT INTO public.items (tenant_id, name) VALUES
@@ -161,6 +179,7 @@ user = "{APP_ROLE}"
 password = "{a_pw}"
 max_connections = 60
 tls = "disable"
+context_key_file = "{key_file}"
 
 [shards.initech-db]
 host = "127.0.0.1"
@@ -175,6 +194,7 @@ tls = "disable"
         a_pw = a.password,
         b_port = b.port,
         b_pw = b.password,
+        key_file = key_file.display(),
     );
     let mut fixture = Fixture {
         tenants,
@@ -230,6 +250,19 @@ impl Fixture {
     pub fn tenant(&self, name: &str) -> Option<&SampleTenant> {
         self.tenants.iter().find(|t| t.name == name)
     }
+}
+
+/// Where the sample shards' context keys live (private to this process's user).
+fn key_dir() -> Result<PathBuf, LocalPgError> {
+    let dir = std::env::temp_dir().join(format!("pgtenant-keys-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| LocalPgError::Setup(e.to_string()))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| LocalPgError::Setup(e.to_string()))?;
+    }
+    Ok(dir)
 }
 
 /// A libpq URL for `tenant` through pgtenant at `port`.

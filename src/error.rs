@@ -23,6 +23,7 @@ pub mod sqlstate {
     pub const ADMIN_SHUTDOWN: &str = "57P01";
     pub const CANNOT_CONNECT_NOW: &str = "57P03";
     pub const INSUFFICIENT_PRIVILEGE: &str = "42501";
+    pub const INVALID_SQL_STATEMENT_NAME: &str = "26000";
     pub const FEATURE_NOT_SUPPORTED: &str = "0A000";
     pub const INTERNAL_ERROR: &str = "XX000";
 }

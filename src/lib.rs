@@ -22,4 +22,5 @@ pub mod pool;
 pub mod protocol;
 pub mod quota;
 pub mod session;
+pub mod shard_init;
 pub mod tenant;

@@ -28,6 +28,8 @@ pub enum LocalPgError {
     Io(#[from] std::io::Error),
     #[error("PostgreSQL did not start: {0}")]
     Start(String),
+    #[error("setting up: {0}")]
+    Setup(String),
 }
 
 /// A running throwaway cluster.

@@ -5,7 +5,7 @@ use std::io::BufRead;
 use std::process::ExitCode;
 
 use clap::Parser;
-use pgtenant::cli::{Cli, Command};
+use pgtenant::cli::{Cli, Command, ShardCommand};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -103,6 +103,34 @@ fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
             println!(
                 "{}",
                 pgtenant::auth::verifier::ScramVerifier::from_password(password.as_bytes())
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Shard(ShardCommand::Init { shard, admin_url }) => {
+            let path = cli
+                .config
+                .ok_or_else(|| anyhow::anyhow!("no configuration: pass --config FILE"))?;
+            let snapshot = pgtenant::config::load(&path)?;
+            let timeout = snapshot.pool.connect_timeout;
+            let report = runtime()?.block_on(pgtenant::shard_init::init(
+                &snapshot, &shard, &admin_url, timeout,
+            ))?;
+            println!(
+                "shard {shard:?}: verified tenant context installed (key {} {}, fingerprint {})",
+                report.key_file,
+                if report.key_created {
+                    "created"
+                } else {
+                    "kept"
+                },
+                report.fingerprint
+            );
+            println!(
+                "revoked from PUBLIC (granted to pg_read_all_stats): {}",
+                report.revoked.join(", ")
+            );
+            println!(
+                "RLS policies should read (SELECT pgtenant.tenant_id()); `pgtenant check --shards` lists those that do not"
             );
             Ok(ExitCode::SUCCESS)
         }

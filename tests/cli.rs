@@ -194,6 +194,31 @@ async fn check_shards_reports_hardening_problems() {
     );
     assert!(text.contains("TRUNCATE"), "{text}");
     assert!(text.contains("database or role default"), "{text}");
+    assert!(!text.contains("unverified setting"), "{text}");
+    assert!(!text.contains("can see or signal other sessions"), "{text}");
+
+    // A policy on the unverified setting, a key without the tenant column, and an undone
+    // hardening are reported too.
+    env.admin_a(
+        "CREATE TABLE public.orders (id int UNIQUE, tenant_id uuid NOT NULL); \
+         ALTER TABLE public.orders ENABLE ROW LEVEL SECURITY; \
+         ALTER TABLE public.orders FORCE ROW LEVEL SECURITY; \
+         CREATE POLICY legacy ON public.orders \
+           USING (tenant_id = current_setting('app.current_tenant_id')::uuid); \
+         GRANT SELECT ON pg_catalog.pg_stat_activity TO PUBLIC",
+    );
+    let out = run(dir.join("shards.toml")).await.unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        text.contains("unverified setting app.current_tenant_id")
+            && text.contains("public.orders (legacy)"),
+        "{text}"
+    );
+    assert!(text.contains("orders orders_id_key"), "{text}");
+    assert!(
+        text.contains("can see or signal other sessions") && text.contains("pg_stat_activity"),
+        "{text}"
+    );
     assert!(!text.contains("TEMP is granted"), "{text}");
     common::world()
         .a
@@ -202,4 +227,98 @@ async fn check_shards_reports_hardening_problems() {
             &format!("ALTER DATABASE {db} RESET app.current_tenant_id"),
         )
         .unwrap();
+}
+
+/// `shard init` installs the verified context on a fresh database, creates the key file
+/// (0600), hardens the login role's view of other sessions, and is idempotent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shard_init_installs_the_verified_context_idempotently() {
+    let w = common::world();
+    let db = format!("initshard_{}", std::process::id());
+    w.a.psql("postgres", &format!("DROP DATABASE IF EXISTS {db}"))
+        .unwrap();
+    w.a.psql("postgres", &format!("CREATE DATABASE {db}"))
+        .unwrap();
+    let dir = std::env::temp_dir().join(format!("pgtenant-init-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let key = dir.join("s.key");
+    let _ = std::fs::remove_file(&key);
+    let config = dir.join("init.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[listen]\naddr = \"127.0.0.1:0\"\n\n[shards.s]\nhost = \"127.0.0.1\"\nport = {}\n\
+             database = \"{db}\"\nuser = \"pgtenant_app\"\npassword = \"{}\"\ntls = \"disable\"\n\
+             context_key_file = \"{}\"\n",
+            w.a.port,
+            w.a.password,
+            key.display()
+        ),
+    )
+    .unwrap();
+    // The proxy refuses to serve the shard until the key exists.
+    let snapshot = pgtenant::config::load(&config).unwrap();
+    assert!(pgtenant::app::start(snapshot).await.is_err());
+    let admin = w.a.url(&db);
+    let run = |args: Vec<String>| {
+        tokio::task::spawn_blocking(move || pgtenant().args(args).output().unwrap())
+    };
+    let args = vec![
+        "shard".to_owned(),
+        "init".into(),
+        "--config".into(),
+        config.display().to_string(),
+        "--shard".into(),
+        "s".into(),
+        "--admin-url".into(),
+        admin.clone(),
+    ];
+    let first = run(args.clone()).await.unwrap();
+    let text = String::from_utf8_lossy(&first.stdout).into_owned();
+    assert!(
+        first.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    assert!(
+        text.contains("created") && text.contains("pg_stat_activity"),
+        "{text}"
+    );
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(&key).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+    let again = run(args).await.unwrap();
+    assert!(again.status.success());
+    assert!(String::from_utf8_lossy(&again.stdout).contains("kept"));
+    let probe =
+        w.a.psql(
+            &db,
+            "SELECT has_table_privilege('pgtenant_app', 'pgtenant.context_key', 'SELECT'), \
+                    has_table_privilege('pgtenant_app', 'pg_catalog.pg_stat_activity', 'SELECT'), \
+                    has_function_privilege('pgtenant_app', 'pgtenant.tenant_id()', 'EXECUTE')",
+        )
+        .unwrap();
+    assert_eq!(probe.trim(), "f|f|t");
+    // A wrong admin database is refused before anything is installed.
+    let wrong = run(vec![
+        "shard".into(),
+        "init".into(),
+        "--config".into(),
+        config.display().to_string(),
+        "--shard".into(),
+        "s".into(),
+        "--admin-url".into(),
+        w.a.url("postgres"),
+    ])
+    .await
+    .unwrap();
+    assert!(!wrong.status.success());
+    assert!(String::from_utf8_lossy(&wrong.stderr).contains("shard's database"));
+    let snapshot = pgtenant::config::load(&config).unwrap();
+    let running = pgtenant::app::start(snapshot).await.unwrap();
+    running.shutdown(Duration::from_secs(1)).await;
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -202,6 +202,10 @@ pub struct ShardConfig {
     /// CA bundle (PEM) that signs the server certificate; used with `tls = "verify-full"`.
     #[serde(default)]
     pub ca: Option<PathBuf>,
+    /// The shard's tenant-context key (hex, mode 0600), written by `pgtenant shard init`.
+    /// With it, pgtenant binds the verified context that `pgtenant.tenant_id()` returns.
+    #[serde(default)]
+    pub context_key_file: Option<PathBuf>,
 }
 
 fn default_port() -> u16 {

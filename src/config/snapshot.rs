@@ -54,6 +54,9 @@ pub struct Snapshot {
     pub tenants: Vec<Arc<Tenant>>,
     by_name: HashMap<String, Arc<Tenant>>,
     by_subdomain: HashMap<String, Arc<Tenant>>,
+    /// Tests only (never set from a file): sessions run without the guard, to prove what the
+    /// verified context enforces on its own.
+    pub unguarded_for_tests: bool,
 }
 
 impl Snapshot {
@@ -74,6 +77,7 @@ impl Snapshot {
             .map(|t| (t.subdomain.clone(), Arc::clone(t)))
             .collect();
         Snapshot {
+            unguarded_for_tests: false,
             source,
             listen,
             pool,
@@ -138,7 +142,7 @@ pub struct Admin {
 }
 
 /// A PostgreSQL endpoint + database + login role.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Shard {
     pub name: String,
     pub host: String,
@@ -149,6 +153,11 @@ pub struct Shard {
     pub max_connections: usize,
     pub tls: ServerTlsMode,
     pub ca: Vec<CertificateDer<'static>>,
+    /// `context_key_file`, resolved against the configuration's directory.
+    pub context_key_file: Option<std::path::PathBuf>,
+    /// The key read from it; `None` while the file does not exist yet (`shard init`
+    /// creates it; the proxy refuses to start without it).
+    pub context_key: Option<Arc<crate::tenant::context::ContextKey>>,
 }
 
 /// Where a tenant lives.

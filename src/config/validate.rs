@@ -253,6 +253,14 @@ pub fn build_snapshot(file: ConfigFile, text: &str, path: &Path) -> Result<Snaps
             }
             (None, _) => Vec::new(),
         };
+        let context_key_file = s.context_key_file.as_ref().map(|f| ctx.file_path(f));
+        let context_key = match &context_key_file {
+            Some(path) if path.exists() => Some(Arc::new(
+                crate::tenant::context::ContextKey::load(path)
+                    .map_err(|e| ctx.err(here.clone(), Some(subject.clone()), e.to_string()))?,
+            )),
+            _ => None,
+        };
         shards.insert(
             name.get_ref().clone(),
             Arc::new(Shard {
@@ -265,6 +273,8 @@ pub fn build_snapshot(file: ConfigFile, text: &str, path: &Path) -> Result<Snaps
                 max_connections: s.max_connections,
                 tls: s.tls,
                 ca,
+                context_key_file,
+                context_key,
             }),
         );
     }

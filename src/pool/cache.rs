@@ -101,6 +101,20 @@ pub struct PooledState {
     pub last_client: Option<u64>,
     /// Something ran on it since it was opened or last reset.
     pub used: bool,
+    /// The verified-context token made for it: `(tenant id, token)` (shards with a context
+    /// key).
+    pub context_token: Option<(String, String)>,
+}
+
+impl PooledState {
+    /// The token for `tenant_id`; none when the connection's token is another tenant's, so
+    /// a binding can only ever carry the bound tenant's token (or none: no rows).
+    pub fn token_for(&self, tenant_id: &str) -> Option<&str> {
+        match &self.context_token {
+            Some((tenant, token)) if tenant == tenant_id => Some(token),
+            _ => None,
+        }
+    }
 }
 
 #[cfg(test)]

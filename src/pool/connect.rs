@@ -57,9 +57,22 @@ pub async fn open(
     tls: Option<&(Arc<ClientConfig>, ServerName<'static>)>,
     timeout: Duration,
 ) -> Result<ServerConn, ServerError> {
-    tokio::time::timeout(timeout, open_inner(shard, login, tls))
+    let conn = tokio::time::timeout(timeout, open_inner(shard, login, tls))
         .await
-        .map_err(|_| ServerError::Timeout)?
+        .map_err(|_| ServerError::Timeout)??;
+    // The guard reads SQL text as the server does only with standard-conforming strings (the
+    // default since PostgreSQL 9.1); clients cannot change it through pgtenant.
+    if conn
+        .params
+        .get("standard_conforming_strings")
+        .map(String::as_str)
+        != Some("on")
+    {
+        return Err(ServerError::Protocol(
+            "the shard runs with standard_conforming_strings off; pgtenant requires it on".into(),
+        ));
+    }
+    Ok(conn)
 }
 
 async fn open_inner(

@@ -268,6 +268,42 @@ impl ServerConn {
         }
     }
 
+    /// Runs pgtenant's own constant `sql` (if any) and then `set_config` of `pairs`, every
+    /// name and value a Bind parameter, pipelined; waits for both. Errors mean "close it".
+    pub async fn run_setup(
+        &mut self,
+        sql: Option<&str>,
+        pairs: &[(&str, &str)],
+    ) -> Result<(), ServerError> {
+        let mut out = BytesMut::new();
+        if let Some(sql) = sql {
+            encode::raw(tag::QUERY, format!("{sql}\0").as_bytes(), &mut out);
+            self.tracker.client_message(tag::QUERY);
+        }
+        let tags = encode::set_configs(pairs, &mut out);
+        if !pairs.is_empty() && tags.is_empty() {
+            return Err(ServerError::Protocol(
+                "a setting could not be encoded".into(),
+            ));
+        }
+        for &t in tags {
+            self.tracker.client_message(t);
+        }
+        if out.is_empty() {
+            return Ok(());
+        }
+        self.send(&out).await?;
+        match self.drain().await? {
+            Some(fields) => Err(ServerError::Server(fields)),
+            None => Ok(()),
+        }
+    }
+
+    /// The backend's process id (from BackendKeyData).
+    pub fn backend_pid(&self) -> i32 {
+        self.cancel.pid
+    }
+
     /// Runs one simple query of the proxy's own and returns its rows as text (for inspection
     /// commands; results are read whole, so keep them small).
     pub async fn query_rows(&mut self, sql: &str) -> Result<Vec<Vec<Option<String>>>, ServerError> {

@@ -13,7 +13,9 @@ use pgwire::messages::startup::{
     Authentication, BackendKeyData, NegotiateProtocolVersion, ParameterStatus, SecretKey,
 };
 
-use super::TxStatus;
+use postgres_protocol::message::frontend;
+
+use super::{TxStatus, tag};
 
 /// Appends `message`; if pgwire refuses it (over its size limit) nothing is appended and the
 /// refusal is logged, since a half-written message would desynchronise the client.
@@ -91,6 +93,57 @@ pub fn raw(tag: u8, body: &[u8], out: &mut BytesMut) {
     out.put_u8(tag);
     out.put_u32((body.len() + 4) as u32);
     out.put_slice(body);
+}
+
+/// The name of the statement [`set_configs`] prepares and closes again. Client statement
+/// names starting with `pgtenant_` or `pgt_` are refused, so it never meets a client's.
+pub const OWN_STATEMENT: &str = "pgtenant_set";
+
+/// pgtenant's own `SELECT set_config($1, $2, false), ...` for `pairs`, with every name and
+/// value a Bind parameter (never SQL text the server lexes): Parse, Bind, Execute, Close,
+/// Sync. Returns the message tags written, in order (for the connection's tracker); nothing
+/// for no pairs, or when a value cannot be encoded (the caller fails closed).
+pub fn set_configs(pairs: &[(&str, &str)], out: &mut BytesMut) -> &'static [u8] {
+    const TAGS: &[u8] = &[tag::PARSE, tag::BIND, tag::EXECUTE, tag::CLOSE, tag::SYNC];
+    if pairs.is_empty() {
+        return &[];
+    }
+    let calls: Vec<String> = (0..pairs.len())
+        .map(|i| {
+            format!(
+                "pg_catalog.set_config(${}, ${}, false)",
+                2 * i + 1,
+                2 * i + 2
+            )
+        })
+        .collect();
+    let sql = format!("SELECT {}", calls.join(", "));
+    let mut msgs = BytesMut::new();
+    let values = pairs.iter().flat_map(|(k, v)| [*k, *v]);
+    let encoded = frontend::parse(OWN_STATEMENT, &sql, std::iter::empty::<u32>(), &mut msgs)
+        .and_then(|()| {
+            frontend::bind(
+                "",
+                OWN_STATEMENT,
+                std::iter::empty::<i16>(),
+                values,
+                |v, buf| {
+                    buf.extend_from_slice(v.as_bytes());
+                    Ok(postgres_protocol::IsNull::No)
+                },
+                std::iter::empty::<i16>(),
+                &mut msgs,
+            )
+            .map_err(|_| std::io::Error::other("bind"))
+        })
+        .and_then(|()| frontend::execute("", 0, &mut msgs))
+        .and_then(|()| frontend::close(b'S', OWN_STATEMENT, &mut msgs));
+    if encoded.is_err() {
+        return &[];
+    }
+    frontend::sync(&mut msgs);
+    out.extend_from_slice(&msgs);
+    TAGS
 }
 
 #[cfg(test)]

@@ -15,7 +15,7 @@ use super::pump::{Pump, PumpEnd, ServerSide};
 use super::relay::{Binding, ClientStep, Relay, RelayRules};
 use super::{Authenticated, SessionError, report};
 use crate::app::AppState;
-use crate::config::{Isolation, PlacementKind, PlanConfig, PoolMode, Snapshot, Tenant, UserRole};
+use crate::config::{PlacementKind, PlanConfig, PoolMode, Snapshot, Tenant, UserRole};
 use crate::error::{ClientError, Reportable, sqlstate};
 use crate::net::stream::ClientStream;
 use crate::pool::{Pool, PoolError, PooledConn, notify};
@@ -33,20 +33,22 @@ fn policy_for(tenant: &Tenant, role: UserRole) -> Policy {
     };
     Policy {
         scope,
-        protect_search_path: tenant.placement.kind == PlacementKind::Schema
-            && matches!(tenant.isolation, Isolation::Context),
+        // A schema tenant's search_path is bound by pgtenant whatever its isolation: a SET
+        // of it would be undone at the next transaction, so it is refused outright.
+        protect_search_path: tenant.placement.kind == PlacementKind::Schema,
         readonly: role == UserRole::Readonly,
         max_statement_timeout: tenant.limits.statement_timeout.filter(|d| !d.is_zero()),
         notify_prefix: (scope == Scope::Tenant).then(|| format!("{}.", tenant.name)),
         allow_ddl: tenant.allow_ddl,
         prepared_prefix: None,
+        unchecked: false,
     }
 }
 
-/// The SQL that binds the tenant context, the user's read-only mode, the plan's statement
-/// timeout and the client's startup settings. It runs when a server connection is taken and
-/// again after the client resets its settings.
-fn session_setup_sql(tenant: &Tenant, role: UserRole, settings: &ClientSettings) -> String {
+/// pgtenant's own constant SQL that binds the tenant context, the user's read-only mode and
+/// the plan's statement timeout. It runs when a server connection is taken and again after
+/// the client resets its settings; the client's startup settings follow it as parameters.
+fn session_setup_sql(tenant: &Tenant, role: UserRole) -> String {
     let mut sql = binding_sql(tenant);
     if role == UserRole::Readonly {
         sql.push_str("; SET default_transaction_read_only TO on");
@@ -56,21 +58,6 @@ fn session_setup_sql(tenant: &Tenant, role: UserRole, settings: &ClientSettings)
             "; SET statement_timeout TO '{}ms'",
             limit.as_millis()
         ));
-    }
-    if !settings.0.is_empty() {
-        let calls: Vec<String> = settings
-            .0
-            .iter()
-            .map(|(k, v)| {
-                format!(
-                    "pg_catalog.set_config({}, {}, false)",
-                    quote_literal(k),
-                    quote_literal(v)
-                )
-            })
-            .collect();
-        sql.push_str("; SELECT ");
-        sql.push_str(&calls.join(", "));
     }
     sql
 }
@@ -96,6 +83,8 @@ enum SessionEnd {
     IdleInTransaction(Duration),
     /// Transaction pooling: no server connection for the next transaction.
     Checkout(PoolError),
+    /// No server connection could be reset and bound for the next transaction.
+    Setup(crate::pool::ServerError),
 }
 
 pub(super) async fn run_session(state: &AppState, snapshot: &Snapshot, client: Authenticated) {
@@ -110,6 +99,7 @@ pub(super) async fn run_session(state: &AppState, snapshot: &Snapshot, client: A
     let client_id = state.next_session_id();
     let pooling = snapshot.pool.mode == PoolMode::Transaction;
     let mut policy = policy_for(&tenant, role);
+    policy.unchecked = snapshot.unguarded_for_tests;
     if pooling {
         policy.prepared_prefix = Some(format!("pgt_c{client_id}_"));
     }
@@ -131,49 +121,58 @@ pub(super) async fn run_session(state: &AppState, snapshot: &Snapshot, client: A
         report(&mut stream, &e).await;
         return;
     };
-    let setup_sql = session_setup_sql(&tenant, role, &settings);
+    let setup_sql = session_setup_sql(&tenant, role);
     let tenant_cap = tenant
         .limits
         .max_server_connections
         .filter(|_| policy.scope == Scope::Tenant)
         .map(|n| (n, state.quotas.tenant(&tenant.name).server_permits(n)));
+    let shard = match route(snapshot, &tenant, startup.get("database")) {
+        Ok(shard) => shard,
+        Err(e) => {
+            let e = SessionError::from(e);
+            tracing::info!(kind = e.kind().as_str(), error = %e, "session refused");
+            report(&mut stream, &e).await;
+            return;
+        }
+    };
+    let context_key = shard.context_key.clone();
+    let rules = RelayRules {
+        notify_prefix: policy.notify_prefix.clone(),
+        policy: policy.clone(),
+        rebind_sql: setup_sql,
+        startup_settings: settings.0.clone(),
+        binding: Binding {
+            sql: binding_sql(&tenant),
+            tenant_id: tenant.id.to_string(),
+            search_path: match (tenant.placement.kind, &tenant.placement.schema) {
+                (PlacementKind::Schema, Some(schema)) => Some(quote_ident(schema)),
+                _ => None,
+            },
+            verified: context_key.is_some(),
+        },
+        client_id,
+        tenant: state.quotas.tenant(&tenant.name),
+        queries_per_second: tenant.limits.queries_per_second,
+    };
+    let mut relay = Relay::new(snapshot.listen.max_message_size, rules);
+    let ctx = Prepare {
+        tenant: &tenant,
+        key: context_key.as_deref(),
+    };
     let setup = async {
         settings
             .check_placement(tenant.placement.kind)
             .map_err(SessionError::Refused)?;
         check_startup_settings(&settings, &policy)?;
-        let shard = route(snapshot, &tenant, startup.get("database"))?;
         let pool = state.pools.for_tenant(&shard, &tenant)?;
-        let mut pooled = pool
-            .checkout(tenant.id, client_id, tenant_cap.clone())
-            .await?;
-        if pooling
-            && pooled.conn.bound != Some(tenant.id)
-            && pooled.conn.pooled.used
-            && let Err(e) = pooled.conn.reset(Duration::from_secs(5)).await
-        {
-            pool.checkin(pooled, true).await;
-            return Err(SessionError::from(e));
-        }
-        let sql = if pooling {
-            format!("RESET ALL; {setup_sql}")
-        } else {
-            setup_sql.clone()
-        };
-        match pooled.conn.run_own(&sql).await {
-            Ok(()) => {
-                pooled.conn.bound = Some(tenant.id);
-                pooled.conn.pooled.used = true;
-                pooled.conn.pooled.settings_of =
-                    Some(crate::pool::cache::settings_key(&setup_sql, []));
-                pooled.conn.pooled.last_client = Some(client_id);
-                Ok((pool, pooled))
-            }
-            Err(e) => {
-                pool.checkin(pooled, true).await;
-                Err(SessionError::from(e))
-            }
-        }
+        let (pooled, _) = checkout_prepared(&pool, &ctx, &mut relay, client_id, tenant_cap.clone())
+            .await
+            .map_err(|e| match e {
+                Failed::Checkout(e) => SessionError::from(e),
+                Failed::Server(e) => SessionError::from(e),
+            })?;
+        Ok::<_, SessionError>((pool, pooled))
     };
     let (pool, pooled) = match setup.await {
         Ok(ok) => ok,
@@ -203,29 +202,12 @@ pub(super) async fn run_session(state: &AppState, snapshot: &Snapshot, client: A
         return;
     }
 
-    let rules = RelayRules {
-        notify_prefix: policy.notify_prefix.clone(),
-        policy,
-        rebind_sql: setup_sql,
-        binding: Binding {
-            sql: binding_sql(&tenant),
-            tenant_id: tenant.id.to_string(),
-            search_path: match (tenant.placement.kind, &tenant.placement.schema) {
-                (PlacementKind::Schema, Some(schema)) => Some(quote_ident(schema)),
-                _ => None,
-            },
-        },
-        client_id,
-        tenant: state.quotas.tenant(&tenant.name),
-        queries_per_second: tenant.limits.queries_per_second,
-    };
-    let mut relay = Relay::new(snapshot.listen.max_message_size, rules);
     let mut pump = Pump::default();
     let (end, attached) = if pooling {
         pool.release(pooled).await;
         let attached = Attached {
             pool: &pool,
-            tenant: &tenant,
+            prepare: &ctx,
             client_id,
             tenant_cap,
         };
@@ -259,7 +241,10 @@ pub(super) async fn run_session(state: &AppState, snapshot: &Snapshot, client: A
         // Messages the client sent just before leaving (e.g. a query and Terminate).
         let _ = pooled.conn.send(&leftover).await;
     }
-    if pooling && relay.client_at_boundary() {
+    if relay.server_unusable() {
+        // Closed: pgtenant could not bind the context on it.
+        drop(pooled);
+    } else if pooling && relay.client_at_boundary() {
         pool.release(pooled).await;
     } else {
         pool.checkin(pooled, relay.client_at_boundary()).await;
@@ -269,10 +254,98 @@ pub(super) async fn run_session(state: &AppState, snapshot: &Snapshot, client: A
 /// What transaction pooling needs to take server connections for a client.
 struct Attached<'a> {
     pool: &'a Arc<Pool>,
-    tenant: &'a Arc<Tenant>,
+    prepare: &'a Prepare<'a>,
     client_id: u64,
     tenant_cap: Option<(usize, Arc<tokio::sync::Semaphore>)>,
 }
+
+/// What preparing a server connection for a tenant's client needs.
+struct Prepare<'a> {
+    tenant: &'a Arc<Tenant>,
+    /// The shard's context key, when it verifies the context.
+    key: Option<&'a crate::tenant::context::ContextKey>,
+}
+
+/// Why no prepared server connection could be had.
+enum Failed {
+    Checkout(PoolError),
+    Server(crate::pool::ServerError),
+}
+
+/// How many server connections a transaction may try when resetting or setting them up
+/// fails (each failed one is closed).
+const PREPARE_ATTEMPTS: usize = 3;
+
+/// Takes a server connection and readies it for the client's next transaction: resets it
+/// if another tenant used it, makes the verified-context token for this tenant and backend,
+/// and runs the client's setup when the connection's session state is not the client's. All
+/// of that is awaited before any client message is sent: a connection on which it fails is
+/// closed and another one tried, so the client's statements never run on one left in a
+/// previous tenant's state or unbound. Returns the connection and whether it is bound now.
+async fn checkout_prepared(
+    pool: &Arc<Pool>,
+    p: &Prepare<'_>,
+    relay: &mut Relay,
+    client_id: u64,
+    tenant_cap: Option<(usize, Arc<tokio::sync::Semaphore>)>,
+) -> Result<(PooledConn, bool), Failed> {
+    let mut last = None;
+    for _ in 0..PREPARE_ATTEMPTS {
+        let mut pooled = pool
+            .checkout(p.tenant.id, client_id, tenant_cap.clone())
+            .await
+            .map_err(Failed::Checkout)?;
+        match prepare(&mut pooled, p, relay).await {
+            Ok(bound_now) => return Ok((pooled, bound_now)),
+            Err(e) => {
+                tracing::warn!(error = %e, "closing a server connection that could not be reset or bound");
+                last = Some(e);
+                drop(pooled);
+            }
+        }
+    }
+    Err(Failed::Server(
+        last.unwrap_or(crate::pool::ServerError::Closed),
+    ))
+}
+
+async fn prepare(
+    pooled: &mut PooledConn,
+    p: &Prepare<'_>,
+    relay: &mut Relay,
+) -> Result<bool, crate::pool::ServerError> {
+    let conn = &mut pooled.conn;
+    // Bound to another tenant, or used at all since its last reset: reset before this
+    // tenant sees it.
+    if conn.bound != Some(p.tenant.id) && (conn.pooled.used || conn.bound.is_some()) {
+        conn.reset(RESET_PATIENCE).await?;
+    }
+    let id = p.tenant.id.to_string();
+    if let Some(key) = p.key
+        && conn.pooled.token_for(&id).is_none()
+    {
+        let token = key.next_token(p.tenant.id, conn.backend_pid());
+        conn.pooled.context_token = Some((id, token));
+    }
+    conn.bound = Some(p.tenant.id);
+    conn.pooled.used = true;
+    let setup = relay.setup_for(&conn.pooled);
+    let bound_now = setup.is_some();
+    if let Some((sql, pairs)) = setup {
+        let pairs: Vec<(&str, &str)> = pairs
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        tokio::time::timeout(RESET_PATIENCE, conn.run_setup(Some(&sql), &pairs))
+            .await
+            .map_err(|_| crate::pool::ServerError::Timeout)??;
+        relay.setup_done(&mut conn.pooled);
+    }
+    Ok(bound_now)
+}
+
+/// How long resetting or setting up a server connection may take.
+const RESET_PATIENCE: Duration = Duration::from_secs(5);
 
 /// Transaction pooling: waits for the client's next message, takes a server connection for
 /// the transaction it starts, forwards until the transaction is over, returns the
@@ -313,20 +386,18 @@ async fn forward_pooled(
         if let Err(end) = waited {
             break (SessionEnd::Pump(end), None);
         }
-        let mut pooled = match a
-            .pool
-            .checkout(a.tenant.id, a.client_id, a.tenant_cap.clone())
-            .await
-        {
-            Ok(p) => p,
-            Err(e) => break (SessionEnd::Checkout(e), None),
-        };
-        let same_tenant = pooled.conn.bound == Some(a.tenant.id);
-        pooled.conn.bound = Some(a.tenant.id);
+        let (mut pooled, bound_now) =
+            match checkout_prepared(a.pool, a.prepare, relay, a.client_id, a.tenant_cap.clone())
+                .await
+            {
+                Ok((p, bound_now)) => (p, bound_now),
+                Err(Failed::Checkout(e)) => break (SessionEnd::Checkout(e), None),
+                Err(Failed::Server(e)) => break (SessionEnd::Setup(e), None),
+            };
         cancel.set_target(Some(pooled.conn.cancel_target()));
         let step = {
             let mut side = ServerSide::of(&mut pooled.conn);
-            relay.attach(pump.to_server_mut(), side.tracker, side.pooled, same_tenant);
+            relay.attach(pump.to_server_mut(), side.tracker, side.pooled, bound_now);
             pump.process_client(relay, &mut side)
         };
         match step {
@@ -336,7 +407,15 @@ async fn forward_pooled(
             }
             Err(e) => break (SessionEnd::Pump(PumpEnd::ClientProtocol(e)), Some(pooled)),
         }
-        let end = forward(state, &a.tenant.limits, relay, pump, stream, &mut pooled).await;
+        let end = forward(
+            state,
+            &a.prepare.tenant.limits,
+            relay,
+            pump,
+            stream,
+            &mut pooled,
+        )
+        .await;
         let listened = subscribe(relay, a.pool, a.client_id, &notify_tx);
         listening |= !listened.is_empty();
         match end {
@@ -511,6 +590,10 @@ async fn finish(
         SessionEnd::Checkout(e) => {
             tracing::info!(kind = e.kind().as_str(), error = %e, "no server connection");
             ("checkout", e.client_error())
+        }
+        SessionEnd::Setup(e) => {
+            tracing::warn!(error = %e, "no server connection could be reset and bound");
+            ("setup", e.client_error())
         }
         SessionEnd::Pump(PumpEnd::Terminated) | SessionEnd::Pump(PumpEnd::Released) => {
             ("terminate", None)

@@ -6,6 +6,7 @@
 //! never through the server's startup packet, so `RESET ALL`/`DISCARD ALL` return it to empty
 //! rather than to the tenant.
 
+pub mod context;
 pub mod guard;
 pub mod params;
 pub mod route;

@@ -101,6 +101,16 @@ pub async fn connect_with(
 /// A fresh sample world and a proxy for it; `extra` is appended to the configuration (and
 /// `edit` may rewrite the whole text first).
 pub async fn start_with(extra: &str, edit: impl FnOnce(String) -> String) -> Env {
+    start_tweaked(extra, edit, |_| {}).await
+}
+
+/// Like [`start_with`], and `tweak` may change the snapshot before the proxy starts (test-only
+/// switches such as running without the guard).
+pub async fn start_tweaked(
+    extra: &str,
+    edit: impl FnOnce(String) -> String,
+    tweak: impl FnOnce(&mut pgtenant::config::Snapshot),
+) -> Env {
     // PGTENANT_TEST_LOG=debug shows the proxy's logs while debugging a test.
     if let Ok(filter) = std::env::var("PGTENANT_TEST_LOG") {
         let _ = tracing_subscriber::fmt()
@@ -116,8 +126,9 @@ pub async fn start_with(extra: &str, edit: impl FnOnce(String) -> String) -> Env
     .await
     .unwrap();
     let text = edit(fixture.config("127.0.0.1:0", extra));
-    let snapshot = pgtenant::config::load_str(&text, Path::new("test.toml"))
+    let mut snapshot = pgtenant::config::load_str(&text, Path::new("test.toml"))
         .unwrap_or_else(|e| panic!("test config: {e}\n{text}"));
+    tweak(&mut snapshot);
     let proxy = app::start(snapshot).await.expect("start proxy");
     Env { fixture, proxy }
 }

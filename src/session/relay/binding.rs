@@ -62,31 +62,75 @@ pub(super) struct InBand {
     pub(super) expect: &'static [u8],
     /// Bytes prepended to the client's query text (error positions move by this much).
     pub(super) shift: usize,
+    /// The binding's Bind and Execute precede a simple Query with no Sync between: the
+    /// Query ends their batch. If they fail, the server skips the Query and waits for a
+    /// Sync, so a failure ends the session instead (the connection is closed).
+    pub(super) before_query: bool,
 }
 
 /// What the tenant binding needs.
 #[derive(Debug, Clone)]
 pub struct Binding {
-    /// `SET` statement(s) binding the context.
+    /// `SET` statement(s) binding the context, as pgtenant's own constant text (the tenant's
+    /// id and schema, never client text).
     pub sql: String,
     pub tenant_id: String,
     /// The schema tenant's `search_path` value, if bound.
     pub search_path: Option<String>,
+    /// The shard verifies the context (it has a context key): every binding also sets the
+    /// token kept in the connection's [`PooledState::context_token`], as a parameter.
+    pub verified: bool,
 }
 
 impl Binding {
     pub(super) fn statement(&self) -> (&'static str, &'static str) {
-        match self.search_path {
-            None => (
+        match (self.verified, &self.search_path) {
+            (false, None) => (
                 "pgt_bind1",
                 "SELECT pg_catalog.set_config('app.current_tenant_id', $1, false)",
             ),
-            Some(_) => (
+            (false, Some(_)) => (
                 "pgt_bind2",
                 "SELECT pg_catalog.set_config('app.current_tenant_id', $1, false), \
                  pg_catalog.set_config('search_path', $2, false)",
             ),
+            (true, None) => (
+                "pgt_bind3",
+                "SELECT pg_catalog.set_config('app.current_tenant_id', $1, false), \
+                 pg_catalog.set_config('pgtenant.context', $2, false)",
+            ),
+            (true, Some(_)) => (
+                "pgt_bind4",
+                "SELECT pg_catalog.set_config('app.current_tenant_id', $1, false), \
+                 pg_catalog.set_config('pgtenant.context', $2, false), \
+                 pg_catalog.set_config('search_path', $3, false)",
+            ),
         }
+    }
+
+    /// The parameters of [`Binding::statement`]. A verified binding without a token binds
+    /// an empty one: the shard then shows no rows (fail closed).
+    pub(super) fn values<'a>(&'a self, token: Option<&'a str>) -> Vec<&'a str> {
+        let mut values = vec![self.tenant_id.as_str()];
+        if self.verified {
+            values.push(token.unwrap_or(""));
+        }
+        if let Some(path) = &self.search_path {
+            values.push(path);
+        }
+        values
+    }
+
+    /// The binding as `(setting, value)` pairs for pgtenant's own `set_config` statement.
+    pub(super) fn pairs<'a>(&'a self, token: Option<&'a str>) -> Vec<(&'a str, &'a str)> {
+        let mut pairs = vec![(crate::tenant::TENANT_SETTING, self.tenant_id.as_str())];
+        if self.verified {
+            pairs.push((crate::tenant::context::CONTEXT_SETTING, token.unwrap_or("")));
+        }
+        if let Some(path) = &self.search_path {
+            pairs.push(("search_path", path));
+        }
+        pairs
     }
 }
 
@@ -129,7 +173,11 @@ impl Relay {
             _ => None,
         };
         match text {
-            Some(text) if in_band_safe(text) && t == tag::QUERY => Plan::Prefix,
+            // A verified token never travels as query text: the Query gets the extended
+            // binding ahead of it instead (both share the Query's implicit transaction).
+            Some(text) if in_band_safe(text) && t == tag::QUERY && !self.rules.binding.verified => {
+                Plan::Prefix
+            }
             Some(text) if in_band_safe(text) => Plan::Extended,
             _ => Plan::Separate,
         }
@@ -142,6 +190,7 @@ impl Relay {
         out: &mut BytesMut,
         tracker: &mut ConnTracker,
         pooled: &mut PooledState,
+        before_query: bool,
     ) {
         let binding = self.rules.binding.clone();
         let epoch = self.next_epoch;
@@ -149,13 +198,10 @@ impl Relay {
         let mut msgs = BytesMut::new();
         let created = !pooled.prepared.contains(name);
         if created && frontend::parse(name, sql, std::iter::empty::<u32>(), &mut msgs).is_err() {
-            self.inject_query(out, tracker, &binding.sql);
+            self.inject_binding(out, tracker, pooled);
             return;
         }
-        let mut values = vec![binding.tenant_id.as_str()];
-        if let Some(path) = &binding.search_path {
-            values.push(path);
-        }
+        let values = binding.values(pooled.token_for(&binding.tenant_id));
         let bound = frontend::bind(
             "",
             name,
@@ -169,7 +215,7 @@ impl Relay {
             &mut msgs,
         );
         if bound.is_err() || frontend::execute("", 0, &mut msgs).is_err() {
-            self.inject_query(out, tracker, &binding.sql);
+            self.inject_binding(out, tracker, pooled);
             return;
         }
         if created {
@@ -179,15 +225,21 @@ impl Relay {
                 .push_back((epoch, Reply::Proxy, Some(name.to_owned())));
             pooled.prepared.insert(name);
             self.session.created.push((epoch, name.to_owned()));
-            tracker.client_message(tag::PARSE);
+            if !before_query {
+                tracker.client_message(tag::PARSE);
+            }
         }
-        tracker.client_message(tag::BIND);
-        tracker.client_message(tag::EXECUTE);
+        // Before a Query, the Query completes the batch: the connection is not left unsynced.
+        if !before_query {
+            tracker.client_message(tag::BIND);
+            tracker.client_message(tag::EXECUTE);
+        }
         out.extend_from_slice(&msgs);
         self.in_band = Some(InBand {
             epoch,
             expect: b"2DC",
             shift: 0,
+            before_query,
         });
     }
 
@@ -213,15 +265,41 @@ impl Relay {
                 b"C"
             },
             shift: prefix.len() + 2,
+            before_query: false,
         });
         q
     }
 
     /// A separate binding statement before the message about to be sent.
-    pub(super) fn bind_separately(&mut self, out: &mut BytesMut, tracker: &mut ConnTracker) {
+    pub(super) fn bind_separately(
+        &mut self,
+        out: &mut BytesMut,
+        tracker: &mut ConnTracker,
+        pooled: &PooledState,
+    ) {
         if std::mem::take(&mut self.binding_due) {
-            let sql = self.rules.binding.sql.clone();
-            self.inject_query(out, tracker, &sql);
+            self.inject_binding(out, tracker, pooled);
+        }
+    }
+
+    /// The binding as statements of pgtenant's own: constant text when the shard does not
+    /// verify the context, parameters (the token among them) when it does.
+    pub(super) fn inject_binding(
+        &mut self,
+        out: &mut BytesMut,
+        tracker: &mut ConnTracker,
+        pooled: &PooledState,
+    ) {
+        let binding = self.rules.binding.clone();
+        if binding.verified {
+            self.inject_set_configs(
+                out,
+                tracker,
+                &binding.pairs(pooled.token_for(&binding.tenant_id)),
+            );
+        } else {
+            self.inject_query(out, tracker, &binding.sql);
+            self.last_is_binding();
         }
     }
 
@@ -234,6 +312,13 @@ impl Relay {
             }
             _ => false,
         }
+    }
+
+    /// The binding that precedes this epoch's Query failed: the server now skips the Query.
+    pub(super) fn in_band_failed_before_query(&self) -> bool {
+        self.in_band.as_ref().is_some_and(|ib| {
+            ib.epoch == self.done_epoch && ib.before_query && !ib.expect.is_empty()
+        })
     }
 
     /// An ErrorResponse in the client's epoch: the binding failed if its replies were still

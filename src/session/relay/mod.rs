@@ -41,17 +41,10 @@ enum ParseOutcome {
     Forward(Option<Vec<u8>>, Vec<Effect>),
 }
 
-/// Client messages the relay reads whole.
+/// Client messages the relay reads whole. Statement names in Bind, Describe and Close are
+/// read too: with transaction pooling they are translated, and in either mode a client never
+/// reaches a statement it did not create.
 const CLIENT_WHOLE: TagSet = TagSet::of(&[
-    tag::TERMINATE,
-    tag::QUERY,
-    tag::PARSE,
-    tag::EXECUTE,
-    tag::SYNC,
-    tag::FUNCTION_CALL,
-]);
-/// With transaction pooling, statement names in Bind, Describe and Close are translated too.
-const CLIENT_WHOLE_POOLED: TagSet = TagSet::of(&[
     tag::TERMINATE,
     tag::QUERY,
     tag::PARSE,
@@ -84,14 +77,20 @@ pub enum ServerProtocolError {
     Frame(#[from] FrameError),
     #[error("malformed {0} message")]
     Malformed(&'static str),
+    /// Binding the tenant context failed: the connection is closed rather than used unbound.
+    #[error("binding the tenant context failed: {0}")]
+    BindingFailed(String),
 }
 
 /// The rules a session's relay applies.
 pub struct RelayRules {
     /// The guard for this tenant and user.
     pub policy: Policy,
-    /// SQL that binds the tenant context (and the client's startup settings) again.
+    /// pgtenant's own constant SQL that binds the tenant context again (with the user's
+    /// read-only mode and the plan's statement timeout).
     pub rebind_sql: String,
+    /// The client's startup settings: applied again with the rebind, as parameters.
+    pub startup_settings: Vec<(String, String)>,
     /// The tenant binding run at every transaction when pooling.
     pub binding: Binding,
     /// This client's session id (names its state on pooled connections).
@@ -108,6 +107,9 @@ enum Owner {
     Client,
     /// pgtenant's own statement: its replies are consumed.
     Proxy,
+    /// pgtenant's own statement binding the tenant context: like `Proxy`, but if it fails
+    /// the server connection is unusable (nothing may run on it unbound).
+    Bind,
 }
 
 /// Counters a session reports when it ends.
@@ -148,6 +150,10 @@ pub struct Relay {
     in_band: Option<InBand>,
     /// Transaction pooling: the client's session state.
     session: SessionState,
+    /// pgtenant could not bind the context: the server connection must not be used.
+    broken: Option<String>,
+    /// Set once binding failed; the server connection is never used again.
+    unusable: bool,
     /// Channels to subscribe to and unsubscribe from (`None`: all) at the tenant's hub.
     pub listens: Vec<String>,
     pub unlistens: Vec<Option<String>>,
@@ -157,13 +163,8 @@ pub struct Relay {
 impl Relay {
     /// `max_message` caps client messages read whole.
     pub fn new(max_message: usize, rules: RelayRules) -> Self {
-        let whole = if rules.policy.prepared_prefix.is_some() {
-            CLIENT_WHOLE_POOLED
-        } else {
-            CLIENT_WHOLE
-        };
         Relay {
-            client_scan: FrameScanner::new(whole, max_message),
+            client_scan: FrameScanner::new(CLIENT_WHOLE, max_message),
             rules,
             standard_conforming: true,
             owners: VecDeque::new(),
@@ -179,10 +180,17 @@ impl Relay {
             binding_due: false,
             in_band: None,
             session: SessionState::default(),
+            broken: None,
+            unusable: false,
             listens: Vec::new(),
             unlistens: Vec::new(),
             counters: RelayCounters::default(),
         }
+    }
+
+    /// pgtenant failed to bind the tenant context on the server connection: close it.
+    pub fn server_unusable(&self) -> bool {
+        self.unusable
     }
 
     /// The prefix of the tenant's notification channels.
@@ -232,6 +240,11 @@ impl Relay {
         self.client_scan.at_boundary()
     }
 
+    /// The reply being read belongs to a statement of pgtenant's own.
+    fn own_front(&self) -> bool {
+        matches!(self.owners.front(), Some(Owner::Proxy | Owner::Bind))
+    }
+
     /// Records that a ReadyForQuery is owed to `owner`.
     fn open_epoch(&mut self, owner: Owner, tracker: &mut ConnTracker, t: u8) {
         if self.owners.is_empty() {
@@ -255,10 +268,83 @@ impl Relay {
         self.open_epoch(Owner::Proxy, tracker, tag::QUERY);
     }
 
-    /// Appends pgtenant's rebind statement to `out`.
-    fn inject_rebind(&mut self, out: &mut BytesMut, tracker: &mut ConnTracker) {
+    /// Appends pgtenant's rebind statements to `out`: its constant SQL, then the client's
+    /// startup settings and the verified token as parameters.
+    fn inject_rebind(
+        &mut self,
+        out: &mut BytesMut,
+        tracker: &mut ConnTracker,
+        pooled: &PooledState,
+    ) {
         let sql = self.rules.rebind_sql.clone();
         self.inject_query(out, tracker, &sql);
+        self.last_is_binding();
+        let settings = std::mem::take(&mut self.rules.startup_settings);
+        let mut pairs: Vec<(&str, &str)> = settings
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        if self.rules.binding.verified {
+            pairs.push((
+                crate::tenant::context::CONTEXT_SETTING,
+                pooled
+                    .token_for(&self.rules.binding.tenant_id)
+                    .unwrap_or(""),
+            ));
+        }
+        self.inject_set_configs(out, tracker, &pairs);
+        self.rules.startup_settings = settings;
+    }
+
+    /// The statement just injected binds the context: its failure is fatal.
+    pub(super) fn last_is_binding(&mut self) {
+        if let Some(last) = self.owners.back_mut() {
+            *last = Owner::Bind;
+        }
+    }
+
+    /// Appends pgtenant's own `set_config` statement for `pairs` (parameters, never text);
+    /// its replies are consumed and its failure closes the server connection.
+    fn inject_set_configs(
+        &mut self,
+        out: &mut BytesMut,
+        tracker: &mut ConnTracker,
+        pairs: &[(&str, &str)],
+    ) {
+        if pairs.is_empty() {
+            return;
+        }
+        let epoch = self.next_epoch;
+        let tags = encode::set_configs(pairs, out);
+        if tags.is_empty() {
+            // Nothing sent: bind what can be bound and fail closed (an empty token).
+            self.broken = Some("a setting could not be encoded".into());
+            return;
+        }
+        for &t in tags {
+            match t {
+                tag::SYNC => {
+                    self.open_epoch(Owner::Bind, tracker, t);
+                }
+                tag::PARSE => {
+                    if self.rules.policy.prepared_prefix.is_some() {
+                        self.session
+                            .parses
+                            .push_back((epoch, pooling::Reply::Proxy, None));
+                    }
+                    tracker.client_message(t);
+                }
+                tag::CLOSE => {
+                    if self.rules.policy.prepared_prefix.is_some() {
+                        self.session
+                            .closes
+                            .push_back((epoch, pooling::Reply::Proxy));
+                    }
+                    tracker.client_message(t);
+                }
+                _ => tracker.client_message(t),
+            }
+        }
     }
 
     /// Moves everything forwardable from `input` to `to_server`. `pooled` is the server
@@ -282,7 +368,7 @@ impl Relay {
                         if self.binding_due {
                             move_run(input, run, to_server);
                             run = 0;
-                            self.bind_separately(to_server, tracker);
+                            self.bind_separately(to_server, tracker, pooled);
                         }
                         tracker.client_message(t);
                     }
@@ -301,9 +387,9 @@ impl Relay {
                     binding::Plan::Prefix => prefix = true,
                     binding::Plan::Extended => {
                         self.binding_due = false;
-                        self.bind_extended(&mut before, tracker, pooled);
+                        self.bind_extended(&mut before, tracker, pooled, t == tag::QUERY);
                     }
-                    binding::Plan::Separate => self.bind_separately(&mut before, tracker),
+                    binding::Plan::Separate => self.bind_separately(&mut before, tracker, pooled),
                 }
             }
             let replacement: Option<(u8, BytesMut)> = match t {
@@ -339,9 +425,13 @@ impl Relay {
                         }
                     }
                 },
-                tag::BIND | tag::DESCRIBE | tag::CLOSE => self
-                    .pooled_message(t, body, pooled, Vec::new())
-                    .map(|bytes| (t, bytes)),
+                tag::BIND | tag::DESCRIBE | tag::CLOSE
+                    if self.rules.policy.prepared_prefix.is_some() =>
+                {
+                    self.pooled_message(t, body, pooled, Vec::new())
+                        .map(|bytes| (t, bytes))
+                }
+                tag::BIND | tag::DESCRIBE | tag::CLOSE => self.own_statement_names(t, body),
                 tag::EXECUTE => self.on_execute(body),
                 tag::FUNCTION_CALL if self.rules.policy.scope == Scope::Tenant => {
                     self.counters.refused += 1;
@@ -398,7 +488,7 @@ impl Relay {
                         self.after_query(epoch, effects, &mut after, tracker);
                     }
                     if std::mem::take(&mut self.rebind_at_sync) {
-                        self.inject_rebind(&mut after, tracker);
+                        self.inject_rebind(&mut after, tracker, pooled);
                     }
                     if !after.is_empty() {
                         move_run(input, run, to_server);
@@ -430,6 +520,17 @@ impl Relay {
             self.refuse(epoch, ClientError::error(r.sqlstate, r.message));
             return (Some((tag::QUERY, refused_query())), Vec::new());
         }
+        if let Some(name) = self.unknown_execute(&verdict.effects) {
+            self.counters.refused += 1;
+            self.refuse(
+                epoch,
+                ClientError::error(
+                    sqlstate::INVALID_SQL_STATEMENT_NAME,
+                    format!("prepared statement \"{name}\" does not exist"),
+                ),
+            );
+            return (Some((tag::QUERY, refused_query())), Vec::new());
+        }
         // The rebind goes right after this Query (the epoch opens when it is sent).
         self.rebind_at_sync |= verdict.rebind;
         let replacement = verdict.rewritten.map(|sql| {
@@ -452,7 +553,15 @@ impl Relay {
         let Some((text, params)) = take_cstr(rest) else {
             return ParseOutcome::Forward(None, Vec::new());
         };
-        let verdict = self.rules.policy.check(text, self.standard_conforming);
+        let mut verdict = self.rules.policy.check(text, self.standard_conforming);
+        if self.rules.policy.prepared_prefix.is_none()
+            && crate::tenant::guard::is_reserved_name(name)
+            && !self.rules.policy.unchecked
+        {
+            verdict = crate::tenant::guard::Verdict::refuse(
+                "statement names starting with pgt_ or pgtenant_ are reserved by pgtenant",
+            );
+        }
         if let Some(r) = verdict.refusal {
             self.counters.refused += 1;
             self.refuse(self.next_epoch, ClientError::error(r.sqlstate, r.message));
@@ -479,6 +588,43 @@ impl Relay {
             b
         });
         ParseOutcome::Forward(rewritten, verdict.effects)
+    }
+
+    /// Session mode: Bind, Describe or Close of one of pgtenant's own statement names is
+    /// answered as PostgreSQL answers an unknown name; the server never sees the name.
+    fn own_statement_names(&mut self, t: u8, body: &[u8]) -> Option<(u8, BytesMut)> {
+        let (prefix, name, rest) = match t {
+            tag::BIND => {
+                let (portal, rest) = take_cstr(body)?;
+                let (name, rest) = take_cstr(rest)?;
+                (&body[..portal.len() + 1], name, rest)
+            }
+            _ => {
+                let (&kind, rest) = body.split_first()?;
+                if kind != b'S' {
+                    return None;
+                }
+                let (name, rest) = take_cstr(rest)?;
+                (&body[..1], name, rest)
+            }
+        };
+        if self.rules.policy.unchecked || !crate::tenant::guard::is_reserved_name(name) {
+            return None;
+        }
+        if t != tag::CLOSE {
+            self.counters.refused += 1;
+            self.refuse(
+                self.next_epoch,
+                ClientError::error(
+                    sqlstate::INVALID_SQL_STATEMENT_NAME,
+                    format!(
+                        "prepared statement \"{}\" does not exist",
+                        String::from_utf8_lossy(name)
+                    ),
+                ),
+            );
+        }
+        Some((t, replace_statement_name(t, prefix, rest)))
     }
 
     /// Counts an Execute against the query rate.
@@ -529,14 +675,17 @@ impl Relay {
         params: &mut BTreeMap<String, String>,
         pooled: &mut PooledState,
     ) -> Result<(), ServerProtocolError> {
+        if let Some(why) = self.broken.take() {
+            self.unusable = true;
+            return Err(ServerProtocolError::BindingFailed(why));
+        }
         let mut run = 0;
         while let Some(piece) = scanner.next(&input[run..])? {
             match piece {
                 Piece::Pass { tag, len, .. } => {
                     if let Some(t) = tag {
                         tracker.server_message(t, None);
-                        self.swallowing =
-                            self.owners.front() == Some(&Owner::Proxy) || self.in_band_reply(t);
+                        self.swallowing = self.own_front() || self.in_band_reply(t);
                     }
                     if self.swallowing {
                         drop_piece(input, &mut run, len, to_client);
@@ -546,7 +695,7 @@ impl Relay {
                 }
                 Piece::Whole { tag: t, len } => {
                     let body = &input[run + 5..run + len];
-                    let proxy = self.owners.front() == Some(&Owner::Proxy);
+                    let proxy = self.own_front();
                     match t {
                         tag::READY_FOR_QUERY => {
                             let status = server_msgs::ready_for_query(body)
@@ -589,12 +738,31 @@ impl Relay {
                             params.insert(k.to_owned(), v.to_owned());
                             run += len;
                         }
+                        tag::ERROR_RESPONSE if self.owners.front() == Some(&Owner::Bind) => {
+                            let fields = server_msgs::error_fields(body).unwrap_or_default();
+                            self.unusable = true;
+                            // What the client's own statements produced still reaches it.
+                            move_run(input, run, to_client);
+                            return Err(ServerProtocolError::BindingFailed(format!(
+                                "{}: {}",
+                                fields.code, fields.message
+                            )));
+                        }
                         tag::ERROR_RESPONSE if proxy => {
                             let fields = server_msgs::error_fields(body).unwrap_or_default();
                             tracing::warn!(code = %fields.code, message = %fields.message,
                                 "rebinding the tenant context failed; retrying after the next statement");
                             self.rebind_at_sync = true;
                             drop_piece(input, &mut run, len, to_client);
+                        }
+                        tag::ERROR_RESPONSE if self.in_band_failed_before_query() => {
+                            let fields = server_msgs::error_fields(body).unwrap_or_default();
+                            self.unusable = true;
+                            move_run(input, run, to_client);
+                            return Err(ServerProtocolError::BindingFailed(format!(
+                                "{}: {}",
+                                fields.code, fields.message
+                            )));
                         }
                         tag::ERROR_RESPONSE => {
                             self.epoch_failed = true;
@@ -634,6 +802,7 @@ impl Relay {
                             replace_piece(input, &mut run, len, to_client, &out);
                         }
                         tag::PARSE_COMPLETE | tag::CLOSE_COMPLETE => match self.reply_for(t) {
+                            _ if proxy => drop_piece(input, &mut run, len, to_client),
                             Some(shown) if shown == t => run += len,
                             Some(shown) => {
                                 let mut out = BytesMut::new();
@@ -684,6 +853,21 @@ impl Relay {
         out
     }
 }
+
+/// A Bind, Describe or Close like the client's but naming a statement that never exists: the
+/// server answers it as an unknown name (a Close, with CloseComplete).
+pub(super) fn replace_statement_name(t: u8, prefix: &[u8], rest: &[u8]) -> BytesMut {
+    let mut b = Vec::with_capacity(prefix.len() + NO_STATEMENT.len() + rest.len());
+    b.extend_from_slice(prefix);
+    b.extend_from_slice(NO_STATEMENT);
+    b.extend_from_slice(rest);
+    let mut out = BytesMut::new();
+    encode::raw(t, &b, &mut out);
+    out
+}
+
+/// A statement name no client can have (reserved prefix) and pgtenant never creates.
+pub(super) const NO_STATEMENT: &[u8] = b"pgtenant_no_statement\0";
 
 fn refused_query() -> BytesMut {
     let mut out = BytesMut::new();
@@ -745,12 +929,15 @@ impl RelayRules {
                 notify_prefix: Some("acme.".into()),
                 allow_ddl: false,
                 prepared_prefix: None,
+                unchecked: false,
             },
             rebind_sql: "SET app.current_tenant_id TO 'x'".into(),
+            startup_settings: Vec::new(),
             binding: Binding {
                 sql: "SET app.current_tenant_id TO 'x'".into(),
                 tenant_id: "x".into(),
                 search_path: None,
+                verified: false,
             },
             client_id: 1,
             tenant: crate::quota::Quotas::default().tenant("acme"),

@@ -22,9 +22,7 @@ use crate::protocol::{encode, tag, take_cstr};
 use crate::tenant::guard::Effect;
 use crate::tenant::quote_ident;
 
-/// A statement name no client can have: closing it is a no-op that still earns a
-/// CloseComplete.
-const NO_STATEMENT: &[u8] = b"pgtenant_no_statement\0";
+use super::{NO_STATEMENT, replace_statement_name};
 
 /// What a ParseComplete or CloseComplete from the server stands for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,8 +49,8 @@ struct Statement {
 /// The client's session as it outlives server connections.
 #[derive(Debug, Default)]
 pub(super) struct SessionState {
-    /// Settings in the order set: `(key, SQL that replays it)`.
-    settings: Vec<(String, String)>,
+    /// Settings in the order set: `(key, (setting, value) pairs that replay it)`.
+    settings: Vec<(String, Vec<(String, String)>)>,
     /// [`settings_key`] of the setup and `settings`, built when first needed after a change.
     key: Option<Arc<str>>,
     statements: HashMap<String, Statement>,
@@ -97,22 +95,48 @@ impl Relay {
         self.rules.policy.prepared_prefix.is_some()
     }
 
-    /// Runs when a server connection is attached for the client's next transaction: resets
-    /// it if another tenant used it, replays the client's settings if someone else's are
-    /// applied, deallocates overflow statements, and binds the tenant context. All pipelined
-    /// ahead of the client's messages.
+    /// What a server connection needs before the client's next transaction may run on it,
+    /// when its session state is not the client's: pgtenant's constant setup SQL (after
+    /// `RESET ALL`) and the client's settings, and the verified token, as `(setting, value)`
+    /// parameters. The caller runs it and waits for it, so a failure never lets the client's
+    /// statements run on a connection in the wrong state.
+    pub fn setup_for(&mut self, pooled: &PooledState) -> Option<(String, Vec<(String, String)>)> {
+        let mine = self.settings_key();
+        if pooled.settings_of.as_deref() == Some(&*mine) {
+            return None;
+        }
+        let sql = format!("RESET ALL; {}", self.rules.rebind_sql);
+        let mut pairs: Vec<(String, String)> = self.rules.startup_settings.clone();
+        for (_, replay) in &self.session.settings {
+            pairs.extend(replay.iter().cloned());
+        }
+        if self.rules.binding.verified {
+            pairs.push((
+                crate::tenant::context::CONTEXT_SETTING.to_owned(),
+                pooled
+                    .token_for(&self.rules.binding.tenant_id)
+                    .unwrap_or_default()
+                    .to_owned(),
+            ));
+        }
+        Some((sql, pairs))
+    }
+
+    /// The setup from [`Relay::setup_for`] ran on the connection.
+    pub fn setup_done(&mut self, pooled: &mut PooledState) {
+        pooled.settings_of = Some(self.settings_key());
+    }
+
+    /// Runs when a server connection is attached for the client's next transaction (after
+    /// any reset and setup, which the caller ran): deallocates overflow statements and, unless
+    /// the setup just bound it, binds the tenant context with the first statement.
     pub fn attach(
         &mut self,
         out: &mut BytesMut,
         tracker: &mut ConnTracker,
         pooled: &mut PooledState,
-        same_tenant: bool,
+        bound_now: bool,
     ) {
-        if pooled.used && !same_tenant {
-            self.inject_query(out, tracker, "DISCARD ALL");
-            pooled.prepared.clear();
-            pooled.settings_of = None;
-        }
         pooled.used = true;
         let overflow = pooled.prepared.overflow();
         if !overflow.is_empty() {
@@ -123,34 +147,28 @@ impl Relay {
             self.inject_query(out, tracker, &sql.join("; "));
         }
         pooled.last_client = Some(self.rules.client_id);
-        let mine = self.settings_key();
-        // Any client whose session state is the same (the common case: same user, same
-        // startup settings, no SETs of its own) needs no replay.
-        if pooled.settings_of.as_deref() == Some(&*mine) {
-            // Bound in band with the transaction's first statement.
-            self.binding_due = true;
-        } else {
-            let setup = format!("RESET ALL; {}", self.rules.rebind_sql);
-            self.inject_query(out, tracker, &setup);
-            if !self.session.settings.is_empty() {
-                let replay: Vec<&str> = self
-                    .session
-                    .settings
-                    .iter()
-                    .map(|(_, s)| s.as_str())
-                    .collect();
-                self.inject_query(out, tracker, &replay.join("; "));
-            }
-            pooled.settings_of = Some(mine);
-        }
+        self.binding_due = !bound_now;
     }
 
     /// The key of the client's session state (see [`settings_key`]).
-    pub(super) fn settings_key(&mut self) -> Arc<str> {
+    pub fn settings_key(&mut self) -> Arc<str> {
         let s = &mut self.session;
-        let rebind = &self.rules.rebind_sql;
+        let rules = &self.rules;
         Arc::clone(s.key.get_or_insert_with(|| {
-            settings_key(rebind, s.settings.iter().map(|(_, sql)| sql.as_str()))
+            let startup = rules
+                .startup_settings
+                .iter()
+                .map(|(k, v)| format!("{}:{k}={v}", k.len()));
+            let setup = std::iter::once(rules.rebind_sql.clone())
+                .chain(startup)
+                .collect::<Vec<_>>()
+                .join("\0");
+            let replay: Vec<String> = s
+                .settings
+                .iter()
+                .flat_map(|(_, pairs)| pairs.iter().map(|(k, v)| format!("{}:{k}={v}", k.len())))
+                .collect();
+            settings_key(&setup, replay.iter().map(String::as_str))
         }))
     }
 
@@ -229,6 +247,9 @@ impl Relay {
                     self.session.pending_effects.extend(effects);
                 }
                 let mut out = BytesMut::new();
+                if self.unknown_statement(name) {
+                    return Some(replace_statement_name(t, &body[..portal.len() + 1], params));
+                }
                 let server_name = self.ensure_statement(name, pooled, &mut out)?;
                 let mut b = Vec::with_capacity(body.len() + 32);
                 b.extend_from_slice(portal);
@@ -252,6 +273,13 @@ impl Relay {
                     return None;
                 }
                 let mut out = BytesMut::new();
+                if t == tag::DESCRIBE && self.unknown_statement(name) {
+                    return Some(replace_statement_name(
+                        t,
+                        b"S",
+                        rest.get(name.len()..).unwrap_or_default(),
+                    ));
+                }
                 if t == tag::CLOSE {
                     // The server statement stays in the connection's cache for others.
                     self.session
@@ -271,6 +299,55 @@ impl Relay {
             }
             _ => None,
         }
+    }
+
+    /// Whether `name` (non-empty) is a statement the client never prepared: if so the
+    /// message is answered with PostgreSQL's 26000, and never reaches a statement of
+    /// pgtenant's or of another client.
+    fn unknown_statement(&mut self, name: &[u8]) -> bool {
+        if name.is_empty()
+            || self
+                .session
+                .statements
+                .contains_key(String::from_utf8_lossy(name).as_ref())
+        {
+            return false;
+        }
+        self.counters.refused += 1;
+        let shown = String::from_utf8_lossy(name).into_owned();
+        self.refuse(
+            self.next_epoch,
+            crate::error::ClientError::error(
+                crate::error::sqlstate::INVALID_SQL_STATEMENT_NAME,
+                format!("prepared statement \"{shown}\" does not exist"),
+            ),
+        );
+        true
+    }
+
+    /// Transaction pooling: the client name of an `EXECUTE` in `effects` that names no
+    /// statement the client prepared (earlier, or in the same text before it).
+    pub(super) fn unknown_execute(&self, effects: &[Effect]) -> Option<String> {
+        let prefix = self.rules.policy.prepared_prefix.as_deref()?;
+        let mut prepared_here = Vec::new();
+        for effect in effects {
+            match effect {
+                Effect::Prepare { server_name, .. } => prepared_here.push(server_name.as_str()),
+                Effect::Execute(server_name)
+                    if !self.session.sql_prepared.contains_key(server_name)
+                        && !prepared_here.contains(&server_name.as_str()) =>
+                {
+                    return Some(
+                        server_name
+                            .strip_prefix(prefix)
+                            .unwrap_or(server_name)
+                            .to_owned(),
+                    );
+                }
+                _ => {}
+            }
+        }
+        None
     }
 
     /// The server name of the client's statement `name`, creating it on this connection
@@ -432,9 +509,9 @@ impl Relay {
         let s = &mut self.session;
         let mut settings_changed = false;
         match effect {
-            Effect::Set { key, sql } => {
+            Effect::Set { key, pairs } => {
                 s.settings.retain(|(k, _)| *k != key);
-                s.settings.push((key, sql));
+                s.settings.push((key, pairs));
                 settings_changed = true;
             }
             Effect::Reset(key) => {

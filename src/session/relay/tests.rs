@@ -178,21 +178,33 @@ fn reset_all_is_followed_by_a_rebind_whose_replies_are_consumed() {
 }
 
 #[test]
-fn a_failed_rebind_is_retried_after_the_next_statement() {
+fn a_failed_rebind_makes_the_server_connection_unusable() {
     let mut h = Harness::new(None);
     h.client(&query("RESET ALL"));
     let mut reply = msg(b'C', b"RESET\0");
     reply.extend_from_slice(&ready(b'I'));
-    reply.extend_from_slice(&server_error("25P02"));
-    reply.extend_from_slice(&ready(b'E'));
-    let got: Vec<u8> = h.server(&reply).iter().map(|(t, _)| *t).collect();
-    assert_eq!(got, b"CZ", "the rebind's error is not the client's");
-    let sent = h.client(&query("ROLLBACK"));
-    assert_eq!(
-        sent.len(),
-        2,
-        "the rebind goes again after the next statement"
+    reply.extend_from_slice(&server_error("57014"));
+    reply.extend_from_slice(&ready(b'I'));
+    let mut input = BytesMut::from(&reply[..]);
+    let mut out = BytesMut::new();
+    let result = h.relay.server_bytes(
+        &mut h.scanner,
+        &mut input,
+        &mut out,
+        &mut h.tracker,
+        &mut h.params,
+        &mut h.pooled,
     );
+    assert!(
+        matches!(result, Err(ServerProtocolError::BindingFailed(_))),
+        "{result:?}"
+    );
+    assert!(
+        h.relay.server_unusable(),
+        "never used again, never returned"
+    );
+    let shown: Vec<u8> = split_whole(&out).map(|m| m.unwrap().0).collect();
+    assert_eq!(shown, b"CZ", "the client saw only its own replies");
 }
 
 #[test]
@@ -298,7 +310,7 @@ fn pooled_harness() -> Harness {
     h.pooled.used = true;
     let mut out = BytesMut::new();
     h.relay
-        .attach(&mut out, &mut h.tracker, &mut h.pooled, true);
+        .attach(&mut out, &mut h.tracker, &mut h.pooled, false);
     assert!(out.is_empty(), "nothing up front");
     h
 }
@@ -395,25 +407,52 @@ fn pooled_client(client_id: u64, rebind_sql: &str) -> Relay {
 #[test]
 fn a_connection_needs_no_replay_for_a_client_with_the_same_session_state() {
     let mut h = pooled_harness();
-    let mut out = BytesMut::new();
-    // Another client, same setup and no SETs of its own: the binding goes in band.
+    // Another client, same setup and no SETs of its own: nothing to set up.
     let mut other = pooled_client(2, "SET app.current_tenant_id TO 'x'");
-    other.attach(&mut out, &mut h.tracker, &mut h.pooled, true);
-    assert!(out.is_empty(), "nothing to replay");
+    assert!(other.setup_for(&h.pooled).is_none(), "nothing to replay");
+    let mut out = BytesMut::new();
+    other.attach(&mut out, &mut h.tracker, &mut h.pooled, false);
+    assert!(out.is_empty());
     assert_eq!(h.pooled.last_client, Some(2));
     // A read-only user of the same tenant: its setup differs, so the state is reset first.
     let mut reader = pooled_client(
         3,
         "SET app.current_tenant_id TO 'x'; SET default_transaction_read_only = on",
     );
-    reader.attach(&mut out, &mut h.tracker, &mut h.pooled, true);
-    let sent: Vec<String> = split_whole(&out)
-        .map(|m| String::from_utf8_lossy(m.unwrap().1).into_owned())
-        .collect();
+    let (sql, pairs) = reader.setup_for(&h.pooled).expect("a setup");
     assert_eq!(
-        sent,
-        ["RESET ALL; SET app.current_tenant_id TO 'x'; SET default_transaction_read_only = on\0"]
+        sql,
+        "RESET ALL; SET app.current_tenant_id TO 'x'; SET default_transaction_read_only = on"
     );
+    assert!(pairs.is_empty());
+    reader.setup_done(&mut h.pooled);
+    assert!(reader.setup_for(&h.pooled).is_none());
+}
+
+#[test]
+fn replayed_settings_and_the_token_travel_as_parameters() {
+    let mut rules = RelayRules::sample_shared(None);
+    rules.policy.prepared_prefix = Some("pgt_c4_".into());
+    rules.startup_settings = vec![("application_name".into(), "x'; SELECT 1; --".into())];
+    rules.binding.verified = true;
+    let mut relay = Relay::new(1 << 20, rules);
+    let mut pooled = PooledState {
+        context_token: Some(("x".into(), "tok".into())),
+        ..PooledState::default()
+    };
+    let (sql, pairs) = relay.setup_for(&pooled).expect("a setup");
+    assert!(
+        !sql.contains("SELECT 1"),
+        "client text never becomes SQL: {sql}"
+    );
+    assert_eq!(
+        pairs,
+        [
+            ("application_name".to_owned(), "x'; SELECT 1; --".to_owned()),
+            ("pgtenant.context".to_owned(), "tok".to_owned())
+        ]
+    );
+    relay.setup_done(&mut pooled);
 }
 
 #[test]

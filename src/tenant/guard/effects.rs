@@ -13,8 +13,12 @@ use crate::tenant::quote_ident;
 /// A session-level change one statement makes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Effect {
-    /// A setting changed for the session: `key` identifies it, `sql` replays it.
-    Set { key: String, sql: String },
+    /// A setting changed for the session: `key` identifies it, `pairs` replay it through
+    /// `set_config` (as parameters: a value is never lexed again).
+    Set {
+        key: String,
+        pairs: Vec<(String, String)>,
+    },
     /// `RESET name`.
     Reset(String),
     /// `RESET ALL`.
@@ -48,16 +52,31 @@ pub(super) fn collect(
     out: &mut Vec<Effect>,
 ) -> Result<(), Verdict> {
     let word = |i: usize| stmt.get(i).and_then(Token::ident).unwrap_or("");
-    let raw = |from: usize| -> String {
-        match (stmt.get(from), stmt.last()) {
-            (Some(a), Some(b)) => String::from_utf8_lossy(&sql[a.start..b.end]).into_owned(),
-            _ => String::new(),
-        }
-    };
     let Some(prefix) = &policy.prepared_prefix else {
         return Ok(());
     };
     let server_name = |t: &Token<'_>| t.ident().map(|n| format!("{prefix}{n}"));
+    // EXECUTE names a prepared statement wherever it stands: as a statement, and inside
+    // EXPLAIN and CREATE TABLE ... AS EXECUTE. Every such name moves into the client's own
+    // namespace, so no other statement on the connection can be reached.
+    for (i, t) in stmt.iter().enumerate() {
+        if !t.is_keyword("execute") {
+            continue;
+        }
+        let Some(name_token) = stmt.get(i + 1) else {
+            continue;
+        };
+        if ["function", "procedure", "routine", "on"]
+            .iter()
+            .any(|k| name_token.is_keyword(k))
+        {
+            continue;
+        }
+        if let Some(server) = server_name(name_token) {
+            edits.push((name_token.start..name_token.end, quote_ident(&server)));
+            out.push(Effect::Execute(server));
+        }
+    }
     match word(0) {
         "set" => {
             let mut i = 1;
@@ -66,7 +85,9 @@ pub(super) fn collect(
                 "session" if word(2) == "characteristics" => {
                     out.push(Effect::Set {
                         key: "session characteristics".into(),
-                        sql: raw(0),
+                        pairs: characteristics(stmt).ok_or_else(|| {
+                            policy.refuse_kind("this form of SET SESSION CHARACTERISTICS")
+                        })?,
                     });
                     return Ok(());
                 }
@@ -90,8 +111,23 @@ pub(super) fn collect(
                     (name, value_at)
                 }
             };
+            let value = stmt.get(value_at..).unwrap_or_default();
+            let resets = match value {
+                [t] => t.is_keyword("default") || (key == "timezone" && t.is_keyword("local")),
+                _ => false,
+            };
+            if resets {
+                out.push(Effect::Reset(key));
+                return Ok(());
+            }
+            let Some(value) = replay_value(&key, value) else {
+                return Err(Verdict::refuse(format!(
+                    "this form of SET {key} cannot follow the client across pooled transactions; \
+                     give the value as a string literal"
+                )));
+            };
             out.push(Effect::Set {
-                sql: format!("SET {} TO {}", quote_ident(&key), raw(value_at)),
+                pairs: vec![(key.clone(), value)],
                 key,
             });
         }
@@ -137,14 +173,6 @@ pub(super) fn collect(
                 });
             }
         }
-        "execute" => {
-            if let Some(name_token) = stmt.get(1)
-                && let Some(server) = server_name(name_token)
-            {
-                edits.push((name_token.start..name_token.end, quote_ident(&server)));
-                out.push(Effect::Execute(server));
-            }
-        }
         "deallocate" => {
             let at = if word(1) == "prepare" { 2 } else { 1 };
             match stmt.get(at) {
@@ -161,6 +189,109 @@ pub(super) fn collect(
         _ => {}
     }
     Ok(())
+}
+
+/// The value PostgreSQL stores for `SET name TO <value>` (gram.y `var_list`, flattened as
+/// guc.c's `flatten_set_variable_args` does), when the value is a list of literals, names
+/// and numbers; `None` for anything else (`INTERVAL ...`, expressions).
+fn replay_value(name: &str, value: &[Token<'_>]) -> Option<String> {
+    // Of the settings a client may change, only search_path quotes its list elements.
+    let list_quote = name == "search_path";
+    let mut items = Vec::new();
+    for item in value.split(|t| t.is_punct(b',')) {
+        let text = match item {
+            [t] => match &t.kind {
+                Kind::Str { value } => {
+                    let v = value.clone()?;
+                    if list_quote { quote_if_needed(&v) } else { v }
+                }
+                Kind::Ident { name, .. } => {
+                    if list_quote {
+                        quote_if_needed(name)
+                    } else {
+                        name.to_string()
+                    }
+                }
+                Kind::Number(n) => String::from_utf8_lossy(n).into_owned(),
+                _ => return None,
+            },
+            [sign, t] if sign.kind == Kind::Op(b"-") || sign.kind == Kind::Op(b"+") => {
+                match (&sign.kind, &t.kind) {
+                    (Kind::Op(op), Kind::Number(n)) => {
+                        format!(
+                            "{}{}",
+                            String::from_utf8_lossy(op),
+                            String::from_utf8_lossy(n)
+                        )
+                    }
+                    _ => return None,
+                }
+            }
+            _ => return None,
+        };
+        items.push(text);
+    }
+    (!items.is_empty()).then(|| items.join(", "))
+}
+
+/// An identifier as PostgreSQL's `quote_identifier` writes it (quoted unless plain).
+fn quote_if_needed(name: &str) -> String {
+    let plain = name
+        .bytes()
+        .next()
+        .is_some_and(|b| b.is_ascii_lowercase() || b == b'_')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+    if plain {
+        name.to_owned()
+    } else {
+        quote_ident(name)
+    }
+}
+
+/// `SET SESSION CHARACTERISTICS AS TRANSACTION <modes>` as the three settings it changes.
+fn characteristics(stmt: &[Token<'_>]) -> Option<Vec<(String, String)>> {
+    let words: Vec<&str> = stmt
+        .iter()
+        .skip(5)
+        .map(|t| t.ident().unwrap_or(","))
+        .collect();
+    if stmt.get(3).is_none_or(|t| !t.is_keyword("as"))
+        || stmt.get(4).is_none_or(|t| !t.is_keyword("transaction"))
+    {
+        return None;
+    }
+    let mut pairs = Vec::new();
+    let mut i = 0;
+    while i < words.len() {
+        let (pair, used) = match &words[i..] {
+            [",", ..] => {
+                i += 1;
+                continue;
+            }
+            ["isolation", "level", "read", "committed", ..] => {
+                (("default_transaction_isolation", "read committed"), 4)
+            }
+            ["isolation", "level", "read", "uncommitted", ..] => {
+                (("default_transaction_isolation", "read uncommitted"), 4)
+            }
+            ["isolation", "level", "repeatable", "read", ..] => {
+                (("default_transaction_isolation", "repeatable read"), 4)
+            }
+            ["isolation", "level", "serializable", ..] => {
+                (("default_transaction_isolation", "serializable"), 3)
+            }
+            ["read", "only", ..] => (("default_transaction_read_only", "on"), 2),
+            ["read", "write", ..] => (("default_transaction_read_only", "off"), 2),
+            ["not", "deferrable", ..] => (("default_transaction_deferrable", "off"), 2),
+            ["deferrable", ..] => (("default_transaction_deferrable", "on"), 1),
+            _ => return None,
+        };
+        pairs.push((pair.0.to_owned(), pair.1.to_owned()));
+        i += used;
+    }
+    (!pairs.is_empty()).then_some(pairs)
 }
 
 /// `sql[range]` with the `edits` that fall inside it applied.

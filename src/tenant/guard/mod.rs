@@ -17,5 +17,5 @@ mod settings;
 mod tests;
 
 pub use effects::Effect;
-pub use policy::{Policy, Refusal, Scope, Verdict};
+pub use policy::{Policy, Refusal, Scope, Verdict, is_reserved_name, unknown_statement};
 pub use settings::is_settable;

@@ -35,6 +35,9 @@ pub struct Policy {
     /// Transaction pooling: report session effects, and rename SQL prepared statements into
     /// this prefix (the client's own namespace).
     pub prepared_prefix: Option<String>,
+    /// Tests only: refuse nothing (effects are still reported), to prove what the database
+    /// enforces without the guard.
+    pub unchecked: bool,
 }
 
 /// Why a statement was refused.
@@ -58,7 +61,7 @@ pub struct Verdict {
 }
 
 impl Verdict {
-    pub(super) fn refuse(message: impl Into<String>) -> Verdict {
+    pub fn refuse(message: impl Into<String>) -> Verdict {
         Verdict {
             refusal: Some(Refusal {
                 sqlstate: sqlstate::INSUFFICIENT_PRIVILEGE,
@@ -66,6 +69,24 @@ impl Verdict {
             }),
             ..Verdict::default()
         }
+    }
+}
+
+/// Statement names of pgtenant's own (`pgt_...`, `pgtenant_...`): no client may create,
+/// execute, describe or close one.
+pub fn is_reserved_name(name: &[u8]) -> bool {
+    let lower = name.to_ascii_lowercase();
+    lower.starts_with(b"pgt_") || lower.starts_with(b"pgtenant_")
+}
+
+/// The refusal for a statement name the client did not create, as PostgreSQL words it.
+pub fn unknown_statement(name: &str) -> Verdict {
+    Verdict {
+        refusal: Some(Refusal {
+            sqlstate: sqlstate::INVALID_SQL_STATEMENT_NAME,
+            message: format!("prepared statement \"{name}\" does not exist"),
+        }),
+        ..Verdict::default()
     }
 }
 
@@ -87,12 +108,25 @@ const DENIED_FUNCTIONS: &[&str] = &[
     "pg_read_binary_file",
     "pg_reload_conf",
     "pg_prepared_xacts",
+    "pg_prepared_xact",
+    "pg_lock_status",
+    "pg_stat_ssl",
+    "pg_stat_gssapi",
+    "pg_stat_get_progress_info",
+    "cursor_to_xml",
+    "cursor_to_xmlschema",
 ];
 /// Name prefixes refused the same way.
 const DENIED_PREFIXES: &[&str] = &[
     "lo_",
     "dblink",
+    // The *_to_xml functions read any relation or query by name, so they would reach the
+    // catalog views denied above.
     "query_to_xml",
+    "table_to_xml",
+    "schema_to_xml",
+    "database_to_xml",
+    "pg_stat_progress_",
     "pg_stat_get_backend",
     "pg_stat_statements",
     "pg_ls_",
@@ -139,7 +173,7 @@ impl Policy {
             }
         };
         let mut edits: Vec<(Range<usize>, String)> = Vec::new();
-        if self.scope == Scope::Tenant
+        if !self.unchecked
             && let Err(v) = self.check_identifiers(&tokens, &mut edits)
         {
             return v;
@@ -149,8 +183,16 @@ impl Policy {
             if stmt.is_empty() {
                 continue;
             }
+            if !self.unchecked
+                && let Err(v) = self
+                    .check_system_writes(stmt)
+                    .and_then(|()| self.check_statement_names(stmt))
+            {
+                return v;
+            }
             match self.check_statement(stmt, &mut edits) {
                 Ok(rebind) => verdict.rebind |= rebind,
+                Err(_) if self.unchecked => {}
                 Err(v) => return v,
             }
         }
@@ -183,16 +225,18 @@ impl Policy {
         tokens: &[Token<'_>],
         edits: &mut Vec<(Range<usize>, String)>,
     ) -> Result<(), Verdict> {
+        let tenant = self.scope == Scope::Tenant;
         for (i, t) in tokens.iter().enumerate() {
             let Some(name) = t.ident() else { continue };
-            if DENIED_FUNCTIONS.contains(&name)
-                || DENIED_PREFIXES.iter().any(|p| name.starts_with(p))
+            if tenant
+                && (DENIED_FUNCTIONS.contains(&name)
+                    || DENIED_PREFIXES.iter().any(|p| name.starts_with(p)))
             {
                 return Err(Verdict::refuse(format!(
                     "\"{name}\" is not allowed through pgtenant"
                 )));
             }
-            if name == "set_config" || name == "pg_notify" {
+            if name == "set_config" || (tenant && name == "pg_notify") {
                 let literal = match (tokens.get(i + 1), tokens.get(i + 2), tokens.get(i + 3)) {
                     (Some(open), Some(arg), Some(comma))
                         if open.is_punct(b'(') && comma.is_punct(b',') =>
@@ -211,7 +255,7 @@ impl Policy {
                 };
                 if name == "set_config" {
                     let setting = value.to_ascii_lowercase();
-                    self.check_setting_name(&setting, true)?;
+                    self.check_setting_name(&setting, tenant)?;
                     // The value must pass the same rules as SET's: only a lone literal can.
                     let value = match tokens.get(i + 5) {
                         Some(t) if t.is_punct(b',') => tokens.get(i + 4..i + 5).unwrap_or_default(),
@@ -357,6 +401,48 @@ impl Policy {
             k if ALLOWED_STATEMENTS.contains(&k) || k == "copy" => Ok(false),
             other => Err(self.refuse_kind(&other.to_uppercase())),
         }
+    }
+
+    /// Writes to `pg_settings` change settings without SET or set_config (a rule on the view
+    /// calls set_config): refused in every scope, whatever the statement's shape.
+    fn check_system_writes(&self, stmt: &[Token<'_>]) -> Result<(), Verdict> {
+        let names_settings = stmt.iter().any(|t| t.ident() == Some("pg_settings"));
+        let writes = stmt.iter().any(|t| {
+            ["update", "insert", "delete", "merge", "copy"]
+                .iter()
+                .any(|k| t.is_keyword(k))
+        });
+        if names_settings && writes {
+            return Err(Verdict::refuse(
+                "writing to pg_settings is not allowed through pgtenant; use SET",
+            ));
+        }
+        Ok(())
+    }
+
+    /// SQL-level statement names a client may not reach: pgtenant's own (see
+    /// [`is_reserved_name`]); in transaction pooling every other name is moved into the
+    /// client's namespace (`effects`).
+    fn check_statement_names(&self, stmt: &[Token<'_>]) -> Result<(), Verdict> {
+        for (i, t) in stmt.iter().enumerate() {
+            let at = if t.is_keyword("execute") || t.is_keyword("prepare") {
+                i + 1
+            } else if t.is_keyword("deallocate") {
+                if stmt.get(i + 1).is_some_and(|n| n.is_keyword("prepare")) {
+                    i + 2
+                } else {
+                    i + 1
+                }
+            } else {
+                continue;
+            };
+            if let Some(name) = stmt.get(at).and_then(Token::ident)
+                && is_reserved_name(name.as_bytes())
+            {
+                return Err(unknown_statement(name));
+            }
+        }
+        Ok(())
     }
 
     pub(super) fn refuse_kind(&self, what: &str) -> Verdict {

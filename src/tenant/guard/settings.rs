@@ -173,8 +173,16 @@ impl Policy {
                 "setting \"{name}\" is managed by pgtenant and cannot be changed"
             )))
         };
-        if name == TENANT_SETTING {
+        if name == TENANT_SETTING || name.starts_with("pgtenant.") {
             return protected();
+        }
+        // Settings that change how the server reads the text of later messages: the guard
+        // must read it the same way, so they stay as pgtenant found them (values checked
+        // below).
+        if name == "backslash_quote" {
+            return Err(Verdict::refuse(format!(
+                "setting \"{name}\" cannot be changed through pgtenant: it changes how SQL text is read"
+            )));
         }
         if !tenant_rules {
             return Ok(());
@@ -227,7 +235,16 @@ impl Policy {
                     }
                 }
             }
-            "client_encoding" if self.scope == Scope::Tenant => {
+            "standard_conforming_strings"
+                if !matches!(text.as_deref(), Some("on" | "true" | "yes" | "1"))
+                    && !value.first().is_some_and(|t| t.is_keyword("default")) =>
+            {
+                // pgtenant serves only shards where it is on (checked at connect).
+                return Err(Verdict::refuse(
+                    "standard_conforming_strings must stay on through pgtenant: it changes how SQL text is read",
+                ));
+            }
+            "client_encoding" => {
                 // PostgreSQL compares encoding names with everything but letters and digits
                 // removed (asyncpg sends 'utf-8' with the quotes as the value).
                 let encoding: String = text

@@ -14,6 +14,7 @@ fn shared() -> Policy {
         notify_prefix: Some("acme.".into()),
         allow_ddl: false,
         prepared_prefix: None,
+        unchecked: false,
     }
 }
 
@@ -533,7 +534,7 @@ fn dedicated_placements_skip_the_tenant_rules() {
             "SET ROLE other",
             "LISTEN events",
             "TRUNCATE t",
-            "SET client_encoding = 'SJIS'",
+            "SET client_encoding = 'UTF8'",
         ],
     );
     assert!(
@@ -548,6 +549,12 @@ fn dedicated_placements_skip_the_tenant_rules() {
         &[
             "SET statement_timeout = 0",
             "SET app.current_tenant_id = 'x'",
+            "SELECT set_config('app.current_tenant_id', 'x', false)",
+            "SELECT set_config('pgtenant.context', 'x', false)",
+            "SELECT set_config(name, 'x', false) FROM t",
+            "SET client_encoding = 'SJIS'",
+            "SET standard_conforming_strings = off",
+            "UPDATE pg_settings SET setting = 'off' WHERE name = 'standard_conforming_strings'",
         ],
     );
 }
@@ -601,7 +608,7 @@ fn transaction_pooling_reports_session_effects() {
             "SET work_mem = '64MB'",
             vec![Effect::Set {
                 key: "work_mem".into(),
-                sql: "SET \"work_mem\" TO '64MB'".into(),
+                pairs: vec![("work_mem".into(), "64MB".into())],
             }],
             None,
         ),
@@ -611,7 +618,7 @@ fn transaction_pooling_reports_session_effects() {
             "set time zone 'UTC'",
             vec![Effect::Set {
                 key: "timezone".into(),
-                sql: "SET \"timezone\" TO 'UTC'".into(),
+                pairs: vec![("timezone".into(), "UTC".into())],
             }],
             None,
         ),
@@ -619,7 +626,7 @@ fn transaction_pooling_reports_session_effects() {
             "SET SESSION datestyle TO ISO, DMY",
             vec![Effect::Set {
                 key: "datestyle".into(),
-                sql: "SET \"datestyle\" TO ISO, DMY".into(),
+                pairs: vec![("datestyle".into(), "iso, dmy".into())],
             }],
             None,
         ),
