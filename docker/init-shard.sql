@@ -1,4 +1,7 @@
 -- Runs once per shard at first start (as the postgres superuser, in database "app").
+-- These policies read the unverified setting: for the verified context run
+-- `pgtenant shard init` against the shard, set context_key_file, and make the policies read
+-- (SELECT pgtenant.tenant_id()) (README, "Security model").
 CREATE ROLE pgtenant_app LOGIN PASSWORD 'change-me' NOSUPERUSER NOBYPASSRLS;
 CREATE TABLE items (
     id bigserial PRIMARY KEY,

@@ -7,7 +7,10 @@
 //!
 //! Targets: `direct`; `pgtenant` (a dedicated tenant: no guard); `pgt+guard` (a shared tenant
 //! on the same database, so every statement also goes through the full guard and the binding);
-//! `pgbouncer` (same pool mode and server pool size). Both proxies get 16 server connections.
+//! `pgt+rls` and `pgt+verified` (shared tenants on databases where pgbench_accounts has a
+//! row-level security policy: on the unverified setting, and on the verified context with a
+//! shard key, so the pair measures what the verified context costs); `pgbouncer` (same pool
+//! mode and server pool size). Both proxies get 16 server connections.
 //!
 //! Options: `--seconds N` per run (default 10), `--rounds N` (default 3), `--clients 1,16,64`,
 //! `--modes simple,extended,prepared`, `--pool-mode transaction|session` (default
@@ -194,15 +197,39 @@ fn wait_for_port(port: u16) {
     }
 }
 
-fn pgtenant_config(port: u16, cluster: &Cluster, pool_mode: &str, client_password: &str) -> String {
+fn pgtenant_config(
+    port: u16,
+    cluster: &Cluster,
+    pool_mode: &str,
+    client_password: &str,
+    key_file: &Path,
+) -> String {
     let verifier = ScramVerifier::from_password(client_password.as_bytes());
-    let shard = |name: &str| {
+    let shard_on = |name: &str, db: &str| {
         format!(
-            "[shards.{name}]\nhost = \"127.0.0.1\"\nport = {}\ndatabase = \"bench\"\nuser = \"pgtenant_app\"\n\
+            "[shards.{name}]\nhost = \"127.0.0.1\"\nport = {}\ndatabase = \"{db}\"\nuser = \"pgtenant_app\"\n\
              password = \"{}\"\nmax_connections = {SERVER_CONNECTIONS}\ntls = \"disable\"\n",
             cluster.port, cluster.password
         )
     };
+    let shard = |name: &str| shard_on(name, "bench");
+    let tenant = |n: u32, name: &str, shard: &str| {
+        format!(
+            "[[tenants]]\nid = \"00000000-0000-0000-0000-0000000{n:05}\"\nname = \"{name}\"\n\
+             placement = {{ kind = \"shared\", shard = \"{shard}\" }}\n\
+             [[tenants.users]]\nname = \"app\"\nscram = \"{verifier}\"\n"
+        )
+    };
+    // Two shared tenants on databases whose pgbench_accounts has row-level security: one
+    // policy reads the unverified setting, the other the verified context (shard key).
+    let rls = format!(
+        "{}{}context_key_file = \"{}\"\n{}{}",
+        shard_on("bench-rls", "benchu"),
+        shard_on("bench-verified", "benchv"),
+        key_file.display(),
+        tenant(1, "benchrls", "bench-rls"),
+        tenant(2, "benchverified", "bench-verified"),
+    );
     format!(
         "[listen]\naddr = \"127.0.0.1:{port}\"\n[pool]\nmode = \"{pool_mode}\"\n{}{}\
          [[tenants]]\nid = \"00000000-0000-0000-0000-00000000be4c\"\nname = \"bench\"\n\
@@ -211,10 +238,65 @@ fn pgtenant_config(port: u16, cluster: &Cluster, pool_mode: &str, client_passwor
          # The same database as a shared placement: every statement goes through the full guard.\n\
          [[tenants]]\nid = \"00000000-0000-0000-0000-00000000be4d\"\nname = \"benchshared\"\n\
          placement = {{ kind = \"shared\", shard = \"bench-shared\" }}\n\
-         [[tenants.users]]\nname = \"app\"\nscram = \"{verifier}\"\n",
+         [[tenants.users]]\nname = \"app\"\nscram = \"{verifier}\"\n{rls}",
         shard("bench"),
         shard("bench-shared"),
     )
+}
+
+/// `pgbench -i` at `scale` on `url`.
+fn pgbench_init(cluster: &Cluster, url: &str, scale: u32) {
+    let init = Command::new(cluster.binary("pgbench"))
+        .args(["-i", "-q", "-s", &scale.to_string(), url])
+        .env("PGPASSWORD", &cluster.password)
+        .output()
+        .unwrap();
+    assert!(
+        init.status.success(),
+        "{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+}
+
+/// `benchu` and `benchv`: pgbench tables (scale 1) owned by the superuser, readable by the
+/// login role through a row-level security policy on pgbench_accounts: `benchu`'s reads
+/// `app.current_tenant_id`, `benchv`'s the verified context (installed as `shard init`
+/// does, with the key written to `key_file`).
+fn rls_databases(cluster: &Cluster, key_file: &Path) {
+    let key = pgtenant::tenant::context::ContextKey::generate();
+    key.create(key_file).unwrap();
+    for (db, check) in [
+        (
+            "benchu",
+            "NULLIF(current_setting('app.current_tenant_id', true), '')::uuid IS NOT NULL",
+        ),
+        ("benchv", "(SELECT pgtenant.tenant_id()) IS NOT NULL"),
+    ] {
+        cluster
+            .psql("postgres", &format!("CREATE DATABASE {db}"))
+            .unwrap();
+        pgbench_init(cluster, &cluster.url(db), 1);
+        let install = if db == "benchv" {
+            format!(
+                "{}\n{};\n",
+                pgtenant::tenant::context::install_sql("pgtenant_app"),
+                key.store_sql()
+            )
+        } else {
+            String::new()
+        };
+        cluster
+            .psql(
+                db,
+                &format!(
+                    "{install}GRANT SELECT ON ALL TABLES IN SCHEMA public TO pgtenant_app;\n\
+                     ALTER TABLE pgbench_accounts ENABLE ROW LEVEL SECURITY;\n\
+                     ALTER TABLE pgbench_accounts FORCE ROW LEVEL SECURITY;\n\
+                     CREATE POLICY tenant ON pgbench_accounts USING ({check});"
+                ),
+            )
+            .unwrap();
+    }
 }
 
 /// Starts PgBouncer (as the `postgres` OS user when root: it refuses to run as root) in front
@@ -293,25 +375,19 @@ fn main() {
         .psql("postgres", "CREATE DATABASE bench OWNER pgtenant_app")
         .unwrap();
     let direct_url = format!("postgresql://pgtenant_app@127.0.0.1:{}/bench", cluster.port);
-    let init = Command::new(cluster.binary("pgbench"))
-        .args(["-i", "-q", "-s", "10", &direct_url])
-        .env("PGPASSWORD", &cluster.password)
-        .output()
-        .unwrap();
-    assert!(
-        init.status.success(),
-        "{}",
-        String::from_utf8_lossy(&init.stderr)
-    );
+    pgbench_init(&cluster, &direct_url, 10);
 
     let port = free_port();
     let dir = std::env::temp_dir().join(format!("pgtenant-load-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let config = dir.join("pgtenant.toml");
     let client_password = "bench-password";
+    let key_file = dir.join("benchv.key");
+    let _ = std::fs::remove_file(&key_file);
+    rls_databases(&cluster, &key_file);
     std::fs::write(
         &config,
-        pgtenant_config(port, &cluster, &opts.pool_mode, client_password),
+        pgtenant_config(port, &cluster, &opts.pool_mode, client_password, &key_file),
     )
     .unwrap();
     let mut proxy_cmd = Command::new(&binary);
@@ -328,6 +404,12 @@ fn main() {
             .expect("start pgtenant"),
     );
     wait_for_port(port);
+    let through_pgtenant = |name: &'static str, tenant: &str, db: &str| Target {
+        name,
+        url: format!("postgresql://app%40{tenant}@127.0.0.1:{port}/{db}"),
+        password: client_password.into(),
+        pid: Some(proxy.0.id()),
+    };
     let mut targets = vec![
         Target {
             name: "direct",
@@ -335,18 +417,10 @@ fn main() {
             password: cluster.password.clone(),
             pid: None,
         },
-        Target {
-            name: "pgtenant",
-            url: format!("postgresql://app%40bench@127.0.0.1:{port}/bench"),
-            password: client_password.into(),
-            pid: Some(proxy.0.id()),
-        },
-        Target {
-            name: "pgt+guard",
-            url: format!("postgresql://app%40benchshared@127.0.0.1:{port}/bench"),
-            password: client_password.into(),
-            pid: Some(proxy.0.id()),
-        },
+        through_pgtenant("pgtenant", "bench", "bench"),
+        through_pgtenant("pgt+guard", "benchshared", "bench"),
+        through_pgtenant("pgt+rls", "benchrls", "benchu"),
+        through_pgtenant("pgt+verified", "benchverified", "benchv"),
     ];
     let mut bouncer = None;
     if opts.pgbouncer && Path::new(PGBOUNCER).is_file() {
@@ -447,7 +521,14 @@ fn main() {
         } else {
             clients.to_string()
         };
-        for name in ["direct", "pgtenant", "pgt+guard", "pgbouncer"] {
+        for name in [
+            "direct",
+            "pgtenant",
+            "pgt+guard",
+            "pgt+rls",
+            "pgt+verified",
+            "pgbouncer",
+        ] {
             let Some((tps, lat)) = pick(name) else {
                 if targets.iter().any(|t| t.name == name) {
                     println!("{label:>10} {mode:>9} {name:>10} {:>10}", "failed");

@@ -263,16 +263,22 @@ async fn shard_init_installs_the_verified_context_idempotently() {
     let run = |args: Vec<String>| {
         tokio::task::spawn_blocking(move || pgtenant().args(args).output().unwrap())
     };
-    let args = vec![
-        "shard".to_owned(),
-        "init".into(),
-        "--config".into(),
-        config.display().to_string(),
-        "--shard".into(),
-        "s".into(),
-        "--admin-url".into(),
-        admin.clone(),
-    ];
+    let init_args = |url: String| -> Vec<String> {
+        let config = config.display().to_string();
+        [
+            "shard",
+            "init",
+            "--config",
+            &config,
+            "--shard",
+            "s",
+            "--admin-url",
+            &url,
+        ]
+        .map(str::to_owned)
+        .to_vec()
+    };
+    let args = init_args(admin.clone());
     let first = run(args.clone()).await.unwrap();
     let text = String::from_utf8_lossy(&first.stdout).into_owned();
     assert!(
@@ -303,18 +309,7 @@ async fn shard_init_installs_the_verified_context_idempotently() {
         .unwrap();
     assert_eq!(probe.trim(), "f|f|t");
     // A wrong admin database is refused before anything is installed.
-    let wrong = run(vec![
-        "shard".into(),
-        "init".into(),
-        "--config".into(),
-        config.display().to_string(),
-        "--shard".into(),
-        "s".into(),
-        "--admin-url".into(),
-        w.a.url("postgres"),
-    ])
-    .await
-    .unwrap();
+    let wrong = run(init_args(w.a.url("postgres"))).await.unwrap();
     assert!(!wrong.status.success());
     assert!(String::from_utf8_lossy(&wrong.stderr).contains("shard's database"));
     let snapshot = pgtenant::config::load(&config).unwrap();

@@ -121,29 +121,38 @@ pub fn set_configs(pairs: &[(&str, &str)], out: &mut BytesMut) -> &'static [u8] 
     let mut msgs = BytesMut::new();
     let values = pairs.iter().flat_map(|(k, v)| [*k, *v]);
     let encoded = frontend::parse(OWN_STATEMENT, &sql, std::iter::empty::<u32>(), &mut msgs)
-        .and_then(|()| {
-            frontend::bind(
-                "",
-                OWN_STATEMENT,
-                std::iter::empty::<i16>(),
-                values,
-                |v, buf| {
-                    buf.extend_from_slice(v.as_bytes());
-                    Ok(postgres_protocol::IsNull::No)
-                },
-                std::iter::empty::<i16>(),
-                &mut msgs,
-            )
-            .map_err(|_| std::io::Error::other("bind"))
-        })
-        .and_then(|()| frontend::execute("", 0, &mut msgs))
-        .and_then(|()| frontend::close(b'S', OWN_STATEMENT, &mut msgs));
-    if encoded.is_err() {
+        .is_ok()
+        && bind_execute(OWN_STATEMENT, values, &mut msgs)
+        && frontend::close(b'S', OWN_STATEMENT, &mut msgs).is_ok();
+    if !encoded {
         return &[];
     }
     frontend::sync(&mut msgs);
     out.extend_from_slice(&msgs);
     TAGS
+}
+
+/// Bind (unnamed portal, text parameters `values`) and Execute of `statement`; false when
+/// they cannot be encoded (then nothing usable was written).
+pub fn bind_execute<'a>(
+    statement: &str,
+    values: impl IntoIterator<Item = &'a str>,
+    out: &mut BytesMut,
+) -> bool {
+    frontend::bind(
+        "",
+        statement,
+        std::iter::empty::<i16>(),
+        values,
+        |v, buf| {
+            buf.extend_from_slice(v.as_bytes());
+            Ok(postgres_protocol::IsNull::No)
+        },
+        std::iter::empty::<i16>(),
+        out,
+    )
+    .is_ok()
+        && frontend::execute("", 0, out).is_ok()
 }
 
 #[cfg(test)]

@@ -202,19 +202,7 @@ impl Relay {
             return;
         }
         let values = binding.values(pooled.token_for(&binding.tenant_id));
-        let bound = frontend::bind(
-            "",
-            name,
-            std::iter::empty::<i16>(),
-            values,
-            |v, buf| {
-                buf.extend_from_slice(v.as_bytes());
-                Ok(postgres_protocol::IsNull::No)
-            },
-            std::iter::empty::<i16>(),
-            &mut msgs,
-        );
-        if bound.is_err() || frontend::execute("", 0, &mut msgs).is_err() {
+        if !encode::bind_execute(name, values, &mut msgs) {
             self.inject_binding(out, tracker, pooled);
             return;
         }

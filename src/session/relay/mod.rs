@@ -738,7 +738,10 @@ impl Relay {
                             params.insert(k.to_owned(), v.to_owned());
                             run += len;
                         }
-                        tag::ERROR_RESPONSE if self.owners.front() == Some(&Owner::Bind) => {
+                        tag::ERROR_RESPONSE
+                            if self.owners.front() == Some(&Owner::Bind)
+                                || self.in_band_failed_before_query() =>
+                        {
                             let fields = server_msgs::error_fields(body).unwrap_or_default();
                             self.unusable = true;
                             // What the client's own statements produced still reaches it.
@@ -754,15 +757,6 @@ impl Relay {
                                 "rebinding the tenant context failed; retrying after the next statement");
                             self.rebind_at_sync = true;
                             drop_piece(input, &mut run, len, to_client);
-                        }
-                        tag::ERROR_RESPONSE if self.in_band_failed_before_query() => {
-                            let fields = server_msgs::error_fields(body).unwrap_or_default();
-                            self.unusable = true;
-                            move_run(input, run, to_client);
-                            return Err(ServerProtocolError::BindingFailed(format!(
-                                "{}: {}",
-                                fields.code, fields.message
-                            )));
                         }
                         tag::ERROR_RESPONSE => {
                             self.epoch_failed = true;

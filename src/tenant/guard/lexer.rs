@@ -326,21 +326,9 @@ impl<'a> Lexer<'a> {
                 self.pos += 1;
             }
             // 'a' <newline> 'b' continues the same string.
-            let save = self.pos;
-            let mut saw_newline = false;
-            while let Some(c) = self.peek(0) {
-                if c == b'\n' || c == b'\r' {
-                    saw_newline = true;
-                } else if !is_space(c) {
-                    break;
-                }
-                self.pos += 1;
+            if !self.continues() {
+                break;
             }
-            if saw_newline && self.peek(0) == Some(b'\'') {
-                continue;
-            }
-            self.pos = save;
-            break;
         }
         if unicode {
             self.skip_uescape()?;
@@ -370,25 +358,33 @@ impl<'a> Lexer<'a> {
                     }
                 }
             }
-            let save = self.pos;
-            let mut saw_newline = false;
-            while let Some(c) = self.peek(0) {
-                if c == b'\n' || c == b'\r' {
-                    saw_newline = true;
-                } else if !is_space(c) {
-                    break;
-                }
-                self.pos += 1;
+            if !self.continues() {
+                break;
             }
-            if saw_newline && self.peek(0) == Some(b'\'') {
-                continue;
-            }
-            self.pos = save;
-            break;
         }
         Ok(Kind::Str {
             value: String::from_utf8(value).ok(),
         })
+    }
+
+    /// After a closing quote: whether whitespace holding a newline and another quote follow
+    /// (the literal continues; `self.pos` is then at that quote). Otherwise nothing is consumed.
+    fn continues(&mut self) -> bool {
+        let save = self.pos;
+        let mut saw_newline = false;
+        while let Some(c) = self.peek(0) {
+            if c == b'\n' || c == b'\r' {
+                saw_newline = true;
+            } else if !is_space(c) {
+                break;
+            }
+            self.pos += 1;
+        }
+        if saw_newline && self.peek(0) == Some(b'\'') {
+            return true;
+        }
+        self.pos = save;
+        false
     }
 
     /// A `"…"` identifier at the opening quote; `unicode` for `U&"…"`.
