@@ -513,9 +513,8 @@ fn main() {
                 median(runs.iter().map(|r| r.latency_ms).collect())?,
             ))
         };
-        let Some((d_tps, d_lat)) = pick("direct") else {
-            continue;
-        };
+        // Ratios and added latency need the direct run; without it they show as "-".
+        let direct = pick("direct");
         let label = if *connect {
             format!("-C {clients}")
         } else {
@@ -543,10 +542,15 @@ fn main() {
                     .unwrap_or_else(|| "-".into())
             };
             let (cpu_text, user_text) = (cpu_of(|c| c.0), cpu_of(|c| c.1));
+            let (ratio, added) = match direct {
+                Some((d_tps, d_lat)) => (
+                    format!("{:.2}", tps / d_tps),
+                    format!("{:.1}", (lat - d_lat) * 1000.0),
+                ),
+                None => ("-".into(), "-".into()),
+            };
             println!(
-                "{label:>10} {mode:>9} {name:>10} {tps:>10.0} {:>7.2} {lat:>9.3} {:>11.1} {cpu_text:>10} {user_text:>9}",
-                tps / d_tps,
-                (lat - d_lat) * 1000.0,
+                "{label:>10} {mode:>9} {name:>10} {tps:>10.0} {ratio:>7} {lat:>9.3} {added:>11} {cpu_text:>10} {user_text:>9}",
             );
         }
     }

@@ -158,6 +158,7 @@ pub(super) async fn run_session(state: &AppState, snapshot: &Snapshot, client: A
     let mut relay = Relay::new(snapshot.listen.max_message_size, rules);
     let ctx = Prepare {
         tenant: &tenant,
+        tenant_id: tenant.id.to_string(),
         key: context_key.as_deref(),
     };
     let setup = async {
@@ -171,6 +172,9 @@ pub(super) async fn run_session(state: &AppState, snapshot: &Snapshot, client: A
             .map_err(|e| match e {
                 Failed::Checkout(e) => SessionError::from(e),
                 Failed::Server(e) => SessionError::from(e),
+                Failed::Client(f) => {
+                    SessionError::Refused(ClientError::fatal_from_server(&f.code, &f.message))
+                }
             })?;
         Ok::<_, SessionError>((pool, pooled))
     };
@@ -262,6 +266,8 @@ struct Attached<'a> {
 /// What preparing a server connection for a tenant's client needs.
 struct Prepare<'a> {
     tenant: &'a Arc<Tenant>,
+    /// The tenant's id as text (tokens are kept per tenant id).
+    tenant_id: String,
     /// The shard's context key, when it verifies the context.
     key: Option<&'a crate::tenant::context::ContextKey>,
 }
@@ -270,6 +276,8 @@ struct Prepare<'a> {
 enum Failed {
     Checkout(PoolError),
     Server(crate::pool::ServerError),
+    /// The client's settings were refused by the server.
+    Client(crate::protocol::server_msgs::ErrorFields),
 }
 
 /// How many server connections a transaction may try when resetting or setting them up
@@ -297,6 +305,13 @@ async fn checkout_prepared(
             .map_err(Failed::Checkout)?;
         match prepare(&mut pooled, p, relay).await {
             Ok(bound_now) => return Ok((pooled, bound_now)),
+            // The server refused a value of the client's own (a startup setting): another
+            // connection would refuse it too.
+            Err(crate::pool::ServerError::Server(fields))
+                if fields.code.starts_with("22") || fields.code.starts_with("42") =>
+            {
+                return Err(Failed::Client(fields));
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "closing a server connection that could not be reset or bound");
                 last = Some(e);
@@ -320,12 +335,11 @@ async fn prepare(
     if conn.bound != Some(p.tenant.id) && (conn.pooled.used || conn.bound.is_some()) {
         conn.reset(RESET_PATIENCE).await?;
     }
-    let id = p.tenant.id.to_string();
     if let Some(key) = p.key
-        && conn.pooled.token_for(&id).is_none()
+        && conn.pooled.token_for(&p.tenant_id).is_none()
     {
         let token = key.next_token(p.tenant.id, conn.backend_pid());
-        conn.pooled.context_token = Some((id, token));
+        conn.pooled.context_token = Some((p.tenant_id.clone(), token));
     }
     conn.bound = Some(p.tenant.id);
     conn.pooled.used = true;
@@ -393,6 +407,9 @@ async fn forward_pooled(
                 Ok((p, bound_now)) => (p, bound_now),
                 Err(Failed::Checkout(e)) => break (SessionEnd::Checkout(e), None),
                 Err(Failed::Server(e)) => break (SessionEnd::Setup(e), None),
+                Err(Failed::Client(f)) => {
+                    break (SessionEnd::Setup(crate::pool::ServerError::Server(f)), None);
+                }
             };
         cancel.set_target(Some(pooled.conn.cancel_target()));
         let step = {

@@ -182,21 +182,37 @@ CREATE TABLE IF NOT EXISTS pgtenant.context_key (
     inner_pad bytea NOT NULL,
     outer_pad bytea NOT NULL);
 REVOKE ALL ON TABLE pgtenant.context_key FROM PUBLIC;
-CREATE OR REPLACE FUNCTION pgtenant.tenant_id() RETURNS uuid
-LANGUAGE sql STABLE PARALLEL SAFE SECURITY DEFINER
-SET search_path = pg_catalog, pg_temp
+CREATE OR REPLACE FUNCTION pgtenant.tenant_id() RETURNS pg_catalog.uuid
+LANGUAGE plpgsql STABLE PARALLEL SAFE SECURITY DEFINER
 AS $fn$
-    SELECT CASE
-        WHEN array_length(t.p, 1) = 4
-         AND t.p[2] = pg_backend_pid()::text
-         AND sha256(convert_to(t.p[4], 'SQL_ASCII')) = sha256(convert_to(encode(
-                sha256(k.outer_pad || sha256(k.inner_pad
-                    || convert_to(t.p[1] || ':' || t.p[2] || ':' || t.p[3], 'SQL_ASCII'))),
-                'hex'), 'SQL_ASCII'))
-        THEN t.p[1]::uuid
-    END
-    FROM pgtenant.context_key k,
-         (SELECT string_to_array(current_setting('{CONTEXT_SETTING}', true), ':') AS p) t
+-- Every name below is schema-qualified, operators included, so the caller's search_path
+-- cannot substitute its own objects (a SET search_path clause would do the same at about
+-- twice the cost per call). plpgsql keeps its plans for the session: the cost per query is
+-- one key read and four SHA-256 of a few dozen bytes.
+DECLARE
+    p pg_catalog.text[] := pg_catalog.string_to_array(
+        pg_catalog.current_setting('{CONTEXT_SETTING}', true), ':');
+    k record;
+BEGIN
+    IF pg_catalog.array_length(p, 1) IS NULL
+       OR pg_catalog.array_length(p, 1) OPERATOR(pg_catalog.<>) 4
+       OR p[2] OPERATOR(pg_catalog.<>) pg_catalog.pg_backend_pid()::pg_catalog.text THEN
+        RETURN NULL;
+    END IF;
+    SELECT c.inner_pad, c.outer_pad INTO k FROM pgtenant.context_key c;
+    -- HMAC-SHA-256 (RFC 2104) over tenant:pid:counter; the two hex MACs are compared through
+    -- another hash so the comparison's timing says nothing about the expected MAC.
+    IF pg_catalog.sha256(pg_catalog.convert_to(p[4], 'SQL_ASCII'))
+       OPERATOR(pg_catalog.=) pg_catalog.sha256(pg_catalog.convert_to(pg_catalog.encode(
+           pg_catalog.sha256(k.outer_pad OPERATOR(pg_catalog.||) pg_catalog.sha256(
+               k.inner_pad OPERATOR(pg_catalog.||) pg_catalog.convert_to(
+                   p[1] OPERATOR(pg_catalog.||) ':' OPERATOR(pg_catalog.||) p[2]
+                   OPERATOR(pg_catalog.||) ':' OPERATOR(pg_catalog.||) p[3], 'SQL_ASCII'))),
+           'hex'), 'SQL_ASCII')) THEN
+        RETURN p[1]::pg_catalog.uuid;
+    END IF;
+    RETURN NULL;
+END
 $fn$;
 REVOKE ALL ON FUNCTION pgtenant.tenant_id() FROM PUBLIC;
 GRANT USAGE ON SCHEMA pgtenant TO PUBLIC;

@@ -62,10 +62,6 @@ pub(super) struct InBand {
     pub(super) expect: &'static [u8],
     /// Bytes prepended to the client's query text (error positions move by this much).
     pub(super) shift: usize,
-    /// The binding's Bind and Execute precede a simple Query with no Sync between: the
-    /// Query ends their batch. If they fail, the server skips the Query and waits for a
-    /// Sync, so a failure ends the session instead (the connection is closed).
-    pub(super) before_query: bool,
 }
 
 /// What the tenant binding needs.
@@ -173,11 +169,10 @@ impl Relay {
             _ => None,
         };
         match text {
-            // A verified token never travels as query text: the Query gets the extended
-            // binding ahead of it instead (both share the Query's implicit transaction).
-            Some(text) if in_band_safe(text) && t == tag::QUERY && !self.rules.binding.verified => {
-                Plan::Prefix
-            }
+            // The prefix carries only the tenant id (never a verified token: that is bound
+            // with the connection's setup and after RESET/DISCARD, as a parameter, and stays
+            // on the backend between transactions).
+            Some(text) if in_band_safe(text) && t == tag::QUERY => Plan::Prefix,
             Some(text) if in_band_safe(text) => Plan::Extended,
             _ => Plan::Separate,
         }
@@ -190,7 +185,6 @@ impl Relay {
         out: &mut BytesMut,
         tracker: &mut ConnTracker,
         pooled: &mut PooledState,
-        before_query: bool,
     ) {
         let binding = self.rules.binding.clone();
         let epoch = self.next_epoch;
@@ -213,21 +207,15 @@ impl Relay {
                 .push_back((epoch, Reply::Proxy, Some(name.to_owned())));
             pooled.prepared.insert(name);
             self.session.created.push((epoch, name.to_owned()));
-            if !before_query {
-                tracker.client_message(tag::PARSE);
-            }
+            tracker.client_message(tag::PARSE);
         }
-        // Before a Query, the Query completes the batch: the connection is not left unsynced.
-        if !before_query {
-            tracker.client_message(tag::BIND);
-            tracker.client_message(tag::EXECUTE);
-        }
+        tracker.client_message(tag::BIND);
+        tracker.client_message(tag::EXECUTE);
         out.extend_from_slice(&msgs);
         self.in_band = Some(InBand {
             epoch,
             expect: b"2DC",
             shift: 0,
-            before_query,
         });
     }
 
@@ -253,7 +241,6 @@ impl Relay {
                 b"C"
             },
             shift: prefix.len() + 2,
-            before_query: false,
         });
         q
     }
@@ -300,13 +287,6 @@ impl Relay {
             }
             _ => false,
         }
-    }
-
-    /// The binding that precedes this epoch's Query failed: the server now skips the Query.
-    pub(super) fn in_band_failed_before_query(&self) -> bool {
-        self.in_band.as_ref().is_some_and(|ib| {
-            ib.epoch == self.done_epoch && ib.before_query && !ib.expect.is_empty()
-        })
     }
 
     /// An ErrorResponse in the client's epoch: the binding failed if its replies were still

@@ -387,7 +387,7 @@ impl Relay {
                     binding::Plan::Prefix => prefix = true,
                     binding::Plan::Extended => {
                         self.binding_due = false;
-                        self.bind_extended(&mut before, tracker, pooled, t == tag::QUERY);
+                        self.bind_extended(&mut before, tracker, pooled);
                     }
                     binding::Plan::Separate => self.bind_separately(&mut before, tracker, pooled),
                 }
@@ -445,6 +445,18 @@ impl Relay {
                     let mut out = BytesMut::new();
                     encode::raw(tag::QUERY, REFUSED_SQL, &mut out);
                     Some((tag::QUERY, out))
+                }
+                // Dedicated placements allow the fast path; it runs SQL, so it counts
+                // against the query rate like Query and Execute.
+                tag::FUNCTION_CALL => {
+                    self.counters.queries += 1;
+                    if self.take_query_token() {
+                        None
+                    } else {
+                        let error = self.throttled();
+                        self.refuse(self.next_epoch, error);
+                        Some((tag::QUERY, refused_query()))
+                    }
                 }
                 _ => None,
             };
@@ -738,10 +750,7 @@ impl Relay {
                             params.insert(k.to_owned(), v.to_owned());
                             run += len;
                         }
-                        tag::ERROR_RESPONSE
-                            if self.owners.front() == Some(&Owner::Bind)
-                                || self.in_band_failed_before_query() =>
-                        {
+                        tag::ERROR_RESPONSE if self.owners.front() == Some(&Owner::Bind) => {
                             let fields = server_msgs::error_fields(body).unwrap_or_default();
                             self.unusable = true;
                             // What the client's own statements produced still reaches it.

@@ -408,7 +408,7 @@ impl Policy {
     fn check_system_writes(&self, stmt: &[Token<'_>]) -> Result<(), Verdict> {
         let names_settings = stmt.iter().any(|t| t.ident() == Some("pg_settings"));
         let writes = stmt.iter().any(|t| {
-            ["update", "insert", "delete", "merge", "copy"]
+            ["update", "insert", "delete", "merge"]
                 .iter()
                 .any(|k| t.is_keyword(k))
         });
