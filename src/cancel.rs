@@ -3,9 +3,17 @@
 //! serving that client at that moment. Servers' real keys never leave pgtenant. Failed
 //! look-ups are counted per source address, and a source that keeps guessing is ignored for a
 //! while.
+//!
+//! A cancel is counted on its server connection from the moment it is looked up (under the
+//! registry's lock, so it cannot start after the client's key stops pointing there) until the
+//! server has closed the cancel connection, that is until PostgreSQL has signalled the
+//! backend. A connection with a cancel in flight is not given to anyone else until then
+//! ([`CancelTarget::settled`]): a late cancel can reach only the statement it was meant for,
+//! or an idle backend, which ignores it.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -19,7 +27,7 @@ use tokio::net::TcpStream;
 use crate::net::stream::{MaybeTls, ServerStream};
 
 /// Where and how to cancel what one server connection is running.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct CancelTarget {
     pub host: String,
     pub port: u16,
@@ -27,11 +35,71 @@ pub struct CancelTarget {
     pub secret: Vec<u8>,
     /// Set when the server connection uses TLS: the cancel goes over TLS too.
     pub tls: Option<(Arc<ClientConfig>, ServerName<'static>)>,
+    /// Cancels begun and not yet delivered.
+    in_flight: AtomicUsize,
+    delivered: tokio::sync::Notify,
+}
+
+/// A cancel counted on its target until dropped (after it was sent, or given up).
+pub struct PendingCancel(Arc<CancelTarget>);
+
+impl PendingCancel {
+    /// Sends it; the count drops when this returns.
+    pub async fn send(self, timeout: Duration) -> std::io::Result<()> {
+        self.0.send(timeout).await
+    }
+}
+
+impl Drop for PendingCancel {
+    fn drop(&mut self) {
+        if self.0.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.delivered.notify_waiters();
+        }
+    }
 }
 
 impl CancelTarget {
+    pub fn new(
+        host: String,
+        port: u16,
+        tls: Option<(Arc<ClientConfig>, ServerName<'static>)>,
+    ) -> Self {
+        CancelTarget {
+            host,
+            port,
+            pid: 0,
+            secret: Vec::new(),
+            tls,
+            in_flight: AtomicUsize::new(0),
+            delivered: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// Counts a cancel about to be sent to this connection (see the module docs).
+    pub fn begin(self: &Arc<Self>) -> PendingCancel {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        PendingCancel(Arc::clone(self))
+    }
+
+    /// Waits until no cancel is in flight to this connection; false if one still is after
+    /// `patience` (the connection must then be closed, not handed to anyone else).
+    pub async fn settled(&self, patience: Duration) -> bool {
+        let wait = async {
+            loop {
+                let delivered = self.delivered.notified();
+                tokio::pin!(delivered);
+                delivered.as_mut().enable();
+                if self.in_flight.load(Ordering::Acquire) == 0 {
+                    return;
+                }
+                delivered.await;
+            }
+        };
+        tokio::time::timeout(patience, wait).await.is_ok()
+    }
+
     /// Sends the CancelRequest on a new connection (the server answers nothing and closes).
-    pub async fn send(&self, timeout: Duration) -> std::io::Result<()> {
+    async fn send(&self, timeout: Duration) -> std::io::Result<()> {
         let work = async {
             let tcp = TcpStream::connect((self.host.as_str(), self.port)).await?;
             let mut stream: ServerStream = match &self.tls {
@@ -109,8 +177,9 @@ impl CancelRegistry {
         }
     }
 
-    /// The target for a CancelRequest, if the key is live and the source is not blocked.
-    pub fn lookup(&self, source: IpAddr, pid: i32, secret: &[u8]) -> Option<Arc<CancelTarget>> {
+    /// The cancel for a CancelRequest, counted on its target, if the key is live and the
+    /// source is not blocked.
+    pub fn lookup(&self, source: IpAddr, pid: i32, secret: &[u8]) -> Option<PendingCancel> {
         let mut inner = self.lock();
         let now = Instant::now();
         if let Some((count, since)) = inner.failures.get(&source)
@@ -124,7 +193,8 @@ impl CancelRegistry {
             .get(&pid)
             .filter(|e| bool::from(e.secret.as_slice().ct_eq(secret)));
         match found {
-            Some(entry) => entry.target.clone(),
+            // Counted while the lock is held: a key retargeted after this waits for it.
+            Some(entry) => entry.target.as_ref().map(CancelTarget::begin),
             None => {
                 if inner.failures.len() >= MAX_TRACKED_SOURCES {
                     inner
@@ -174,13 +244,25 @@ mod tests {
     use super::*;
 
     fn target() -> Arc<CancelTarget> {
-        Arc::new(CancelTarget {
-            host: "127.0.0.1".into(),
-            port: 1,
-            pid: 99,
-            secret: vec![1, 2, 3, 4],
-            tls: None,
-        })
+        let mut t = CancelTarget::new("127.0.0.1".into(), 1, None);
+        t.pid = 99;
+        t.secret = vec![1, 2, 3, 4];
+        Arc::new(t)
+    }
+
+    #[tokio::test]
+    async fn a_connection_is_settled_only_when_its_cancels_are_done() {
+        let t = target();
+        assert!(t.settled(Duration::from_millis(1)).await);
+        let pending = t.begin();
+        assert!(!t.settled(Duration::from_millis(20)).await, "one in flight");
+        let waiter = {
+            let t = Arc::clone(&t);
+            tokio::spawn(async move { t.settled(Duration::from_secs(5)).await })
+        };
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        drop(pending);
+        assert!(waiter.await.unwrap(), "woken when it is delivered");
     }
 
     #[test]
@@ -194,7 +276,10 @@ mod tests {
             "no target yet"
         );
         h.set_target(Some(target()));
-        assert_eq!(reg.lookup(ip, pid, &secret.to_be_bytes()).unwrap().pid, 99);
+        assert_eq!(
+            reg.lookup(ip, pid, &secret.to_be_bytes()).unwrap().0.pid,
+            99
+        );
         assert!(reg.lookup(ip, pid, &(secret ^ 1).to_be_bytes()).is_none());
         drop(h);
         assert!(

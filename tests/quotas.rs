@@ -87,6 +87,50 @@ async fn the_query_rate_is_limited_per_tenant() {
     acme.simple_query("SELECT 1").await.unwrap();
 }
 
+/// FunctionCall (the fast path, allowed on dedicated placements) runs SQL too: it counts
+/// against the query rate like Query and Execute.
+#[tokio::test]
+async fn function_calls_count_against_the_query_rate() {
+    let env = start_with("", |t| {
+        t.replacen(
+            "name = \"initech\"\nplan = \"basic\"\n",
+            "name = \"initech\"\nplan = \"basic\"\nsettings = { queries_per_second = 5 }\n",
+            1,
+        )
+    })
+    .await;
+    let t = env.tenant("initech").clone();
+    let mut raw =
+        common::raw::Raw::connect(env.addr(), &[("user", "app@initech")], &t.password).await;
+    // pg_backend_pid() (OID 2026), no arguments, text result.
+    let mut body = 2026u32.to_be_bytes().to_vec();
+    body.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
+    let mut out = bytes::BytesMut::new();
+    for _ in 0..20 {
+        common::raw::Raw::put(&mut out, b'F', &body);
+    }
+    raw.send(&out).await;
+    let mut refused = 0;
+    let mut ran = 0;
+    for _ in 0..20 {
+        for m in raw.until_ready().await {
+            match m.tag {
+                b'E' => {
+                    assert_eq!(m.sqlstate().as_deref(), Some("53400"));
+                    refused += 1;
+                }
+                b'V' => ran += 1,
+                _ => {}
+            }
+        }
+    }
+    assert_eq!(refused + ran, 20);
+    assert!(
+        (14..=15).contains(&refused),
+        "{refused} of 20 refused at 5/s"
+    );
+}
+
 #[tokio::test]
 async fn the_statement_timeout_is_enforced_by_pgtenant() {
     let env = start_with("", acme_settings("statement_timeout = \"1s\"")).await;

@@ -114,13 +114,11 @@ async fn open_inner(
     let used_tls = stream.is_tls();
     let mut conn = ServerConn::new(
         stream,
-        Arc::new(CancelTarget {
-            host: shard.host.clone(),
-            port: shard.port,
-            pid: 0,
-            secret: Vec::new(),
-            tls: if used_tls { tls.cloned() } else { None },
-        }),
+        Arc::new(CancelTarget::new(
+            shard.host.clone(),
+            shard.port,
+            if used_tls { tls.cloned() } else { None },
+        )),
     );
 
     let mut out = BytesMut::new();

@@ -357,7 +357,7 @@ impl ServerConn {
                 .await
                 .is_err()
             {
-                self.cancel.send(patience).await?;
+                self.cancel.begin().send(patience).await?;
                 tokio::time::timeout(patience, self.drain())
                     .await
                     .map_err(|_| ServerError::Timeout)??;

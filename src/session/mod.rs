@@ -180,8 +180,8 @@ async fn open(
     let (mut stream, startup) = match handshake::negotiate(tcp, tls.as_deref(), mode).await {
         Ok(Opening::Startup { stream, startup }) => (stream, startup),
         Ok(Opening::Cancel { pid, secret }) => {
-            if let Some(target) = state.cancels.lookup(peer.ip(), pid, &secret)
-                && let Err(e) = target.send(Duration::from_secs(5)).await
+            if let Some(cancel) = state.cancels.lookup(peer.ip(), pid, &secret)
+                && let Err(e) = cancel.send(Duration::from_secs(5)).await
             {
                 tracing::info!(error = %e, "forwarding cancel request failed");
             }

@@ -248,6 +248,9 @@ pub(super) async fn run_session(state: &AppState, snapshot: &Snapshot, client: A
     if relay.server_unusable() {
         // Closed: pgtenant could not bind the context on it.
         drop(pooled);
+    } else if !pooled.conn.cancel_target().settled(CANCEL_PATIENCE).await {
+        // A cancel still on its way could reach the next client: close it instead.
+        drop(pooled);
     } else if pooling && relay.client_at_boundary() {
         pool.release(pooled).await;
     } else {
@@ -438,7 +441,12 @@ async fn forward_pooled(
         match end {
             SessionEnd::Pump(PumpEnd::Released) => {
                 cancel.set_target(None);
-                a.pool.release(pooled).await;
+                // A cancel of this client's still on its way must not reach the next one.
+                if pooled.conn.cancel_target().settled(CANCEL_PATIENCE).await {
+                    a.pool.release(pooled).await;
+                } else {
+                    drop(pooled);
+                }
                 // The ReadyForQuery is still unsent: the client learns LISTEN is done only
                 // when it is.
                 confirm_listens(listened).await;
@@ -499,6 +507,15 @@ async fn next_tick(tick: &mut Option<tokio::time::Interval>) {
     }
 }
 
+/// pgtenant's own statement timeout fires this long after the plan's limit: the server's
+/// `statement_timeout` (set to the same limit) ends the statement first, so pgtenant's cancel
+/// is sent only when the client lifted the server's limit.
+const OWN_TIMEOUT_GRACE: Duration = Duration::from_millis(250);
+
+/// How long a cancel may take to reach the server; a connection whose cancel is still in
+/// flight after this is closed rather than handed to another client.
+const CANCEL_PATIENCE: Duration = Duration::from_secs(5);
+
 /// How often the session checks its timeouts while forwarding.
 const TIMER_TICK: Duration = Duration::from_millis(100);
 
@@ -531,7 +548,7 @@ async fn forward(
             _ = &mut shutdown => return SessionEnd::Shutdown,
             _ = next_tick(&mut tick), if timers => {
                 if let (Some(limit), Some(since)) = (statement_timeout, relay.busy_since())
-                    && since.elapsed() >= limit
+                    && since.elapsed() >= limit + OWN_TIMEOUT_GRACE
                     && cancelled_for != Some(since)
                 {
                     cancelled_for = Some(since);
@@ -542,9 +559,11 @@ async fn forward(
                             crate::config::format_duration(limit)
                         ),
                     ));
-                    let target = Arc::clone(&cancel_target);
+                    // Counted on the connection now: it is not handed over before the
+                    // cancel is delivered.
+                    let pending = cancel_target.begin();
                     tokio::spawn(async move {
-                        if let Err(e) = target.send(Duration::from_secs(5)).await {
+                        if let Err(e) = pending.send(CANCEL_PATIENCE).await {
                             tracing::warn!(error = %e, "statement timeout: cancel failed");
                         }
                     });
