@@ -37,8 +37,31 @@ fn list(rows: Vec<Vec<Option<String>>>) -> Vec<String> {
 /// `shared`: the login serves tenants of a shared database through row-level security (the
 /// table checks apply). A role-isolated tenant's own role gets only the role checks: it is
 /// expected to own its schema's tables.
-async fn inspect(conn: &mut ServerConn, shared: bool) -> Result<Vec<String>, ServerError> {
+async fn inspect(
+    conn: &mut ServerConn,
+    shared: bool,
+    readonly: bool,
+) -> Result<Vec<String>, ServerError> {
     let mut problems = Vec::new();
+    if readonly {
+        let writable = list(
+            conn.query_rows(
+                "SELECT n.nspname || '.' || c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+                 WHERE c.relkind IN ('r', 'p', 'v', 'm', 'f') AND n.nspname NOT IN ('pg_catalog', 'information_schema') \
+                   AND n.nspname NOT LIKE 'pg_temp%' AND n.nspname NOT LIKE 'pg_toast%' \
+                   AND (has_table_privilege(c.oid, 'INSERT') OR has_table_privilege(c.oid, 'UPDATE') \
+                        OR has_table_privilege(c.oid, 'DELETE') OR has_table_privilege(c.oid, 'TRUNCATE')) \
+                 ORDER BY 1",
+            )
+            .await?,
+        );
+        if !writable.is_empty() {
+            problems.push(format!(
+                "the read-only login role can write (read-only users would too): {}",
+                writable.join(", ")
+            ));
+        }
+    }
     let role = conn
         .query_rows(
             "SELECT rolsuper::text, rolbypassrls::text FROM pg_roles WHERE rolname = current_user",
@@ -226,29 +249,33 @@ pub async fn inspect_shards(snapshot: &Snapshot, timeout: std::time::Duration) -
         let shared = tenants
             .iter()
             .any(|t| t.placement.kind != PlacementKind::Dedicated);
-        let mut shard_logins = vec![(
-            Login {
-                user: shard.user.clone(),
-                password: shard.password.clone(),
-            },
-            shared,
-        )];
+        let login = |user: &String, password: &Option<crate::config::Secret>| Login {
+            user: user.clone(),
+            password: password.clone(),
+        };
+        // (login, shared-table checks, read-only role)
+        let mut shard_logins = vec![(login(&shard.user, &shard.password), shared, false)];
+        if let Some((user, password)) = &shard.readonly {
+            shard_logins.push((login(user, password), shared, true));
+        }
         for t in &tenants {
-            if let Isolation::Role { user, password } = &t.isolation {
-                shard_logins.push((
-                    Login {
-                        user: user.clone(),
-                        password: password.clone(),
-                    },
-                    false,
-                ));
+            if let Isolation::Role {
+                user,
+                password,
+                readonly,
+            } = &t.isolation
+            {
+                shard_logins.push((login(user, password), false, false));
+                if let Some((user, password)) = readonly {
+                    shard_logins.push((login(user, password), false, true));
+                }
             }
         }
-        for (login, table_checks) in shard_logins {
+        for (login, table_checks, readonly) in shard_logins {
             if !logins.insert((name.clone(), login.user.clone())) {
                 continue;
             }
-            reports.push(inspect_one(shard, login, table_checks, timeout).await);
+            reports.push(inspect_one(shard, login, table_checks, readonly, timeout).await);
         }
     }
     reports
@@ -258,6 +285,7 @@ async fn inspect_one(
     shard: &Arc<Shard>,
     login: Login,
     shared: bool,
+    readonly: bool,
     timeout: std::time::Duration,
 ) -> ShardReport {
     let mut report = ShardReport {
@@ -280,7 +308,7 @@ async fn inspect_one(
         }
     };
     match connect::open(shard, &login, tls.as_ref(), timeout).await {
-        Ok(mut conn) => match inspect(&mut conn, shared).await {
+        Ok(mut conn) => match inspect(&mut conn, shared, readonly).await {
             Ok(problems) => report.problems = problems,
             Err(e) => report.error = Some(e.to_string()),
         },

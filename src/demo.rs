@@ -52,6 +52,9 @@ pub const INITECH_ID: &str = "5a4b3c2d-1e0f-4a9b-8c7d-6e5f4a3b2c04";
 pub const APP_ROLE: &str = "pgtenant_app";
 /// The schema tenant's own role (it uses `isolation = "role"`).
 pub const UMBRELLA_ROLE: &str = "tenant_umbrella";
+/// The read-only login roles `readonly` users reach the shards as.
+pub const READONLY_ROLE: &str = "pgtenant_ro";
+pub const UMBRELLA_READONLY_ROLE: &str = "tenant_umbrella_ro";
 
 fn create_role(name: &str, password: &str) -> String {
     format!(
@@ -66,12 +69,21 @@ pub fn create_roles(a: &Cluster, b: &Cluster) -> Result<(), LocalPgError> {
     a.psql(
         "postgres",
         &format!(
-            "{}{}",
+            "{}{}{}{}",
             create_role(APP_ROLE, &a.password),
-            create_role(UMBRELLA_ROLE, &a.password)
+            create_role(UMBRELLA_ROLE, &a.password),
+            create_role(READONLY_ROLE, &a.password),
+            create_role(UMBRELLA_READONLY_ROLE, &a.password)
         ),
     )?;
-    b.psql("postgres", &create_role(APP_ROLE, &b.password))?;
+    b.psql(
+        "postgres",
+        &format!(
+            "{}{}",
+            create_role(APP_ROLE, &b.password),
+            create_role(READONLY_ROLE, &b.password)
+        ),
+    )?;
     Ok(())
 }
 
@@ -111,6 +123,7 @@ pub fn create_fixture(a: &Cluster, b: &Cluster, suffix: &str) -> Result<Fixture,
                 USING (tenant_id = (SELECT pgtenant.tenant_id()))
                 WITH CHECK (tenant_id = (SELECT pgtenant.tenant_id()));
              GRANT SELECT, INSERT, UPDATE, DELETE ON public.items TO {APP_ROLE};
+             GRANT SELECT ON public.items TO {READONLY_ROLE};
              GRANT USAGE ON SEQUENCE public.items_id_seq TO {APP_ROLE};
              INSERT INTO public.items (tenant_id, name) VALUES
                 ('{ACME_ID}', 'acme anvil'), ('{ACME_ID}', 'acme rocket skates'),
@@ -119,7 +132,9 @@ pub fn create_fixture(a: &Cluster, b: &Cluster, suffix: &str) -> Result<Fixture,
              CREATE TABLE t_umbrella.items (id bigserial PRIMARY KEY, name text NOT NULL);
              INSERT INTO t_umbrella.items (name) VALUES ('umbrella t-virus');
              ALTER TABLE t_umbrella.items OWNER TO {UMBRELLA_ROLE};
-             ALTER SEQUENCE t_umbrella.items_id_seq OWNER TO {UMBRELLA_ROLE};"
+             ALTER SEQUENCE t_umbrella.items_id_seq OWNER TO {UMBRELLA_ROLE};
+             GRANT USAGE ON SCHEMA t_umbrella TO {UMBRELLA_READONLY_ROLE};
+             GRANT SELECT ON t_umbrella.items TO {UMBRELLA_READONLY_ROLE};"
         ),
     )?;
     b.psql(
@@ -131,7 +146,8 @@ pub fn create_fixture(a: &Cluster, b: &Cluster, suffix: &str) -> Result<Fixture,
         &format!(
             "SET ROLE {APP_ROLE};
              CREATE TABLE public.items (id bigserial PRIMARY KEY, name text NOT NULL);
-             INSERT INTO public.items (name) VALUES ('initech TPS report');"
+             INSERT INTO public.items (name) VALUES ('initech TPS report');
+             GRANT SELECT ON public.items TO {READONLY_ROLE};"
         ),
     )?;
 
@@ -180,6 +196,8 @@ password = "{a_pw}"
 max_connections = 60
 tls = "disable"
 context_key_file = "{key_file}"
+readonly_user = "{READONLY_ROLE}"
+readonly_password = "{a_pw}"
 
 [shards.initech-db]
 host = "127.0.0.1"
@@ -189,6 +207,8 @@ user = "{APP_ROLE}"
 password = "{b_pw}"
 max_connections = 20
 tls = "disable"
+readonly_user = "{READONLY_ROLE}"
+readonly_password = "{b_pw}"
 "#,
         a_port = a.port,
         a_pw = a.password,
@@ -222,7 +242,8 @@ impl Fixture {
             };
             let role = if t.kind == "schema" {
                 format!(
-                    "isolation = \"role\"\nserver_user = \"{UMBRELLA_ROLE}\"\nserver_password = \"{umbrella_password}\"\n"
+                    "isolation = \"role\"\nserver_user = \"{UMBRELLA_ROLE}\"\nserver_password = \"{umbrella_password}\"\n\
+                     server_readonly_user = \"{UMBRELLA_READONLY_ROLE}\"\nserver_readonly_password = \"{umbrella_password}\"\n"
                 )
             } else {
                 String::new()

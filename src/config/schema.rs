@@ -202,6 +202,14 @@ pub struct ShardConfig {
     /// CA bundle (PEM) that signs the server certificate; used with `tls = "verify-full"`.
     #[serde(default)]
     pub ca: Option<PathBuf>,
+    /// A login role with read privileges only: `readonly` tenant users reach the shard as it,
+    /// so the database itself refuses their writes.
+    #[serde(default)]
+    pub readonly_user: Option<String>,
+    #[serde(default)]
+    pub readonly_password: Option<String>,
+    #[serde(default)]
+    pub readonly_password_env: Option<String>,
     /// The shard's tenant-context key (hex, mode 0600), written by `pgtenant shard init`.
     /// With it, pgtenant binds the verified context that `pgtenant.tenant_id()` returns.
     #[serde(default)]
@@ -318,6 +326,13 @@ pub struct TenantConfig {
     pub server_password: Option<String>,
     #[serde(default)]
     pub server_password_env: Option<String>,
+    /// With `isolation = "role"`: the tenant's read-only role, for its `readonly` users.
+    #[serde(default)]
+    pub server_readonly_user: Option<String>,
+    #[serde(default)]
+    pub server_readonly_password: Option<String>,
+    #[serde(default)]
+    pub server_readonly_password_env: Option<String>,
     #[serde(default)]
     pub users: Vec<UserConfig>,
 }

@@ -153,6 +153,8 @@ pub struct Shard {
     pub max_connections: usize,
     pub tls: ServerTlsMode,
     pub ca: Vec<CertificateDer<'static>>,
+    /// The read-only login role for `readonly` users, and its password.
+    pub readonly: Option<(String, Option<Secret>)>,
     /// `context_key_file`, resolved against the configuration's directory.
     pub context_key_file: Option<std::path::PathBuf>,
     /// The key read from it; `None` while the file does not exist yet (`shard init`
@@ -174,10 +176,11 @@ pub struct Placement {
 pub enum Isolation {
     /// The shard's login role; the tenant context is bound on the connection.
     Context,
-    /// The tenant's own role.
+    /// The tenant's own role (and its read-only role, for `readonly` users).
     Role {
         user: String,
         password: Option<Secret>,
+        readonly: Option<(String, Option<Secret>)>,
     },
 }
 

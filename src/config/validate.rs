@@ -253,6 +253,25 @@ pub fn build_snapshot(file: ConfigFile, text: &str, path: &Path) -> Result<Snaps
             }
             (None, _) => Vec::new(),
         };
+        let readonly_password = secret(
+            &ctx,
+            &subject,
+            "readonly_password",
+            s.readonly_password,
+            s.readonly_password_env,
+        )?;
+        let readonly = match s.readonly_user {
+            Some(user) if !user.is_empty() && user != s.user => Some((user, readonly_password)),
+            Some(_) => {
+                return Err(ctx.err(
+                    here,
+                    Some(subject),
+                    "readonly_user must be a role of its own (not empty, not the shard's user)"
+                        .into(),
+                ));
+            }
+            None => None,
+        };
         let context_key_file = s.context_key_file.as_ref().map(|f| ctx.file_path(f));
         let context_key = match &context_key_file {
             Some(path) if path.exists() => Some(Arc::new(
@@ -273,6 +292,7 @@ pub fn build_snapshot(file: ConfigFile, text: &str, path: &Path) -> Result<Snaps
                 max_connections: s.max_connections,
                 tls: s.tls,
                 ca,
+                readonly,
                 context_key_file,
                 context_key,
             }),
@@ -440,7 +460,22 @@ pub fn build_snapshot(file: ConfigFile, text: &str, path: &Path) -> Result<Snaps
                     t.server_password,
                     t.server_password_env,
                 )?;
-                Isolation::Role { user, password }
+                let readonly_password = secret(
+                    &ctx,
+                    &subject_text,
+                    "server_readonly_password",
+                    t.server_readonly_password,
+                    t.server_readonly_password_env,
+                )?;
+                let readonly = t
+                    .server_readonly_user
+                    .filter(|u| !u.is_empty() && *u != user)
+                    .map(|u| (u, readonly_password));
+                Isolation::Role {
+                    user,
+                    password,
+                    readonly,
+                }
             }
         };
 
@@ -499,6 +534,31 @@ pub fn build_snapshot(file: ConfigFile, text: &str, path: &Path) -> Result<Snaps
                     role: u.role,
                 },
             );
+        }
+        // Read-only users reach the database as a role that cannot write: without one the
+        // configuration is refused rather than trusting the guard alone.
+        if users
+            .values()
+            .any(|u: &TenantUser| u.role == UserRole::Readonly)
+        {
+            let has_readonly_login = match &isolation {
+                Isolation::Role { readonly, .. } => readonly.is_some(),
+                Isolation::Context => shards
+                    .get(&shard_name)
+                    .is_some_and(|s: &Arc<Shard>| s.readonly.is_some()),
+            };
+            if !has_readonly_login {
+                return Err(ctx.err(
+                    here,
+                    subject,
+                    match &isolation {
+                        Isolation::Role { .. } => "it has read-only users: set server_readonly_user (a role of the tenant's that can only read)".to_owned(),
+                        Isolation::Context => format!(
+                            "it has read-only users: set readonly_user on shard {shard_name:?} (a login role that can only read)"
+                        ),
+                    },
+                ));
+            }
         }
         tenants.push(Arc::new(Tenant {
             id,
@@ -667,6 +727,40 @@ placement = {{ kind = "shared", shard = "shard-a" }}
         );
         let e = load(&text).unwrap_err();
         assert!(e.message.contains("dedicated"), "{e}");
+    }
+
+    #[test]
+    fn read_only_users_need_a_read_only_login_role() {
+        let v = ScramVerifier::from_password(b"pw");
+        let reader = format!(
+            "placement = {{ kind = \"shared\", shard = \"shard-a\" }}\n\
+             users = [{{ name = \"r\", scram = \"{v}\", role = \"readonly\" }}]"
+        );
+        let text = format!(
+            r#"{BASE}
+[[tenants]]
+id = "00000000-0000-0000-0000-000000000001"
+name = "a"
+{reader}
+"#
+        );
+        let e = load(&text).unwrap_err();
+        assert!(e.message.contains("readonly_user"), "{e}");
+        let with_role = text.replace(
+            "password = \"x\"",
+            "password = \"x\"\nreadonly_user = \"pgtenant_ro\"\nreadonly_password = \"y\"",
+        );
+        let s = load(&with_role).unwrap();
+        let shard = &s.shards["shard-a"];
+        assert_eq!(
+            shard.readonly.as_ref().map(|(u, _)| u.as_str()),
+            Some("pgtenant_ro")
+        );
+        let same = text.replace(
+            "password = \"x\"",
+            "password = \"x\"\nreadonly_user = \"pgtenant_app\"",
+        );
+        assert!(load(&same).unwrap_err().message.contains("role of its own"));
     }
 
     #[test]

@@ -20,7 +20,7 @@ use rustls::ClientConfig;
 use rustls_pki_types::ServerName;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::config::{Isolation, PoolSettings, Shard, Tenant};
+use crate::config::{Isolation, PoolSettings, Shard, Tenant, UserRole};
 use crate::error::{ClientError, ErrorKind, Reportable, sqlstate};
 use crate::net::tls;
 use crate::tenant::TenantId;
@@ -84,16 +84,22 @@ impl Reportable for PoolError {
 }
 
 /// The login a tenant's sessions use on its shard.
-pub fn login_for(shard: &Shard, tenant: &Tenant) -> Login {
-    match &tenant.isolation {
-        Isolation::Context => Login {
-            user: shard.user.clone(),
-            password: shard.password.clone(),
+pub fn login_for(shard: &Shard, tenant: &Tenant, role: UserRole) -> Login {
+    let readonly = role == UserRole::Readonly;
+    let (user, password) = match &tenant.isolation {
+        Isolation::Context => match &shard.readonly {
+            Some((user, password)) if readonly => (user, password),
+            _ => (&shard.user, &shard.password),
         },
-        Isolation::Role { user, password } => Login {
-            user: user.clone(),
-            password: password.clone(),
-        },
+        Isolation::Role {
+            readonly: Some((user, password)),
+            ..
+        } if readonly => (user, password),
+        Isolation::Role { user, password, .. } => (user, password),
+    };
+    Login {
+        user: user.clone(),
+        password: password.clone(),
     }
 }
 
@@ -314,8 +320,13 @@ impl Pools {
 
     /// The pool for `tenant` on `shard`. A shard whose definition changed gets a new pool;
     /// the old one lives on until its last connection is returned.
-    pub fn for_tenant(&self, shard: &Arc<Shard>, tenant: &Tenant) -> Result<Arc<Pool>, PoolError> {
-        let login = login_for(shard, tenant);
+    pub fn for_tenant(
+        &self,
+        shard: &Arc<Shard>,
+        tenant: &Tenant,
+        role: UserRole,
+    ) -> Result<Arc<Pool>, PoolError> {
+        let login = login_for(shard, tenant, role);
         let key = PoolKey {
             shard: shard.name.clone(),
             user: login.user.clone(),

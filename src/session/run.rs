@@ -166,7 +166,7 @@ pub(super) async fn run_session(state: &AppState, snapshot: &Snapshot, client: A
             .check_placement(tenant.placement.kind)
             .map_err(SessionError::Refused)?;
         check_startup_settings(&settings, &policy)?;
-        let pool = state.pools.for_tenant(&shard, &tenant)?;
+        let pool = state.pools.for_tenant(&shard, &tenant, role)?;
         let (pooled, _) = checkout_prepared(&pool, &ctx, &mut relay, client_id, tenant_cap.clone())
             .await
             .map_err(|e| match e {
