@@ -134,6 +134,7 @@ async fn inspect(
             );
         }
     }
+    problems.extend(inspect_hardening(conn).await?);
     let defaults = conn
         .query_rows(&format!(
             "SELECT count(*)::text FROM pg_db_role_setting s, unnest(s.setconfig) AS c \
@@ -207,6 +208,14 @@ async fn inspect_context(conn: &mut ServerConn) -> Result<Vec<String>, ServerErr
             keys.join(", ")
         ));
     }
+    Ok(problems)
+}
+
+/// Views and functions that show other sessions (their database, role, application name,
+/// queries and locks) or signal them: every login's database should have them revoked from
+/// PUBLIC, dedicated ones included (`pg_stat_activity` lists the whole cluster's sessions).
+async fn inspect_hardening(conn: &mut ServerConn) -> Result<Vec<String>, ServerError> {
+    let mut problems = Vec::new();
     let checks: Vec<String> = crate::tenant::context::HARDENED
         .iter()
         .map(|(kind, name)| {

@@ -150,6 +150,9 @@ pub fn create_fixture(a: &Cluster, b: &Cluster, suffix: &str) -> Result<Fixture,
              GRANT SELECT ON public.items TO {READONLY_ROLE};"
         ),
     )?;
+    // What `pgtenant shard init` does on a shard without a context key: other databases'
+    // sessions on the cluster stay out of sight.
+    b.psql(&dedicated_db, &context::harden_sql())?;
 
     let password = || format!("{:016x}", rand::random::<u64>());
     let tenants = vec![

@@ -115,16 +115,15 @@ fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
             let report = runtime()?.block_on(pgtenant::shard_init::init(
                 &snapshot, &shard, &admin_url, timeout,
             ))?;
-            println!(
-                "shard {shard:?}: verified tenant context installed (key {} {}, fingerprint {})",
-                report.key_file,
-                if report.key_created {
-                    "created"
-                } else {
-                    "kept"
-                },
-                report.fingerprint
-            );
+            match &report.context {
+                Some((file, created, fingerprint)) => println!(
+                    "shard {shard:?}: verified tenant context installed (key {file} {}, fingerprint {fingerprint})",
+                    if *created { "created" } else { "kept" },
+                ),
+                None => println!(
+                    "shard {shard:?}: hardened only (no context_key_file: no verified tenant context)"
+                ),
+            }
             println!(
                 "revoked from PUBLIC (granted to pg_read_all_stats): {}",
                 report.revoked.join(", ")

@@ -23,9 +23,9 @@ use crate::tenant::context::{self, CONTEXT_SETTING, ContextKey};
 /// What `shard init` did.
 #[derive(Debug)]
 pub struct InitReport {
-    pub key_file: String,
-    pub key_created: bool,
-    pub fingerprint: String,
+    /// The verified context, when the shard has a `context_key_file`: the file, whether it
+    /// was created, and the key's fingerprint.
+    pub context: Option<(String, bool, String)>,
     /// Catalog objects now closed to PUBLIC.
     pub revoked: Vec<String>,
 }
@@ -41,32 +41,40 @@ pub async fn init(
         .shards
         .get(shard_name)
         .with_context(|| format!("no shard {shard_name:?} in the configuration"))?;
-    let Some(key_file) = &shard.context_key_file else {
-        bail!(
-            "shard {shard_name:?} has no context_key_file: add one (e.g. context_key_file = \"keys/{shard_name}.key\")"
-        );
-    };
-    let (key, key_created) = if key_file.exists() {
-        (ContextKey::load(key_file)?, false)
-    } else {
-        let key = ContextKey::generate();
-        key.create(key_file)?;
-        (key, true)
+    // Without a key file (e.g. a dedicated shard) only the hardening is installed: sessions
+    // of other databases on the cluster stay invisible from this one.
+    let key = match &shard.context_key_file {
+        Some(key_file) if key_file.exists() => Some((key_file, ContextKey::load(key_file)?, false)),
+        Some(key_file) => {
+            let key = ContextKey::generate();
+            key.create(key_file)?;
+            Some((key_file, key, true))
+        }
+        None => None,
     };
 
     let (admin_shard, admin) = admin_login(shard, admin_url)?;
     let mut conn = open(&admin_shard, &admin, timeout)
         .await
         .context("connecting with --admin-url")?;
-    let sql = format!(
-        "BEGIN;\n{}\n{};\n{}\nCOMMIT;",
-        context::install_sql(&shard.user),
-        key.store_sql(),
-        context::harden_sql()
-    );
+    let install = match &key {
+        Some((_, key, _)) => format!(
+            "{}\n{};\n",
+            context::install_sql(&shard.user),
+            key.store_sql()
+        ),
+        None => String::new(),
+    };
+    let sql = format!("BEGIN;\n{install}{}\nCOMMIT;", context::harden_sql());
     conn.run_own(&sql)
         .await
         .context("installing schema pgtenant")?;
+    let Some((key_file, key, key_created)) = key else {
+        return Ok(InitReport {
+            context: None,
+            revoked: revoked(),
+        });
+    };
 
     // Proof, as the login role itself: the key is out of reach and a token verifies.
     let login = Login {
@@ -94,14 +102,20 @@ pub async fn init(
         bail!("the shard does not verify pgtenant's token: is the key file the one installed?");
     }
     Ok(InitReport {
-        key_file: key_file.display().to_string(),
-        key_created,
-        fingerprint: key.fingerprint(),
-        revoked: context::HARDENED
-            .iter()
-            .map(|(_, name)| (*name).to_owned())
-            .collect(),
+        context: Some((
+            key_file.display().to_string(),
+            key_created,
+            key.fingerprint(),
+        )),
+        revoked: revoked(),
     })
+}
+
+fn revoked() -> Vec<String> {
+    context::HARDENED
+        .iter()
+        .map(|(_, name)| (*name).to_owned())
+        .collect()
 }
 
 fn first(rows: &[Vec<Option<String>>]) -> Option<&str> {

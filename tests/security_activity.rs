@@ -53,3 +53,23 @@ async fn other_sessions_cannot_be_seen_or_signalled() {
         .expect("the victim's query finished undisturbed");
     assert_isolation_intact(&env, &before, &acme).await;
 }
+
+/// Sessions' databases, roles and application names are not shown to tenants of any
+/// placement (the database refuses: dedicated placements have no statement guard).
+#[tokio::test]
+async fn no_placement_sees_other_sessions_application_names() {
+    let env = start().await;
+    let mut c = env.pg_config("globex");
+    c.application_name("globex-secret-app");
+    let _globex = common::connect_with(c).await.unwrap();
+    for tenant in ["umbrella", "initech"] {
+        let client = env.connect(tenant).await;
+        for sql in [
+            "SELECT application_name, datname, usename FROM pg_stat_activity",
+            "SELECT * FROM pg_stat_get_activity(NULL)",
+        ] {
+            let err = client.simple_query(sql).await.unwrap_err();
+            assert_eq!(common::code(&err), "42501", "{tenant}: {sql}");
+        }
+    }
+}
