@@ -14,7 +14,7 @@ mod run;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::BytesMut;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
@@ -256,28 +256,23 @@ async fn authenticate(
             false,
         ),
     };
-    // Earlier failures from this address or for this user slow every attempt down, so
-    // giving up early on a slow answer tells a prober nothing.
-    let delay = state.logins.delay(peer.ip(), &login_key, Instant::now());
-    if !delay.is_zero() {
-        tokio::time::sleep(delay).await;
-    }
     let channel_binding = state
         .client_tls()
         .filter(|_| stream.is_tls())
         .map(|tls| tls.resolver.channel_binding(sni.as_deref()));
     match auth::authenticate(stream, &identity.user, verifier, real, channel_binding).await {
-        Ok(()) => state.logins.succeeded(&login_key),
-        Err(e) => {
-            if matches!(e, AuthError::Failed(_)) {
-                state.logins.failed(peer.ip(), &login_key, Instant::now());
-            }
-            return Err(e.into());
+        Ok(()) => state.logins.succeeded(peer.ip(), &login_key),
+        Err(AuthError::Failed(_)) => {
+            // Only failures wait (a correct password is never slowed), and the answer names
+            // the user exactly as sent, for known and unknown tenants alike.
+            state.logins.hold_failure(peer.ip(), &login_key).await;
+            return Err(AuthError::Failed(user.to_owned()).into());
         }
+        Err(e) => return Err(e.into()),
     }
     let Some((tenant, _)) = account else {
         // Unreachable: a mock verifier never authenticates.
-        return Err(AuthError::Failed(identity.user).into());
+        return Err(AuthError::Failed(user.to_owned()).into());
     };
     Ok((tenant, identity.user, settings))
 }
