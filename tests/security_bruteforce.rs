@@ -81,3 +81,32 @@ async fn failures_name_the_user_as_sent_for_known_and_unknown_tenants() {
         );
     }
 }
+
+/// Over the per-address cap of connections still logging in, the next one gets a 53300
+/// ErrorResponse (not a silent close), and a connection from another address is served.
+#[tokio::test]
+async fn over_the_per_address_login_cap_the_client_is_told_why() {
+    let env = common::start_with("", |t| {
+        t.replacen(
+            "[listen]\n",
+            "[listen]\nmax_unauthenticated_per_source = 2\n",
+            1,
+        )
+    })
+    .await;
+    let _held: Vec<tokio::net::TcpStream> = {
+        let mut v = Vec::new();
+        for _ in 0..2 {
+            v.push(tokio::net::TcpStream::connect(env.addr()).await.unwrap());
+        }
+        v
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut raw = Raw::startup(env.addr(), &[("user", "app@acme")]).await;
+    let m = raw.recv().await;
+    assert_eq!(m.tag, b'E');
+    assert_eq!(m.sqlstate().as_deref(), Some("53300"));
+    let globex = env.tenant("globex").password.clone();
+    let (ok, _) = attempt(&env, "127.0.0.2", "app@globex", &globex).await;
+    assert!(ok);
+}

@@ -142,6 +142,17 @@ pub async fn serve(
             .enter(peer.ip(), snapshot.listen.max_unauthenticated_per_source)
         else {
             tracing::info!("too many connections still authenticating from this address");
+            // Before any handshake, as PostgreSQL answers "too many clients": libpq shows
+            // the message whether it sent a StartupMessage or an SSLRequest.
+            let mut tcp = tcp;
+            let mut out = BytesMut::new();
+            ClientError::fatal(
+                sqlstate::TOO_MANY_CONNECTIONS,
+                "too many connections from this address are still logging in",
+            )
+            .with_hint("retry in a moment")
+            .encode(&mut out);
+            let _ = tokio::time::timeout(Duration::from_secs(1), tcp.write_all(&out)).await;
             return;
         };
         let deadline = snapshot.listen.startup_timeout;
