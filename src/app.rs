@@ -12,7 +12,6 @@ use std::time::Duration;
 use anyhow::Context as _;
 use arc_swap::{ArcSwap, ArcSwapOption};
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -33,6 +32,8 @@ pub struct AppState {
     pub quotas: Quotas,
     /// Failed-login slow-down and the per-source un-authenticated cap.
     pub logins: Arc<LoginThrottle>,
+    /// Connections that have not authenticated yet.
+    pub handshakes: Arc<crate::quota::pending::Handshakes>,
     /// Fires when sessions must end now.
     pub shutdown: CancellationToken,
     process_secret: [u8; 32],
@@ -50,6 +51,7 @@ impl AppState {
             cancels: Arc::new(CancelRegistry::default()),
             quotas: Quotas::default(),
             logins: Arc::new(LoginThrottle::default()),
+            handshakes: Arc::default(),
             shutdown: CancellationToken::new(),
             process_secret: rand::random(),
             session_ids: AtomicU64::new(1),
@@ -145,7 +147,6 @@ pub async fn start(snapshot: Snapshot) -> anyhow::Result<Running> {
         .await
         .with_context(|| format!("cannot listen on {}", snapshot.listen.addr))?;
     let addr = listener.local_addr()?;
-    let unauthenticated = Arc::new(Semaphore::new(snapshot.listen.max_unauthenticated));
     let state = AppState::new(snapshot)?;
     let stop_accepting = CancellationToken::new();
     let sessions = TaskTracker::new();
@@ -157,13 +158,8 @@ pub async fn start(snapshot: Snapshot) -> anyhow::Result<Running> {
     background.spawn(async move {
         let mut backoff = Duration::from_millis(10);
         loop {
-            let permit = tokio::select! {
-                p = Arc::clone(&unauthenticated).acquire_owned() => match p {
-                    Ok(p) => p,
-                    Err(_) => break,
-                },
-                _ = accept_stop.cancelled() => break,
-            };
+            // Un-authenticated connections are bounded by dropping the oldest pending
+            // handshake when a cap is reached (quota::pending), so accepting never waits.
             let accepted = tokio::select! {
                 a = listener.accept() => a,
                 _ = accept_stop.cancelled() => break,
@@ -175,7 +171,6 @@ pub async fn start(snapshot: Snapshot) -> anyhow::Result<Running> {
                         Arc::clone(&accept_state),
                         tcp,
                         peer,
-                        permit,
                     ));
                 }
                 Err(e) => {

@@ -7,8 +7,7 @@
 //! tenant user's (guessing one account from anywhere), the (source, tenant user) pair's, and
 //! the source's spraying record (failures for many different users from one address).
 //! Failing attempts for one user are also answered one at a time, and so are a spraying
-//! source's, so parallel connections do not multiply a guesser's rate. Each source address
-//! may also hold only so many connections that have not authenticated yet.
+//! source's, so parallel connections do not multiply a guesser's rate.
 
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
@@ -44,7 +43,6 @@ struct Inner {
     /// One failing answer at a time per user and per spraying source.
     user_gates: HashMap<String, Arc<tokio::sync::Mutex<()>>>,
     source_gates: HashMap<IpAddr, Arc<tokio::sync::Mutex<()>>>,
-    unauthenticated: HashMap<IpAddr, usize>,
 }
 
 /// Shared login-protection state.
@@ -167,39 +165,6 @@ impl LoginThrottle {
         inner.users.remove(user);
         inner.pairs.remove(&(source, user.to_owned()));
     }
-
-    /// Counts a connection from `source` until it authenticates or closes; `None` when the
-    /// source already has `cap` such connections.
-    pub fn enter(self: &Arc<Self>, source: IpAddr, cap: usize) -> Option<PendingLogin> {
-        let mut inner = self.lock();
-        let count = inner.unauthenticated.entry(source).or_insert(0);
-        if *count >= cap {
-            return None;
-        }
-        *count += 1;
-        Some(PendingLogin {
-            throttle: Arc::clone(self),
-            source,
-        })
-    }
-}
-
-/// A connection from a source that has not authenticated yet.
-pub struct PendingLogin {
-    throttle: Arc<LoginThrottle>,
-    source: IpAddr,
-}
-
-impl Drop for PendingLogin {
-    fn drop(&mut self) {
-        let mut inner = self.throttle.lock();
-        if let Some(count) = inner.unauthenticated.get_mut(&self.source) {
-            *count -= 1;
-            if *count == 0 {
-                inner.unauthenticated.remove(&self.source);
-            }
-        }
-    }
 }
 
 #[cfg(test)]
@@ -289,16 +254,5 @@ mod tests {
             "{:?}",
             started.elapsed()
         );
-    }
-
-    #[test]
-    fn unauthenticated_connections_are_capped_per_source() {
-        let t = Arc::new(LoginThrottle::default());
-        let a = t.enter(ip("10.0.0.1"), 2).unwrap();
-        let _b = t.enter(ip("10.0.0.1"), 2).unwrap();
-        assert!(t.enter(ip("10.0.0.1"), 2).is_none());
-        assert!(t.enter(ip("10.0.0.2"), 2).is_some());
-        drop(a);
-        assert!(t.enter(ip("10.0.0.1"), 2).is_some());
     }
 }

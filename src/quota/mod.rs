@@ -6,6 +6,7 @@
 //! to new connections and queries without a restart.
 
 pub mod login;
+pub mod pending;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -2,10 +2,10 @@
 //! server connection with the tenant context bound → forwarding → the server connection's
 //! safe return to its pool.
 //!
-//! Until authentication finishes, a connection holds a permit of the listener's
-//! un-authenticated cap and a slot of its source address's cap, and must finish within
-//! `listen.startup_timeout`. Failed logins slow down further attempts from the same source
-//! and for the same user. This file covers that phase; `run.rs` covers the rest.
+//! Until authentication finishes, a connection is counted as a pending handshake (in total and
+//! per source address; when a cap is reached the oldest pending one is dropped) and must
+//! finish within `listen.startup_timeout`. Failing logins wait longer and longer; correct
+//! ones never do. This file covers that phase; `run.rs` covers the rest.
 
 pub mod handshake;
 pub mod pump;
@@ -19,7 +19,6 @@ use std::time::Duration;
 use bytes::BytesMut;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::OwnedSemaphorePermit;
 use tracing::Instrument;
 
 use crate::app::AppState;
@@ -127,37 +126,27 @@ impl Authenticated {
 }
 
 /// Serves one accepted TCP connection to its end.
-pub async fn serve(
-    state: Arc<AppState>,
-    tcp: TcpStream,
-    peer: SocketAddr,
-    unauthenticated: OwnedSemaphorePermit,
-) {
+pub async fn serve(state: Arc<AppState>, tcp: TcpStream, peer: SocketAddr) {
     let id = state.next_session_id();
     let span = tracing::info_span!("session", id, %peer);
     async move {
         let snapshot = state.snapshot();
-        let Some(pending) = state
-            .logins
-            .enter(peer.ip(), snapshot.listen.max_unauthenticated_per_source)
-        else {
-            tracing::info!("too many connections still authenticating from this address");
-            // Before any handshake, as PostgreSQL answers "too many clients": libpq shows
-            // the message whether it sent a StartupMessage or an SSLRequest.
-            let mut tcp = tcp;
-            let mut out = BytesMut::new();
-            ClientError::fatal(
-                sqlstate::TOO_MANY_CONNECTIONS,
-                "too many connections from this address are still logging in",
-            )
-            .with_hint("retry in a moment")
-            .encode(&mut out);
-            let _ = tokio::time::timeout(Duration::from_secs(1), tcp.write_all(&out)).await;
-            return;
-        };
+        // Counted until authenticated; dropped first when a cap is reached and it is the
+        // oldest pending handshake (of its address, or overall).
+        let pending = state.handshakes.admit(
+            peer.ip(),
+            snapshot.listen.max_unauthenticated,
+            snapshot.listen.max_unauthenticated_per_source,
+        );
         let deadline = snapshot.listen.startup_timeout;
-        let opened = tokio::time::timeout(deadline, open(&state, &snapshot, tcp, peer)).await;
-        drop((unauthenticated, pending));
+        let opened = tokio::select! {
+            opened = tokio::time::timeout(deadline, open(&state, &snapshot, tcp, peer)) => opened,
+            _ = pending.evicted.cancelled() => {
+                tracing::info!("handshake dropped: the oldest pending while the un-authenticated table was full");
+                return;
+            }
+        };
+        drop(pending);
         let client = match opened {
             Ok(Some(client)) => client,
             Ok(None) => return,
