@@ -124,3 +124,21 @@ async fn half_open_floods_do_not_lock_out_legitimate_clients() {
         drop(flood);
     }
 }
+
+/// A client that stops answering during authentication is told why when the startup timeout
+/// ends it (08P01), instead of being dropped without a word.
+#[tokio::test]
+async fn a_startup_timeout_is_reported() {
+    let env = common::start_with("", |t| {
+        t.replacen("[listen]\n", "[listen]\nstartup_timeout = \"1s\"\n", 1)
+    })
+    .await;
+    let mut raw = Raw::startup(env.addr(), &[("user", "app@acme")]).await;
+    let sasl = raw.recv().await;
+    assert_eq!(sasl.tag, b'R', "the authentication request");
+    let started = Instant::now();
+    let m = raw.recv().await;
+    assert_eq!(m.tag, b'E');
+    assert_eq!(m.sqlstate().as_deref(), Some("08P01"));
+    assert!(started.elapsed() < Duration::from_secs(3));
+}

@@ -138,23 +138,16 @@ pub async fn serve(state: Arc<AppState>, tcp: TcpStream, peer: SocketAddr) {
             snapshot.listen.max_unauthenticated,
             snapshot.listen.max_unauthenticated_per_source,
         );
-        let deadline = snapshot.listen.startup_timeout;
+        let deadline = tokio::time::Instant::now() + snapshot.listen.startup_timeout;
         let opened = tokio::select! {
-            opened = tokio::time::timeout(deadline, open(&state, &snapshot, tcp, peer)) => opened,
+            opened = open(&state, &snapshot, tcp, peer, deadline) => opened,
             _ = pending.evicted.cancelled() => {
                 tracing::info!("handshake dropped: the oldest pending while the un-authenticated table was full");
                 return;
             }
         };
         drop(pending);
-        let client = match opened {
-            Ok(Some(client)) => client,
-            Ok(None) => return,
-            Err(_) => {
-                tracing::info!("startup timed out");
-                return;
-            }
-        };
+        let Some(client) = opened else { return };
         tracing::info!(tenant = %client.tenant.name, user = %client.user, "authenticated");
         run::run_session(&state, &snapshot, client).await;
     }
@@ -163,11 +156,15 @@ pub async fn serve(state: Arc<AppState>, tcp: TcpStream, peer: SocketAddr) {
 }
 
 /// Handshake and authentication. Errors are reported to the client here.
+/// The whole of it must finish by `deadline` (`listen.startup_timeout`): a client that has
+/// sent its startup packet is told so with an ErrorResponse; one that never got that far is
+/// closed (as PostgreSQL does with an incomplete startup packet).
 async fn open(
     state: &AppState,
     snapshot: &Snapshot,
     tcp: TcpStream,
     peer: SocketAddr,
+    deadline: tokio::time::Instant,
 ) -> Option<Authenticated> {
     let _ = tcp.set_nodelay(true);
     let tls = state.client_tls();
@@ -177,7 +174,13 @@ async fn open(
         .as_ref()
         .map(|t| t.mode)
         .unwrap_or(ClientTlsMode::Disable);
-    let (mut stream, startup) = match handshake::negotiate(tcp, tls.as_deref(), mode).await {
+    let negotiated =
+        tokio::time::timeout_at(deadline, handshake::negotiate(tcp, tls.as_deref(), mode)).await;
+    let Ok(negotiated) = negotiated else {
+        tracing::info!("startup timed out before the startup packet");
+        return None;
+    };
+    let (mut stream, startup) = match negotiated {
         Ok(Opening::Startup { stream, startup }) => (stream, startup),
         Ok(Opening::Cancel { pid, secret }) => {
             if let Some(cancel) = state.cancels.lookup(peer.ip(), pid, &secret)
@@ -192,7 +195,27 @@ async fn open(
             return None;
         }
     };
-    match authenticate(state, snapshot, &mut stream, &startup, peer).await {
+    let authenticated = tokio::time::timeout_at(
+        deadline,
+        authenticate(state, snapshot, &mut stream, &startup, peer),
+    )
+    .await;
+    let Ok(authenticated) = authenticated else {
+        tracing::info!("startup timed out during authentication");
+        let e = SessionError::Refused(
+            ClientError::fatal(
+                sqlstate::PROTOCOL_VIOLATION,
+                format!(
+                    "authentication did not finish within {}",
+                    crate::config::format_duration(snapshot.listen.startup_timeout)
+                ),
+            )
+            .with_hint("answer the authentication request promptly"),
+        );
+        report(&mut stream, &e).await;
+        return None;
+    };
+    match authenticated {
         Ok((tenant, user, settings)) => Some(Authenticated {
             stream,
             tenant,
