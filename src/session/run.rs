@@ -248,7 +248,7 @@ pub(super) async fn run_session(state: &AppState, snapshot: &Snapshot, client: A
     if relay.server_unusable() {
         // Closed: pgtenant could not bind the context on it.
         drop(pooled);
-    } else if !pooled.conn.cancel_target().settled(CANCEL_PATIENCE).await {
+    } else if !pooled.conn.cancel.settled(CANCEL_PATIENCE).await {
         // A cancel still on its way could reach the next client: close it instead.
         drop(pooled);
     } else if pooling && relay.client_at_boundary() {
@@ -442,7 +442,7 @@ async fn forward_pooled(
             SessionEnd::Pump(PumpEnd::Released) => {
                 cancel.set_target(None);
                 // A cancel of this client's still on its way must not reach the next one.
-                if pooled.conn.cancel_target().settled(CANCEL_PATIENCE).await {
+                if pooled.conn.cancel.settled(CANCEL_PATIENCE).await {
                     a.pool.release(pooled).await;
                 } else {
                     drop(pooled);
