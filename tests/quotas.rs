@@ -279,3 +279,37 @@ async fn a_reload_applies_new_limits_without_a_restart() {
     env.proxy.state.reload(snapshot).unwrap();
     env.connect("acme").await;
 }
+
+/// A client's statements are bounded in transaction pooling (pgtenant keeps their text to
+/// re-create them on other server connections): a flood of 1 MiB named Parse messages is
+/// refused with 53400 past 16 MiB, and the session goes on.
+#[tokio::test]
+async fn a_parse_flood_is_bounded_per_client() {
+    let env = start_with("", |t| t).await;
+    let t = env.tenant("acme").clone();
+    let mut raw = common::raw::Raw::connect(env.addr(), &[("user", "app@acme")], &t.password).await;
+    let filler = "x".repeat(1 << 20);
+    let mut refused = 0;
+    for i in 0..40 {
+        let mut out = bytes::BytesMut::new();
+        let sql = format!("SELECT 1 /* {i} {filler} */");
+        postgres_protocol::message::frontend::parse(
+            &format!("s{i}"),
+            &sql,
+            std::iter::empty::<u32>(),
+            &mut out,
+        )
+        .unwrap();
+        postgres_protocol::message::frontend::sync(&mut out);
+        raw.send(&out).await;
+        for m in raw.until_ready().await {
+            if m.tag == b'E' {
+                assert_eq!(m.sqlstate().as_deref(), Some("53400"));
+                refused += 1;
+            }
+        }
+    }
+    assert_eq!(refused, 40 - 15, "15 statements of 1 MiB fit in 16 MiB");
+    raw.query("SELECT 1").await;
+    assert!(raw.until_ready().await.iter().any(|m| m.tag == b'D'));
+}

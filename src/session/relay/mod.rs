@@ -532,6 +532,14 @@ impl Relay {
             self.refuse(epoch, ClientError::error(r.sqlstate, r.message));
             return (Some((tag::QUERY, refused_query())), Vec::new());
         }
+        if let Some(why) = self.effects_over_limit(&verdict.effects) {
+            self.counters.refused += 1;
+            self.refuse(
+                epoch,
+                ClientError::error(sqlstate::CONFIGURATION_LIMIT_EXCEEDED, why),
+            );
+            return (Some((tag::QUERY, refused_query())), Vec::new());
+        }
         if let Some(name) = self.unknown_execute(&verdict.effects) {
             self.counters.refused += 1;
             self.refuse(
@@ -566,6 +574,19 @@ impl Relay {
             return ParseOutcome::Forward(None, Vec::new());
         };
         let mut verdict = self.rules.policy.check(text, self.standard_conforming);
+        if verdict.refusal.is_none()
+            && let Some(why) = self
+                .statement_over_limit(name, rest)
+                .or_else(|| self.effects_over_limit(&verdict.effects))
+        {
+            verdict = crate::tenant::guard::Verdict {
+                refusal: Some(crate::tenant::guard::Refusal {
+                    sqlstate: sqlstate::CONFIGURATION_LIMIT_EXCEEDED,
+                    message: why,
+                }),
+                ..Default::default()
+            };
+        }
         if self.rules.policy.prepared_prefix.is_none()
             && crate::tenant::guard::is_reserved_name(name)
             && !self.rules.policy.unchecked

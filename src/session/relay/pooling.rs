@@ -54,6 +54,8 @@ pub(super) struct SessionState {
     /// [`settings_key`] of the setup and `settings`, built when first needed after a change.
     key: Option<Arc<str>>,
     statements: HashMap<String, Statement>,
+    /// Bytes of the statements' definitions (bounded: [`MAX_STATEMENT_BYTES`]).
+    statement_bytes: usize,
     /// SQL-level prepared statements by server name: the PREPARE that recreates them.
     sql_prepared: HashMap<String, String>,
     /// Replies to ParseComplete, in the order the server will send them, with the epoch
@@ -74,6 +76,14 @@ pub(super) struct SessionState {
     pub(super) resync: bool,
 }
 
+/// Per-client bounds on the session state pgtenant keeps for transaction pooling (DESIGN.md
+/// §5 S5): named protocol statements, the bytes of their text, SQL-level prepared statements
+/// and recorded settings. Past them the statement is refused with 53400 and nothing is kept.
+pub(super) const MAX_STATEMENTS: usize = 10_000;
+pub(super) const MAX_STATEMENT_BYTES: usize = 16 << 20;
+pub(super) const MAX_SQL_PREPARED: usize = 10_000;
+pub(super) const MAX_SETTINGS: usize = 500;
+
 /// pgtenant's name for a statement: the same text and types share one server statement on a
 /// connection (connections serve one tenant between resets).
 fn server_statement_name(definition: &[u8]) -> String {
@@ -91,7 +101,7 @@ fn encode_parse(name: &str, definition: &[u8], out: &mut BytesMut) {
 }
 
 impl Relay {
-    fn pooled(&self) -> bool {
+    pub(super) fn pooled(&self) -> bool {
         self.rules.policy.prepared_prefix.is_some()
     }
 
@@ -205,7 +215,8 @@ impl Relay {
                 }
                 let name = String::from_utf8_lossy(name).into_owned();
                 let server_name = server_statement_name(definition);
-                self.session.statements.insert(
+                self.session.statement_bytes += definition.len();
+                let replaced = self.session.statements.insert(
                     name,
                     Statement {
                         server_name: server_name.clone(),
@@ -213,6 +224,9 @@ impl Relay {
                         effects,
                     },
                 );
+                if let Some(old) = replaced {
+                    self.session.statement_bytes -= old.definition.len();
+                }
                 let mut out = BytesMut::new();
                 if pooled.prepared.contains(&server_name) {
                     let mut close = vec![b'S'];
@@ -282,9 +296,13 @@ impl Relay {
                 }
                 if t == tag::CLOSE {
                     // The server statement stays in the connection's cache for others.
-                    self.session
+                    if let Some(old) = self
+                        .session
                         .statements
-                        .remove(String::from_utf8_lossy(name).as_ref());
+                        .remove(String::from_utf8_lossy(name).as_ref())
+                    {
+                        self.session.statement_bytes -= old.definition.len();
+                    }
                     let mut close = vec![b'S'];
                     close.extend_from_slice(NO_STATEMENT);
                     encode::raw(tag::CLOSE, &close, &mut out);
@@ -299,6 +317,57 @@ impl Relay {
             }
             _ => None,
         }
+    }
+
+    /// Transaction pooling: the refusal for a Parse of `name` with `definition` (after the
+    /// name) that would take the client's statements past their bounds.
+    pub(super) fn statement_over_limit(&self, name: &[u8], definition: &[u8]) -> Option<String> {
+        if !self.pooled() || name.is_empty() {
+            return None;
+        }
+        let s = &self.session;
+        let existing = s.statements.get(String::from_utf8_lossy(name).as_ref());
+        let freed = existing.map_or(0, |old| old.definition.len());
+        if existing.is_none() && s.statements.len() >= MAX_STATEMENTS {
+            return Some(format!(
+                "this session holds {MAX_STATEMENTS} prepared statements, the limit through pgtenant; close some first"
+            ));
+        }
+        if s.statement_bytes - freed + definition.len() > MAX_STATEMENT_BYTES {
+            return Some(format!(
+                "this session's prepared statements would exceed {} MiB of text, the limit through pgtenant; close some first",
+                MAX_STATEMENT_BYTES >> 20
+            ));
+        }
+        None
+    }
+
+    /// Transaction pooling: the refusal for a Query whose effects would take the client's
+    /// SQL prepared statements or recorded settings past their bounds.
+    pub(super) fn effects_over_limit(&self, effects: &[Effect]) -> Option<String> {
+        if !self.pooled() {
+            return None;
+        }
+        let s = &self.session;
+        let prepares = effects
+            .iter()
+            .filter(|e| matches!(e, Effect::Prepare { server_name, .. } if !s.sql_prepared.contains_key(server_name)))
+            .count();
+        if prepares > 0 && s.sql_prepared.len() + prepares > MAX_SQL_PREPARED {
+            return Some(format!(
+                "this session holds {MAX_SQL_PREPARED} SQL prepared statements, the limit through pgtenant; DEALLOCATE some first"
+            ));
+        }
+        let settings = effects
+            .iter()
+            .filter(|e| matches!(e, Effect::Set { key, .. } if !s.settings.iter().any(|(k, _)| k == key)))
+            .count();
+        if settings > 0 && s.settings.len() + settings > MAX_SETTINGS {
+            return Some(format!(
+                "this session has set {MAX_SETTINGS} settings, the limit through pgtenant"
+            ));
+        }
+        None
     }
 
     /// Whether `name` (non-empty) is a statement the client never prepared: if so the
@@ -425,6 +494,7 @@ impl Relay {
                 // maps are cleared now, in message order, not when the reply arrives.
                 Effect::DiscardAll | Effect::DeallocateAll => {
                     self.session.statements.clear();
+                    self.session.statement_bytes = 0;
                     self.session.sql_prepared.clear();
                     pooled.prepared.clear();
                     self.session.cleared.push(self.next_epoch);
