@@ -313,3 +313,75 @@ async fn a_parse_flood_is_bounded_per_client() {
     raw.query("SELECT 1").await;
     assert!(raw.until_ready().await.iter().any(|m| m.tag == b'D'));
 }
+
+/// Both timeouts follow what the server is doing, whatever the protocol shape: an Execute
+/// sent with Flush and no Sync is a running statement (the plan's statement timeout ends it
+/// even when the server's own was lifted), and its open implicit transaction, once it is
+/// answered, is idle in transaction (the plan's idle timeout ends the session).
+#[tokio::test]
+async fn timeouts_apply_to_extended_messages_without_sync() {
+    let env = start_with(
+        "",
+        acme_settings("statement_timeout = \"1s\", idle_in_transaction_timeout = \"1s\""),
+    )
+    .await;
+    let t = env.tenant("acme").clone();
+    let extended = |sql: &str| {
+        let mut out = bytes::BytesMut::new();
+        postgres_protocol::message::frontend::parse("", sql, std::iter::empty::<u32>(), &mut out)
+            .unwrap();
+        postgres_protocol::message::frontend::bind(
+            "",
+            "",
+            std::iter::empty::<i16>(),
+            std::iter::empty::<&str>(),
+            |_: &str, _: &mut bytes::BytesMut| Ok(postgres_protocol::IsNull::No),
+            std::iter::empty::<i16>(),
+            &mut out,
+        )
+        .map_err(|_| "bind")
+        .unwrap();
+        postgres_protocol::message::frontend::execute("", 0, &mut out).unwrap();
+        postgres_protocol::message::frontend::flush(&mut out);
+        out
+    };
+    let mut raw = common::raw::Raw::connect(env.addr(), &[("user", "app@acme")], &t.password).await;
+    raw.query("SET statement_timeout TO DEFAULT").await;
+    raw.until_ready().await;
+    let started = Instant::now();
+    raw.send(&extended("SELECT pg_sleep(5)")).await;
+    let error = loop {
+        let m = raw.recv().await;
+        if m.tag == b'E' {
+            break m;
+        }
+    };
+    assert_eq!(error.sqlstate().as_deref(), Some("57014"));
+    assert!(
+        started.elapsed() < Duration::from_millis(2500),
+        "{:?}",
+        started.elapsed()
+    );
+    let mut sync = bytes::BytesMut::new();
+    postgres_protocol::message::frontend::sync(&mut sync);
+    raw.send(&sync).await;
+    raw.until_ready().await;
+
+    // An xid held by an unsynced batch, then silence.
+    raw.send(&extended("SELECT txid_current()")).await;
+    let started = Instant::now();
+    let ended = loop {
+        match tokio::time::timeout(Duration::from_secs(5), raw.try_recv()).await {
+            Ok(Some(m)) if m.tag == b'E' => break Some(m),
+            Ok(Some(_)) => continue,
+            _ => break None,
+        }
+    };
+    let ended = ended.expect("the session is ended with an error");
+    assert_eq!(ended.sqlstate().as_deref(), Some("25P03"));
+    assert!(
+        started.elapsed() < Duration::from_millis(2500),
+        "{:?}",
+        started.elapsed()
+    );
+}

@@ -245,10 +245,16 @@ impl ServerConn {
                                 self.params.insert(k.to_owned(), v.to_owned());
                             }
                         }
-                        tag::ERROR_RESPONSE if first_error.is_none() => {
-                            first_error = Some(server_msgs::error_fields(body).unwrap_or_default());
+                        tag::ERROR_RESPONSE => {
+                            if first_error.is_none() {
+                                first_error =
+                                    Some(server_msgs::error_fields(body).unwrap_or_default());
+                            }
+                            self.tracker.server_message(t, None);
                         }
-                        other => self.tracker.server_message(other, None),
+                        other => {
+                            self.tracker.server_message(other, None);
+                        }
                     }
                 }
             }

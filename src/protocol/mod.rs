@@ -44,7 +44,12 @@ pub mod tag {
     pub const COPY_BOTH_RESPONSE: u8 = b'W';
     pub const NEGOTIATE_PROTOCOL_VERSION: u8 = b'v';
     pub const PARSE_COMPLETE: u8 = b'1';
+    pub const BIND_COMPLETE: u8 = b'2';
     pub const CLOSE_COMPLETE: u8 = b'3';
+    pub const EMPTY_QUERY: u8 = b'I';
+    pub const PORTAL_SUSPENDED: u8 = b's';
+    pub const ROW_DESCRIPTION: u8 = b'T';
+    pub const NO_DATA: u8 = b'n';
 }
 
 /// Largest message PostgreSQL itself accepts (`PQ_LARGE_MESSAGE_LIMIT`, 1 GiB - 1).

@@ -569,7 +569,7 @@ async fn forward(
                     });
                 }
                 if let (Some(limit), Some(since)) = (idle_timeout, relay.ready_since())
-                    && side.tracker.status() != TxStatus::Idle
+                    && side.tracker.in_transaction()
                     && since.elapsed() >= limit
                 {
                     return SessionEnd::IdleInTransaction(limit);

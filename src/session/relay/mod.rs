@@ -225,7 +225,7 @@ impl Relay {
 
     /// When the server last became ready for the client (nothing is owed since then).
     pub fn ready_since(&self) -> Option<Instant> {
-        self.owners.is_empty().then_some(self.ready_since)
+        (self.owners.is_empty() && self.busy_since.is_none()).then_some(self.ready_since)
     }
 
     /// Shows `error` in place of the next error the server reports for the statement running
@@ -512,6 +512,10 @@ impl Relay {
             }
         }
         move_run(input, run, to_server);
+        if self.busy_since.is_none() && tracker.busy() {
+            // Extended messages (Execute and Flush, no Sync) keep the server busy too.
+            self.busy_since = Some(Instant::now());
+        }
         Ok(ClientStep::Continue)
     }
 
@@ -734,28 +738,8 @@ impl Relay {
                             let status = server_msgs::ready_for_query(body)
                                 .map_err(|_| ServerProtocolError::Malformed("ReadyForQuery"))?;
                             tracker.server_message(t, Some(status));
-                            self.owners.pop_front();
                             let failed = std::mem::take(&mut self.epoch_failed);
-                            if self
-                                .in_band
-                                .as_ref()
-                                .is_some_and(|ib| ib.epoch <= self.done_epoch)
-                            {
-                                self.in_band = None;
-                            }
-                            if self.rules.policy.prepared_prefix.is_some() {
-                                self.close_epoch(self.done_epoch, failed, pooled);
-                            }
-                            self.done_epoch += 1;
-                            let now = Instant::now();
-                            if self.owners.is_empty() {
-                                self.busy_since = None;
-                                self.ready_since = now;
-                            } else {
-                                self.busy_since = Some(now);
-                            }
-                            let done = self.done_epoch;
-                            self.refusals.retain(|(e, _)| *e >= done);
+                            self.end_epoch(failed, pooled, tracker);
                             if proxy {
                                 drop_piece(input, &mut run, len, to_client);
                             } else {
@@ -772,6 +756,7 @@ impl Relay {
                             run += len;
                         }
                         tag::ERROR_RESPONSE if self.owners.front() == Some(&Owner::Bind) => {
+                            tracker.server_message(t, None);
                             let fields = server_msgs::error_fields(body).unwrap_or_default();
                             self.unusable = true;
                             // What the client's own statements produced still reaches it.
@@ -782,13 +767,16 @@ impl Relay {
                             )));
                         }
                         tag::ERROR_RESPONSE if proxy => {
+                            let skipped = tracker.server_message(t, None);
                             let fields = server_msgs::error_fields(body).unwrap_or_default();
                             tracing::warn!(code = %fields.code, message = %fields.message,
                                 "rebinding the tenant context failed; retrying after the next statement");
                             self.rebind_at_sync = true;
                             drop_piece(input, &mut run, len, to_client);
+                            self.skip_epochs(skipped, pooled, tracker);
                         }
                         tag::ERROR_RESPONSE => {
+                            let skipped = tracker.server_message(t, None);
                             self.epoch_failed = true;
                             if server_msgs::error_fields(body)
                                 .is_ok_and(|f| f.severity == "FATAL" || f.severity == "PANIC")
@@ -814,6 +802,7 @@ impl Relay {
                                     None => run += len,
                                 },
                             }
+                            self.skip_epochs(skipped, pooled, tracker);
                         }
                         tag::NOTIFICATION_RESPONSE
                             if self.rules.policy.prepared_prefix.is_some() =>
@@ -825,16 +814,19 @@ impl Relay {
                             let out = self.rename_notification(body);
                             replace_piece(input, &mut run, len, to_client, &out);
                         }
-                        tag::PARSE_COMPLETE | tag::CLOSE_COMPLETE => match self.reply_for(t) {
-                            _ if proxy => drop_piece(input, &mut run, len, to_client),
-                            Some(shown) if shown == t => run += len,
-                            Some(shown) => {
-                                let mut out = BytesMut::new();
-                                encode::raw(shown, b"", &mut out);
-                                replace_piece(input, &mut run, len, to_client, &out);
+                        tag::PARSE_COMPLETE | tag::CLOSE_COMPLETE => {
+                            tracker.server_message(t, None);
+                            match self.reply_for(t) {
+                                _ if proxy => drop_piece(input, &mut run, len, to_client),
+                                Some(shown) if shown == t => run += len,
+                                Some(shown) => {
+                                    let mut out = BytesMut::new();
+                                    encode::raw(shown, b"", &mut out);
+                                    replace_piece(input, &mut run, len, to_client, &out);
+                                }
+                                None => drop_piece(input, &mut run, len, to_client),
                             }
-                            None => drop_piece(input, &mut run, len, to_client),
-                        },
+                        }
                         other => {
                             tracker.server_message(other, None);
                             if proxy {
@@ -848,7 +840,47 @@ impl Relay {
             }
         }
         move_run(input, run, to_client);
+        if self.busy_since.is_some() && self.owners.is_empty() && !tracker.busy() {
+            // Extended messages without a Sync completed: idle, maybe in a transaction.
+            self.busy_since = None;
+            self.ready_since = Instant::now();
+        }
         Ok(())
+    }
+
+    /// The epoch being answered is over: its ReadyForQuery arrived, or the server skipped it
+    /// (an extended message before its Query failed).
+    fn end_epoch(&mut self, failed: bool, pooled: &mut PooledState, tracker: &ConnTracker) {
+        self.owners.pop_front();
+        if self
+            .in_band
+            .as_ref()
+            .is_some_and(|ib| ib.epoch <= self.done_epoch)
+        {
+            self.in_band = None;
+        }
+        if self.rules.policy.prepared_prefix.is_some() {
+            self.close_epoch(self.done_epoch, failed, pooled);
+        }
+        self.done_epoch += 1;
+        let now = Instant::now();
+        if self.owners.is_empty() && !tracker.busy() {
+            self.busy_since = None;
+            self.ready_since = now;
+        } else {
+            self.busy_since = Some(now);
+        }
+        let done = self.done_epoch;
+        self.refusals.retain(|(e, _)| *e >= done);
+    }
+
+    /// Ends the epochs of Queries the server skips after a failed extended message: their
+    /// ReadyForQuery never comes (the next one is the Sync's).
+    fn skip_epochs(&mut self, skipped: u32, pooled: &mut PooledState, tracker: &ConnTracker) {
+        for _ in 0..skipped {
+            self.epoch_failed = false;
+            self.end_epoch(true, pooled, tracker);
+        }
     }
 
     /// Strips the tenant's prefix from a notification's channel; notifications from outside
