@@ -63,7 +63,7 @@ async fn cancels_and_timeouts_never_reach_another_tenant() {
         };
         let mut cancels = 0;
         let mut timeouts = 0;
-        let rounds = if session { 150 } else { 500 };
+        let rounds = if session { 200 } else { 1000 };
         for i in 0..rounds {
             let acme = env.connect("acme").await;
             // A cancel at a moment anywhere from mid-statement to after its end.
