@@ -22,19 +22,6 @@ use rand::{RngExt, SeedableRng};
 
 /// One random client message: its tag and bytes.
 fn message(rng: &mut StdRng, out: &mut BytesMut) -> u8 {
-    let bind = |out: &mut BytesMut| {
-        frontend::bind(
-            "",
-            "",
-            std::iter::empty::<i16>(),
-            std::iter::empty::<&str>(),
-            |_: &str, _: &mut BytesMut| Ok(postgres_protocol::IsNull::No),
-            std::iter::empty::<i16>(),
-            out,
-        )
-        .map_err(|_| "bind")
-        .unwrap();
-    };
     match rng.random_range(0..11) {
         0 => {
             frontend::parse("", "SELECT 1", std::iter::empty::<u32>(), out).unwrap();
@@ -45,7 +32,7 @@ fn message(rng: &mut StdRng, out: &mut BytesMut) -> u8 {
             b'P'
         }
         2 => {
-            bind(out);
+            Raw::put_bind_unnamed(out);
             b'B'
         }
         3 => {

@@ -328,20 +328,7 @@ async fn timeouts_apply_to_extended_messages_without_sync() {
     let t = env.tenant("acme").clone();
     let extended = |sql: &str| {
         let mut out = bytes::BytesMut::new();
-        postgres_protocol::message::frontend::parse("", sql, std::iter::empty::<u32>(), &mut out)
-            .unwrap();
-        postgres_protocol::message::frontend::bind(
-            "",
-            "",
-            std::iter::empty::<i16>(),
-            std::iter::empty::<&str>(),
-            |_: &str, _: &mut bytes::BytesMut| Ok(postgres_protocol::IsNull::No),
-            std::iter::empty::<i16>(),
-            &mut out,
-        )
-        .map_err(|_| "bind")
-        .unwrap();
-        postgres_protocol::message::frontend::execute("", 0, &mut out).unwrap();
+        common::raw::Raw::put_parse_bind_execute(&mut out, sql);
         postgres_protocol::message::frontend::flush(&mut out);
         out
     };

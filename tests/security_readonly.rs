@@ -83,19 +83,7 @@ async fn read_only_users_cannot_write_by_any_sequence() {
             // Extended protocol, one batch: DISCARD ALL executed, then the INSERT, then Sync.
             let mut out = BytesMut::new();
             for sql in ["DISCARD ALL", insert] {
-                frontend::parse("", sql, std::iter::empty::<u32>(), &mut out).unwrap();
-                frontend::bind(
-                    "",
-                    "",
-                    std::iter::empty::<i16>(),
-                    std::iter::empty::<&str>(),
-                    |_: &str, _: &mut BytesMut| Ok(postgres_protocol::IsNull::No),
-                    std::iter::empty::<i16>(),
-                    &mut out,
-                )
-                .map_err(|_| "bind")
-                .unwrap();
-                frontend::execute("", 0, &mut out).unwrap();
+                Raw::put_parse_bind_execute(&mut out, sql);
             }
             frontend::sync(&mut out);
             raw.send(&out).await;

@@ -191,6 +191,28 @@ impl Raw {
         }
     }
 
+    /// Appends a Bind of the unnamed statement to the unnamed portal, without parameters.
+    pub fn put_bind_unnamed(out: &mut BytesMut) {
+        frontend::bind(
+            "",
+            "",
+            std::iter::empty::<i16>(),
+            std::iter::empty::<&str>(),
+            |_: &str, _: &mut BytesMut| Ok(postgres_protocol::IsNull::No),
+            std::iter::empty::<i16>(),
+            out,
+        )
+        .map_err(|_| "bind")
+        .unwrap();
+    }
+
+    /// Appends Parse, Bind and Execute of `sql` (unnamed statement and portal).
+    pub fn put_parse_bind_execute(out: &mut BytesMut, sql: &str) {
+        frontend::parse("", sql, std::iter::empty::<u32>(), out).unwrap();
+        Raw::put_bind_unnamed(out);
+        frontend::execute("", 0, out).unwrap();
+    }
+
     /// Appends a raw message.
     pub fn put(out: &mut BytesMut, tag: u8, body: &[u8]) {
         out.put_u8(tag);
