@@ -145,3 +145,45 @@ async fn the_reply_count_matches_postgresql_and_pgtenant_answers_the_same() {
         }
     }
 }
+
+/// The client waits for the error of a failed extended message before sending a Query: the
+/// server discards that Query too (no reply at all) and answers only the Sync; pgtenant must
+/// do the same and not wait for a ReadyForQuery that never comes.
+#[tokio::test]
+async fn a_query_sent_after_a_failed_extended_message_is_discarded() {
+    let env = common::start_with("", |t| {
+        t.replace("max_connections = 20", "max_connections = 1")
+    })
+    .await;
+    let t = env.tenant("initech").clone();
+    let mut raw = Raw::connect(env.addr(), &[("user", "app@initech")], &t.password).await;
+    let mut out = BytesMut::new();
+    frontend::parse("", "SELEC broken", std::iter::empty::<u32>(), &mut out).unwrap();
+    frontend::flush(&mut out);
+    raw.send(&out).await;
+    assert_eq!(raw.recv().await.tag, b'E');
+    let mut out = BytesMut::new();
+    frontend::query("SELECT 1", &mut out).unwrap();
+    frontend::sync(&mut out);
+    raw.send(&out).await;
+    let replies: String = raw
+        .until_ready()
+        .await
+        .iter()
+        .map(|m| m.tag as char)
+        .collect();
+    assert_eq!(replies, "Z", "only the Sync is answered");
+    raw.query("SELECT 1").await;
+    let replies: String = raw
+        .until_ready()
+        .await
+        .iter()
+        .map(|m| m.tag as char)
+        .collect();
+    assert_eq!(replies, "TDCZ");
+    let other = env.connect("initech").await;
+    tokio::time::timeout(Duration::from_secs(5), other.simple_query("SELECT 1"))
+        .await
+        .expect("the server connection was handed on")
+        .unwrap();
+}

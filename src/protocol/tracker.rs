@@ -203,6 +203,12 @@ impl ConnTracker {
         self.pending
     }
 
+    /// An extended message failed and no Sync has been sent since: the server discards
+    /// what the client sends until one is.
+    pub fn skipping(&self) -> bool {
+        self.skipping
+    }
+
     /// Extended-protocol messages await a Sync.
     pub fn unsynced(&self) -> bool {
         self.unsynced

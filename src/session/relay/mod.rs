@@ -492,6 +492,11 @@ impl Relay {
                 effects = std::mem::take(&mut self.session.pending_effects);
             }
             match sent_tag {
+                // Discarded by the server (an extended message failed, no Sync yet): no
+                // ReadyForQuery comes for it and nothing it would change happens.
+                tag::QUERY | tag::FUNCTION_CALL if tracker.skipping() => {
+                    tracker.client_message(sent_tag);
+                }
                 tag::QUERY | tag::SYNC | tag::FUNCTION_CALL => {
                     let epoch = self.next_epoch;
                     self.open_epoch(Owner::Client, tracker, sent_tag);
