@@ -69,3 +69,56 @@ async fn notifications_stay_within_the_tenant() {
     );
     assert_isolation_intact(&env, &before, &acme).await;
 }
+
+/// A client that LISTENs and stops reading costs a bounded amount: past its queue it is told
+/// (53400) and disconnected, while a listener of another tenant that reads gets every one of
+/// its own notifications; a client cannot listen on more than 1,000 channels.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_does_not_read_its_notifications_is_cut_off_alone() {
+    let env = start().await;
+    let acme_t = env.tenant("acme").clone();
+    let globex_t = env.tenant("globex").clone();
+    let mut stalled = Raw::connect(env.addr(), &[("user", "app@acme")], &acme_t.password).await;
+    stalled.query("LISTEN flood").await;
+    stalled.until_ready().await;
+    let mut reader = Raw::connect(env.addr(), &[("user", "app@globex")], &globex_t.password).await;
+    reader.query("LISTEN own").await;
+    reader.until_ready().await;
+    let counting =
+        tokio::spawn(async move { reader.notifications(Duration::from_secs(3)).await.len() });
+
+    // 2,000 notifications of 6 kB for the stalled client (12 MB), 300 for the reader.
+    let acme = env.connect("acme").await;
+    acme.simple_query(
+        "SELECT pg_notify('flood', g::text || repeat('x', 6000)) FROM generate_series(1, 2000) g",
+    )
+    .await
+    .unwrap();
+    let globex = env.connect("globex").await;
+    for i in 0..300 {
+        globex
+            .simple_query(&format!("NOTIFY own, 'n{i}'"))
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        counting.await.unwrap(),
+        300,
+        "no notification of the reader lost"
+    );
+
+    // The stalled client finds, after what was already on its way, the reason it was cut off.
+    let mut error = None;
+    while let Ok(Some(m)) = tokio::time::timeout(Duration::from_secs(5), stalled.try_recv()).await {
+        if m.tag == b'E' {
+            error = m.sqlstate();
+            break;
+        }
+    }
+    assert_eq!(error.as_deref(), Some("53400"));
+
+    // Channels per client are capped.
+    let listens: Vec<String> = (0..1001).map(|i| format!("LISTEN c{i}")).collect();
+    let err = acme.simple_query(&listens.join("; ")).await.unwrap_err();
+    assert_eq!(common::code(&err), "53400");
+}

@@ -22,9 +22,18 @@ use crate::protocol::frame::{FrameScanner, Piece, TagSet};
 use crate::protocol::{encode, tag, take_cstr};
 use crate::tenant::quote_ident;
 
-/// Notifications waiting for one client, at most; more are dropped (and logged) rather than
-/// buffered without bound for a client that does not come back between transactions.
+/// Notifications waiting for one client, at most. A client that lets more pile up (it does not
+/// read, or stays in one transaction while they arrive) is told and disconnected through its
+/// [`Subscriber::overflow`]: nothing is dropped silently and nothing grows without bound.
 pub const CLIENT_QUEUE: usize = 1024;
+
+/// Where a client's notifications go.
+#[derive(Debug, Clone)]
+pub struct Subscriber {
+    pub deliver: mpsc::Sender<Notification>,
+    /// Woken when the client's queue was full and a notification could not be queued.
+    pub overflow: Arc<tokio::sync::Notify>,
+}
 
 /// A notification for a client.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,7 +49,7 @@ enum Command {
     Listen {
         channel: String,
         client: u64,
-        deliver: mpsc::Sender<Notification>,
+        deliver: Subscriber,
         /// Told once the hub's connection is listening on the channel.
         done: Option<oneshot::Sender<()>>,
     },
@@ -73,7 +82,7 @@ impl NotifyHub {
         &self,
         channel: String,
         client: u64,
-        deliver: mpsc::Sender<Notification>,
+        deliver: Subscriber,
     ) -> oneshot::Receiver<()> {
         let (done, confirmed) = oneshot::channel();
         let _ = self.commands.send(Command::Listen {
@@ -91,7 +100,7 @@ impl NotifyHub {
     }
 }
 
-type Subscribers = HashMap<String, HashMap<u64, mpsc::Sender<Notification>>>;
+type Subscribers = HashMap<String, HashMap<u64, Subscriber>>;
 
 async fn send_query(conn: &mut ServerConn, sql: &str) -> std::io::Result<()> {
     let mut out = BytesMut::new();
@@ -193,11 +202,13 @@ fn dispatch(subscribers: &mut Subscribers, body: &[u8]) {
         channel,
         payload: String::from_utf8_lossy(payload).into_owned(),
     };
-    entry.retain(|client, deliver| match deliver.try_send(n.clone()) {
+    entry.retain(|client, sub| match sub.deliver.try_send(n.clone()) {
         Ok(()) => true,
         Err(mpsc::error::TrySendError::Full(_)) => {
-            tracing::warn!(client, channel = %n.channel, "client is not taking its notifications; one dropped");
-            true
+            tracing::warn!(client, channel = %n.channel, "client is not taking its notifications; disconnecting it");
+            sub.overflow.notify_one();
+            // It is disconnected: it would have missed this one and those after it.
+            false
         }
         Err(mpsc::error::TrySendError::Closed(_)) => false,
     });
@@ -318,8 +329,13 @@ mod tests {
     #[tokio::test]
     async fn subscriptions_listen_once_and_fan_out() {
         let mut subs = Subscribers::new();
+        let sub = |tx| Subscriber {
+            deliver: tx,
+            overflow: Arc::default(),
+        };
         let (tx1, mut rx1) = mpsc::channel(4);
         let (tx2, mut rx2) = mpsc::channel(4);
+        let (tx1, tx2) = (sub(tx1), sub(tx2));
         let listen = |client, deliver| Command::Listen {
             channel: "acme.ev".into(),
             client,

@@ -177,6 +177,11 @@ impl Pump {
         self.to_client.extend_from_slice(bytes);
     }
 
+    /// Bytes waiting to be written to the client.
+    pub fn to_client_len(&self) -> usize {
+        self.to_client.len()
+    }
+
     /// The bytes queued for the server (pgtenant's own statements go first).
     pub fn to_server_mut(&mut self) -> &mut BytesMut {
         &mut self.to_server

@@ -85,6 +85,8 @@ enum SessionEnd {
     Checkout(PoolError),
     /// No server connection could be reset and bound for the next transaction.
     Setup(crate::pool::ServerError),
+    /// More notifications waited for the client than its queue holds.
+    NotifyOverflow,
 }
 
 pub(super) async fn run_session(state: &AppState, snapshot: &Snapshot, client: Authenticated) {
@@ -377,6 +379,10 @@ async fn forward_pooled(
 ) -> (SessionEnd, Option<PooledConn>) {
     let (notify_tx, mut notify_rx) =
         tokio::sync::mpsc::channel::<notify::Notification>(notify::CLIENT_QUEUE);
+    let notify_tx = notify::Subscriber {
+        deliver: notify_tx,
+        overflow: Arc::default(),
+    };
     let prefix = relay.notify_prefix().unwrap_or_default().to_owned();
     let shutdown = state.shutdown.cancelled();
     tokio::pin!(shutdown);
@@ -384,8 +390,9 @@ async fn forward_pooled(
     let result = loop {
         let waited = tokio::select! {
             r = pump.wait_for_client(stream) => r,
-            // Only a client that ever listened has notifications to wait for.
-            Some(n) = notify_rx.recv(), if listening => {
+            // Only a client that ever listened has notifications to wait for; a client that
+            // does not read them stops taking more (its queue fills: see below).
+            Some(n) = notify_rx.recv(), if listening && pump.to_client_len() < NOTIFY_BUFFERED => {
                 // Notifications reach the client between its transactions, as on PostgreSQL.
                 let channel = n.channel.strip_prefix(&prefix).unwrap_or(&n.channel);
                 let mut body = n.pid.to_be_bytes().to_vec();
@@ -399,6 +406,9 @@ async fn forward_pooled(
                 continue;
             }
             _ = &mut shutdown => break (SessionEnd::Shutdown, None),
+            _ = notify_tx.overflow.notified(), if listening => {
+                break (SessionEnd::NotifyOverflow, None);
+            }
         };
         if let Err(end) = waited {
             break (SessionEnd::Pump(end), None);
@@ -467,7 +477,7 @@ fn subscribe(
     relay: &mut Relay,
     pool: &Pool,
     client: u64,
-    deliver: &tokio::sync::mpsc::Sender<notify::Notification>,
+    deliver: &notify::Subscriber,
 ) -> Vec<tokio::sync::oneshot::Receiver<()>> {
     for channel in std::mem::take(&mut relay.unlistens) {
         pool.hub().unlisten(channel, client);
@@ -477,6 +487,10 @@ fn subscribe(
         .map(|channel| pool.hub().listen(channel, client, deliver.clone()))
         .collect()
 }
+
+/// Bytes of notifications written to a client and not yet sent, at most; past it the session
+/// stops taking notifications from its queue.
+const NOTIFY_BUFFERED: usize = 256 * 1024;
 
 /// How long a client's ReadyForQuery after LISTEN waits for the hub to listen too.
 const LISTEN_CONFIRM: Duration = Duration::from_secs(5);
@@ -631,6 +645,19 @@ async fn finish(
             tracing::warn!(error = %e, "no server connection could be reset and bound");
             ("setup", e.client_error())
         }
+        SessionEnd::NotifyOverflow => (
+            "notify_overflow",
+            Some(
+                ClientError::fatal(
+                    sqlstate::CONFIGURATION_LIMIT_EXCEEDED,
+                    format!(
+                        "terminating connection: more than {} notifications waited for this client",
+                        notify::CLIENT_QUEUE
+                    ),
+                )
+                .with_hint("read notifications promptly, and do not stay in one transaction while many arrive"),
+            ),
+        ),
         SessionEnd::Pump(PumpEnd::Terminated) | SessionEnd::Pump(PumpEnd::Released) => {
             ("terminate", None)
         }

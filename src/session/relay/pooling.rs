@@ -56,6 +56,8 @@ pub(super) struct SessionState {
     statements: HashMap<String, Statement>,
     /// Bytes of the statements' definitions (bounded: [`MAX_STATEMENT_BYTES`]).
     statement_bytes: usize,
+    /// Channels the client listens on (bounded: [`MAX_CHANNELS`]).
+    channels: std::collections::HashSet<String>,
     /// SQL-level prepared statements by server name: the PREPARE that recreates them.
     sql_prepared: HashMap<String, String>,
     /// Replies to ParseComplete, in the order the server will send them, with the epoch
@@ -83,6 +85,8 @@ pub(super) const MAX_STATEMENTS: usize = 10_000;
 pub(super) const MAX_STATEMENT_BYTES: usize = 16 << 20;
 pub(super) const MAX_SQL_PREPARED: usize = 10_000;
 pub(super) const MAX_SETTINGS: usize = 500;
+/// LISTEN channels per client: each costs the shard's shared listening connection.
+pub(super) const MAX_CHANNELS: usize = 1_000;
 
 /// pgtenant's name for a statement: the same text and types share one server statement on a
 /// connection (connections serve one tenant between resets).
@@ -358,6 +362,15 @@ impl Relay {
                 "this session holds {MAX_SQL_PREPARED} SQL prepared statements, the limit through pgtenant; DEALLOCATE some first"
             ));
         }
+        let channels = effects
+            .iter()
+            .filter(|e| matches!(e, Effect::Listen(c) if !s.channels.contains(c)))
+            .count();
+        if channels > 0 && s.channels.len() + channels > MAX_CHANNELS {
+            return Some(format!(
+                "this session listens on {MAX_CHANNELS} channels, the limit through pgtenant; UNLISTEN some first"
+            ));
+        }
         let settings = effects
             .iter()
             .filter(|e| matches!(e, Effect::Set { key, .. } if !s.settings.iter().any(|(k, _)| k == key)))
@@ -499,14 +512,22 @@ impl Relay {
                     pooled.prepared.clear();
                     self.session.cleared.push(self.next_epoch);
                     if matches!(effect, Effect::DiscardAll) {
+                        self.session.channels.clear();
                         self.unlistens.push(None);
                     }
                 }
                 Effect::Listen(channel) => {
+                    self.session.channels.insert(channel.clone());
                     self.listens.push(channel.clone());
                 }
-                Effect::Unlisten(channel) => self.unlistens.push(Some(channel.clone())),
-                Effect::UnlistenAll => self.unlistens.push(None),
+                Effect::Unlisten(channel) => {
+                    self.session.channels.remove(channel);
+                    self.unlistens.push(Some(channel.clone()));
+                }
+                Effect::UnlistenAll => {
+                    self.session.channels.clear();
+                    self.unlistens.push(None);
+                }
                 _ => {}
             }
         }
