@@ -146,6 +146,15 @@ async fn the_reply_count_matches_postgresql_and_pgtenant_answers_the_same() {
     }
 }
 
+/// The tags of the replies up to the next ReadyForQuery.
+async fn reply_tags(raw: &mut Raw) -> String {
+    raw.until_ready()
+        .await
+        .iter()
+        .map(|m| m.tag as char)
+        .collect()
+}
+
 /// The client waits for the error of a failed extended message before sending a Query: the
 /// server discards that Query too (no reply at all) and answers only the Sync; pgtenant must
 /// do the same and not wait for a ReadyForQuery that never comes.
@@ -166,21 +175,9 @@ async fn a_query_sent_after_a_failed_extended_message_is_discarded() {
     frontend::query("SELECT 1", &mut out).unwrap();
     frontend::sync(&mut out);
     raw.send(&out).await;
-    let replies: String = raw
-        .until_ready()
-        .await
-        .iter()
-        .map(|m| m.tag as char)
-        .collect();
-    assert_eq!(replies, "Z", "only the Sync is answered");
+    assert_eq!(reply_tags(&mut raw).await, "Z", "only the Sync is answered");
     raw.query("SELECT 1").await;
-    let replies: String = raw
-        .until_ready()
-        .await
-        .iter()
-        .map(|m| m.tag as char)
-        .collect();
-    assert_eq!(replies, "TDCZ");
+    assert_eq!(reply_tags(&mut raw).await, "TDCZ");
     let other = env.connect("initech").await;
     tokio::time::timeout(Duration::from_secs(5), other.simple_query("SELECT 1"))
         .await

@@ -436,7 +436,43 @@ async fn protected_settings_are_refused_in_every_placement() {
             "{sql}"
         );
     }
-    tokio::time::sleep(Duration::from_millis(10)).await;
+    // Role and database defaults reach every session of the login role on the cluster.
+    assert_eq!(
+        sqlstate_of(
+            &initech,
+            &format!("ALTER ROLE CURRENT_USER SET app.current_tenant_id = '{GLOBEX_ID}'")
+        )
+        .await
+        .as_deref(),
+        Some("42501")
+    );
+    // The token setting through a prepared statement, and at startup.
+    let acme = env.connect("acme").await;
+    assert_eq!(
+        sqlstate_of(
+            &acme,
+            "PREPARE p AS SELECT pg_catalog.set_config('pgtenant.context', $1, false)"
+        )
+        .await
+        .as_deref(),
+        Some("42501")
+    );
+    let t = env.tenant("acme").clone();
+    let mut raw = Raw::startup(
+        env.addr(),
+        &[("user", "app@acme"), ("options", "-c pgtenant.context=x")],
+    )
+    .await;
+    let refused = match raw.authenticate(&t.password).await {
+        Err(m) => m.sqlstate(),
+        Ok(()) => raw
+            .until_ready()
+            .await
+            .iter()
+            .find(|m| m.tag == b'E')
+            .and_then(|m| m.sqlstate()),
+    };
+    assert_eq!(refused.as_deref(), Some("42501"));
 }
 
 /// Class 6: catalog functions that read other sessions' activity and locks.

@@ -397,6 +397,17 @@ impl Policy {
                 }
                 Ok(false)
             }
+            // Role and database defaults apply to every session of the login role, on every
+            // database of the cluster (other tenants' included), and RESET returns to them.
+            "alter"
+                if !tenant
+                    && matches!(word(1), "role" | "user" | "database" | "system")
+                    && stmt
+                        .iter()
+                        .any(|t| t.is_keyword("set") || t.is_keyword("reset")) =>
+            {
+                Err(self.refuse_kind(&format!("ALTER {} ... SET", word(1).to_uppercase())))
+            }
             _ if !tenant => Ok(false),
             k if ALLOWED_STATEMENTS.contains(&k) || k == "copy" => Ok(false),
             other => Err(self.refuse_kind(&other.to_uppercase())),

@@ -555,6 +555,10 @@ fn dedicated_placements_skip_the_tenant_rules() {
             "SET client_encoding = 'SJIS'",
             "SET standard_conforming_strings = off",
             "UPDATE pg_settings SET setting = 'off' WHERE name = 'standard_conforming_strings'",
+            "ALTER ROLE CURRENT_USER SET app.current_tenant_id = 'x'",
+            "alter user pgtenant_app set pgtenant.context to 'x'",
+            "ALTER DATABASE d SET standard_conforming_strings = off",
+            "ALTER ROLE CURRENT_USER IN DATABASE d RESET ALL",
         ],
     );
 }
