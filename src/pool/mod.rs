@@ -28,7 +28,10 @@ use connect::Login;
 pub use server_conn::{ServerConn, ServerError};
 
 /// How long pgtenant's own recovery and reset statements may take.
-const RESET_PATIENCE: Duration = Duration::from_secs(5);
+pub(crate) const RESET_PATIENCE: Duration = Duration::from_secs(5);
+/// How long a cancel sent to a server connection may take to arrive; a connection whose
+/// cancel is still in flight after this is closed rather than given to anyone else.
+pub(crate) const CANCEL_PATIENCE: Duration = Duration::from_secs(5);
 
 /// A checkout failure.
 #[derive(Debug, thiserror::Error)]
@@ -225,7 +228,14 @@ impl Pool {
 
     /// Transaction pooling: returns a connection between transactions as it is (bound to its
     /// tenant, statements prepared), or through [`Pool::checkin`] if it is not idle.
+    /// Like [`Pool::checkin`], it first waits for any cancel still on its way to the
+    /// connection (the caller has stopped new ones: see `cancel`), so that no late cancel
+    /// reaches the next client's statement.
     pub async fn release(&self, mut pooled: PooledConn) {
+        if !pooled.conn.cancel.settled(CANCEL_PATIENCE).await {
+            tracing::info!(shard = %self.shard.name, "closing server connection with a cancel still in flight");
+            return;
+        }
         if pooled.conn.tracker.is_idle() && pooled.conn.scanner.at_boundary() {
             pooled.conn.idle_since = Instant::now();
             self.idle().push(pooled.conn);
@@ -238,6 +248,10 @@ impl Pool {
     /// of a message it was sending: the server cannot be resynchronised and is closed.
     pub async fn checkin(&self, mut pooled: PooledConn, whole_messages: bool) {
         let shard = &self.shard.name;
+        if !pooled.conn.cancel.settled(CANCEL_PATIENCE).await {
+            tracing::info!(%shard, "closing server connection with a cancel still in flight");
+            return;
+        }
         if !whole_messages || !pooled.conn.scanner.at_boundary() {
             tracing::debug!(%shard, "closing server connection stopped mid-message");
             return;

@@ -18,7 +18,7 @@ use crate::app::AppState;
 use crate::config::{PlacementKind, PlanConfig, PoolMode, Snapshot, Tenant, UserRole};
 use crate::error::{ClientError, Reportable, sqlstate};
 use crate::net::stream::ClientStream;
-use crate::pool::{Pool, PoolError, PooledConn, notify};
+use crate::pool::{CANCEL_PATIENCE, Pool, PoolError, PooledConn, RESET_PATIENCE, notify};
 use crate::protocol::{TxStatus, encode, tag};
 use crate::tenant::guard::{Policy, Scope};
 use crate::tenant::params::ClientSettings;
@@ -250,9 +250,6 @@ pub(super) async fn run_session(state: &AppState, snapshot: &Snapshot, client: A
     if relay.server_unusable() {
         // Closed: pgtenant could not bind the context on it.
         drop(pooled);
-    } else if !pooled.conn.cancel.settled(CANCEL_PATIENCE).await {
-        // A cancel still on its way could reach the next client: close it instead.
-        drop(pooled);
     } else if pooling && relay.client_at_boundary() {
         pool.release(pooled).await;
     } else {
@@ -363,9 +360,6 @@ async fn prepare(
     Ok(bound_now)
 }
 
-/// How long resetting or setting up a server connection may take.
-const RESET_PATIENCE: Duration = Duration::from_secs(5);
-
 /// Transaction pooling: waits for the client's next message, takes a server connection for
 /// the transaction it starts, forwards until the transaction is over, returns the
 /// connection, and again. Returns how the session ended and the connection it still holds.
@@ -450,13 +444,10 @@ async fn forward_pooled(
         listening |= !listened.is_empty();
         match end {
             SessionEnd::Pump(PumpEnd::Released) => {
+                // No new cancel can reach the connection now; release waits for one still
+                // on its way.
                 cancel.set_target(None);
-                // A cancel of this client's still on its way must not reach the next one.
-                if pooled.conn.cancel.settled(CANCEL_PATIENCE).await {
-                    a.pool.release(pooled).await;
-                } else {
-                    drop(pooled);
-                }
+                a.pool.release(pooled).await;
                 // The ReadyForQuery is still unsent: the client learns LISTEN is done only
                 // when it is.
                 confirm_listens(listened).await;
@@ -525,10 +516,6 @@ async fn next_tick(tick: &mut Option<tokio::time::Interval>) {
 /// `statement_timeout` (set to the same limit) ends the statement first, so pgtenant's cancel
 /// is sent only when the client lifted the server's limit.
 const OWN_TIMEOUT_GRACE: Duration = Duration::from_millis(250);
-
-/// How long a cancel may take to reach the server; a connection whose cancel is still in
-/// flight after this is closed rather than handed to another client.
-const CANCEL_PATIENCE: Duration = Duration::from_secs(5);
 
 /// How often the session checks its timeouts while forwarding.
 const TIMER_TICK: Duration = Duration::from_millis(100);

@@ -150,9 +150,8 @@ pub struct Relay {
     in_band: Option<InBand>,
     /// Transaction pooling: the client's session state.
     session: SessionState,
-    /// pgtenant could not bind the context: the server connection must not be used.
-    broken: Option<String>,
-    /// Set once binding failed; the server connection is never used again.
+    /// Binding the context failed (or could not be sent): the server connection is never
+    /// used again.
     unusable: bool,
     /// Channels to subscribe to and unsubscribe from (`None`: all) at the tenant's hub.
     pub listens: Vec<String>,
@@ -180,7 +179,6 @@ impl Relay {
             binding_due: false,
             in_band: None,
             session: SessionState::default(),
-            broken: None,
             unusable: false,
             listens: Vec::new(),
             unlistens: Vec::new(),
@@ -317,8 +315,8 @@ impl Relay {
         let epoch = self.next_epoch;
         let tags = encode::set_configs(pairs, out);
         if tags.is_empty() {
-            // Nothing sent: bind what can be bound and fail closed (an empty token).
-            self.broken = Some("a setting could not be encoded".into());
+            // Nothing sent: the connection must not go on unbound.
+            self.unusable = true;
             return;
         }
         for &t in tags {
@@ -717,9 +715,10 @@ impl Relay {
         params: &mut BTreeMap<String, String>,
         pooled: &mut PooledState,
     ) -> Result<(), ServerProtocolError> {
-        if let Some(why) = self.broken.take() {
-            self.unusable = true;
-            return Err(ServerProtocolError::BindingFailed(why));
+        if self.unusable {
+            return Err(ServerProtocolError::BindingFailed(
+                "the binding could not be sent".into(),
+            ));
         }
         let mut run = 0;
         while let Some(piece) = scanner.next(&input[run..])? {
