@@ -217,30 +217,30 @@ async fn sql_prepare_execute_and_deallocate_behave_as_on_postgres() {
 async fn a_tenant_switch_resets_the_server_connection() {
     let env = pooled(1).await;
     let a = env.connect("acme").await;
-    a.simple_query("CREATE TEMP TABLE planted (x int); SELECT pg_advisory_lock(99)")
-        .await
-        .unwrap();
-    a.simple_query("DECLARE planted_cursor CURSOR WITH HOLD FOR SELECT 1")
+    // State that does not pin the connection (temporary tables and the like do: see
+    // security_state.rs): settings and prepared statements.
+    a.simple_query("SET work_mem = '7MB'; PREPARE planted AS SELECT 1")
         .await
         .unwrap();
     let pid_a = backend_pid(&a).await;
     let b = env.connect("globex").await;
     let row = b
         .query_one(
-            "SELECT pg_backend_pid(), to_regclass('pg_temp.planted') IS NULL, \
-                    (SELECT count(*) FROM pg_cursors WHERE name = 'planted_cursor'), \
+            "SELECT pg_backend_pid(), current_setting('work_mem'), \
+                    (SELECT count(*) FROM pg_prepared_statements WHERE name LIKE '%planted%'), \
                     current_setting('app.current_tenant_id')",
             &[],
         )
         .await
         .unwrap();
     assert_eq!(row.get::<_, i32>(0), pid_a, "the same server connection");
-    assert!(row.get::<_, bool>(1));
+    assert_eq!(row.get::<_, String>(1), "4MB");
     assert_eq!(row.get::<_, i64>(2), 0);
     assert_eq!(row.get::<_, String>(3), GLOBEX_ID);
-    let locks =
-        env.admin_a("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = 99");
-    assert_eq!(locks.trim(), "0");
+    // acme's own state follows it back.
+    let row = a.query_one("SHOW work_mem", &[]).await.unwrap();
+    assert_eq!(row.get::<_, String>(0), "7MB");
+    a.batch_execute("EXECUTE planted").await.unwrap();
 }
 
 #[tokio::test]
@@ -439,4 +439,97 @@ async fn a_notify_right_after_listen_returns_is_delivered() {
             .unwrap_or_else(|| panic!("round {round}: no notification"));
         assert!(String::from_utf8_lossy(&m.body[4..]).starts_with(&format!("ch{round}\0now")));
     }
+}
+
+/// A SET inside a transaction that rolls back is undone by PostgreSQL; pgtenant does not
+/// replay it on the client's next server connection. Savepoints are followed the same way.
+#[tokio::test]
+async fn settings_of_a_rolled_back_transaction_are_not_replayed() {
+    let env = pooled(2).await;
+    let a = env.connect("acme").await;
+    let b = env.connect("acme").await;
+    // `b` keeps taking connections so that `a` lands on either one.
+    async fn show(c: &tokio_postgres::Client) -> (String, String) {
+        let row = c
+            .query_one(
+                "SELECT current_setting('work_mem'), current_setting('application_name')",
+                &[],
+            )
+            .await
+            .unwrap();
+        (row.get::<_, String>(0), row.get::<_, String>(1))
+    }
+    let hop = || async {
+        for _ in 0..3 {
+            b.simple_query("SELECT 1").await.unwrap();
+        }
+    };
+    let base = show(&a).await.1;
+    let cases: &[(&str, (&str, &str))] = &[
+        ("BEGIN; SET work_mem = '7MB'; ROLLBACK", ("4MB", "")),
+        ("BEGIN; SET work_mem = '7MB'; SELECT 1/0", ("4MB", "")),
+        ("BEGIN; SET work_mem = '6MB'; COMMIT", ("6MB", "")),
+        (
+            "BEGIN; SET application_name = 'kept'; SAVEPOINT s; SET work_mem = '9MB'; \
+             ROLLBACK TO SAVEPOINT s; COMMIT",
+            ("6MB", "kept"),
+        ),
+        (
+            "BEGIN; SAVEPOINT s; SET work_mem = '9MB'; RELEASE s; COMMIT",
+            ("9MB", "kept"),
+        ),
+        ("BEGIN; RESET ALL; ABORT", ("9MB", "kept")),
+        (
+            "BEGIN; SET work_mem = '5MB'; COMMIT AND CHAIN; SET work_mem = '8MB'; ROLLBACK",
+            ("5MB", "kept"),
+        ),
+    ];
+    for (sql, want) in cases {
+        // Errors are part of some cases; the session goes on.
+        let _ = a.batch_execute(sql).await;
+        let _ = a.batch_execute("ROLLBACK").await;
+        hop().await;
+        let want = (want.0, if want.1.is_empty() { &base } else { want.1 });
+        let got = show(&a).await;
+        assert_eq!((got.0.as_str(), got.1.as_str()), want, "{sql}");
+        hop().await;
+        let got = show(&a).await;
+        assert_eq!((got.0.as_str(), got.1.as_str()), want, "{sql} (again)");
+    }
+    // Across round trips: the transaction spans several statements and fails in the middle.
+    a.batch_execute("BEGIN").await.unwrap();
+    a.batch_execute("SET work_mem = '3MB'").await.unwrap();
+    assert!(a.batch_execute("SELECT 1/0").await.is_err());
+    a.batch_execute("COMMIT").await.unwrap();
+    hop().await;
+    assert_eq!(show(&a).await.0, "5MB");
+}
+
+/// The plan's statement_timeout is a ceiling: RESET, SET ... TO DEFAULT and RESET ALL return
+/// to it, never to the server's default, and 0 is refused.
+#[tokio::test]
+async fn the_plans_statement_timeout_cannot_be_lifted() {
+    let env = pooled(2).await;
+    let a = env.connect("acme").await;
+    // The sample plan's limit is 60s.
+    for sql in [
+        "RESET statement_timeout",
+        "SET statement_timeout TO DEFAULT",
+        "SET SESSION statement_timeout = DEFAULT",
+        "RESET ALL",
+        "BEGIN; SET LOCAL statement_timeout TO DEFAULT",
+    ] {
+        a.batch_execute("SET statement_timeout = '5s'")
+            .await
+            .unwrap();
+        a.batch_execute(sql).await.unwrap();
+        let row = a.query_one("SHOW statement_timeout", &[]).await.unwrap();
+        assert_eq!(row.get::<_, String>(0), "1min", "{sql}");
+        let _ = a.batch_execute("COMMIT").await;
+    }
+    let err = a
+        .batch_execute("SET statement_timeout = 0")
+        .await
+        .unwrap_err();
+    assert_eq!(code(&err), "42501");
 }

@@ -16,7 +16,9 @@ fuzz_target!(|data: &[u8]| {
             max_statement_timeout: Some(Duration::from_secs(30)),
             notify_prefix: Some("acme.".into()),
             allow_ddl: false,
-            prepared_prefix: None,
+            prepared_prefix: Some("pgt_c1_".into()),
+            lock_salt: Some(0x8000_0000_0000_0001),
+            unchecked: false,
         },
         Policy {
             scope: Scope::Dedicated,
@@ -26,6 +28,8 @@ fuzz_target!(|data: &[u8]| {
             notify_prefix: None,
             allow_ddl: true,
             prepared_prefix: None,
+            lock_salt: None,
+            unchecked: false,
         },
     ];
     for scs in [true, false] {

@@ -43,6 +43,9 @@ pub enum PumpEnd {
     /// Transaction pooling: the transaction is over and the server connection may go back
     /// to its pool.
     Released,
+    /// Transaction pooling: the client's transaction ended with a LISTEN and it keeps its
+    /// server connection (pinned): its ReadyForQuery waits until the hub listens too.
+    Listening,
 }
 
 /// The server connection's parts the pump drives.
@@ -264,6 +267,9 @@ impl Pump {
                         }
                         if self.to_server.is_empty() && relay.at_release_point(server.tracker) {
                             return Poll::Ready(PumpEnd::Released);
+                        }
+                        if relay.holds_client_output(server.tracker) {
+                            return Poll::Ready(PumpEnd::Listening);
                         }
                     }
                     Poll::Ready(Err(e)) => return Poll::Ready(PumpEnd::ServerGone(Some(e))),

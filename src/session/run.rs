@@ -41,6 +41,7 @@ fn policy_for(tenant: &Tenant, role: UserRole) -> Policy {
         notify_prefix: (scope == Scope::Tenant).then(|| format!("{}.", tenant.name)),
         allow_ddl: tenant.allow_ddl,
         prepared_prefix: None,
+        lock_salt: None,
         unchecked: false,
     }
 }
@@ -139,6 +140,12 @@ pub(super) async fn run_session(state: &AppState, snapshot: &Snapshot, client: A
         }
     };
     let context_key = shard.context_key.clone();
+    if policy.scope == Scope::Tenant {
+        policy.lock_salt = Some(crate::tenant::context::lock_salt(
+            context_key.as_deref(),
+            tenant.id,
+        ));
+    }
     let rules = RelayRules {
         notify_prefix: policy.notify_prefix.clone(),
         policy: policy.clone(),
@@ -250,7 +257,7 @@ pub(super) async fn run_session(state: &AppState, snapshot: &Snapshot, client: A
     if relay.server_unusable() {
         // Closed: pgtenant could not bind the context on it.
         drop(pooled);
-    } else if pooling && relay.client_at_boundary() {
+    } else if pooling && relay.client_at_boundary() && !relay.pinned() {
         pool.release(pooled).await;
     } else {
         pool.checkin(pooled, relay.client_at_boundary()).await;
@@ -431,17 +438,26 @@ async fn forward_pooled(
             }
             Err(e) => break (SessionEnd::Pump(PumpEnd::ClientProtocol(e)), Some(pooled)),
         }
-        let end = forward(
-            state,
-            &a.prepare.tenant.limits,
-            relay,
-            pump,
-            stream,
-            &mut pooled,
-        )
-        .await;
-        let listened = subscribe(relay, a.pool, a.client_id, &notify_tx);
-        listening |= !listened.is_empty();
+        let (end, listened) = loop {
+            let end = forward(
+                state,
+                &a.prepare.tenant.limits,
+                relay,
+                pump,
+                stream,
+                &mut pooled,
+            )
+            .await;
+            let listened = subscribe(relay, a.pool, a.client_id, &notify_tx);
+            listening |= !listened.is_empty();
+            if matches!(end, SessionEnd::Pump(PumpEnd::Listening)) {
+                // The client keeps its (pinned) connection; its ReadyForQuery goes out once
+                // the hub listens.
+                confirm_listens(listened).await;
+                continue;
+            }
+            break (end, listened);
+        };
         match end {
             SessionEnd::Pump(PumpEnd::Released) => {
                 // No new cancel can reach the connection now; release waits for one still
@@ -645,7 +661,9 @@ async fn finish(
                 .with_hint("read notifications promptly, and do not stay in one transaction while many arrive"),
             ),
         ),
-        SessionEnd::Pump(PumpEnd::Terminated) | SessionEnd::Pump(PumpEnd::Released) => {
+        SessionEnd::Pump(PumpEnd::Terminated)
+        | SessionEnd::Pump(PumpEnd::Released)
+        | SessionEnd::Pump(PumpEnd::Listening) => {
             ("terminate", None)
         }
         SessionEnd::Pump(PumpEnd::ClientGone(_)) => ("client_gone", None),

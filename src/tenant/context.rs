@@ -20,6 +20,20 @@ use sha2::Sha256;
 
 use super::TenantId;
 
+/// The namespace of `tenant`'s advisory lock keys on a shared shard: keyed by the shard's
+/// context key when it has one (then no tenant can compute another's namespace), else a
+/// plain hash of the tenant id.
+pub fn lock_salt(key: Option<&ContextKey>, tenant: TenantId) -> u64 {
+    if let Some(key) = key {
+        return key.lock_salt(tenant);
+    }
+    use sha2::Digest as _;
+    let out = Sha256::digest(format!("pgtenant advisory-locks:{tenant}").as_bytes());
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&out[..8]);
+    u64::from_be_bytes(first)
+}
+
 /// The setting that carries the token.
 pub const CONTEXT_SETTING: &str = "pgtenant.context";
 /// Key length in bytes (the SHA-256 block is 64; 32 random bytes are the usual HMAC key).
@@ -124,6 +138,19 @@ impl ContextKey {
         };
         mac.update(message.as_bytes());
         format!("{message}:{}", hex(&mac.finalize().into_bytes()))
+    }
+
+    /// The namespace of `tenant`'s advisory lock keys on this shard: a value only pgtenant can
+    /// compute (the key is secret), the same for every pgtenant sharing the key.
+    pub fn lock_salt(&self, tenant: TenantId) -> u64 {
+        let Ok(mut mac) = <Hmac<Sha256> as KeyInit>::new_from_slice(&self.0) else {
+            return 0;
+        };
+        mac.update(format!("advisory-locks:{tenant}").as_bytes());
+        let out = mac.finalize().into_bytes();
+        let mut first = [0u8; 8];
+        first.copy_from_slice(&out[..8]);
+        u64::from_be_bytes(first)
     }
 
     /// The HMAC inner and outer padded keys, as the database stores them.

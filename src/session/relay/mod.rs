@@ -191,6 +191,12 @@ impl Relay {
         self.unusable
     }
 
+    /// Transaction pooling: the client holds session state on its server connection (see
+    /// [`Effect::Pin`]), so the connection must be reset before anyone else gets it.
+    pub fn pinned(&self) -> bool {
+        self.session.pinned.is_some()
+    }
+
     /// The prefix of the tenant's notification channels.
     pub fn notify_prefix(&self) -> Option<&str> {
         self.rules.notify_prefix.as_deref()
@@ -200,6 +206,7 @@ impl Relay {
     /// owed, no transaction is open, and the client is between messages).
     pub fn at_release_point(&self, tracker: &ConnTracker) -> bool {
         self.rules.policy.prepared_prefix.is_some()
+            && self.session.pinned.is_none()
             && !self.server_fatal
             && self.owners.is_empty()
             && tracker.is_idle()
@@ -864,7 +871,7 @@ impl Relay {
             self.in_band = None;
         }
         if self.rules.policy.prepared_prefix.is_some() {
-            self.close_epoch(self.done_epoch, failed, pooled);
+            self.close_epoch(self.done_epoch, failed, tracker.status(), pooled);
         }
         self.done_epoch += 1;
         let now = Instant::now();
@@ -989,6 +996,7 @@ impl RelayRules {
                 notify_prefix: Some("acme.".into()),
                 allow_ddl: false,
                 prepared_prefix: None,
+                lock_salt: None,
                 unchecked: false,
             },
             rebind_sql: "SET app.current_tenant_id TO 'x'".into(),

@@ -18,7 +18,7 @@ use bytes::BytesMut;
 use super::Relay;
 use crate::pool::cache::{PooledState, settings_key};
 use crate::protocol::tracker::ConnTracker;
-use crate::protocol::{encode, tag, take_cstr};
+use crate::protocol::{TxStatus, encode, tag, take_cstr};
 use crate::tenant::guard::Effect;
 use crate::tenant::quote_ident;
 
@@ -76,6 +76,17 @@ pub(super) struct SessionState {
     cleared: Vec<u64>,
     /// Such an epoch failed after pgtenant forgot the statements: deallocate them for real.
     pub(super) resync: bool,
+    /// Setting changes made inside the open transaction block, in order: they count only if
+    /// it commits (a rolled-back `SET` is undone by the server, so it is not replayed).
+    staged: Vec<Effect>,
+    /// The transaction's savepoints: name and how many staged changes preceded it.
+    savepoints: Vec<(String, usize)>,
+    /// The open transaction block failed: it can only end by rolling back (unless a
+    /// `ROLLBACK TO SAVEPOINT` recovers it).
+    tx_failed: bool,
+    /// Why the client's server connection stays with it (session state the server holds
+    /// for it), if it does.
+    pub(super) pinned: Option<&'static str>,
 }
 
 /// Per-client bounds on the session state pgtenant keeps for transaction pooling (DESIGN.md
@@ -534,7 +545,8 @@ impl Relay {
     }
 
     /// After the Query is sent: its effects wait for the epoch's outcome; a LISTEN is undone
-    /// on the pooled connection at once (notifications come through the tenant's hub).
+    /// on the pooled connection at once (notifications come through the tenant's hub). A
+    /// statement that leaves session state on the server pins the connection from now on.
     pub(super) fn after_query(
         &mut self,
         epoch: u64,
@@ -542,6 +554,19 @@ impl Relay {
         out: &mut BytesMut,
         tracker: &mut ConnTracker,
     ) {
+        if self.session.pinned.is_none()
+            && let Some(reason) = effects.iter().find_map(|e| match e {
+                Effect::Pin(r) => Some(*r),
+                _ => None,
+            })
+        {
+            tracing::info!(
+                client = self.rules.client_id,
+                reason,
+                "server connection pinned to its client until it leaves or runs DISCARD ALL"
+            );
+            self.session.pinned = Some(reason);
+        }
         let listened: Vec<String> = effects
             .iter()
             .filter_map(|e| match e {
@@ -555,10 +580,17 @@ impl Relay {
         self.session.effects.push_back((epoch, effects));
     }
 
-    /// At the ReadyForQuery closing `epoch`: apply its effects if it succeeded, undo its
-    /// statement creations the server never confirmed if it failed, and drop replies that
-    /// will never come.
-    pub(super) fn close_epoch(&mut self, epoch: u64, failed: bool, pooled: &mut PooledState) {
+    /// At the ReadyForQuery closing `epoch` (`status`: the transaction status it reported):
+    /// apply its effects if it succeeded, undo its statement creations the server never
+    /// confirmed if it failed, and drop replies that will never come. Setting changes made
+    /// in a transaction block wait for its end and are dropped if it rolls back.
+    pub(super) fn close_epoch(
+        &mut self,
+        epoch: u64,
+        failed: bool,
+        status: TxStatus,
+        pooled: &mut PooledState,
+    ) {
         self.session.parses.retain(|(e, _, _)| *e > epoch);
         self.session.closes.retain(|(e, _)| *e > epoch);
         let created: Vec<String> = self
@@ -587,12 +619,63 @@ impl Relay {
             let Some((e, effects)) = self.session.effects.pop_front() else {
                 break;
             };
-            if failed && e == epoch {
-                continue;
-            }
+            let epoch_failed = failed && e == epoch;
             for effect in effects {
-                self.apply_effect(effect, pooled);
+                self.transaction_effect(effect, epoch_failed, pooled);
             }
+        }
+        let s = &mut self.session;
+        match status {
+            TxStatus::Idle => {
+                // The transaction is over: committed unless it failed or was rolled back.
+                let staged = std::mem::take(&mut s.staged);
+                let committed = !std::mem::take(&mut s.tx_failed) && !failed;
+                s.savepoints.clear();
+                if committed {
+                    for effect in staged {
+                        self.apply_effect(effect, pooled);
+                    }
+                }
+            }
+            TxStatus::Failed => s.tx_failed = true,
+            TxStatus::InTransaction => {}
+        }
+    }
+
+    /// One effect of an epoch that ended (`failed`: with an error, so only its savepoints
+    /// count: the server kept those it made before the error).
+    fn transaction_effect(&mut self, effect: Effect, failed: bool, pooled: &mut PooledState) {
+        let s = &mut self.session;
+        match effect {
+            Effect::Savepoint(name) => s.savepoints.push((name, s.staged.len())),
+            _ if failed => {}
+            Effect::Set { .. } | Effect::Reset(_) | Effect::ResetAll | Effect::DiscardAll => {
+                s.staged.push(effect)
+            }
+            Effect::Rollback => {
+                s.staged.clear();
+                s.savepoints.clear();
+                s.tx_failed = false;
+            }
+            Effect::RollbackTo(name) => {
+                if let Some(i) = s.savepoints.iter().rposition(|(n, _)| *n == name) {
+                    s.staged.truncate(s.savepoints[i].1);
+                    s.savepoints.truncate(i + 1);
+                }
+                s.tx_failed = false;
+            }
+            Effect::Release(name) => {
+                if let Some(i) = s.savepoints.iter().rposition(|(n, _)| *n == name) {
+                    s.savepoints.truncate(i);
+                }
+            }
+            Effect::CommitChain => {
+                s.savepoints.clear();
+                for effect in std::mem::take(&mut s.staged) {
+                    self.apply_effect(effect, pooled);
+                }
+            }
+            other => self.apply_effect(other, pooled),
         }
     }
 
@@ -616,6 +699,13 @@ impl Relay {
             Effect::DiscardAll => {
                 s.settings.clear();
                 settings_changed = true;
+                if let Some(reason) = s.pinned.take() {
+                    tracing::info!(
+                        client = self.rules.client_id,
+                        reason,
+                        "DISCARD ALL: server connection unpinned"
+                    );
+                }
             }
             Effect::Prepare { server_name, sql } => {
                 pooled.prepared.insert(&server_name);
@@ -629,7 +719,13 @@ impl Relay {
             | Effect::Execute(_)
             | Effect::Listen(_)
             | Effect::Unlisten(_)
-            | Effect::UnlistenAll => {}
+            | Effect::UnlistenAll
+            | Effect::Rollback
+            | Effect::CommitChain
+            | Effect::Savepoint(_)
+            | Effect::RollbackTo(_)
+            | Effect::Release(_)
+            | Effect::Pin(_) => {}
         }
         if settings_changed {
             s.key = None;

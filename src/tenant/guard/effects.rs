@@ -39,6 +39,57 @@ pub enum Effect {
     Deallocate(String),
     /// `DEALLOCATE ALL`.
     DeallocateAll,
+    /// `ROLLBACK` / `ABORT` (with or without `AND CHAIN`): the transaction's settings are
+    /// undone.
+    Rollback,
+    /// `COMMIT AND CHAIN`: the transaction's settings hold, and a new transaction begins.
+    CommitChain,
+    /// `SAVEPOINT name`.
+    Savepoint(String),
+    /// `ROLLBACK TO [SAVEPOINT] name`: settings made since the savepoint are undone.
+    RollbackTo(String),
+    /// `RELEASE [SAVEPOINT] name`.
+    Release(String),
+    /// The statement leaves state on the server connection that outlives its transaction
+    /// (a temporary table, a `WITH HOLD` cursor, a session advisory lock): the connection
+    /// stays with the client until it leaves or runs `DISCARD ALL`.
+    Pin(&'static str),
+}
+
+/// Functions taking a session-level advisory lock (held past the transaction).
+pub(super) const SESSION_LOCK_FUNCTIONS: &[&str] = &[
+    "pg_advisory_lock",
+    "pg_advisory_lock_shared",
+    "pg_try_advisory_lock",
+    "pg_try_advisory_lock_shared",
+];
+
+/// Why `stmt` pins its server connection, if it does: temporary objects, `WITH HOLD`
+/// cursors and session advisory locks. Generous on purpose: a pin costs the client's tenant
+/// one server connection, a missed one lets another client meet the state.
+fn pin_reason(stmt: &[Token<'_>]) -> Option<&'static str> {
+    let mut reason = None;
+    let declare = stmt.first().is_some_and(|t| t.is_keyword("declare"));
+    for (i, t) in stmt.iter().enumerate() {
+        let after = |words: &[&str]| i > 0 && words.iter().any(|w| stmt[i - 1].is_keyword(w));
+        if (t.is_keyword("temp") || t.is_keyword("temporary"))
+            && after(&["create", "global", "local", "replace", "into"])
+        {
+            reason = Some("a temporary table");
+        } else if let Some(name) = t.ident()
+            && (name == "pg_temp" || name.starts_with("pg_temp_"))
+        {
+            reason = Some("a temporary table");
+        } else if declare && t.is_keyword("hold") && after(&["with"]) {
+            reason = Some("a WITH HOLD cursor");
+        } else if t
+            .ident()
+            .is_some_and(|n| SESSION_LOCK_FUNCTIONS.contains(&n))
+        {
+            return Some("a session advisory lock");
+        }
+    }
+    reason
 }
 
 /// Collects the effects of `stmt` (a statement of `sql`), adding the renames of SQL prepared
@@ -56,6 +107,9 @@ pub(super) fn collect(
         return Ok(());
     };
     let server_name = |t: &Token<'_>| t.ident().map(|n| format!("{prefix}{n}"));
+    if let Some(reason) = pin_reason(stmt) {
+        out.push(Effect::Pin(reason));
+    }
     // EXECUTE names a prepared statement wherever it stands: as a statement, and inside
     // EXPLAIN and CREATE TABLE ... AS EXECUTE. Every such name moves into the client's own
     // namespace, so no other statement on the connection can be reached.
@@ -141,6 +195,42 @@ pub(super) fn collect(
             }
         },
         "discard" if word(1) == "all" => out.push(Effect::DiscardAll),
+        "rollback" | "abort" => {
+            let mut i = 1;
+            if matches!(word(i), "work" | "transaction") {
+                i += 1;
+            }
+            if word(i) == "to" {
+                i += 1;
+                if word(i) == "savepoint" {
+                    i += 1;
+                }
+                if let Some(name) = stmt.get(i).and_then(Token::ident) {
+                    out.push(Effect::RollbackTo(name.to_owned()));
+                }
+            } else if word(1) != "prepared" {
+                out.push(Effect::Rollback);
+            }
+        }
+        "commit" | "end" => {
+            let chain = stmt
+                .windows(2)
+                .any(|w| w[0].is_keyword("and") && w[1].is_keyword("chain"));
+            if chain {
+                out.push(Effect::CommitChain);
+            }
+        }
+        "savepoint" => {
+            if let Some(name) = stmt.get(1).and_then(Token::ident) {
+                out.push(Effect::Savepoint(name.to_owned()));
+            }
+        }
+        "release" => {
+            let at = if word(1) == "savepoint" { 2 } else { 1 };
+            if let Some(name) = stmt.get(at).and_then(Token::ident) {
+                out.push(Effect::Release(name.to_owned()));
+            }
+        }
         "listen" | "unlisten" => {
             let unlisten = word(0) == "unlisten";
             match stmt.get(1) {

@@ -35,6 +35,10 @@ pub struct Policy {
     /// Transaction pooling: report session effects, and rename SQL prepared statements into
     /// this prefix (the client's own namespace).
     pub prepared_prefix: Option<String>,
+    /// Shared placements: advisory lock keys are moved into the tenant's namespace by XOR
+    /// with this value (a bijection, so the tenant's own locks behave as on PostgreSQL; two
+    /// tenants' equal keys become different locks).
+    pub lock_salt: Option<u64>,
     /// Tests only: refuse nothing (effects are still reported), to prove what the database
     /// enforces without the guard.
     pub unchecked: bool,
@@ -131,6 +135,87 @@ const DENIED_PREFIXES: &[&str] = &[
     "pg_stat_statements",
     "pg_ls_",
 ];
+
+/// PostgreSQL's advisory lock functions that take a key (session and transaction level).
+const ADVISORY_FUNCTIONS: &[&str] = &[
+    "pg_advisory_lock",
+    "pg_advisory_lock_shared",
+    "pg_try_advisory_lock",
+    "pg_try_advisory_lock_shared",
+    "pg_advisory_unlock",
+    "pg_advisory_unlock_shared",
+    "pg_advisory_xact_lock",
+    "pg_advisory_xact_lock_shared",
+    "pg_try_advisory_xact_lock",
+    "pg_try_advisory_xact_lock_shared",
+];
+
+/// Rewrites the call of advisory lock function `name` at `tokens[at]` so that its key moves
+/// into the tenant's namespace: `f(k)` becomes `f((k)::bigint # salt)`, `f(a, b)` becomes
+/// `f((a)::integer # s1, (b)::integer # s2)`. Only the parentheses and the comma are
+/// edited, so nested calls are rewritten too. Any other shape is refused (a call the guard
+/// cannot rewrite would reach another tenant's locks).
+fn namespace_lock_keys(
+    name: &str,
+    tokens: &[Token<'_>],
+    at: usize,
+    salt: u64,
+    edits: &mut Vec<(Range<usize>, String)>,
+) -> Result<(), Verdict> {
+    let refuse = || {
+        Verdict::refuse(format!(
+            "{name}() is allowed only as a direct call with one bigint key or two integer keys"
+        ))
+    };
+    let open = tokens
+        .get(at + 1)
+        .filter(|t| t.is_punct(b'('))
+        .ok_or_else(refuse)?;
+    let mut depth = 0usize;
+    let mut commas = Vec::new();
+    let mut close = None;
+    for t in &tokens[at + 1..] {
+        if t.is_punct(b'(') || t.is_punct(b'[') {
+            depth += 1;
+        } else if t.is_punct(b')') || t.is_punct(b']') {
+            depth -= 1;
+            if depth == 0 {
+                close = Some(t);
+                break;
+            }
+        } else if depth == 1 && t.is_punct(b',') {
+            commas.push(t);
+        }
+    }
+    let close = close.ok_or_else(refuse)?;
+    if close.start == open.end {
+        return Err(refuse());
+    }
+    let salt64 = salt as i64;
+    match commas.as_slice() {
+        [] => {
+            edits.push((open.start..open.end, "((".into()));
+            edits.push((
+                close.start..close.end,
+                format!(")::bigint # '{salt64}'::bigint)"),
+            ));
+        }
+        [comma] => {
+            let (high, low) = ((salt >> 32) as u32 as i32, salt as u32 as i32);
+            edits.push((open.start..open.end, "((".into()));
+            edits.push((
+                comma.start..comma.end,
+                format!(")::integer # '{high}'::integer, ("),
+            ));
+            edits.push((
+                close.start..close.end,
+                format!(")::integer # '{low}'::integer)"),
+            ));
+        }
+        _ => return Err(refuse()),
+    }
+    Ok(())
+}
 
 /// Statement kinds allowed as they are (Tenant scope).
 const ALLOWED_STATEMENTS: &[&str] = &[
@@ -236,6 +321,11 @@ impl Policy {
                     "\"{name}\" is not allowed through pgtenant"
                 )));
             }
+            if let Some(salt) = self.lock_salt.filter(|_| tenant)
+                && ADVISORY_FUNCTIONS.contains(&name)
+            {
+                namespace_lock_keys(name, tokens, i, salt, edits)?;
+            }
             if name == "set_config" || (tenant && name == "pg_notify") {
                 let literal = match (tokens.get(i + 1), tokens.get(i + 2), tokens.get(i + 3)) {
                     (Some(open), Some(arg), Some(comma))
@@ -308,8 +398,8 @@ impl Policy {
         };
         let tenant = self.scope == Scope::Tenant;
         match first {
-            "set" => self.check_set(stmt),
-            "reset" => self.check_reset(stmt),
+            "set" => self.check_set(stmt, edits),
+            "reset" => self.check_reset(stmt, edits),
             "discard" => {
                 if keyword(1, "all") {
                     Ok(true)

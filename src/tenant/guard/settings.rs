@@ -2,6 +2,8 @@
 //! `set_config`, and which values it may give them (read-only users stay read-only, the
 //! statement timeout stays within the plan, client encodings stay ones the lexer can read).
 
+use std::ops::Range;
+
 use super::lexer::{Kind, Token};
 use super::policy::{Policy, Scope, Verdict};
 use crate::tenant::TENANT_SETTING;
@@ -100,7 +102,11 @@ const SAFE_ENCODINGS: &[&str] = &[
 ];
 
 impl Policy {
-    pub(super) fn check_set(&self, stmt: &[Token<'_>]) -> Result<bool, Verdict> {
+    pub(super) fn check_set(
+        &self,
+        stmt: &[Token<'_>],
+        edits: &mut Vec<(Range<usize>, String)>,
+    ) -> Result<bool, Verdict> {
         let word = |i: usize| stmt.get(i).and_then(Token::ident).unwrap_or("");
         let mut i = 1;
         match word(1) {
@@ -137,11 +143,30 @@ impl Policy {
             }
         };
         self.check_setting_name(&name, self.scope == Scope::Tenant)?;
-        self.check_setting_value(&name, stmt.get(value_at..).unwrap_or_default())?;
+        let value = stmt.get(value_at..).unwrap_or_default();
+        self.check_setting_value(&name, value)?;
+        // DEFAULT would return to the server's default: the plan's limit is the ceiling.
+        if let (Some(ceiling), [t]) = (self.statement_timeout_ceiling(&name), value)
+            && t.is_keyword("default")
+        {
+            edits.push((t.start..t.end, ceiling));
+        }
         Ok(false)
     }
 
-    pub(super) fn check_reset(&self, stmt: &[Token<'_>]) -> Result<bool, Verdict> {
+    /// For `statement_timeout` under a plan limit: the limit as a SET value.
+    fn statement_timeout_ceiling(&self, name: &str) -> Option<String> {
+        let max = self
+            .max_statement_timeout
+            .filter(|_| name == "statement_timeout")?;
+        Some(format!("'{}ms'", max.as_millis()))
+    }
+
+    pub(super) fn check_reset(
+        &self,
+        stmt: &[Token<'_>],
+        edits: &mut Vec<(Range<usize>, String)>,
+    ) -> Result<bool, Verdict> {
         let word = |i: usize| stmt.get(i).and_then(Token::ident).unwrap_or("");
         let name = match word(1) {
             "all" => return Ok(true),
@@ -161,6 +186,17 @@ impl Policy {
         {
             return Err(Verdict::refuse(
                 "this user is read-only: it cannot reset read-only mode",
+            ));
+        }
+        // RESET would return to the server's default: the plan's limit is the ceiling.
+        if let (Some(ceiling), Some(first), Some(last)) = (
+            self.statement_timeout_ceiling(&name),
+            stmt.first(),
+            stmt.last(),
+        ) {
+            edits.push((
+                first.start..last.end,
+                format!("SET statement_timeout TO {ceiling}"),
             ));
         }
         Ok(false)
@@ -223,8 +259,7 @@ impl Policy {
                     let requested = text.as_deref().and_then(parse_timeout_ms);
                     match requested {
                         Some(ms) if ms > 0 && u128::from(ms) <= max.as_millis() => {}
-                        // DEFAULT returns to the session default; pgtenant's own timer still
-                        // applies the plan.
+                        // DEFAULT is rewritten to the plan's limit (check_set).
                         None if value.first().is_some_and(|t| t.is_keyword("default")) => {}
                         _ => {
                             return Err(Verdict::refuse(format!(

@@ -14,6 +14,7 @@ fn shared() -> Policy {
         notify_prefix: Some("acme.".into()),
         allow_ddl: false,
         prepared_prefix: None,
+        lock_salt: Some(0x8000_0000_0000_0001),
         unchecked: false,
     }
 }
@@ -670,6 +671,51 @@ fn transaction_pooling_reports_session_effects() {
         ),
         ("DEALLOCATE ALL", vec![Effect::DeallocateAll], None),
         ("SELECT 1", vec![], None),
+        ("BEGIN", vec![], None),
+        ("COMMIT", vec![], None),
+        ("END AND NO CHAIN", vec![], None),
+        ("COMMIT AND CHAIN", vec![Effect::CommitChain], None),
+        ("ROLLBACK", vec![Effect::Rollback], None),
+        ("abort work and chain", vec![Effect::Rollback], None),
+        ("SAVEPOINT s1", vec![Effect::Savepoint("s1".into())], None),
+        (
+            "ROLLBACK TRANSACTION TO SAVEPOINT S1",
+            vec![Effect::RollbackTo("s1".into())],
+            None,
+        ),
+        (
+            "ROLLBACK TO s1",
+            vec![Effect::RollbackTo("s1".into())],
+            None,
+        ),
+        (
+            "RELEASE SAVEPOINT s1",
+            vec![Effect::Release("s1".into())],
+            None,
+        ),
+        ("RELEASE s1", vec![Effect::Release("s1".into())], None),
+        (
+            "CREATE TEMP TABLE t (x int)",
+            vec![Effect::Pin("a temporary table")],
+            None,
+        ),
+        (
+            "create global temporary table t (x int)",
+            vec![Effect::Pin("a temporary table")],
+            None,
+        ),
+        (
+            "SELECT 1 AS x INTO TEMP t",
+            vec![Effect::Pin("a temporary table")],
+            None,
+        ),
+        ("SELECT temp FROM weather", vec![], None),
+        (
+            "DECLARE c CURSOR WITH HOLD FOR SELECT 1",
+            vec![Effect::Pin("a WITH HOLD cursor")],
+            None,
+        ),
+        ("DECLARE c CURSOR WITHOUT HOLD FOR SELECT 1", vec![], None),
     ];
     for (sql, effects, rewritten) in cases {
         let v = pooled().check(sql.as_bytes(), true);
@@ -681,6 +727,110 @@ fn transaction_pooling_reports_session_effects() {
     assert!(
         shared()
             .check(b"SET work_mem = '1MB'", true)
+            .effects
+            .is_empty()
+    );
+}
+
+#[test]
+fn the_plans_statement_timeout_is_a_ceiling_reset_and_default_cannot_lift() {
+    for policy in [shared(), dedicated(), pooled()] {
+        let cases = [
+            (
+                "RESET statement_timeout",
+                "SET statement_timeout TO '30000ms'",
+            ),
+            (
+                "reset STATEMENT_TIMEOUT; select 1",
+                "SET statement_timeout TO '30000ms'; select 1",
+            ),
+            (
+                "SET statement_timeout TO DEFAULT",
+                "SET statement_timeout TO '30000ms'",
+            ),
+            (
+                "SET SESSION statement_timeout = default",
+                "SET SESSION statement_timeout = '30000ms'",
+            ),
+            (
+                "SET LOCAL statement_timeout TO DEFAULT",
+                "SET LOCAL statement_timeout TO '30000ms'",
+            ),
+        ];
+        for (sql, rewritten) in cases {
+            let v = policy.check(sql.as_bytes(), true);
+            assert!(v.refusal.is_none(), "{sql}: {v:?}");
+            assert_eq!(v.rewritten.as_deref(), Some(rewritten), "{sql}");
+        }
+        assert_refused(
+            &policy,
+            &[
+                "SET statement_timeout = 0",
+                "SET statement_timeout TO '0'",
+                "SELECT set_config('statement_timeout', NULL, false)",
+                "SELECT set_config('statement_timeout', '0', false)",
+            ],
+        );
+    }
+    // Without a plan limit nothing is rewritten.
+    let free = Policy {
+        max_statement_timeout: None,
+        ..shared()
+    };
+    assert_eq!(free.check(b"RESET statement_timeout", true).rewritten, None);
+}
+
+#[test]
+fn advisory_lock_keys_move_into_the_tenants_namespace() {
+    let cases = [
+        (
+            "SELECT pg_advisory_lock(4242)",
+            "SELECT pg_advisory_lock((4242)::bigint # '-9223372036854775807'::bigint)",
+        ),
+        (
+            "select pg_catalog.pg_try_advisory_xact_lock(1, f(2, 3))",
+            "select pg_catalog.pg_try_advisory_xact_lock((1)::integer # '-2147483648'::integer, ( f(2, 3))::integer # '1'::integer)",
+        ),
+        (
+            "SELECT pg_advisory_unlock(pg_advisory_lock_shared(1)::int::bigint)",
+            "SELECT pg_advisory_unlock((pg_advisory_lock_shared((1)::bigint # '-9223372036854775807'::bigint)::int::bigint)::bigint # '-9223372036854775807'::bigint)",
+        ),
+        (
+            "SELECT pg_advisory_unlock_all()",
+            "SELECT pg_advisory_unlock_all()",
+        ),
+    ];
+    for (sql, rewritten) in cases {
+        let v = shared().check(sql.as_bytes(), true);
+        assert!(v.refusal.is_none(), "{sql}: {v:?}");
+        assert_eq!(v.rewritten.as_deref().unwrap_or(sql), rewritten, "{sql}");
+    }
+    assert_refused(
+        &shared(),
+        &[
+            "SELECT pg_advisory_lock()",
+            "SELECT pg_advisory_lock(1, 2, 3)",
+            "SELECT pg_advisory_lock",
+            "SELECT pg_advisory_lock(1",
+        ],
+    );
+    // Dedicated placements keep PostgreSQL's keys.
+    assert_eq!(
+        dedicated()
+            .check(b"SELECT pg_advisory_lock(4242)", true)
+            .rewritten,
+        None
+    );
+    // Session-level locks pin the connection in transaction pooling; xact ones do not.
+    assert_eq!(
+        pooled()
+            .check(b"SELECT pg_try_advisory_lock(1)", true)
+            .effects,
+        vec![Effect::Pin("a session advisory lock")]
+    );
+    assert!(
+        pooled()
+            .check(b"SELECT pg_advisory_xact_lock(1)", true)
             .effects
             .is_empty()
     );
