@@ -145,6 +145,11 @@ pub struct PoolConfig {
     pub server_idle_timeout: Duration,
     #[serde(default = "default_connect_timeout", deserialize_with = "duration::de")]
     pub connect_timeout: Duration,
+    #[serde(
+        default = "default_client_write_timeout",
+        deserialize_with = "duration::de"
+    )]
+    pub client_write_timeout: Duration,
 }
 
 impl Default for PoolConfig {
@@ -154,6 +159,7 @@ impl Default for PoolConfig {
             checkout_timeout: default_checkout_timeout(),
             server_idle_timeout: default_server_idle_timeout(),
             connect_timeout: default_connect_timeout(),
+            client_write_timeout: default_client_write_timeout(),
         }
     }
 }
@@ -169,6 +175,9 @@ fn default_server_idle_timeout() -> Duration {
 }
 fn default_connect_timeout() -> Duration {
     Duration::from_secs(5)
+}
+fn default_client_write_timeout() -> Duration {
+    Duration::from_secs(60)
 }
 
 /// TLS towards a shard, with libpq's `sslmode` meanings.

@@ -132,6 +132,9 @@ pub struct PoolSettings {
     pub checkout_timeout: Duration,
     pub server_idle_timeout: Duration,
     pub connect_timeout: Duration,
+    /// A client that takes nothing of what pgtenant has for it for this long, while a server
+    /// connection is attached, is disconnected (0: never).
+    pub client_write_timeout: Duration,
 }
 
 /// `[admin]`.

@@ -176,6 +176,7 @@ pub fn build_snapshot(file: ConfigFile, text: &str, path: &Path) -> Result<Snaps
         checkout_timeout: p.checkout_timeout,
         server_idle_timeout: p.server_idle_timeout,
         connect_timeout: p.connect_timeout,
+        client_write_timeout: p.client_write_timeout,
     };
 
     // [admin]

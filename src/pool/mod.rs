@@ -32,6 +32,9 @@ pub(crate) const RESET_PATIENCE: Duration = Duration::from_secs(5);
 /// How long a cancel sent to a server connection may take to arrive; a connection whose
 /// cancel is still in flight after this is closed rather than given to anyone else.
 pub(crate) const CANCEL_PATIENCE: Duration = Duration::from_secs(5);
+/// How long a closed connection's backend may take to exit while its permits stay taken.
+/// Past it the permits are released with a warning (the backend is stuck beyond cancel).
+pub(crate) const RETIRE_PATIENCE: Duration = Duration::from_secs(60);
 
 /// A checkout failure.
 #[derive(Debug, thiserror::Error)]
@@ -233,7 +236,7 @@ impl Pool {
     /// reaches the next client's statement.
     pub async fn release(&self, mut pooled: PooledConn) {
         if !pooled.conn.cancel.settled(CANCEL_PATIENCE).await {
-            tracing::info!(shard = %self.shard.name, "closing server connection with a cancel still in flight");
+            self.retire(pooled, true, "a cancel was still in flight");
             return;
         }
         if pooled.conn.tracker.is_idle() && pooled.conn.scanner.at_boundary() {
@@ -247,28 +250,50 @@ impl Pool {
     /// Returns a connection. `whole_messages` is false when the client stopped in the middle
     /// of a message it was sending: the server cannot be resynchronised and is closed.
     pub async fn checkin(&self, mut pooled: PooledConn, whole_messages: bool) {
-        let shard = &self.shard.name;
         if !pooled.conn.cancel.settled(CANCEL_PATIENCE).await {
-            tracing::info!(%shard, "closing server connection with a cancel still in flight");
+            self.retire(pooled, whole_messages, "a cancel was still in flight");
             return;
         }
         if !whole_messages || !pooled.conn.scanner.at_boundary() {
-            tracing::debug!(%shard, "closing server connection stopped mid-message");
+            self.retire(pooled, whole_messages, "it stopped mid-message");
             return;
         }
         if !pooled.conn.tracker.is_idle()
             && let Err(e) = pooled.conn.recover(RESET_PATIENCE).await
         {
-            tracing::info!(%shard, error = %e, "closing server connection that could not be recovered");
+            tracing::info!(shard = %self.shard.name, error = %e, "server connection could not be recovered");
+            self.retire(pooled, true, "it could not be recovered");
             return;
         }
         if let Err(e) = pooled.conn.reset(RESET_PATIENCE).await {
-            tracing::info!(%shard, error = %e, "closing server connection that failed to reset");
+            tracing::info!(shard = %self.shard.name, error = %e, "server connection failed to reset");
+            self.retire(pooled, true, "it failed to reset");
             return;
         }
         pooled.conn.idle_since = Instant::now();
         self.idle().push(pooled.conn);
         // The permit drops here, after the connection is back in the idle list.
+    }
+
+    /// Closes a connection that must not be used again, without leaving its backend behind:
+    /// what it runs is cancelled, it is told to terminate, and its permits (the shard's and
+    /// the tenant's) stay taken until the backend is gone, so a client that walks away from
+    /// a long statement cannot make the shard run more backends than its caps allow.
+    /// `whole_messages`: what was written to the server ends with a whole message.
+    pub fn retire(&self, mut pooled: PooledConn, whole_messages: bool, why: &'static str) {
+        let shard = self.shard.name.clone();
+        tracing::info!(%shard, why, "closing server connection");
+        tokio::spawn(async move {
+            if !pooled
+                .conn
+                .close_and_wait(whole_messages, RETIRE_PATIENCE)
+                .await
+            {
+                tracing::warn!(%shard, pid = pooled.conn.backend_pid(),
+                    "a closed server connection's backend did not exit within {RETIRE_PATIENCE:?}; releasing its slot");
+            }
+            drop(pooled);
+        });
     }
 
     /// The notification hub for this shard and login (transaction pooling).

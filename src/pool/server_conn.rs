@@ -121,6 +121,9 @@ pub struct ServerConn {
     pub(crate) idle_since: Instant,
 }
 
+/// How often a connection being retired has its statement cancelled again.
+pub(crate) const RETIRE_CANCEL_EVERY: Duration = Duration::from_secs(2);
+
 /// The text columns of a DataRow body.
 fn data_row(body: &[u8]) -> Result<Vec<Option<String>>, ServerError> {
     let bad = || ServerError::Protocol("malformed DataRow".into());
@@ -385,6 +388,42 @@ impl ServerConn {
         tokio::time::timeout(patience, self.run_own("DISCARD ALL"))
             .await
             .map_err(|_| ServerError::Timeout)?
+    }
+
+    /// Closes the connection in a way that leaves no backend behind, and returns once the
+    /// backend is gone (its end of the socket closed) or `patience` ran out (`false`). What
+    /// still runs is cancelled (again every [`RETIRE_CANCEL_EVERY`] while it lasts); the
+    /// server is asked to Terminate and its input is closed, so the backend exits as soon as
+    /// the statement ends rather than when it next writes.
+    /// `whole_messages` is false when pgtenant stopped writing in the middle of a message:
+    /// then no Terminate can follow, and closing the input ends the backend's read.
+    pub async fn close_and_wait(&mut self, whole_messages: bool, patience: Duration) -> bool {
+        let mut out = BytesMut::new();
+        if whole_messages {
+            encode::raw(tag::TERMINATE, b"", &mut out);
+        }
+        let busy = !self.tracker.is_idle();
+        let finished = async {
+            if !out.is_empty() {
+                let _ = self.stream.write_all(&out).await;
+            }
+            let _ = self.stream.shutdown().await;
+            let mut sink = vec![0u8; 8192];
+            loop {
+                match tokio::time::timeout(RETIRE_CANCEL_EVERY, self.stream.read(&mut sink)).await {
+                    Ok(Ok(0)) | Ok(Err(_)) => return,
+                    Ok(Ok(_)) => {}
+                    Err(_) => {
+                        // Still running: cancel it (again).
+                        let _ = self.cancel.begin().send(RETIRE_CANCEL_EVERY).await;
+                    }
+                }
+            }
+        };
+        if busy {
+            let _ = self.cancel.begin().send(RETIRE_CANCEL_EVERY).await;
+        }
+        tokio::time::timeout(patience, finished).await.is_ok()
     }
 
     /// Whether the server has closed the connection or sent something unsolicited while idle.

@@ -9,7 +9,7 @@
 //! dropped (shutdown, timers) and resumed without losing bytes.
 
 use std::collections::BTreeMap;
-use std::future::poll_fn;
+use std::future::{Future as _, poll_fn};
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -43,6 +43,8 @@ pub enum PumpEnd {
     /// Transaction pooling: the transaction is over and the server connection may go back
     /// to its pool.
     Released,
+    /// The client took none of the bytes pgtenant had for it for the client write timeout.
+    ClientStalled(std::time::Duration),
     /// Transaction pooling: the client's transaction ended with a LISTEN and it keeps its
     /// server connection (pinned): its ReadyForQuery waits until the hub listens too.
     Listening,
@@ -80,6 +82,11 @@ pub struct Pump {
     to_client: BytesMut,
     flush_client: bool,
     flush_server: bool,
+    /// How long the client may take nothing while bytes wait for it (`None`: forever).
+    write_timeout: Option<std::time::Duration>,
+    /// Armed when a write to the client could not proceed; disarmed by any progress.
+    stall: Option<Pin<Box<tokio::time::Sleep>>>,
+    stalled: bool,
 }
 
 fn reserve(buf: &mut BytesMut) {
@@ -119,6 +126,39 @@ fn poll_drain<W: AsyncWrite + Unpin>(
 }
 
 impl Pump {
+    /// A pump that ends with [`PumpEnd::ClientStalled`] when the client takes nothing for
+    /// `timeout` while bytes wait for it (zero: never).
+    pub fn with_write_timeout(timeout: std::time::Duration) -> Self {
+        Pump {
+            write_timeout: (!timeout.is_zero()).then_some(timeout),
+            ..Pump::default()
+        }
+    }
+
+    /// Called after a write attempt to the client: `Ready` when the client has taken
+    /// nothing for the write timeout. The timer is created on the first stall only.
+    fn poll_stall(&mut self, cx: &mut Context<'_>, progress: bool) -> Poll<std::time::Duration> {
+        let Some(limit) = self.write_timeout else {
+            return Poll::Pending;
+        };
+        if progress || self.to_client.is_empty() {
+            self.stalled = false;
+            return Poll::Pending;
+        }
+        if !self.stalled {
+            self.stalled = true;
+            let deadline = tokio::time::Instant::now() + limit;
+            match &mut self.stall {
+                Some(sleep) => sleep.as_mut().reset(deadline),
+                None => self.stall = Some(Box::pin(tokio::time::sleep_until(deadline))),
+            }
+        }
+        match &mut self.stall {
+            Some(sleep) => sleep.as_mut().poll(cx).map(|()| limit),
+            None => Poll::Pending,
+        }
+    }
+
     /// Bytes waiting to be written to the client.
     pub fn pending_to_client(&self) -> &[u8] {
         &self.to_client
@@ -244,7 +284,12 @@ impl Pump {
             }
             if !relay.holds_client_output(server.tracker) {
                 match poll_drain(cx, client, &mut self.to_client, &mut self.flush_client) {
-                    Ok(p) => progress |= p,
+                    Ok(p) => {
+                        progress |= p;
+                        if let Poll::Ready(limit) = self.poll_stall(cx, p) {
+                            return Poll::Ready(PumpEnd::ClientStalled(limit));
+                        }
+                    }
                     Err(e) => return Poll::Ready(PumpEnd::ClientGone(e)),
                 }
             }

@@ -215,7 +215,7 @@ pub(super) async fn run_session(state: &AppState, snapshot: &Snapshot, client: A
         return;
     }
 
-    let mut pump = Pump::default();
+    let mut pump = Pump::with_write_timeout(snapshot.pool.client_write_timeout);
     let (end, attached) = if pooling {
         pool.release(pooled).await;
         let attached = Attached {
@@ -256,7 +256,11 @@ pub(super) async fn run_session(state: &AppState, snapshot: &Snapshot, client: A
     }
     if relay.server_unusable() {
         // Closed: pgtenant could not bind the context on it.
-        drop(pooled);
+        pool.retire(
+            pooled,
+            relay.client_at_boundary(),
+            "the tenant context could not be bound",
+        );
     } else if pooling && relay.client_at_boundary() && !relay.pinned() {
         pool.release(pooled).await;
     } else {
@@ -322,9 +326,9 @@ async fn checkout_prepared(
                 return Err(Failed::Client(fields));
             }
             Err(e) => {
-                tracing::warn!(error = %e, "closing a server connection that could not be reset or bound");
+                tracing::warn!(error = %e, "a server connection could not be reset or bound");
                 last = Some(e);
-                drop(pooled);
+                pool.retire(pooled, true, "it could not be reset or bound");
             }
         }
     }
@@ -667,6 +671,14 @@ async fn finish(
             ("terminate", None)
         }
         SessionEnd::Pump(PumpEnd::ClientGone(_)) => ("client_gone", None),
+        SessionEnd::Pump(PumpEnd::ClientStalled(limit)) => {
+            tracing::info!(
+                "client took nothing of its results for {}; disconnecting it and freeing its server connection",
+                crate::config::format_duration(*limit)
+            );
+            // It does not read: nothing more is written to it.
+            ("client_write_timeout", None)
+        }
     };
     tracing::info!(end = label, "session ended");
     let Some(notice) = notice else { return };
