@@ -5,7 +5,7 @@
 //! subscribe to its own channels. The hub reconnects and listens again when its connection
 //! drops.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -102,6 +102,169 @@ impl NotifyHub {
 
 type Subscribers = HashMap<String, HashMap<u64, Subscriber>>;
 
+/// Channels whose LISTEN/UNLISTEN one statement of the hub carries, at most. The server's
+/// cost of each is proportional to the channels it listens on, so one statement stays short
+/// however many channels a tenant adds or drops at once.
+const CHUNK: usize = 64;
+
+/// What the hub wants its connection to listen on, what it does listen on, and the work in
+/// between, queued per tenant and served round-robin: one tenant listening on (or leaving)
+/// thousands of channels delays another tenant's LISTEN by one short statement at most.
+#[derive(Default)]
+struct Hub {
+    /// Who wants each channel (the connection should listen on exactly these).
+    subscribers: Subscribers,
+    /// What the connection listens on, counting the statement in flight.
+    listening: HashSet<String>,
+    /// Channels whose wanted and actual state may differ, per tenant (the channel's prefix
+    /// before the first dot), in arrival order.
+    dirty: HashMap<String, (VecDeque<String>, HashSet<String>)>,
+    /// Tenants with dirty channels, in turn order.
+    turn: VecDeque<String>,
+    /// Listens waiting to be confirmed, per channel.
+    waiters: HashMap<String, Vec<oneshot::Sender<()>>>,
+    /// The channels the statement in flight LISTENs on (`None`: no statement in flight).
+    in_flight: Option<Vec<String>>,
+}
+
+/// The tenant a (namespaced) channel belongs to.
+fn group_of(channel: &str) -> &str {
+    channel.split_once('.').map_or("", |(g, _)| g)
+}
+
+impl Hub {
+    fn mark_dirty(&mut self, channel: &str) {
+        let group = group_of(channel).to_owned();
+        let (queue, set) = self.dirty.entry(group.clone()).or_default();
+        if set.insert(channel.to_owned()) {
+            if queue.is_empty() {
+                // A tenant with nothing queued goes before those working through a backlog.
+                self.turn.push_front(group);
+            }
+            queue.push_back(channel.to_owned());
+        }
+    }
+
+    /// Applies a command to the wanted state; a Listen's confirmation is kept until the
+    /// connection listens on the channel (or sent now if it does already).
+    fn apply(&mut self, command: Command) {
+        match command {
+            Command::Listen {
+                channel,
+                client,
+                deliver,
+                done,
+            } => {
+                self.subscribers
+                    .entry(channel.clone())
+                    .or_default()
+                    .insert(client, deliver);
+                let in_flight = self
+                    .in_flight
+                    .as_ref()
+                    .is_some_and(|f| f.contains(&channel));
+                if self.listening.contains(&channel) && !in_flight {
+                    if let Some(done) = done {
+                        let _ = done.send(());
+                    }
+                } else {
+                    self.waiters
+                        .entry(channel.clone())
+                        .or_default()
+                        .extend(done);
+                    self.mark_dirty(&channel);
+                }
+            }
+            Command::Unlisten { channel, client } => {
+                let channels: Vec<String> = match channel {
+                    Some(c) => vec![c],
+                    None => self.subscribers.keys().cloned().collect(),
+                };
+                for c in channels {
+                    if let Some(entry) = self.subscribers.get_mut(&c) {
+                        entry.remove(&client);
+                        if entry.is_empty() {
+                            self.subscribers.remove(&c);
+                            self.mark_dirty(&c);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The next statement to send, taking up to [`CHUNK`] channels from the next tenant in
+    /// turn; `None` while one is in flight or nothing is to do.
+    fn next_statement(&mut self) -> Option<String> {
+        if self.in_flight.is_some() {
+            return None;
+        }
+        while let Some(group) = self.turn.pop_front() {
+            let Some((queue, set)) = self.dirty.get_mut(&group) else {
+                continue;
+            };
+            let mut sql = Vec::new();
+            let mut listened = Vec::new();
+            while sql.len() < CHUNK {
+                let Some(channel) = queue.pop_front() else {
+                    break;
+                };
+                set.remove(&channel);
+                let wanted = self.subscribers.contains_key(&channel);
+                if wanted && !self.listening.contains(&channel) {
+                    sql.push(format!("LISTEN {}", quote_ident(&channel)));
+                    self.listening.insert(channel.clone());
+                    listened.push(channel);
+                } else if !wanted && self.listening.remove(&channel) {
+                    sql.push(format!("UNLISTEN {}", quote_ident(&channel)));
+                } else if wanted {
+                    // Listening already (a LISTEN in flight is handled when it completes).
+                    for done in self.waiters.remove(&channel).unwrap_or_default() {
+                        let _ = done.send(());
+                    }
+                }
+            }
+            if queue.is_empty() {
+                self.dirty.remove(&group);
+            } else {
+                self.turn.push_back(group);
+            }
+            if !sql.is_empty() {
+                self.in_flight = Some(listened);
+                return Some(sql.join("; "));
+            }
+        }
+        None
+    }
+
+    /// The statement in flight completed: confirm the listens it made.
+    fn statement_done(&mut self) {
+        for channel in self.in_flight.take().unwrap_or_default() {
+            for done in self.waiters.remove(&channel).unwrap_or_default() {
+                let _ = done.send(());
+            }
+        }
+    }
+
+    /// A new connection listens on nothing: every wanted channel is work again.
+    fn connected(&mut self) {
+        self.listening.clear();
+        self.in_flight = None;
+        self.dirty.clear();
+        self.turn.clear();
+        let channels: Vec<String> = self.subscribers.keys().cloned().collect();
+        for c in channels {
+            self.mark_dirty(&c);
+        }
+    }
+
+    /// The connection could not be made: listeners waiting for confirmation go on without
+    /// it (their receivers see the sender dropped).
+    fn give_up_waiting(&mut self) {
+        self.waiters.clear();
+    }
+}
+
 async fn send_query(conn: &mut ServerConn, sql: &str) -> std::io::Result<()> {
     let mut out = BytesMut::new();
     let mut body = sql.as_bytes().to_vec();
@@ -109,77 +272,6 @@ async fn send_query(conn: &mut ServerConn, sql: &str) -> std::io::Result<()> {
     encode::raw(tag::QUERY, &body, &mut out);
     conn.stream.write_all(&out).await?;
     conn.stream.flush().await
-}
-
-/// Applies a command; returns the statement the connection must run, if any.
-fn apply(subscribers: &mut Subscribers, command: Command) -> Option<String> {
-    match command {
-        Command::Listen {
-            channel,
-            client,
-            deliver,
-            ..
-        } => {
-            let entry = subscribers.entry(channel.clone()).or_default();
-            let first = entry.is_empty();
-            entry.insert(client, deliver);
-            first.then(|| format!("LISTEN {}", quote_ident(&channel)))
-        }
-        Command::Unlisten { channel, client } => {
-            let channels: Vec<String> = match channel {
-                Some(c) => vec![c],
-                None => subscribers.keys().cloned().collect(),
-            };
-            let mut emptied = Vec::new();
-            for c in channels {
-                if let Some(entry) = subscribers.get_mut(&c) {
-                    entry.remove(&client);
-                    if entry.is_empty() {
-                        subscribers.remove(&c);
-                        emptied.push(format!("UNLISTEN {}", quote_ident(&c)));
-                    }
-                }
-            }
-            (!emptied.is_empty()).then(|| emptied.join("; "))
-        }
-    }
-}
-
-/// The confirmation a Listen command carries.
-fn take_done(command: &mut Command) -> Option<oneshot::Sender<()>> {
-    match command {
-        Command::Listen { done, .. } => done.take(),
-        Command::Unlisten { .. } => None,
-    }
-}
-
-/// Confirmations waiting for the ReadyForQuery of each statement the hub sent, in order.
-type Pending = VecDeque<Vec<oneshot::Sender<()>>>;
-
-/// Applies `command` on a connected hub: sends its statement, if any, and files its
-/// confirmation behind the statement that makes it true. `Err` when the connection failed.
-async fn apply_connected(
-    conn: &mut ServerConn,
-    subscribers: &mut Subscribers,
-    pending: &mut Pending,
-    mut command: Command,
-) -> std::io::Result<()> {
-    let done = take_done(&mut command);
-    match apply(subscribers, command) {
-        Some(sql) => {
-            send_query(conn, &sql).await?;
-            pending.push_back(done.into_iter().collect());
-        }
-        // Already listening, or about to be once the statements in flight finish.
-        None => match (done, pending.back_mut()) {
-            (Some(done), Some(last)) => last.push(done),
-            (Some(done), None) => {
-                let _ = done.send(());
-            }
-            (None, _) => {}
-        },
-    }
-    Ok(())
 }
 
 /// Delivers a NotificationResponse body to the channel's subscribers.
@@ -214,6 +306,14 @@ fn dispatch(subscribers: &mut Subscribers, body: &[u8]) {
     });
 }
 
+/// Sends the hub's next statement if none is in flight. `Err` when the connection failed.
+async fn send_next(conn: &mut ServerConn, hub: &mut Hub) -> std::io::Result<()> {
+    match hub.next_statement() {
+        Some(sql) => send_query(conn, &sql).await,
+        None => Ok(()),
+    }
+}
+
 async fn run(
     shard: Arc<Shard>,
     login: Login,
@@ -221,18 +321,13 @@ async fn run(
     timeout: Duration,
     mut commands: mpsc::UnboundedReceiver<Command>,
 ) {
-    let mut subscribers: Subscribers = HashMap::new();
+    let mut hub = Hub::default();
     let mut backoff = Duration::from_millis(200);
-    // Confirmations for listens that arrived while the hub had no connection.
-    let mut waiting: Vec<oneshot::Sender<()>> = Vec::new();
     loop {
         // Connect only when someone listens.
-        while subscribers.is_empty() {
+        while hub.subscribers.is_empty() {
             match commands.recv().await {
-                Some(mut c) => {
-                    waiting.extend(take_done(&mut c));
-                    apply(&mut subscribers, c);
-                }
+                Some(c) => hub.apply(c),
                 None => return,
             }
         }
@@ -240,24 +335,17 @@ async fn run(
             Ok(c) => c,
             Err(e) => {
                 tracing::warn!(shard = %shard.name, error = %e, "notification hub cannot connect; retrying");
-                // Listeners waiting for confirmation go on without it.
-                waiting.clear();
+                hub.give_up_waiting();
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(10));
                 continue;
             }
         };
         backoff = Duration::from_millis(200);
-        let all: Vec<String> = subscribers
-            .keys()
-            .map(|c| format!("LISTEN {}", quote_ident(c)))
-            .collect();
-        if send_query(&mut conn, &all.join("; ")).await.is_err() {
-            waiting.clear();
+        hub.connected();
+        if send_next(&mut conn, &mut hub).await.is_err() {
             continue;
         }
-        let mut pending: Pending = VecDeque::new();
-        pending.push_back(std::mem::take(&mut waiting));
         let mut scanner = FrameScanner::new(
             TagSet::of(&[
                 tag::NOTIFICATION_RESPONSE,
@@ -271,10 +359,12 @@ async fn run(
             tokio::select! {
                 command = commands.recv() => {
                     let Some(command) = command else { return };
-                    if apply_connected(&mut conn, &mut subscribers, &mut pending, command)
-                        .await
-                        .is_err()
-                    {
+                    hub.apply(command);
+                    // Take whatever else is queued before deciding what to send.
+                    while let Ok(more) = commands.try_recv() {
+                        hub.apply(more);
+                    }
+                    if send_next(&mut conn, &mut hub).await.is_err() {
                         break;
                     }
                 }
@@ -283,15 +373,15 @@ async fn run(
                         Ok(0) | Err(_) => break,
                         Ok(_) => {}
                     }
+                    let mut ready = false;
                     loop {
                         match scanner.next(&buf) {
                             Ok(Some(Piece::Whole { tag: t, len })) => {
                                 if t == tag::NOTIFICATION_RESPONSE {
-                                    dispatch(&mut subscribers, &buf[5..len]);
+                                    dispatch(&mut hub.subscribers, &buf[5..len]);
                                 } else if t == tag::READY_FOR_QUERY {
-                                    for done in pending.pop_front().unwrap_or_default() {
-                                        let _ = done.send(());
-                                    }
+                                    hub.statement_done();
+                                    ready = true;
                                 } else {
                                     let fields = crate::protocol::server_msgs::error_fields(&buf[5..len]).unwrap_or_default();
                                     tracing::warn!(code = %fields.code, message = %fields.message, "notification hub statement failed");
@@ -305,6 +395,9 @@ async fn run(
                                 break;
                             }
                         }
+                    }
+                    if ready && send_next(&mut conn, &mut hub).await.is_err() {
+                        break;
                     }
                 }
             }
@@ -326,52 +419,92 @@ mod tests {
         b
     }
 
-    #[tokio::test]
-    async fn subscriptions_listen_once_and_fan_out() {
-        let mut subs = Subscribers::new();
-        let sub = |tx| Subscriber {
+    fn sub(tx: mpsc::Sender<Notification>) -> Subscriber {
+        Subscriber {
             deliver: tx,
             overflow: Arc::default(),
-        };
-        let (tx1, mut rx1) = mpsc::channel(4);
-        let (tx2, mut rx2) = mpsc::channel(4);
-        let (tx1, tx2) = (sub(tx1), sub(tx2));
-        let listen = |client, deliver| Command::Listen {
-            channel: "acme.ev".into(),
+        }
+    }
+
+    fn listen(channel: &str, client: u64, deliver: Subscriber) -> Command {
+        Command::Listen {
+            channel: channel.into(),
             client,
             deliver,
             done: None,
-        };
-        assert_eq!(
-            apply(&mut subs, listen(1, tx1)),
-            Some("LISTEN \"acme.ev\"".into())
-        );
-        assert_eq!(apply(&mut subs, listen(2, tx2)), None, "already listening");
-        dispatch(&mut subs, &body("acme.ev", "hi"));
-        dispatch(&mut subs, &body("globex.ev", "not yours"));
+        }
+    }
+
+    #[tokio::test]
+    async fn subscriptions_listen_once_and_fan_out() {
+        let mut hub = Hub::default();
+        let (tx1, mut rx1) = mpsc::channel(4);
+        let (tx2, mut rx2) = mpsc::channel(4);
+        hub.apply(listen("acme.ev", 1, sub(tx1)));
+        hub.apply(listen("acme.ev", 2, sub(tx2)));
+        assert_eq!(hub.next_statement(), Some("LISTEN \"acme.ev\"".into()));
+        assert_eq!(hub.next_statement(), None, "one statement in flight");
+        hub.statement_done();
+        assert_eq!(hub.next_statement(), None, "already listening");
+        dispatch(&mut hub.subscribers, &body("acme.ev", "hi"));
+        dispatch(&mut hub.subscribers, &body("globex.ev", "not yours"));
         assert_eq!(rx1.recv().await.unwrap().payload, "hi");
         assert_eq!(rx2.recv().await.unwrap().payload, "hi");
         assert!(rx1.try_recv().is_err());
-        assert_eq!(
-            apply(
-                &mut subs,
-                Command::Unlisten {
-                    channel: None,
-                    client: 1
-                }
-            ),
-            None
+        hub.apply(Command::Unlisten {
+            channel: None,
+            client: 1,
+        });
+        assert_eq!(hub.next_statement(), None);
+        hub.apply(Command::Unlisten {
+            channel: Some("acme.ev".into()),
+            client: 2,
+        });
+        assert_eq!(hub.next_statement(), Some("UNLISTEN \"acme.ev\"".into()));
+        assert!(hub.subscribers.is_empty());
+    }
+
+    #[tokio::test]
+    async fn one_tenants_thousands_of_channels_wait_their_turn() {
+        let mut hub = Hub::default();
+        let (tx, _rx) = mpsc::channel(4);
+        for i in 0..1000 {
+            hub.apply(listen(&format!("flood.c{i}"), 1, sub(tx.clone())));
+        }
+        let first = hub.next_statement().unwrap();
+        assert_eq!(first.matches("LISTEN").count(), CHUNK);
+        // Another tenant's LISTEN arrives while the flood's first chunk runs: it goes next.
+        let (done, mut confirmed) = oneshot::channel();
+        hub.apply(Command::Listen {
+            channel: "calm.ev".into(),
+            client: 2,
+            deliver: sub(tx.clone()),
+            done: Some(done),
+        });
+        hub.statement_done();
+        assert_eq!(hub.next_statement(), Some("LISTEN \"calm.ev\"".into()));
+        assert!(
+            confirmed.try_recv().is_err(),
+            "confirmed before the server listens"
         );
-        assert_eq!(
-            apply(
-                &mut subs,
-                Command::Unlisten {
-                    channel: Some("acme.ev".into()),
-                    client: 2
-                }
-            ),
-            Some("UNLISTEN \"acme.ev\"".into())
-        );
-        assert!(subs.is_empty());
+        hub.statement_done();
+        assert!(confirmed.try_recv().is_ok());
+        while hub.next_statement().is_some() {
+            hub.statement_done();
+        }
+        assert_eq!(hub.listening.len(), 1001);
+        // The flood leaving is chunked the same way.
+        hub.apply(Command::Unlisten {
+            channel: None,
+            client: 1,
+        });
+        let mut statements = 0;
+        while let Some(sql) = hub.next_statement() {
+            assert!(sql.matches("LISTEN").count() <= CHUNK);
+            statements += 1;
+            hub.statement_done();
+        }
+        assert!(statements >= 1000 / CHUNK);
+        assert_eq!(hub.listening.len(), 1, "only calm.ev is left");
     }
 }

@@ -57,6 +57,9 @@ impl TokenBucket {
 #[derive(Default)]
 pub struct TenantState {
     clients: AtomicUsize,
+    /// LISTEN subscriptions of all the tenant's clients (bounded: each one costs the shard's
+    /// shared listening connection).
+    channels: AtomicUsize,
     bucket: Mutex<Option<TokenBucket>>,
     servers: Mutex<Option<(usize, Arc<Semaphore>)>>,
 }
@@ -85,6 +88,25 @@ impl TenantState {
                 *slot = Some((limit, Arc::clone(&s)));
                 s
             }
+        }
+    }
+
+    /// Subscriptions to LISTEN channels held by the tenant's clients.
+    pub fn channels(&self) -> usize {
+        self.channels.load(Ordering::Relaxed)
+    }
+
+    /// Counts `n` more (`added`) or fewer subscriptions.
+    pub fn count_channels(&self, n: usize, added: bool) {
+        if added {
+            self.channels.fetch_add(n, Ordering::Relaxed);
+        } else {
+            // Never below zero, whatever the order of concurrent updates.
+            let _ = self
+                .channels
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |c| {
+                    Some(c.saturating_sub(n))
+                });
         }
     }
 

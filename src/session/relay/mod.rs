@@ -921,6 +921,15 @@ impl Relay {
     }
 }
 
+impl Drop for Relay {
+    fn drop(&mut self) {
+        // The client's LISTEN subscriptions no longer count against its tenant.
+        if self.pooled() {
+            self.forget_channels();
+        }
+    }
+}
+
 /// A Bind, Describe or Close like the client's but naming a statement that never exists: the
 /// server answers it as an unknown name (a Close, with CloseComplete).
 pub(super) fn replace_statement_name(t: u8, prefix: &[u8], rest: &[u8]) -> BytesMut {

@@ -98,6 +98,8 @@ pub(super) const MAX_SQL_PREPARED: usize = 10_000;
 pub(super) const MAX_SETTINGS: usize = 500;
 /// LISTEN channels per client: each costs the shard's shared listening connection.
 pub(super) const MAX_CHANNELS: usize = 1_000;
+/// LISTEN subscriptions of all of one tenant's clients together.
+pub(super) const MAX_TENANT_CHANNELS: usize = 10_000;
 
 /// pgtenant's name for a statement: the same text and types share one server statement on a
 /// connection (connections serve one tenant between resets).
@@ -382,6 +384,11 @@ impl Relay {
                 "this session listens on {MAX_CHANNELS} channels, the limit through pgtenant; UNLISTEN some first"
             ));
         }
+        if channels > 0 && self.rules.tenant.channels() + channels > MAX_TENANT_CHANNELS {
+            return Some(format!(
+                "this tenant's sessions listen on {MAX_TENANT_CHANNELS} channels together, the limit through pgtenant; UNLISTEN some first"
+            ));
+        }
         let settings = effects
             .iter()
             .filter(|e| matches!(e, Effect::Set { key, .. } if !s.settings.iter().any(|(k, _)| k == key)))
@@ -523,25 +530,33 @@ impl Relay {
                     pooled.prepared.clear();
                     self.session.cleared.push(self.next_epoch);
                     if matches!(effect, Effect::DiscardAll) {
-                        self.session.channels.clear();
-                        self.unlistens.push(None);
+                        self.forget_channels();
                     }
                 }
                 Effect::Listen(channel) => {
-                    self.session.channels.insert(channel.clone());
+                    if self.session.channels.insert(channel.clone()) {
+                        self.rules.tenant.count_channels(1, true);
+                    }
                     self.listens.push(channel.clone());
                 }
                 Effect::Unlisten(channel) => {
-                    self.session.channels.remove(channel);
+                    if self.session.channels.remove(channel) {
+                        self.rules.tenant.count_channels(1, false);
+                    }
                     self.unlistens.push(Some(channel.clone()));
                 }
-                Effect::UnlistenAll => {
-                    self.session.channels.clear();
-                    self.unlistens.push(None);
-                }
+                Effect::UnlistenAll => self.forget_channels(),
                 _ => {}
             }
         }
+    }
+
+    /// The client no longer listens on anything.
+    pub(super) fn forget_channels(&mut self) {
+        let n = self.session.channels.len();
+        self.session.channels.clear();
+        self.rules.tenant.count_channels(n, false);
+        self.unlistens.push(None);
     }
 
     /// After the Query is sent: its effects wait for the epoch's outcome; a LISTEN is undone
