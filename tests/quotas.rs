@@ -372,3 +372,22 @@ async fn timeouts_apply_to_extended_messages_without_sync() {
         started.elapsed()
     );
 }
+
+/// The largest message pgtenant reads whole is set per plan: past it the session ends with
+/// 54000 and a clear message; other tenants keep the global limit.
+#[tokio::test]
+async fn the_largest_message_read_whole_is_capped_per_plan() {
+    let env = start_with("", acme_settings("max_message_size = 65536")).await;
+    let acme = env.connect("acme").await;
+    let big = format!("SELECT '{}'", "x".repeat(100_000));
+    let err = acme.simple_query(&big).await.unwrap_err();
+    assert_eq!(code(&err), "54000", "{err}");
+    assert!(common::message(&err).contains("65536"), "{err}");
+    // Under the limit is fine; globex is not limited by acme's plan.
+    let acme = env.connect("acme").await;
+    acme.simple_query(&format!("SELECT '{}'", "x".repeat(60_000)))
+        .await
+        .unwrap();
+    let globex = env.connect("globex").await;
+    globex.simple_query(&big).await.unwrap();
+}

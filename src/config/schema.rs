@@ -246,6 +246,10 @@ pub struct PlanConfig {
     pub statement_timeout: Option<Duration>,
     #[serde(default, deserialize_with = "duration::de_opt")]
     pub idle_in_transaction_timeout: Option<Duration>,
+    /// The largest client message pgtenant reads whole for this tenant (bytes), below
+    /// `listen.max_message_size`.
+    #[serde(default)]
+    pub max_message_size: Option<usize>,
 }
 
 /// Where a tenant's data lives.

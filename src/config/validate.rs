@@ -378,6 +378,14 @@ pub fn build_snapshot(file: ConfigFile, text: &str, path: &Path) -> Result<Snaps
         limits.idle_in_transaction_timeout = o
             .idle_in_transaction_timeout
             .or(limits.idle_in_transaction_timeout);
+        limits.max_message_size = o.max_message_size.or(limits.max_message_size);
+        if limits.max_message_size.is_some_and(|n| n < 1024) {
+            return Err(ctx.err(
+                here,
+                subject,
+                "max_message_size must be at least 1024".into(),
+            ));
+        }
 
         let pl = t.placement;
         let shard_name = pl.shard.get_ref().clone();

@@ -19,6 +19,7 @@ use crate::config::{PlacementKind, PlanConfig, PoolMode, Snapshot, Tenant, UserR
 use crate::error::{ClientError, Reportable, sqlstate};
 use crate::net::stream::ClientStream;
 use crate::pool::{CANCEL_PATIENCE, Pool, PoolError, PooledConn, RESET_PATIENCE, notify};
+use crate::protocol::frame::FrameError;
 use crate::protocol::{TxStatus, encode, tag};
 use crate::tenant::guard::{Policy, Scope};
 use crate::tenant::params::ClientSettings;
@@ -164,7 +165,13 @@ pub(super) async fn run_session(state: &AppState, snapshot: &Snapshot, client: A
         tenant: state.quotas.tenant(&tenant.name),
         queries_per_second: tenant.limits.queries_per_second,
     };
-    let mut relay = Relay::new(snapshot.listen.max_message_size, rules);
+    let max_message = tenant
+        .limits
+        .max_message_size
+        .map_or(snapshot.listen.max_message_size, |n| {
+            n.min(snapshot.listen.max_message_size)
+        });
+    let mut relay = Relay::new(max_message, rules);
     let ctx = Prepare {
         tenant: &tenant,
         tenant_id: tenant.id.to_string(),
@@ -632,6 +639,21 @@ async fn finish(
                     sqlstate::CONNECTION_FAILURE,
                     "the connection to the tenant's database was lost",
                 )),
+            )
+        }
+        SessionEnd::Pump(PumpEnd::ClientProtocol(FrameError::TooLarge { tag, len, limit })) => {
+            tracing::info!(%tag, len, limit, "client message over the size limit");
+            (
+                "message_too_large",
+                Some(
+                    ClientError::fatal(
+                        sqlstate::PROGRAM_LIMIT_EXCEEDED,
+                        format!(
+                            "a '{tag}' message of {len} bytes exceeds the limit of {limit} bytes through pgtenant"
+                        ),
+                    )
+                    .with_hint("send large values in smaller statements, or with COPY"),
+                ),
             )
         }
         SessionEnd::Pump(PumpEnd::ClientProtocol(e)) => {
