@@ -351,7 +351,7 @@ async fn main() {
     let user = format!("{}@{}", acme.user, acme.name);
     let (user2, password2) = (user.clone(), acme.password.clone());
     // Five waves of 100 clients, from five addresses (an application fleet).
-    let walkers = vec![tokio::spawn(async move {
+    let walkers = [tokio::spawn(async move {
         for wave in 0..5 {
             let clients: Vec<_> = (0..100)
                 .map(|i| {
