@@ -60,12 +60,13 @@ async fn malformed_lengths_and_messages_end_only_their_connection() {
     assert_eq!(reply[0], b'E');
     assert!(String::from_utf8_lossy(&reply[..n]).contains("08P01"));
 
-    // After authentication: a message over max_message_size, a length below 4, a truncated
-    // message, an unknown message type, and invalid UTF-8 in a query.
+    // After authentication: a message over max_message_size (54000: a limit, not a broken
+    // frame), a length below 4, a truncated message, an unknown message type, and invalid
+    // UTF-8 in a query.
     let mut big = bytes::BytesMut::new();
     Raw::put(&mut big, b'Q', &vec![b'x'; 10_000]);
     for (bytes, expect) in [
-        (big.to_vec(), Some("08P01")),
+        (big.to_vec(), Some("54000")),
         (vec![b'Q', 0, 0, 0, 1], Some("08P01")),
         (vec![b'?', 0, 0, 0, 4], Some("08P01")),
         (vec![b'Q', 0, 0, 0, 9, 0xc3, 0x28, b'x', 0, 0], None),
