@@ -24,6 +24,7 @@ pub mod sqlstate {
     pub const ADMIN_SHUTDOWN: &str = "57P01";
     pub const CANNOT_CONNECT_NOW: &str = "57P03";
     pub const INSUFFICIENT_PRIVILEGE: &str = "42501";
+    pub const SYNTAX_ERROR: &str = "42601";
     pub const INVALID_SQL_STATEMENT_NAME: &str = "26000";
     pub const FEATURE_NOT_SUPPORTED: &str = "0A000";
     pub const INTERNAL_ERROR: &str = "XX000";
@@ -97,6 +98,8 @@ pub struct ClientError {
     pub sqlstate: Cow<'static, str>,
     pub message: String,
     pub hint: Option<String>,
+    /// Character position (1-based) in the statement text.
+    pub position: Option<usize>,
 }
 
 impl ClientError {
@@ -107,6 +110,7 @@ impl ClientError {
             sqlstate: Cow::Borrowed(sqlstate),
             message: message.into(),
             hint: None,
+            position: None,
         }
     }
 
@@ -122,6 +126,7 @@ impl ClientError {
             },
             message: message.to_owned(),
             hint: None,
+            position: None,
         }
     }
 
@@ -132,7 +137,14 @@ impl ClientError {
             sqlstate: Cow::Borrowed(sqlstate),
             message: message.into(),
             hint: None,
+            position: None,
         }
+    }
+
+    /// Points at a character of the statement (libpq shows a `LINE n:` excerpt with a caret).
+    pub fn with_position(mut self, position: Option<usize>) -> Self {
+        self.position = position;
+        self
     }
 
     /// Adds a hint line (libpq prints it as `HINT:`).
@@ -151,6 +163,9 @@ impl ClientError {
         ];
         if let Some(hint) = &self.hint {
             fields.push((b'H', hint.clone()));
+        }
+        if let Some(p) = self.position {
+            fields.push((b'P', p.to_string()));
         }
         crate::protocol::encode::error_response(fields, out);
     }

@@ -104,6 +104,9 @@ pub struct PooledState {
     /// The verified-context token made for it: `(tenant id, token)` (shards with a context
     /// key).
     pub context_token: Option<(String, String)>,
+    /// Whose unnamed prepared statement the connection holds: `(client, generation)`
+    /// (transaction pooling follows each client's unnamed statement across connections).
+    pub unnamed: Option<(u64, u64)>,
 }
 
 impl PooledState {

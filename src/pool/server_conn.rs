@@ -267,6 +267,8 @@ impl ServerConn {
 
     /// Runs one simple-query string of the proxy's own and waits for its ReadyForQuery.
     pub async fn run_own(&mut self, sql: &str) -> Result<(), ServerError> {
+        // A simple Query drops the unnamed prepared statement.
+        self.pooled.unnamed = None;
         let mut out = BytesMut::new();
         encode::raw(tag::QUERY, format!("{sql}\0").as_bytes(), &mut out);
         self.tracker.client_message(tag::QUERY);

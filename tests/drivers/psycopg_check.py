@@ -47,6 +47,13 @@ async def client(i, port, tenant, pids):
         # Statements really were prepared on the server, by psycopg's own names.
         if not conn._prepared._names:
             raise AssertionError(f"client {i}: psycopg prepared nothing")
+        # A small statement cache: psycopg deallocates the statements it evicts (with SQL
+        # DEALLOCATE of its own names), wherever the client's connection is by then.
+        conn.prepared_max = 2
+        for k in range(6):
+            cur = await conn.execute(f"SELECT {k} + %s::int", (k,), prepare=True)
+            if (await cur.fetchone())[0] != 2 * k:
+                raise AssertionError(f"client {i}: wrong result from cached statement {k}")
 
 
 async def main():

@@ -266,6 +266,8 @@ impl Relay {
 
     /// Appends a simple query of pgtenant's own to `out`; its replies will be consumed.
     fn inject_query(&mut self, out: &mut BytesMut, tracker: &mut ConnTracker, sql: &str) {
+        // A simple Query drops the server's unnamed statement (see `unnamed_here`).
+        self.session.unnamed_dropped = true;
         let mut body = Vec::with_capacity(sql.len() + 1);
         body.extend_from_slice(sql.as_bytes());
         body.push(0);
@@ -404,6 +406,9 @@ impl Relay {
                     return Ok(ClientStep::Terminate);
                 }
                 tag::QUERY => {
+                    if self.pooled() {
+                        self.query_sent(pooled, true);
+                    }
                     let (replacement, found) = self.on_query(body);
                     effects = found;
                     if !effects.is_empty() || self.session.resync {
@@ -412,7 +417,14 @@ impl Relay {
                     replacement
                 }
                 tag::PARSE => match self.on_parse(body) {
-                    ParseOutcome::Refused(bytes) => Some((tag::PARSE, bytes)),
+                    ParseOutcome::Refused(bytes) => {
+                        // The stand-in is an unnamed Parse: the server's unnamed statement
+                        // goes (and the client's too, when its Parse was unnamed).
+                        if self.pooled() {
+                            self.query_sent(pooled, body.first() == Some(&0));
+                        }
+                        Some((tag::PARSE, bytes))
+                    }
                     ParseOutcome::Forward(new_body, found) => {
                         // What the statement needs on this connection goes ahead of it;
                         // its effects count when a Bind executes it.
@@ -543,7 +555,10 @@ impl Relay {
         let verdict = self.rules.policy.check(text, self.standard_conforming);
         if let Some(r) = verdict.refusal {
             self.counters.refused += 1;
-            self.refuse(epoch, ClientError::error(r.sqlstate, r.message));
+            self.refuse(
+                epoch,
+                ClientError::error(r.sqlstate, r.message).with_position(r.position),
+            );
             return (Some((tag::QUERY, refused_query())), Vec::new());
         }
         if let Some(why) = self.effects_over_limit(&verdict.effects) {
@@ -597,6 +612,7 @@ impl Relay {
                 refusal: Some(crate::tenant::guard::Refusal {
                     sqlstate: sqlstate::CONFIGURATION_LIMIT_EXCEEDED,
                     message: why,
+                    position: None,
                 }),
                 ..Default::default()
             };
@@ -611,7 +627,10 @@ impl Relay {
         }
         if let Some(r) = verdict.refusal {
             self.counters.refused += 1;
-            self.refuse(self.next_epoch, ClientError::error(r.sqlstate, r.message));
+            self.refuse(
+                self.next_epoch,
+                ClientError::error(r.sqlstate, r.message).with_position(r.position),
+            );
             let mut b = vec![0];
             b.extend_from_slice(REFUSED_SQL);
             b.extend_from_slice(params);

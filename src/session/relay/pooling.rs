@@ -87,6 +87,17 @@ pub(super) struct SessionState {
     /// Why the client's server connection stays with it (session state the server holds
     /// for it), if it does.
     pub(super) pinned: Option<&'static str>,
+    /// The client's unnamed prepared statement: its Parse body after the name, and its
+    /// generation (each unnamed Parse makes a new one). PostgreSQL keeps it until the next
+    /// unnamed Parse or simple Query; pgtenant re-creates it on whichever connection the
+    /// client's Bind or Describe lands on.
+    unnamed: Option<(Vec<u8>, u64)>,
+    unnamed_generation: u64,
+    /// Unnamed Parses not yet confirmed by ParseComplete: `(epoch, generation)`.
+    unnamed_unconfirmed: VecDeque<(u64, u64)>,
+    /// pgtenant sent a simple Query of its own since the connection's unnamed statement was
+    /// last checked: it is gone.
+    pub(super) unnamed_dropped: bool,
 }
 
 /// Per-client bounds on the session state pgtenant keeps for transaction pooling (DESIGN.md
@@ -107,6 +118,13 @@ fn server_statement_name(definition: &[u8]) -> String {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     definition.hash(&mut h);
     format!("pgt_s{:016x}", h.finish())
+}
+
+/// A message of type `t` with `body`.
+fn message(t: u8, body: &[u8]) -> BytesMut {
+    let mut out = BytesMut::new();
+    encode::raw(t, body, &mut out);
+    out
 }
 
 fn encode_parse(name: &str, definition: &[u8], out: &mut BytesMut) {
@@ -228,6 +246,13 @@ impl Relay {
                 if name.is_empty() {
                     self.session.parses.push_back((epoch, Reply::Client, None));
                     self.session.unnamed_effects = effects;
+                    let s = &mut self.session;
+                    s.unnamed_generation += 1;
+                    s.unnamed = Some((definition.to_vec(), s.unnamed_generation));
+                    s.unnamed_unconfirmed
+                        .push_back((epoch, s.unnamed_generation));
+                    s.unnamed_dropped = false;
+                    pooled.unnamed = Some((self.rules.client_id, s.unnamed_generation));
                     return None;
                 }
                 let name = String::from_utf8_lossy(name).into_owned();
@@ -278,6 +303,15 @@ impl Relay {
                     self.session.pending_effects.extend(effects);
                 }
                 let mut out = BytesMut::new();
+                if name.is_empty() {
+                    return self
+                        .unnamed_here(pooled, &mut out)
+                        .then(|| {
+                            out.extend_from_slice(&message(t, body));
+                            out
+                        })
+                        .or_else(|| self.no_unnamed(t, &body[..portal.len() + 1], params));
+                }
                 if self.unknown_statement(name) {
                     return Some(replace_statement_name(t, &body[..portal.len() + 1], params));
                 }
@@ -301,7 +335,22 @@ impl Relay {
                 }
                 let (name, _) = take_cstr(rest)?;
                 if name.is_empty() {
-                    return None;
+                    if t == tag::CLOSE {
+                        // Closing the unnamed statement: the client has none any more.
+                        self.session.unnamed = None;
+                        pooled.unnamed = None;
+                        return None;
+                    }
+                    let mut out = BytesMut::new();
+                    return self
+                        .unnamed_here(pooled, &mut out)
+                        .then(|| {
+                            out.extend_from_slice(&message(t, body));
+                            out
+                        })
+                        .or_else(|| {
+                            self.no_unnamed(t, b"S", rest.get(name.len()..).unwrap_or_default())
+                        });
                 }
                 let mut out = BytesMut::new();
                 if t == tag::DESCRIBE && self.unknown_statement(name) {
@@ -334,6 +383,62 @@ impl Relay {
             }
             _ => None,
         }
+    }
+
+    /// For a Bind or Describe of the unnamed statement: when the client has one and this
+    /// connection holds another (or none), a Parse re-creating it goes to `out` first (its
+    /// reply consumed). True when the client's message can follow as it is.
+    fn unnamed_here(&mut self, pooled: &mut PooledState, out: &mut BytesMut) -> bool {
+        let me = self.rules.client_id;
+        if std::mem::take(&mut self.session.unnamed_dropped) {
+            pooled.unnamed = None;
+        }
+        match &self.session.unnamed {
+            Some((definition, generation)) => {
+                if pooled.unnamed != Some((me, *generation)) {
+                    encode_parse("", definition, out);
+                    self.session
+                        .parses
+                        .push_back((self.next_epoch, Reply::Proxy, None));
+                    pooled.unnamed = Some((me, *generation));
+                }
+                true
+            }
+            // No unnamed statement of the client's: the server may answer for its own only
+            // when the connection holds no other client's.
+            None => pooled.unnamed.is_none_or(|(client, _)| client == me),
+        }
+    }
+
+    /// The client's Bind or Describe of an unnamed statement it does not have, on a
+    /// connection holding another client's: answered as PostgreSQL does, never reaching it.
+    fn no_unnamed(&mut self, t: u8, prefix: &[u8], rest: &[u8]) -> Option<BytesMut> {
+        self.counters.refused += 1;
+        self.refuse(
+            self.next_epoch,
+            crate::error::ClientError::error(
+                crate::error::sqlstate::INVALID_SQL_STATEMENT_NAME,
+                "unnamed prepared statement does not exist",
+            ),
+        );
+        Some(replace_statement_name(t, prefix, rest))
+    }
+
+    /// The client's Parse-prepared statement that SQL names `server_name` (its name in the
+    /// client's SQL namespace).
+    fn protocol_statement(&self, server_name: &str) -> Option<&Statement> {
+        let prefix = self.rules.policy.prepared_prefix.as_deref()?;
+        self.session
+            .statements
+            .get(server_name.strip_prefix(prefix)?)
+    }
+
+    /// A simple Query reached the connection: PostgreSQL drops the unnamed statement.
+    pub(super) fn query_sent(&mut self, pooled: &mut PooledState, by_client: bool) {
+        if by_client {
+            self.session.unnamed = None;
+        }
+        pooled.unnamed = None;
     }
 
     /// Transaction pooling: the refusal for a Parse of `name` with `definition` (after the
@@ -519,6 +624,19 @@ impl Relay {
                     if let Some(sql) = self.session.sql_prepared.get(server_name).cloned() {
                         self.inject_query(out, tracker, &sql);
                         pooled.prepared.insert(server_name);
+                    } else if let Effect::Deallocate(_) = effect
+                        && let Some(statement) = self.protocol_statement(server_name)
+                    {
+                        // SQL DEALLOCATE of a statement the client prepared with Parse (as
+                        // psycopg's cache does): create it under the name the DEALLOCATE
+                        // uses, so that it succeeds as on PostgreSQL.
+                        let definition = statement.definition.clone();
+                        let epoch = self.next_epoch;
+                        encode_parse(server_name, &definition, out);
+                        self.session.parses.push_back((epoch, Reply::Proxy, None));
+                        tracker.client_message(tag::PARSE);
+                        encode::raw(tag::SYNC, b"", out);
+                        self.open_epoch(super::Owner::Proxy, tracker, tag::SYNC);
                     }
                 }
                 // Statements prepared after this in the same pipeline must survive it, so the
@@ -625,6 +743,21 @@ impl Relay {
             }
         }
         self.session.cleared.retain(|e| *e > epoch);
+        while let Some(&(e, generation)) = self.session.unnamed_unconfirmed.front()
+            && e <= epoch
+        {
+            // Never confirmed: the Parse failed (or was skipped), and PostgreSQL dropped the
+            // previous unnamed statement when it began.
+            self.session.unnamed_unconfirmed.pop_front();
+            if self
+                .session
+                .unnamed
+                .as_ref()
+                .is_some_and(|(_, g)| *g >= generation)
+            {
+                self.session.unnamed = None;
+            }
+        }
         while self
             .session
             .effects
@@ -728,7 +861,19 @@ impl Relay {
             }
             Effect::Deallocate(server_name) => {
                 pooled.prepared.remove(&server_name);
-                s.sql_prepared.remove(&server_name);
+                if s.sql_prepared.remove(&server_name).is_none() {
+                    // A statement prepared with Parse, deallocated with SQL.
+                    let client_name = self
+                        .rules
+                        .policy
+                        .prepared_prefix
+                        .as_deref()
+                        .and_then(|p| server_name.strip_prefix(p))
+                        .unwrap_or_default();
+                    if let Some(old) = s.statements.remove(client_name) {
+                        s.statement_bytes -= old.definition.len();
+                    }
+                }
             }
             Effect::DeallocateAll
             | Effect::Execute(_)
@@ -756,6 +901,10 @@ impl Relay {
             let Some((epoch, reply, created)) = self.session.parses.pop_front() else {
                 return Some(t);
             };
+            if reply == Reply::Client && created.is_none() {
+                // The client's unnamed Parse succeeded.
+                self.session.unnamed_unconfirmed.pop_front();
+            }
             if let Some(name) = created {
                 // The statement exists on the server now, whatever happens to its epoch.
                 if let Some(i) = self

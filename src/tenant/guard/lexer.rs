@@ -96,20 +96,63 @@ struct Lexer<'a> {
     src: &'a [u8],
     pos: usize,
     standard_conforming: bool,
+    /// Where the token (or comment) being read started: where a lexing error is reported.
+    token_start: usize,
 }
 
 /// Lexes `sql`. `standard_conforming` is the session's `standard_conforming_strings`.
 pub fn lex(sql: &[u8], standard_conforming: bool) -> Result<Vec<Token<'_>>, LexError> {
+    lex_at(sql, standard_conforming).map_err(|(e, _)| e)
+}
+
+/// Like [`lex`], with the byte offset of the token a failure is reported at.
+pub fn lex_at(sql: &[u8], standard_conforming: bool) -> Result<Vec<Token<'_>>, (LexError, usize)> {
     let mut lx = Lexer {
         src: sql,
         pos: 0,
         standard_conforming,
+        token_start: 0,
     };
     let mut out = Vec::new();
-    while let Some(t) = lx.next()? {
-        out.push(t);
+    loop {
+        match lx.next() {
+            Ok(Some(t)) => out.push(t),
+            Ok(None) => return Ok(out),
+            Err(e) => return Err((e, lx.token_start)),
+        }
     }
-    Ok(out)
+}
+
+/// The error PostgreSQL's scanner reports for `sql`, which failed to lex with `error` at byte
+/// `at`: SQLSTATE 42601, its message (`unterminated quoted string at or near "'abc"`), and
+/// the 1-based character position of the failing token.
+pub fn postgres_syntax_error(sql: &[u8], error: &LexError, at: usize) -> (String, usize) {
+    let rest = sql.get(at..).unwrap_or_default();
+    let what = match error {
+        LexError::UnterminatedString => match rest.first() {
+            Some(b'b' | b'B') => "unterminated bit string literal",
+            Some(b'x' | b'X') => "unterminated hexadecimal string literal",
+            _ => "unterminated quoted string",
+        },
+        LexError::UnterminatedIdentifier => "unterminated quoted identifier",
+        LexError::EmptyIdentifier => "zero-length delimited identifier",
+        LexError::UnterminatedComment => "unterminated /* comment",
+        LexError::UnterminatedDollarQuote => "unterminated dollar-quoted string",
+        LexError::BadUnicodeEscape => "invalid Unicode escape",
+    };
+    // The scanner shows the token: for an unterminated one, the rest of the input.
+    let near: &[u8] = match error {
+        LexError::EmptyIdentifier => rest.get(..2).unwrap_or(rest),
+        _ => rest,
+    };
+    let position = String::from_utf8_lossy(sql.get(..at).unwrap_or_default())
+        .chars()
+        .count()
+        + 1;
+    (
+        format!("{what} at or near \"{}\"", String::from_utf8_lossy(near)),
+        position,
+    )
 }
 
 impl<'a> Lexer<'a> {
@@ -133,7 +176,10 @@ impl<'a> Lexer<'a> {
                         }
                     }
                 }
-                (Some(b'/'), Some(b'*')) => self.skip_block_comment()?,
+                (Some(b'/'), Some(b'*')) => {
+                    self.token_start = self.pos;
+                    self.skip_block_comment()?
+                }
                 _ => return Ok(()),
             }
         }
@@ -163,6 +209,7 @@ impl<'a> Lexer<'a> {
     fn next(&mut self) -> Result<Option<Token<'a>>, LexError> {
         self.skip_space_and_comments()?;
         let start = self.pos;
+        self.token_start = start;
         let Some(b) = self.peek(0) else {
             return Ok(None);
         };

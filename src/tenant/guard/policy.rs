@@ -5,7 +5,7 @@ use std::ops::Range;
 use std::time::Duration;
 
 use super::effects::{self, Effect};
-use super::lexer::{Kind, Token, lex};
+use super::lexer::{Kind, Token, lex_at};
 use crate::error::sqlstate;
 use crate::tenant::{quote_ident, quote_literal};
 
@@ -49,6 +49,8 @@ pub struct Policy {
 pub struct Refusal {
     pub sqlstate: &'static str,
     pub message: String,
+    /// Character position (1-based) in the statement text, as PostgreSQL reports it.
+    pub position: Option<usize>,
 }
 
 /// The guard's decision about one message's SQL text.
@@ -70,6 +72,7 @@ impl Verdict {
             refusal: Some(Refusal {
                 sqlstate: sqlstate::INSUFFICIENT_PRIVILEGE,
                 message: message.into(),
+                position: None,
             }),
             ..Verdict::default()
         }
@@ -89,6 +92,7 @@ pub fn unknown_statement(name: &str) -> Verdict {
         refusal: Some(Refusal {
             sqlstate: sqlstate::INVALID_SQL_STATEMENT_NAME,
             message: format!("prepared statement \"{name}\" does not exist"),
+            position: None,
         }),
         ..Verdict::default()
     }
@@ -249,12 +253,19 @@ impl Policy {
     /// Decides about `sql`. `standard_conforming` is the session's current
     /// `standard_conforming_strings`.
     pub fn check(&self, sql: &[u8], standard_conforming: bool) -> Verdict {
-        let tokens = match lex(sql, standard_conforming) {
+        let tokens = match lex_at(sql, standard_conforming) {
             Ok(t) => t,
-            Err(e) => {
-                return Verdict::refuse(format!(
-                    "statement refused: pgtenant cannot read it safely ({e})"
-                ));
+            // Malformed text: PostgreSQL's own syntax error (the text is not forwarded).
+            Err((e, at)) => {
+                let (message, position) = super::lexer::postgres_syntax_error(sql, &e, at);
+                return Verdict {
+                    refusal: Some(Refusal {
+                        sqlstate: sqlstate::SYNTAX_ERROR,
+                        message,
+                        position: Some(position),
+                    }),
+                    ..Verdict::default()
+                };
             }
         };
         let mut edits: Vec<(Range<usize>, String)> = Vec::new();
@@ -594,6 +605,7 @@ impl Policy {
                     sqlstate: sqlstate::INSUFFICIENT_PRIVILEGE,
                     message: "this user is read-only: READ WRITE transactions are not allowed"
                         .into(),
+                    position: None,
                 }),
                 ..Verdict::default()
             });

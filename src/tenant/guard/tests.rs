@@ -447,20 +447,84 @@ fn other_statement_kinds_are_refused() {
 
 #[test]
 fn what_cannot_be_lexed_is_refused() {
-    assert_refused(
-        &shared(),
-        &[
-            "SELECT 'unterminated",
+    // Refused with PostgreSQL's own syntax error (checked against PostgreSQL 15's scanner):
+    // SQLSTATE 42601, its message and the character position of the failing token.
+    let cases: &[(&str, &str, usize)] = &[
+        (
+            "SELECT 'abc",
+            "unterminated quoted string at or near \"'abc\"",
+            8,
+        ),
+        (
             "SELECT $$unterminated",
-            "SELECT $tag$ unterminated $other$",
-            "SELECT /* unterminated",
+            "unterminated dollar-quoted string at or near \"$$unterminated\"",
+            8,
+        ),
+        (
+            "SELECT $tag$ x $other$",
+            "unterminated dollar-quoted string at or near \"$tag$ x $other$\"",
+            8,
+        ),
+        (
+            "SELECT /* x",
+            "unterminated /* comment at or near \"/* x\"",
+            8,
+        ),
+        (
             "SELECT /* nested /* */",
+            "unterminated /* comment at or near \"/* nested /* */\"",
+            8,
+        ),
+        (
             "SELECT \"\"",
-            "SELECT \"unterminated",
-            "SELECT U&\"\\zzzz\"",
-            "SELECT E'trailing\\",
-        ],
-    );
+            "zero-length delimited identifier at or near \"\"\"\"",
+            8,
+        ),
+        (
+            "SELECT 1; SELECT \"abc",
+            "unterminated quoted identifier at or near \"\"abc\"",
+            18,
+        ),
+        (
+            "SELECT E'ab\\'",
+            "unterminated quoted string at or near \"E'ab\\'\"",
+            8,
+        ),
+        (
+            "SELECT B'01",
+            "unterminated bit string literal at or near \"B'01\"",
+            8,
+        ),
+        (
+            "SELECT X'ab",
+            "unterminated hexadecimal string literal at or near \"X'ab\"",
+            8,
+        ),
+        (
+            "SELECT 'h\u{e9}llo', 'x",
+            "unterminated quoted string at or near \"'x\"",
+            17,
+        ),
+    ];
+    for (sql, message, position) in cases {
+        for policy in [shared(), dedicated(), pooled()] {
+            let r = policy
+                .check(sql.as_bytes(), true)
+                .refusal
+                .unwrap_or_else(|| panic!("passed but cannot be lexed: {sql}"));
+            assert_eq!(
+                (r.sqlstate, r.message.as_str(), r.position),
+                ("42601", *message, Some(*position)),
+                "{sql}"
+            );
+        }
+    }
+    // An invalid Unicode escape is refused with 42601 too.
+    let r = shared()
+        .check(b"SELECT U&\"\\zzzz\"", true)
+        .refusal
+        .unwrap();
+    assert_eq!(r.sqlstate, "42601");
     // With standard_conforming_strings off, \' does not end a string: the text hides
     // nothing, and the same bytes lex differently.
     let sql = b"SELECT 'a\\'; SELECT set_config('app.current_tenant_id', 'x', false) --'";

@@ -1,0 +1,215 @@
+//! Drivers cannot tell (issue "Drivers cannot tell, part 2"): behaviours of PostgreSQL that
+//! transaction pooling must keep: the unnamed prepared statement across round trips, SQL
+//! DEALLOCATE of statements prepared with Parse, and PostgreSQL's own syntax errors for text
+//! the guard cannot read.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use bytes::BytesMut;
+use common::raw::Raw;
+use common::{Env, code, start_with};
+use postgres_protocol::message::frontend;
+
+/// Transaction pooling with two server connections on the shared shard.
+async fn two_connections() -> Env {
+    start_with("", |t| {
+        t.replacen("max_connections = 60", "max_connections = 2", 1)
+    })
+    .await
+}
+
+/// Sends `out` and returns the messages up to ReadyForQuery.
+async fn round_trip(raw: &mut Raw, out: &BytesMut) -> Vec<common::raw::Msg> {
+    raw.send(out).await;
+    raw.until_ready().await
+}
+
+fn errors(msgs: &[common::raw::Msg]) -> Vec<(String, String)> {
+    msgs.iter()
+        .filter(|m| m.tag == b'E')
+        .map(|m| {
+            (
+                m.sqlstate().unwrap_or_default(),
+                m.field(b'M').unwrap_or_default(),
+            )
+        })
+        .collect()
+}
+
+fn rows(msgs: &[common::raw::Msg]) -> usize {
+    msgs.iter().filter(|m| m.tag == b'D').count()
+}
+
+#[tokio::test]
+async fn the_unnamed_statement_outlives_its_round_trip() {
+    // One server connection, shared with another acme client whose simple queries drop
+    // the server's unnamed statement between raw's round trips.
+    let env = start_with("", |t| {
+        t.replacen("max_connections = 60", "max_connections = 1", 1)
+    })
+    .await;
+    let t = env.tenant("acme");
+    let mut raw = Raw::connect(env.addr(), &[("user", "app@acme")], &t.password).await;
+    let other = env.connect("acme").await;
+    let mut parse = BytesMut::new();
+    frontend::parse(
+        "",
+        "SELECT name FROM items WHERE $1::int > 0",
+        [23],
+        &mut parse,
+    )
+    .unwrap();
+    frontend::sync(&mut parse);
+    assert!(errors(&round_trip(&mut raw, &parse).await).is_empty());
+    for round in 0..6 {
+        other.simple_query("SELECT 1").await.unwrap();
+        // Describe, then Bind/Execute, of the unnamed statement in later round trips.
+        let mut out = BytesMut::new();
+        frontend::describe(b'S', "", &mut out).unwrap();
+        frontend::bind(
+            "",
+            "",
+            [0i16],
+            ["1"],
+            |v, buf| {
+                buf.extend_from_slice(v.as_bytes());
+                Ok(postgres_protocol::IsNull::No)
+            },
+            [0i16],
+            &mut out,
+        )
+        .map_err(|_| ())
+        .unwrap();
+        frontend::execute("", 0, &mut out).unwrap();
+        frontend::sync(&mut out);
+        let replies = round_trip(&mut raw, &out).await;
+        assert!(
+            errors(&replies).is_empty(),
+            "round {round}: {:?}",
+            errors(&replies)
+        );
+        assert_eq!(rows(&replies), 2, "round {round}: acme's two rows");
+        assert!(
+            replies.iter().any(|m| m.tag == b't'),
+            "ParameterDescription"
+        );
+    }
+    // As on PostgreSQL, a simple Query drops the unnamed statement.
+    raw.query("SELECT 1").await;
+    raw.until_ready().await;
+    let mut out = BytesMut::new();
+    frontend::describe(b'S', "", &mut out).unwrap();
+    frontend::sync(&mut out);
+    let replies = round_trip(&mut raw, &out).await;
+    assert_eq!(
+        errors(&replies),
+        [(
+            "26000".to_owned(),
+            "unnamed prepared statement does not exist".to_owned()
+        )]
+    );
+    // A failed unnamed Parse drops the previous one too.
+    let mut out = BytesMut::new();
+    frontend::parse("", "SELECT 1", [], &mut out).unwrap();
+    frontend::sync(&mut out);
+    round_trip(&mut raw, &out).await;
+    let mut out = BytesMut::new();
+    frontend::parse("", "SELECT * FROM no_such_table", [], &mut out).unwrap();
+    frontend::sync(&mut out);
+    assert_eq!(errors(&round_trip(&mut raw, &out).await)[0].0, "42P01");
+    other.simple_query("SELECT 1").await.unwrap();
+    let mut out = BytesMut::new();
+    frontend::describe(b'S', "", &mut out).unwrap();
+    frontend::sync(&mut out);
+    assert_eq!(errors(&round_trip(&mut raw, &out).await)[0].0, "26000");
+}
+
+/// A client never reaches another client's unnamed statement left on a shared connection.
+#[tokio::test]
+async fn another_clients_unnamed_statement_is_out_of_reach() {
+    let env = start_with("", |t| {
+        t.replacen("max_connections = 60", "max_connections = 1", 1)
+    })
+    .await;
+    let t = env.tenant("acme");
+    let mut a = Raw::connect(env.addr(), &[("user", "app@acme")], &t.password).await;
+    let mut b = Raw::connect(env.addr(), &[("user", "app@acme")], &t.password).await;
+    let mut parse = BytesMut::new();
+    frontend::parse("", "SELECT 'a secret'", [], &mut parse).unwrap();
+    frontend::sync(&mut parse);
+    assert!(errors(&round_trip(&mut a, &parse).await).is_empty());
+    let mut out = BytesMut::new();
+    frontend::describe(b'S', "", &mut out).unwrap();
+    frontend::sync(&mut out);
+    assert_eq!(errors(&round_trip(&mut b, &out).await)[0].0, "26000");
+}
+
+#[tokio::test]
+async fn sql_deallocate_of_a_parse_prepared_statement_succeeds_anywhere() {
+    let env = two_connections().await;
+    let t = env.tenant("acme");
+    let mut raw = Raw::connect(env.addr(), &[("user", "app@acme")], &t.password).await;
+    let other = env.connect("acme").await;
+    for i in 0..4 {
+        let mut parse = BytesMut::new();
+        frontend::parse(&format!("_pg3_{i}"), "SELECT 1", [], &mut parse).unwrap();
+        frontend::sync(&mut parse);
+        assert!(errors(&round_trip(&mut raw, &parse).await).is_empty());
+    }
+    for i in 0..4 {
+        other.simple_query("SELECT 1").await.unwrap();
+        raw.query(&format!("DEALLOCATE _pg3_{i}")).await;
+        let replies = raw.until_ready().await;
+        assert!(errors(&replies).is_empty(), "{:?}", errors(&replies));
+    }
+    // Gone, as on PostgreSQL.
+    let mut out = BytesMut::new();
+    frontend::describe(b'S', "_pg3_0", &mut out).unwrap();
+    frontend::sync(&mut out);
+    assert_eq!(errors(&round_trip(&mut raw, &out).await)[0].0, "26000");
+}
+
+#[tokio::test]
+async fn text_the_guard_cannot_read_gets_postgresqls_syntax_error() {
+    let env = two_connections().await;
+    for tenant in ["acme", "initech"] {
+        let c = env.connect(tenant).await;
+        for (sql, message, position) in [
+            (
+                "SELECT 'abc",
+                "unterminated quoted string at or near \"'abc\"",
+                8,
+            ),
+            (
+                "SELECT 1; SELECT \"x",
+                "unterminated quoted identifier at or near \"\"x\"",
+                18,
+            ),
+            (
+                "SELECT /* x",
+                "unterminated /* comment at or near \"/* x\"",
+                8,
+            ),
+        ] {
+            for prepared in [false, true] {
+                let err = if prepared {
+                    c.prepare(sql).await.expect_err("refused")
+                } else {
+                    c.simple_query(sql).await.unwrap_err()
+                };
+                assert_eq!(code(&err), "42601", "{sql}");
+                let db = err.as_db_error().unwrap();
+                assert_eq!(db.message(), message, "{sql}");
+                assert_eq!(
+                    db.position(),
+                    Some(&tokio_postgres::error::ErrorPosition::Original(position)),
+                    "{sql}"
+                );
+            }
+        }
+        // The session goes on.
+        c.simple_query("SELECT 1").await.unwrap();
+    }
+}
