@@ -534,6 +534,9 @@ impl Relay {
             }
         }
         move_run(input, run, to_server);
+        if self.pooled() {
+            self.settle_unnamed(pooled);
+        }
         if self.busy_since.is_none() && tracker.busy() {
             // Extended messages (Execute and Flush, no Sync) keep the server busy too.
             self.busy_since = Some(Instant::now());

@@ -191,8 +191,18 @@ impl Relay {
                 .collect();
             self.inject_query(out, tracker, &sql.join("; "));
         }
+        self.settle_unnamed(pooled);
         pooled.last_client = Some(self.rules.client_id);
         self.binding_due = !bound_now;
+    }
+
+    /// Records on this connection that pgtenant's own simple Query, just queued, drops its
+    /// unnamed statement. Called before the relay lets go of `pooled`, so the mark never
+    /// reaches another connection.
+    pub(super) fn settle_unnamed(&mut self, pooled: &mut PooledState) {
+        if std::mem::take(&mut self.session.unnamed_dropped) {
+            pooled.unnamed = None;
+        }
     }
 
     /// The key of the client's session state (see [`settings_key`]).
@@ -390,9 +400,7 @@ impl Relay {
     /// reply consumed). True when the client's message can follow as it is.
     fn unnamed_here(&mut self, pooled: &mut PooledState, out: &mut BytesMut) -> bool {
         let me = self.rules.client_id;
-        if std::mem::take(&mut self.session.unnamed_dropped) {
-            pooled.unnamed = None;
-        }
+        self.settle_unnamed(pooled);
         match &self.session.unnamed {
             Some((definition, generation)) => {
                 if pooled.unnamed != Some((me, *generation)) {
