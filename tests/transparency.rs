@@ -213,3 +213,82 @@ async fn text_the_guard_cannot_read_gets_postgresqls_syntax_error() {
         c.simple_query("SELECT 1").await.unwrap();
     }
 }
+
+/// Logs in with the raw protocol; returns the client and the pid its BackendKeyData gave it.
+async fn login_with_pid(env: &Env, tenant: &str) -> (Raw, i32) {
+    let t = env.tenant(tenant);
+    let mut raw = Raw::startup(env.addr(), &[("user", &format!("app@{tenant}"))]).await;
+    raw.authenticate(&t.password).await.expect("authenticated");
+    let startup = raw.until_ready().await;
+    let key = startup
+        .iter()
+        .find(|m| m.tag == b'K')
+        .expect("BackendKeyData");
+    let pid = i32::from_be_bytes(key.body[..4].try_into().unwrap());
+    (raw, pid)
+}
+
+/// A notification carries the notifying client's pid, as pgtenant's BackendKeyData gave it
+/// (not the pid of whichever pooled backend ran the NOTIFY).
+#[tokio::test]
+async fn notifications_carry_the_notifying_clients_pid() {
+    let env = two_connections().await;
+    let (mut listener, listener_pid) = login_with_pid(&env, "acme").await;
+    let (mut notifier, notifier_pid) = login_with_pid(&env, "acme").await;
+    listener.query("LISTEN ev").await;
+    listener.until_ready().await;
+    let mut seen = Vec::new();
+    for round in 0..3 {
+        notifier
+            .query(&format!("NOTIFY ev, 'from notifier {round}'"))
+            .await;
+        notifier.until_ready().await;
+        listener
+            .query(&format!("NOTIFY ev, 'from listener {round}'"))
+            .await;
+        seen.extend(listener.until_ready().await);
+    }
+    let mut got = Vec::new();
+    while let Ok(Some(m)) =
+        tokio::time::timeout(std::time::Duration::from_secs(2), listener.try_recv()).await
+    {
+        seen.push(m);
+    }
+    for m in seen {
+        if m.tag == b'A' {
+            let pid = i32::from_be_bytes(m.body[..4].try_into().unwrap());
+            let payload = String::from_utf8_lossy(&m.body[4..]).into_owned();
+            got.push((pid, payload));
+        }
+    }
+    assert_eq!(got.len(), 6, "{got:?}");
+    for (pid, payload) in got {
+        let want = if payload.contains("from notifier") {
+            notifier_pid
+        } else {
+            listener_pid
+        };
+        assert_eq!(pid, want, "{payload}");
+    }
+}
+
+/// Session pooling too: a client's own notification shows its BackendKeyData pid.
+#[tokio::test]
+async fn in_session_mode_a_clients_own_notification_shows_its_pid() {
+    let env = start_with("", |t| {
+        t.replacen("mode = \"transaction\"", "mode = \"session\"", 1)
+    })
+    .await;
+    for tenant in ["acme", "initech"] {
+        let (mut c, pid) = login_with_pid(&env, tenant).await;
+        c.query("LISTEN ev; NOTIFY ev, 'mine'").await;
+        let msgs = c.until_ready().await;
+        let n = msgs.iter().find(|m| m.tag == b'A').expect("notification");
+        assert_eq!(
+            i32::from_be_bytes(n.body[..4].try_into().unwrap()),
+            pid,
+            "{tenant}"
+        );
+        assert!(String::from_utf8_lossy(&n.body[4..]).starts_with("ev\0"));
+    }
+}

@@ -121,6 +121,9 @@ pub struct Pool {
     settings: PoolSettings,
     /// Transaction pooling: the shard's listening connection, started on first use.
     hub: std::sync::OnceLock<notify::NotifyHub>,
+    /// Server backend pid → the virtual pid of the client that used it last, so that a
+    /// notification shows the notifying client's pid (the one its BackendKeyData gave it).
+    owners: notify::Owners,
 }
 
 /// A checked-out connection; its permits return with it.
@@ -148,6 +151,7 @@ impl Pool {
             idle: Mutex::new(Vec::new()),
             settings,
             hub: std::sync::OnceLock::new(),
+            owners: Arc::default(),
         })
     }
 
@@ -296,6 +300,18 @@ impl Pool {
         });
     }
 
+    /// Records that the client with virtual pid `client_pid` now uses the backend
+    /// `server_pid`.
+    pub fn note_owner(&self, server_pid: i32, client_pid: i32) {
+        let mut owners = self.owners.lock().unwrap_or_else(|p| p.into_inner());
+        // Entries of closed backends are never removed one by one: the map is bounded by
+        // starting over (live backends are noted again at their next transaction).
+        if owners.len() > 2 * self.shard.max_connections + 64 {
+            owners.clear();
+        }
+        owners.insert(server_pid, client_pid);
+    }
+
     /// The notification hub for this shard and login (transaction pooling).
     pub fn hub(&self) -> &notify::NotifyHub {
         self.hub.get_or_init(|| {
@@ -304,6 +320,7 @@ impl Pool {
                 self.login.clone(),
                 self.tls.clone(),
                 self.settings.connect_timeout,
+                Arc::clone(&self.owners),
             )
         })
     }

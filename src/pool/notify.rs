@@ -66,11 +66,21 @@ pub struct NotifyHub {
 
 type Tls = Option<(Arc<ClientConfig>, ServerName<'static>)>;
 
+/// Server backend pid → virtual pid of the client that used that backend last (kept by the
+/// pool): notifications carry the notifying client's pid, as its BackendKeyData gave it.
+pub type Owners = Arc<std::sync::Mutex<HashMap<i32, i32>>>;
+
 impl NotifyHub {
     /// Starts the hub's task (it connects when the first client listens).
-    pub fn start(shard: Arc<Shard>, login: Login, tls: Tls, timeout: Duration) -> Self {
+    pub fn start(
+        shard: Arc<Shard>,
+        login: Login,
+        tls: Tls,
+        timeout: Duration,
+        owners: Owners,
+    ) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(run(shard, login, tls, timeout, rx));
+        tokio::spawn(run(shard, login, tls, timeout, owners, rx));
         NotifyHub { commands: tx }
     }
 
@@ -274,8 +284,9 @@ async fn send_query(conn: &mut ServerConn, sql: &str) -> std::io::Result<()> {
     conn.stream.flush().await
 }
 
-/// Delivers a NotificationResponse body to the channel's subscribers.
-fn dispatch(subscribers: &mut Subscribers, body: &[u8]) {
+/// Delivers a NotificationResponse body to the channel's subscribers, with the notifying
+/// client's virtual pid when a client of the pool sent it.
+fn dispatch(subscribers: &mut Subscribers, owners: &Owners, body: &[u8]) {
     let Some((pid, rest)) = body.split_first_chunk::<4>() else {
         return;
     };
@@ -289,8 +300,14 @@ fn dispatch(subscribers: &mut Subscribers, body: &[u8]) {
     let Some(entry) = subscribers.get_mut(&channel) else {
         return;
     };
+    let pid = i32::from_be_bytes(*pid);
+    let owner = owners
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(&pid)
+        .copied();
     let n = Notification {
-        pid: i32::from_be_bytes(*pid),
+        pid: owner.unwrap_or(pid),
         channel,
         payload: String::from_utf8_lossy(payload).into_owned(),
     };
@@ -319,6 +336,7 @@ async fn run(
     login: Login,
     tls: Tls,
     timeout: Duration,
+    owners: Owners,
     mut commands: mpsc::UnboundedReceiver<Command>,
 ) {
     let mut hub = Hub::default();
@@ -378,7 +396,7 @@ async fn run(
                         match scanner.next(&buf) {
                             Ok(Some(Piece::Whole { tag: t, len })) => {
                                 if t == tag::NOTIFICATION_RESPONSE {
-                                    dispatch(&mut hub.subscribers, &buf[5..len]);
+                                    dispatch(&mut hub.subscribers, &owners, &buf[5..len]);
                                 } else if t == tag::READY_FOR_QUERY {
                                     hub.statement_done();
                                     ready = true;
@@ -446,9 +464,20 @@ mod tests {
         assert_eq!(hub.next_statement(), None, "one statement in flight");
         hub.statement_done();
         assert_eq!(hub.next_statement(), None, "already listening");
-        dispatch(&mut hub.subscribers, &body("acme.ev", "hi"));
-        dispatch(&mut hub.subscribers, &body("globex.ev", "not yours"));
-        assert_eq!(rx1.recv().await.unwrap().payload, "hi");
+        let owners = Owners::default();
+        owners.lock().unwrap().insert(7, 70);
+        dispatch(&mut hub.subscribers, &owners, &body("acme.ev", "hi"));
+        dispatch(
+            &mut hub.subscribers,
+            &owners,
+            &body("globex.ev", "not yours"),
+        );
+        let got = rx1.recv().await.unwrap();
+        assert_eq!(
+            (got.payload.as_str(), got.pid),
+            ("hi", 70),
+            "the client's pid"
+        );
         assert_eq!(rx2.recv().await.unwrap().payload, "hi");
         assert!(rx1.try_recv().is_err());
         hub.apply(Command::Unlisten {

@@ -235,6 +235,7 @@ pub(super) async fn run_session(state: &AppState, snapshot: &Snapshot, client: A
     } else {
         let mut pooled = pooled;
         cancel.set_target(Some(pooled.conn.cancel_target()));
+        relay.set_own_pid(pooled.conn.backend_pid(), cancel.key().0);
         let end = forward(
             state,
             &tenant.limits,
@@ -437,6 +438,7 @@ async fn forward_pooled(
                 }
             };
         cancel.set_target(Some(pooled.conn.cancel_target()));
+        a.pool.note_owner(pooled.conn.backend_pid(), cancel.key().0);
         let step = {
             let mut side = ServerSide::of(&mut pooled.conn);
             relay.attach(pump.to_server_mut(), side.tracker, side.pooled, bound_now);

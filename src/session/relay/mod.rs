@@ -153,6 +153,8 @@ pub struct Relay {
     /// Binding the context failed (or could not be sent): the server connection is never
     /// used again.
     unusable: bool,
+    /// Session pooling: the server backend's pid and the client's virtual pid.
+    own_pid: Option<(i32, i32)>,
     /// Channels to subscribe to and unsubscribe from (`None`: all) at the tenant's hub.
     pub listens: Vec<String>,
     pub unlistens: Vec<Option<String>>,
@@ -180,6 +182,7 @@ impl Relay {
             in_band: None,
             session: SessionState::default(),
             unusable: false,
+            own_pid: None,
             listens: Vec::new(),
             unlistens: Vec::new(),
             counters: RelayCounters::default(),
@@ -195,6 +198,12 @@ impl Relay {
     /// [`Effect::Pin`]), so the connection must be reset before anyone else gets it.
     pub fn pinned(&self) -> bool {
         self.session.pinned.is_some()
+    }
+
+    /// Session pooling: notifications from `server_pid` (the client's own backend) show
+    /// `virtual_pid`.
+    pub fn set_own_pid(&mut self, server_pid: i32, virtual_pid: i32) {
+        self.own_pid = Some((server_pid, virtual_pid));
     }
 
     /// The prefix of the tenant's notification channels.
@@ -920,21 +929,26 @@ impl Relay {
     /// the namespace are dropped (empty result).
     fn rename_notification(&self, body: &[u8]) -> BytesMut {
         let mut out = BytesMut::new();
-        let Some(prefix) = &self.rules.notify_prefix else {
-            encode::raw(tag::NOTIFICATION_RESPONSE, body, &mut out);
-            return out;
-        };
         let Some((pid, rest)) = body.split_first_chunk::<4>() else {
             return out;
         };
         let Some((channel, payload)) = take_cstr(rest) else {
             return out;
         };
-        let Some(own) = channel.strip_prefix(prefix.as_bytes()) else {
-            return out;
+        // The client's own NOTIFY shows the pid its BackendKeyData gave it.
+        let pid = match self.own_pid {
+            Some((server, virtual_pid)) if server == i32::from_be_bytes(*pid) => virtual_pid,
+            _ => i32::from_be_bytes(*pid),
+        };
+        let own = match &self.rules.notify_prefix {
+            None => channel,
+            Some(prefix) => match channel.strip_prefix(prefix.as_bytes()) {
+                Some(own) => own,
+                None => return out,
+            },
         };
         let mut b = Vec::with_capacity(body.len());
-        b.put_slice(pid);
+        b.put_i32(pid);
         b.put_slice(own);
         b.put_u8(0);
         b.put_slice(payload);
