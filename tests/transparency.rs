@@ -292,3 +292,70 @@ async fn in_session_mode_a_clients_own_notification_shows_its_pid() {
         assert!(String::from_utf8_lossy(&n.body[4..]).starts_with("ev\0"));
     }
 }
+
+/// `pg_prepared_statements` shows a client exactly the statements it prepared, under its own
+/// names, with their parameter types: never another client's, never pgtenant's own.
+#[tokio::test]
+async fn pg_prepared_statements_shows_the_clients_own_statements() {
+    let env = start_with("", |t| {
+        t.replacen("max_connections = 60", "max_connections = 1", 1)
+    })
+    .await;
+    let a = env.connect("acme").await;
+    let b = env.connect("acme").await;
+    let _a1 = a.prepare("SELECT $1::int + 1").await.unwrap();
+    let _b1 = b.prepare("SELECT $1::text || 'b'").await.unwrap();
+    a.batch_execute("PREPARE q (int8) AS SELECT $1")
+        .await
+        .unwrap();
+    b.batch_execute("PREPARE other AS SELECT 2").await.unwrap();
+    let view = "SELECT name, statement, parameter_types::text, from_sql \
+                  FROM pg_prepared_statements ORDER BY from_sql, statement";
+    let rows = a.simple_query(view).await.unwrap();
+    let rows: Vec<Vec<String>> = rows
+        .iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => {
+                Some((0..4).map(|i| r.get(i).unwrap_or("").to_owned()).collect())
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    assert_eq!(rows[0][1], "SELECT $1::int + 1");
+    assert_eq!(rows[0][2], "{integer}");
+    assert_eq!(rows[0][3], "f");
+    assert!(!rows[0][0].starts_with("pgt"), "{rows:?}");
+    assert_eq!(rows[1][0], "q");
+    assert_eq!(rows[1][1], "PREPARE q (int8) AS SELECT $1");
+    assert_eq!(rows[1][2], "{bigint}");
+    // The extended protocol, with a parameter and the qualified name, as psycopg reads it.
+    let row = b
+        .query_one(
+            "SELECT parameter_types::text FROM pg_catalog.pg_prepared_statements WHERE name = $1",
+            &[&"other"],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "{}");
+    let n: i64 = b
+        .query_one(
+            "SELECT count(*) FROM pg_prepared_statements ps WHERE ps.name LIKE 'pgt%' OR ps.statement LIKE '%+ 1'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 0, "b sees nothing of a's or pgtenant's");
+    // A client that prepared nothing sees an empty view.
+    let c = env.connect("acme").await;
+    let rows = c
+        .simple_query("SELECT * FROM pg_prepared_statements")
+        .await
+        .unwrap();
+    assert!(
+        !rows
+            .iter()
+            .any(|m| matches!(m, tokio_postgres::SimpleQueryMessage::Row(_)))
+    );
+}

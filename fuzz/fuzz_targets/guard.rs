@@ -19,6 +19,7 @@ fuzz_target!(|data: &[u8]| {
             prepared_prefix: Some("pgt_c1_".into()),
             lock_salt: Some(0x8000_0000_0000_0001),
             unchecked: false,
+            prepared_view: None,
         },
         Policy {
             scope: Scope::Dedicated,
@@ -30,6 +31,7 @@ fuzz_target!(|data: &[u8]| {
             prepared_prefix: None,
             lock_salt: None,
             unchecked: false,
+            prepared_view: None,
         },
     ];
     for scs in [true, false] {

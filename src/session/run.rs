@@ -44,6 +44,7 @@ fn policy_for(tenant: &Tenant, role: UserRole) -> Policy {
         prepared_prefix: None,
         lock_salt: None,
         unchecked: false,
+        prepared_view: None,
     }
 }
 

@@ -564,7 +564,7 @@ impl Relay {
             return (Some((tag::QUERY, refused_query())), Vec::new());
         }
         let text = cstr_prefix(body);
-        let verdict = self.rules.policy.check(text, self.standard_conforming);
+        let verdict = self.check_text(text);
         if let Some(r) = verdict.refusal {
             self.counters.refused += 1;
             self.refuse(
@@ -614,7 +614,7 @@ impl Relay {
         let Some((text, params)) = take_cstr(rest) else {
             return ParseOutcome::Forward(None, Vec::new());
         };
-        let mut verdict = self.rules.policy.check(text, self.standard_conforming);
+        let mut verdict = self.check_text(text);
         if verdict.refusal.is_none()
             && let Some(why) = self
                 .statement_over_limit(name, rest)
@@ -703,6 +703,28 @@ impl Relay {
             );
         }
         Some((t, replace_statement_name(t, prefix, rest)))
+    }
+
+    /// The guard's verdict on `text`; in transaction pooling a text naming
+    /// `pg_prepared_statements` is checked again with the client's own view of it.
+    fn check_text(&mut self, text: &[u8]) -> crate::tenant::guard::Verdict {
+        let verdict = self.rules.policy.check(text, self.standard_conforming);
+        if !verdict.wants_prepared_view {
+            return verdict;
+        }
+        self.rules.policy.prepared_view = Some(self.prepared_view_sql());
+        let mut verdict = self.rules.policy.check(text, self.standard_conforming);
+        self.rules.policy.prepared_view = None;
+        if verdict.wants_prepared_view {
+            // Cannot happen (the view was given); never forward the text unrewritten.
+            return crate::tenant::guard::Verdict::refuse(
+                "pg_prepared_statements could not be rewritten",
+            );
+        }
+        if verdict.refusal.is_none() {
+            verdict.effects.push(Effect::PreparedView);
+        }
+        verdict
     }
 
     /// Counts an Execute against the query rate.
@@ -1043,6 +1065,7 @@ impl RelayRules {
                 prepared_prefix: None,
                 lock_salt: None,
                 unchecked: false,
+                prepared_view: None,
             },
             rebind_sql: "SET app.current_tenant_id TO 'x'".into(),
             startup_settings: Vec::new(),

@@ -20,7 +20,7 @@ use crate::pool::cache::{PooledState, settings_key};
 use crate::protocol::tracker::ConnTracker;
 use crate::protocol::{TxStatus, encode, tag, take_cstr};
 use crate::tenant::guard::Effect;
-use crate::tenant::quote_ident;
+use crate::tenant::{quote_ident, quote_literal};
 
 use super::{NO_STATEMENT, replace_statement_name};
 
@@ -595,6 +595,87 @@ impl Relay {
         Some(statement.server_name)
     }
 
+    /// What `pg_prepared_statements` becomes for this client: the server's view joined to the
+    /// client's own statements, under the client's names (never another client's statements
+    /// or pgtenant's own). SQL-prepared ones show their PREPARE statement with the client's
+    /// name (PostgreSQL shows the whole query string that carried it).
+    pub(super) fn prepared_view_sql(&self) -> String {
+        let prefix = self
+            .rules
+            .policy
+            .prepared_prefix
+            .as_deref()
+            .unwrap_or_default();
+        let mut rows: Vec<String> = Vec::new();
+        for (name, statement) in &self.session.statements {
+            rows.push(format!(
+                "({}, {}, NULL)",
+                quote_literal(name),
+                quote_literal(&statement.server_name)
+            ));
+        }
+        for (server_name, sql) in &self.session.sql_prepared {
+            // The PREPARE as the client wrote it (the server's copy is pgtenant's text).
+            let name = server_name.strip_prefix(prefix).unwrap_or(server_name);
+            let plain = name.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+            let written = if plain {
+                name.to_owned()
+            } else {
+                quote_ident(name)
+            };
+            let shown = sql.replacen(&quote_ident(server_name), &written, 1);
+            rows.push(format!(
+                "({}, {}, {})",
+                quote_literal(name),
+                quote_literal(server_name),
+                quote_literal(&shown)
+            ));
+        }
+        if rows.is_empty() {
+            return "(SELECT NULL::pg_catalog.text AS name, NULL::pg_catalog.text AS statement, \
+                    NULL::pg_catalog.timestamptz AS prepare_time, \
+                    NULL::pg_catalog.regtype[] AS parameter_types, NULL::pg_catalog.bool AS from_sql, \
+                    NULL::pg_catalog.int8 AS generic_plans, NULL::pg_catalog.int8 AS custom_plans \
+                    WHERE false)"
+                .into();
+        }
+        format!(
+            "(SELECT m.name, COALESCE(m.shown, p.statement) AS statement, \
+                  p.prepare_time, p.parameter_types, p.from_sql, p.generic_plans, p.custom_plans \
+             FROM pg_catalog.pg_prepared_statements p \
+             JOIN (VALUES {}) AS m(name, server_name, shown) ON p.name OPERATOR(pg_catalog.=) m.server_name)",
+            rows.join(", ")
+        )
+    }
+
+    /// Creates every statement of the client's on this connection (for its view of
+    /// `pg_prepared_statements`).
+    fn create_all_statements(
+        &mut self,
+        out: &mut BytesMut,
+        tracker: &mut ConnTracker,
+        pooled: &mut PooledState,
+    ) {
+        let names: Vec<String> = self.session.statements.keys().cloned().collect();
+        for name in names {
+            self.ensure_statement(name.as_bytes(), pooled, out);
+        }
+        let missing: Vec<(String, String)> = self
+            .session
+            .sql_prepared
+            .iter()
+            .filter(|(server_name, _)| !pooled.prepared.contains(server_name))
+            .map(|(n, sql)| (n.clone(), sql.clone()))
+            .collect();
+        for (server_name, sql) in missing {
+            self.inject_query(out, tracker, &sql);
+            pooled.prepared.insert(&server_name);
+        }
+    }
+
     /// Before a client Query with session effects is sent: statements it needs are created
     /// first, stale ones of the same name dropped.
     pub(super) fn before_query(
@@ -659,6 +740,7 @@ impl Relay {
                         self.forget_channels();
                     }
                 }
+                Effect::PreparedView => self.create_all_statements(out, tracker, pooled),
                 Effect::Listen(channel) => {
                     if self.session.channels.insert(channel.clone()) {
                         self.rules.tenant.count_channels(1, true);
@@ -893,6 +975,7 @@ impl Relay {
             | Effect::Savepoint(_)
             | Effect::RollbackTo(_)
             | Effect::Release(_)
+            | Effect::PreparedView
             | Effect::Pin(_) => {}
         }
         if settings_changed {

@@ -50,6 +50,9 @@ pub enum Effect {
     RollbackTo(String),
     /// `RELEASE [SAVEPOINT] name`.
     Release(String),
+    /// The statement reads `pg_prepared_statements` (rewritten to the client's own
+    /// statements): every one of them must exist on the connection first.
+    PreparedView,
     /// The statement leaves state on the server connection that outlives its transaction
     /// (a temporary table, a `WITH HOLD` cursor, a session advisory lock): the connection
     /// stays with the client until it leaves or runs `DISCARD ALL`.

@@ -42,6 +42,9 @@ pub struct Policy {
     /// Tests only: refuse nothing (effects are still reported), to prove what the database
     /// enforces without the guard.
     pub unchecked: bool,
+    /// Transaction pooling: what `pg_prepared_statements` is replaced with (the client's own
+    /// statements), set by the relay only when a statement names the view.
+    pub prepared_view: Option<String>,
 }
 
 /// Why a statement was refused.
@@ -64,6 +67,9 @@ pub struct Verdict {
     pub rebind: bool,
     /// Session-level changes (transaction pooling only).
     pub effects: Vec<Effect>,
+    /// Transaction pooling: the text names `pg_prepared_statements` and no
+    /// [`Policy::prepared_view`] was given: check it again with one.
+    pub wants_prepared_view: bool,
 }
 
 impl Verdict {
@@ -221,6 +227,34 @@ fn namespace_lock_keys(
     Ok(())
 }
 
+/// Keywords that may follow a table name and are not an alias.
+const NOT_ALIASES: &[&str] = &[
+    "where",
+    "join",
+    "inner",
+    "left",
+    "right",
+    "full",
+    "cross",
+    "natural",
+    "on",
+    "using",
+    "group",
+    "order",
+    "limit",
+    "offset",
+    "fetch",
+    "for",
+    "union",
+    "except",
+    "intersect",
+    "having",
+    "window",
+    "returning",
+    "tablesample",
+    "with",
+];
+
 /// Statement kinds allowed as they are (Tenant scope).
 const ALLOWED_STATEMENTS: &[&str] = &[
     "select",
@@ -291,6 +325,10 @@ impl Policy {
                 Err(_) if self.unchecked => {}
                 Err(v) => return v,
             }
+        }
+        if self.prepared_prefix.is_some() && self.prepared_view_edits(&tokens, &mut edits) {
+            verdict.wants_prepared_view = true;
+            return verdict;
         }
         if self.prepared_prefix.is_some() {
             for stmt in tokens.split(|t| t.is_punct(b';')) {
@@ -369,6 +407,49 @@ impl Policy {
             }
         }
         Ok(())
+    }
+
+    /// Transaction pooling: replaces each mention of `pg_prepared_statements` (qualified or
+    /// not) with the client's own view of it. True when the view is needed and not given.
+    fn prepared_view_edits(
+        &self,
+        tokens: &[Token<'_>],
+        edits: &mut Vec<(Range<usize>, String)>,
+    ) -> bool {
+        for (i, t) in tokens.iter().enumerate() {
+            if t.ident() != Some("pg_prepared_statements") {
+                continue;
+            }
+            // A qualifier (`pg_prepared_statements.name`) or an alias names no relation.
+            if tokens.get(i + 1).is_some_and(|n| n.is_punct(b'.'))
+                || (i > 0 && tokens[i - 1].is_keyword("as"))
+            {
+                continue;
+            }
+            let Some(view) = &self.prepared_view else {
+                return true;
+            };
+            let qualified = i >= 2
+                && tokens[i - 1].is_punct(b'.')
+                && tokens[i - 2].ident() == Some("pg_catalog");
+            let start = if qualified {
+                tokens[i - 2].start
+            } else {
+                t.start
+            };
+            // Keep the name usable as a qualifier unless the client gives an alias.
+            let aliased = tokens.get(i + 1).is_some_and(|n| {
+                n.is_keyword("as")
+                    || (n.ident().is_some() && !NOT_ALIASES.iter().any(|k| n.is_keyword(k)))
+            });
+            let text = if aliased {
+                view.clone()
+            } else {
+                format!("{view} AS pg_prepared_statements")
+            };
+            edits.push((start..t.end, text));
+        }
+        false
     }
 
     /// The namespaced channel for `name`.

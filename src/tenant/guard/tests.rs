@@ -16,6 +16,7 @@ fn shared() -> Policy {
         prepared_prefix: None,
         lock_salt: Some(0x8000_0000_0000_0001),
         unchecked: false,
+        prepared_view: None,
     }
 }
 
@@ -898,4 +899,42 @@ fn advisory_lock_keys_move_into_the_tenants_namespace() {
             .effects
             .is_empty()
     );
+}
+
+#[test]
+fn pg_prepared_statements_is_replaced_by_the_clients_view() {
+    let v = pooled().check(b"SELECT * FROM pg_prepared_statements", true);
+    assert!(v.wants_prepared_view && v.refusal.is_none());
+    // Session pooling leaves it alone.
+    assert!(
+        !shared()
+            .check(b"SELECT * FROM pg_prepared_statements", true)
+            .wants_prepared_view
+    );
+    let p = Policy {
+        prepared_view: Some("(VIEW)".into()),
+        ..pooled()
+    };
+    for (sql, rewritten) in [
+        (
+            "SELECT name FROM pg_prepared_statements",
+            "SELECT name FROM (VIEW) AS pg_prepared_statements",
+        ),
+        (
+            "select pg_prepared_statements.name from pg_catalog.pg_prepared_statements where true",
+            "select pg_prepared_statements.name from (VIEW) AS pg_prepared_statements where true",
+        ),
+        (
+            "SELECT p.name FROM pg_prepared_statements p",
+            "SELECT p.name FROM (VIEW) p",
+        ),
+        (
+            "SELECT ps.name FROM \"pg_prepared_statements\" AS ps",
+            "SELECT ps.name FROM (VIEW) AS ps",
+        ),
+    ] {
+        let v = p.check(sql.as_bytes(), true);
+        assert!(!v.wants_prepared_view && v.refusal.is_none(), "{sql}");
+        assert_eq!(v.rewritten.as_deref(), Some(rewritten), "{sql}");
+    }
 }
