@@ -329,6 +329,13 @@ async fn pg_prepared_statements_shows_the_clients_own_statements() {
     assert_eq!(rows[1][0], "q");
     assert_eq!(rows[1][1], "PREPARE q (int8) AS SELECT $1");
     assert_eq!(rows[1][2], "{bigint}");
+    // A named statement that reads the view sees itself there, as on PostgreSQL.
+    let counting = a
+        .prepare("SELECT count(*) FROM pg_prepared_statements WHERE name <> ''")
+        .await
+        .unwrap();
+    let n: i64 = a.query_one(&counting, &[]).await.unwrap().get(0);
+    assert_eq!(n, 3, "two earlier statements and itself");
     // The extended protocol, with a parameter and the qualified name, as psycopg reads it.
     let row = b
         .query_one(

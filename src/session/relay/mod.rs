@@ -614,7 +614,7 @@ impl Relay {
         let Some((text, params)) = take_cstr(rest) else {
             return ParseOutcome::Forward(None, Vec::new());
         };
-        let mut verdict = self.check_text(text);
+        let mut verdict = self.check_text_naming(text, name);
         if verdict.refusal.is_none()
             && let Some(why) = self
                 .statement_over_limit(name, rest)
@@ -638,6 +638,7 @@ impl Relay {
             );
         }
         if let Some(r) = verdict.refusal {
+            self.session.next_server_name = None;
             self.counters.refused += 1;
             self.refuse(
                 self.next_epoch,
@@ -708,11 +709,23 @@ impl Relay {
     /// The guard's verdict on `text`; in transaction pooling a text naming
     /// `pg_prepared_statements` is checked again with the client's own view of it.
     fn check_text(&mut self, text: &[u8]) -> crate::tenant::guard::Verdict {
+        self.check_text_naming(text, b"")
+    }
+
+    /// Like [`Relay::check_text`], for the text of a Parse creating the client's statement
+    /// `name`: a named statement that reads `pg_prepared_statements` sees itself there, as
+    /// on PostgreSQL, so it gets a server name of its own, known before its text is written.
+    fn check_text_naming(&mut self, text: &[u8], name: &[u8]) -> crate::tenant::guard::Verdict {
         let verdict = self.rules.policy.check(text, self.standard_conforming);
         if !verdict.wants_prepared_view {
             return verdict;
         }
-        self.rules.policy.prepared_view = Some(self.prepared_view_sql());
+        let itself = (self.pooled() && !name.is_empty()).then(|| {
+            let server_name = self.own_server_name();
+            (String::from_utf8_lossy(name).into_owned(), server_name)
+        });
+        self.rules.policy.prepared_view = Some(self.prepared_view_sql(itself.as_ref()));
+        self.session.next_server_name = itself.map(|(_, s)| s);
         let mut verdict = self.rules.policy.check(text, self.standard_conforming);
         self.rules.policy.prepared_view = None;
         if verdict.wants_prepared_view {

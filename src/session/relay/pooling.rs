@@ -95,6 +95,11 @@ pub(super) struct SessionState {
     unnamed_generation: u64,
     /// Unnamed Parses not yet confirmed by ParseComplete: `(epoch, generation)`.
     unnamed_unconfirmed: VecDeque<(u64, u64)>,
+    /// The server name the next named Parse gets instead of its text's hash (a statement
+    /// whose text holds this client's view of `pg_prepared_statements`).
+    pub(super) next_server_name: Option<String>,
+    /// Counter for those names.
+    own_names: u64,
     /// pgtenant sent a simple Query of its own since the connection's unnamed statement was
     /// last checked: it is gone.
     pub(super) unnamed_dropped: bool,
@@ -266,7 +271,11 @@ impl Relay {
                     return None;
                 }
                 let name = String::from_utf8_lossy(name).into_owned();
-                let server_name = server_statement_name(definition);
+                let server_name = self
+                    .session
+                    .next_server_name
+                    .take()
+                    .unwrap_or_else(|| server_statement_name(definition));
                 self.session.statement_bytes += definition.len();
                 let replaced = self.session.statements.insert(
                     name,
@@ -599,7 +608,8 @@ impl Relay {
     /// client's own statements, under the client's names (never another client's statements
     /// or pgtenant's own). SQL-prepared ones show their PREPARE statement with the client's
     /// name (PostgreSQL shows the whole query string that carried it).
-    pub(super) fn prepared_view_sql(&self) -> String {
+    /// `itself`: the statement being prepared, `(name, server name)`, which is in the view.
+    pub(super) fn prepared_view_sql(&self, itself: Option<&(String, String)>) -> String {
         let prefix = self
             .rules
             .policy
@@ -607,7 +617,18 @@ impl Relay {
             .as_deref()
             .unwrap_or_default();
         let mut rows: Vec<String> = Vec::new();
+        if let Some((name, server_name)) = itself {
+            rows.push(format!(
+                "({}, {}, NULL)",
+                quote_literal(name),
+                quote_literal(server_name)
+            ));
+        }
         for (name, statement) in &self.session.statements {
+            if itself.is_some_and(|(n, _)| n == name) {
+                // Replaced by the statement being prepared.
+                continue;
+            }
             rows.push(format!(
                 "({}, {}, NULL)",
                 quote_literal(name),
@@ -649,6 +670,12 @@ impl Relay {
              JOIN (VALUES {}) AS m(name, server_name, shown) ON p.name OPERATOR(pg_catalog.=) m.server_name)",
             rows.join(", ")
         )
+    }
+
+    /// A server statement name for this client alone (`pgt_v<client>_<n>`).
+    pub(super) fn own_server_name(&mut self) -> String {
+        self.session.own_names += 1;
+        format!("pgt_v{}_{}", self.rules.client_id, self.session.own_names)
     }
 
     /// Creates every statement of the client's on this connection (for its view of
