@@ -366,3 +366,38 @@ async fn pg_prepared_statements_shows_the_clients_own_statements() {
             .any(|m| matches!(m, tokio_postgres::SimpleQueryMessage::Row(_)))
     );
 }
+
+/// A client whose connection is pinned (a temporary table) still gets its notifications
+/// between its transactions, like any other.
+#[tokio::test]
+async fn a_pinned_client_receives_its_notifications() {
+    let env = two_connections().await;
+    let (mut pinned, _) = login_with_pid(&env, "acme").await;
+    pinned
+        .query("CREATE TEMP TABLE scratch (x int); LISTEN ev")
+        .await;
+    pinned.until_ready().await;
+    let (mut notifier, _) = login_with_pid(&env, "acme").await;
+    for i in 0..3 {
+        notifier.query(&format!("NOTIFY ev, 'n{i}'")).await;
+        notifier.until_ready().await;
+    }
+    let got = pinned
+        .notifications(std::time::Duration::from_secs(2))
+        .await;
+    assert_eq!(
+        got,
+        (0..3)
+            .map(|i| ("ev".to_owned(), format!("n{i}")))
+            .collect::<Vec<_>>()
+    );
+    // Still pinned: the temporary table is there, and notifications keep coming.
+    pinned.query("SELECT count(*) FROM scratch").await;
+    assert!(pinned.until_ready().await.iter().all(|m| m.tag != b'E'));
+    notifier.query("NOTIFY ev, 'later'").await;
+    notifier.until_ready().await;
+    let got = pinned
+        .notifications(std::time::Duration::from_secs(2))
+        .await;
+    assert_eq!(got, [("ev".to_owned(), "later".to_owned())]);
+}

@@ -408,15 +408,7 @@ async fn forward_pooled(
             // does not read them stops taking more (its queue fills: see below).
             Some(n) = notify_rx.recv(), if listening && pump.to_client_len() < NOTIFY_BUFFERED => {
                 // Notifications reach the client between its transactions, as on PostgreSQL.
-                let channel = n.channel.strip_prefix(&prefix).unwrap_or(&n.channel);
-                let mut body = n.pid.to_be_bytes().to_vec();
-                body.extend_from_slice(channel.as_bytes());
-                body.push(0);
-                body.extend_from_slice(n.payload.as_bytes());
-                body.push(0);
-                let mut out = BytesMut::new();
-                encode::raw(tag::NOTIFICATION_RESPONSE, &body, &mut out);
-                pump.push_to_client(&out);
+                push_notification(pump, &prefix, &n);
                 continue;
             }
             _ = &mut shutdown => break (SessionEnd::Shutdown, None),
@@ -452,16 +444,44 @@ async fn forward_pooled(
             }
             Err(e) => break (SessionEnd::Pump(PumpEnd::ClientProtocol(e)), Some(pooled)),
         }
+        // Notifications that arrive while the client keeps its connection (a pinned client
+        // does for its whole session), delivered when it is between transactions.
+        let mut held: std::collections::VecDeque<notify::Notification> = Default::default();
         let (end, listened) = loop {
-            let end = forward(
-                state,
-                &a.prepare.tenant.limits,
-                relay,
-                pump,
-                stream,
-                &mut pooled,
-            )
-            .await;
+            let end = loop {
+                if !listening {
+                    break forward(
+                        state,
+                        &a.prepare.tenant.limits,
+                        relay,
+                        pump,
+                        stream,
+                        &mut pooled,
+                    )
+                    .await;
+                }
+                if relay.between_transactions(&pooled.conn.tracker) {
+                    while let Some(n) = held.pop_front() {
+                        push_notification(pump, &prefix, &n);
+                    }
+                }
+                // The forwarding state lives in the pump: leaving `forward` for a
+                // notification loses nothing.
+                tokio::select! {
+                    end = forward(
+                        state,
+                        &a.prepare.tenant.limits,
+                        relay,
+                        pump,
+                        stream,
+                        &mut pooled,
+                    ) => break end,
+                    Some(n) = notify_rx.recv(), if held.len() < notify::CLIENT_QUEUE => {
+                        held.push_back(n);
+                    }
+                    _ = notify_tx.overflow.notified() => break SessionEnd::NotifyOverflow,
+                }
+            };
             let listened = subscribe(relay, a.pool, a.client_id, &notify_tx);
             listening |= !listened.is_empty();
             if matches!(end, SessionEnd::Pump(PumpEnd::Listening)) {
@@ -478,6 +498,9 @@ async fn forward_pooled(
                 // on its way.
                 cancel.set_target(None);
                 a.pool.release(pooled).await;
+                for n in held.drain(..) {
+                    push_notification(pump, &prefix, &n);
+                }
                 // The ReadyForQuery is still unsent: the client learns LISTEN is done only
                 // when it is.
                 confirm_listens(listened).await;
@@ -490,6 +513,19 @@ async fn forward_pooled(
         hub.unlisten(None, a.client_id);
     }
     result
+}
+
+/// Queues a notification for the client, its channel under the client's own name.
+fn push_notification(pump: &mut Pump, prefix: &str, n: &notify::Notification) {
+    let channel = n.channel.strip_prefix(prefix).unwrap_or(&n.channel);
+    let mut body = n.pid.to_be_bytes().to_vec();
+    body.extend_from_slice(channel.as_bytes());
+    body.push(0);
+    body.extend_from_slice(n.payload.as_bytes());
+    body.push(0);
+    let mut out = BytesMut::new();
+    encode::raw(tag::NOTIFICATION_RESPONSE, &body, &mut out);
+    pump.push_to_client(&out);
 }
 
 /// Passes the LISTEN/UNLISTEN the client ran to the shard's notification hub. Returns the

@@ -222,6 +222,12 @@ impl Relay {
             && self.client_scan.at_boundary()
     }
 
+    /// The client is between transactions: nothing owed, no transaction open, between
+    /// messages (where PostgreSQL delivers notifications).
+    pub fn between_transactions(&self, tracker: &ConnTracker) -> bool {
+        self.owners.is_empty() && tracker.is_idle() && self.client_scan.at_boundary()
+    }
+
     /// Transaction pooling: the client's transaction ended with a LISTEN the notification hub
     /// has not confirmed yet. Its ReadyForQuery waits, so that a NOTIFY the client's peers
     /// commit after seeing it cannot be missed.
