@@ -401,3 +401,43 @@ async fn a_pinned_client_receives_its_notifications() {
         .await;
     assert_eq!(got, [("ev".to_owned(), "later".to_owned())]);
 }
+
+/// A client's own NOTIFY on a channel it listens to reaches it before its ReadyForQuery, as
+/// from PostgreSQL, exactly once (the hub's copy is not shown again); a rolled-back NOTIFY
+/// never arrives, and duplicates within a transaction are folded.
+#[tokio::test]
+async fn a_clients_own_notification_arrives_before_its_ready_for_query() {
+    let env = two_connections().await;
+    for tenant in ["acme", "initech"] {
+        let (mut c, pid) = login_with_pid(&env, tenant).await;
+        c.query("LISTEN ev").await;
+        c.until_ready().await;
+        let own = |msgs: &[common::raw::Msg]| -> Vec<(i32, String)> {
+            msgs.iter()
+                .filter(|m| m.tag == b'A')
+                .map(|m| {
+                    (
+                        i32::from_be_bytes(m.body[..4].try_into().unwrap()),
+                        String::from_utf8_lossy(&m.body[4..]).into_owned(),
+                    )
+                })
+                .collect()
+        };
+        c.query("NOTIFY ev, 'n1'").await;
+        let replies = c.until_ready().await;
+        assert_eq!(own(&replies), [(pid, "ev\0n1\0".to_owned())], "{tenant}");
+        c.query("BEGIN; NOTIFY ev, 'gone'; ROLLBACK").await;
+        assert!(own(&c.until_ready().await).is_empty());
+        c.query("BEGIN; NOTIFY ev, 'twice'; NOTIFY ev, 'twice'; NOTIFY ev; COMMIT")
+            .await;
+        let replies = c.until_ready().await;
+        assert_eq!(
+            own(&replies),
+            [(pid, "ev\0twice\0".to_owned()), (pid, "ev\0\0".to_owned())],
+            "{tenant}"
+        );
+        // Nothing arrives a second time through the hub.
+        let later = c.notifications(std::time::Duration::from_secs(1)).await;
+        assert!(later.is_empty(), "{tenant}: {later:?}");
+    }
+}

@@ -205,6 +205,7 @@ pub(super) async fn run_session(state: &AppState, snapshot: &Snapshot, client: A
     };
 
     let cancel = state.cancels.register();
+    relay.virtual_pid = cancel.key().0;
     let mut out = BytesMut::new();
     for (name, value) in &pooled.conn.params {
         let value = if name == "session_authorization" {
@@ -408,7 +409,7 @@ async fn forward_pooled(
             // does not read them stops taking more (its queue fills: see below).
             Some(n) = notify_rx.recv(), if listening && pump.to_client_len() < NOTIFY_BUFFERED => {
                 // Notifications reach the client between its transactions, as on PostgreSQL.
-                push_notification(pump, &prefix, &n);
+                push_notification(relay, pump, &prefix, &n);
                 continue;
             }
             _ = &mut shutdown => break (SessionEnd::Shutdown, None),
@@ -462,7 +463,7 @@ async fn forward_pooled(
                 }
                 if relay.between_transactions(&pooled.conn.tracker) {
                     while let Some(n) = held.pop_front() {
-                        push_notification(pump, &prefix, &n);
+                        push_notification(relay, pump, &prefix, &n);
                     }
                 }
                 // The forwarding state lives in the pump: leaving `forward` for a
@@ -499,7 +500,7 @@ async fn forward_pooled(
                 cancel.set_target(None);
                 a.pool.release(pooled).await;
                 for n in held.drain(..) {
-                    push_notification(pump, &prefix, &n);
+                    push_notification(relay, pump, &prefix, &n);
                 }
                 // The ReadyForQuery is still unsent: the client learns LISTEN is done only
                 // when it is.
@@ -515,8 +516,12 @@ async fn forward_pooled(
     result
 }
 
-/// Queues a notification for the client, its channel under the client's own name.
-fn push_notification(pump: &mut Pump, prefix: &str, n: &notify::Notification) {
+/// Queues a notification for the client, its channel under the client's own name (unless
+/// it is the client's own, shown before its ReadyForQuery already).
+fn push_notification(relay: &mut Relay, pump: &mut Pump, prefix: &str, n: &notify::Notification) {
+    if relay.shown_already(n.pid, relay.virtual_pid, &n.channel, &n.payload) {
+        return;
+    }
     let channel = n.channel.strip_prefix(prefix).unwrap_or(&n.channel);
     let mut body = n.pid.to_be_bytes().to_vec();
     body.extend_from_slice(channel.as_bytes());

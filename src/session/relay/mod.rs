@@ -155,6 +155,8 @@ pub struct Relay {
     unusable: bool,
     /// Session pooling: the server backend's pid and the client's virtual pid.
     own_pid: Option<(i32, i32)>,
+    /// The pid the client's BackendKeyData gave it.
+    pub virtual_pid: i32,
     /// Channels to subscribe to and unsubscribe from (`None`: all) at the tenant's hub.
     pub listens: Vec<String>,
     pub unlistens: Vec<Option<String>>,
@@ -183,6 +185,7 @@ impl Relay {
             session: SessionState::default(),
             unusable: false,
             own_pid: None,
+            virtual_pid: 0,
             listens: Vec::new(),
             unlistens: Vec::new(),
             counters: RelayCounters::default(),
@@ -823,6 +826,14 @@ impl Relay {
                             tracker.server_message(t, Some(status));
                             let failed = std::mem::take(&mut self.epoch_failed);
                             self.end_epoch(failed, pooled, tracker);
+                            if !self.session.notify_now.is_empty() {
+                                // The client's own notifications come before its
+                                // ReadyForQuery, as from PostgreSQL.
+                                move_run(input, run, to_client);
+                                run = 0;
+                                let pid = self.virtual_pid;
+                                self.own_notifications(pid, to_client);
+                            }
                             if proxy {
                                 drop_piece(input, &mut run, len, to_client);
                             } else {

@@ -95,6 +95,11 @@ pub(super) struct SessionState {
     unnamed_generation: u64,
     /// Unnamed Parses not yet confirmed by ParseComplete: `(epoch, generation)`.
     unnamed_unconfirmed: VecDeque<(u64, u64)>,
+    /// The client's own notifications committed by the epoch just closed, to show it before
+    /// that epoch's ReadyForQuery: `(channel as the server knows it, payload)`.
+    pub(super) notify_now: Vec<(String, String)>,
+    /// Those shown, whose copies from the hub are not shown again (bounded).
+    local_sent: VecDeque<(String, String)>,
     /// The server name the next named Parse gets instead of its text's hash (a statement
     /// whose text holds this client's view of `pg_prepared_statements`).
     pub(super) next_server_name: Option<String>,
@@ -898,7 +903,7 @@ impl Relay {
                 s.savepoints.clear();
                 if committed {
                     for effect in staged {
-                        self.apply_effect(effect, pooled);
+                        self.commit_effect(effect, pooled);
                     }
                 }
             }
@@ -914,9 +919,11 @@ impl Relay {
         match effect {
             Effect::Savepoint(name) => s.savepoints.push((name, s.staged.len())),
             _ if failed => {}
-            Effect::Set { .. } | Effect::Reset(_) | Effect::ResetAll | Effect::DiscardAll => {
-                s.staged.push(effect)
-            }
+            Effect::Set { .. }
+            | Effect::Reset(_)
+            | Effect::ResetAll
+            | Effect::DiscardAll
+            | Effect::Notify { .. } => s.staged.push(effect),
             Effect::Rollback => {
                 s.staged.clear();
                 s.savepoints.clear();
@@ -937,10 +944,71 @@ impl Relay {
             Effect::CommitChain => {
                 s.savepoints.clear();
                 for effect in std::mem::take(&mut s.staged) {
-                    self.apply_effect(effect, pooled);
+                    self.commit_effect(effect, pooled);
                 }
             }
             other => self.apply_effect(other, pooled),
+        }
+    }
+
+    /// An effect of a transaction that committed: a NOTIFY on a channel the client listens
+    /// on is shown to it before the ReadyForQuery (once per channel and payload, as
+    /// PostgreSQL folds duplicates within a transaction); the rest is applied.
+    fn commit_effect(&mut self, effect: Effect, pooled: &mut PooledState) {
+        match effect {
+            Effect::Notify { channel, payload } => {
+                let s = &mut self.session;
+                let note = (channel, payload);
+                if s.channels.contains(&note.0) && !s.notify_now.contains(&note) {
+                    s.notify_now.push(note);
+                }
+            }
+            other => self.apply_effect(other, pooled),
+        }
+    }
+
+    /// Shows the notifications the client's committed transaction sent itself, before the
+    /// ReadyForQuery about to be forwarded; their copies from the hub will be skipped.
+    pub(super) fn own_notifications(&mut self, virtual_pid: i32, to_client: &mut BytesMut) {
+        let prefix = self.rules.notify_prefix.clone().unwrap_or_default();
+        for (channel, payload) in std::mem::take(&mut self.session.notify_now) {
+            let shown = channel.strip_prefix(&prefix).unwrap_or(&channel);
+            let mut body = virtual_pid.to_be_bytes().to_vec();
+            body.extend_from_slice(shown.as_bytes());
+            body.push(0);
+            body.extend_from_slice(payload.as_bytes());
+            body.push(0);
+            encode::raw(tag::NOTIFICATION_RESPONSE, &body, to_client);
+            if self.session.local_sent.len() >= 1024 {
+                self.session.local_sent.pop_front();
+            }
+            self.session.local_sent.push_back((channel, payload));
+        }
+    }
+
+    /// Whether the hub's notification `channel`/`payload` from backend pid `pid` (mapped to
+    /// the client's pid when it sent it) was shown to the client already.
+    pub fn shown_already(
+        &mut self,
+        pid: i32,
+        virtual_pid: i32,
+        channel: &str,
+        payload: &str,
+    ) -> bool {
+        if pid != virtual_pid {
+            return false;
+        }
+        let s = &mut self.session;
+        match s
+            .local_sent
+            .iter()
+            .position(|(c, p)| c == channel && p == payload)
+        {
+            Some(i) => {
+                s.local_sent.remove(i);
+                true
+            }
+            None => false,
         }
     }
 
@@ -1003,6 +1071,7 @@ impl Relay {
             | Effect::RollbackTo(_)
             | Effect::Release(_)
             | Effect::PreparedView
+            | Effect::Notify { .. }
             | Effect::Pin(_) => {}
         }
         if settings_changed {

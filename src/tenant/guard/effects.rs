@@ -50,6 +50,9 @@ pub enum Effect {
     RollbackTo(String),
     /// `RELEASE [SAVEPOINT] name`.
     Release(String),
+    /// `NOTIFY channel[, 'payload']` with a literal payload (the channel as the server knows
+    /// it): a client listening on it gets it before its ReadyForQuery, as from PostgreSQL.
+    Notify { channel: String, payload: String },
     /// The statement reads `pg_prepared_statements` (rewritten to the client's own
     /// statements): every one of them must exist on the connection first.
     PreparedView,
@@ -232,6 +235,24 @@ pub(super) fn collect(
             let at = if word(1) == "savepoint" { 2 } else { 1 };
             if let Some(name) = stmt.get(at).and_then(Token::ident) {
                 out.push(Effect::Release(name.to_owned()));
+            }
+        }
+        "notify" => {
+            if let Some(name) = stmt.get(1).and_then(Token::ident) {
+                let payload = match (stmt.get(2), stmt.get(3), stmt.len()) {
+                    (None, _, _) => Some(String::new()),
+                    (Some(comma), Some(t), 4) if comma.is_punct(b',') => match &t.kind {
+                        Kind::Str { value: Some(v) } => Some(v.clone()),
+                        _ => None,
+                    },
+                    _ => None,
+                };
+                if let Some(payload) = payload {
+                    out.push(Effect::Notify {
+                        channel: policy.channel(name)?,
+                        payload,
+                    });
+                }
             }
         }
         "listen" | "unlisten" => {
