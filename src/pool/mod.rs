@@ -303,13 +303,26 @@ impl Pool {
     /// Records that the client with virtual pid `client_pid` now uses the backend
     /// `server_pid`.
     pub fn note_owner(&self, server_pid: i32, client_pid: i32) {
-        let mut owners = self.owners.lock().unwrap_or_else(|p| p.into_inner());
-        // Entries of closed backends are never removed one by one: the map is bounded by
-        // starting over (live backends are noted again at their next transaction).
-        if owners.len() > 2 * self.shard.max_connections + 64 {
-            owners.clear();
+        let bound = 2 * self.shard.max_connections + 64;
+        self.senders().attach(server_pid, client_pid, bound);
+    }
+
+    /// Records the notifications (channel as the server knows it, payload) the client with
+    /// virtual pid `client_pid` just committed on backend `server_pid`, so that the hub shows
+    /// them with its pid even if the backend has passed to another client by then.
+    pub fn note_notifications(
+        &self,
+        server_pid: i32,
+        client_pid: i32,
+        notes: Vec<(String, String)>,
+    ) {
+        if !notes.is_empty() {
+            self.senders().committed(server_pid, client_pid, notes);
         }
-        owners.insert(server_pid, client_pid);
+    }
+
+    fn senders(&self) -> std::sync::MutexGuard<'_, notify::Senders> {
+        self.owners.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The notification hub for this shard and login (transaction pooling).

@@ -66,9 +66,73 @@ pub struct NotifyHub {
 
 type Tls = Option<(Arc<ClientConfig>, ServerName<'static>)>;
 
-/// Server backend pid → virtual pid of the client that used that backend last (kept by the
-/// pool): notifications carry the notifying client's pid, as its BackendKeyData gave it.
-pub type Owners = Arc<std::sync::Mutex<HashMap<i32, i32>>>;
+/// Who sent a notification, for its pid field: the client's virtual pid (as its
+/// BackendKeyData gave it), not the pooled backend's. Shared by a pool and its hub.
+pub type Owners = Arc<std::sync::Mutex<Senders>>;
+
+/// A notification as `(channel, payload)`.
+type Note = (String, String);
+
+/// What the pool knows about who notified from which backend.
+#[derive(Debug, Default)]
+pub struct Senders {
+    /// Backend pid → the client using it last.
+    last: HashMap<i32, i32>,
+    /// Backend pid → notifications a client committed there that the hub has not seen yet
+    /// (recorded at the commit's ReadyForQuery, before the backend can pass to anyone else).
+    committed: HashMap<i32, VecDeque<(Note, i32)>>,
+    /// Backend pid → notifications the hub attributed by `last` before their commit was
+    /// recorded (the hub was faster than the notifying session).
+    early: HashMap<i32, VecDeque<(Note, i32)>>,
+}
+
+/// Per backend, at most this many recorded notifications are kept either way.
+const SENDERS_KEPT: usize = 64;
+
+impl Senders {
+    /// The client with virtual pid `client` now uses backend `server`.
+    pub fn attach(&mut self, server: i32, client: i32, bound: usize) {
+        // Entries of closed backends are not removed one by one: the maps start over.
+        if self.last.len() > bound {
+            self.last.clear();
+            self.committed.clear();
+            self.early.clear();
+        }
+        self.last.insert(server, client);
+    }
+
+    /// Client `client` committed `notes` on backend `server`.
+    pub fn committed(&mut self, server: i32, client: i32, notes: Vec<Note>) {
+        for note in notes {
+            let early = self.early.entry(server).or_default();
+            if let Some(i) = early.iter().position(|(n, c)| *n == note && *c == client) {
+                early.remove(i);
+                continue;
+            }
+            let queue = self.committed.entry(server).or_default();
+            if queue.len() >= SENDERS_KEPT {
+                queue.pop_front();
+            }
+            queue.push_back((note, client));
+        }
+    }
+
+    /// The client that sent `note` from backend `server`, if a client of the pool did.
+    fn sender(&mut self, server: i32, note: &Note) -> Option<i32> {
+        if let Some(queue) = self.committed.get_mut(&server)
+            && let Some(i) = queue.iter().position(|(n, _)| n == note)
+        {
+            return queue.remove(i).map(|(_, c)| c);
+        }
+        let client = *self.last.get(&server)?;
+        let early = self.early.entry(server).or_default();
+        if early.len() >= SENDERS_KEPT {
+            early.pop_front();
+        }
+        early.push_back((note.clone(), client));
+        Some(client)
+    }
+}
 
 impl NotifyHub {
     /// Starts the hub's task (it connects when the first client listens).
@@ -301,15 +365,16 @@ fn dispatch(subscribers: &mut Subscribers, owners: &Owners, body: &[u8]) {
         return;
     };
     let pid = i32::from_be_bytes(*pid);
+    let payload = String::from_utf8_lossy(payload).into_owned();
+    let note = (channel.clone(), payload.clone());
     let owner = owners
         .lock()
         .unwrap_or_else(|p| p.into_inner())
-        .get(&pid)
-        .copied();
+        .sender(pid, &note);
     let n = Notification {
         pid: owner.unwrap_or(pid),
         channel,
-        payload: String::from_utf8_lossy(payload).into_owned(),
+        payload,
     };
     entry.retain(|client, sub| match sub.deliver.try_send(n.clone()) {
         Ok(()) => true,
@@ -465,7 +530,7 @@ mod tests {
         hub.statement_done();
         assert_eq!(hub.next_statement(), None, "already listening");
         let owners = Owners::default();
-        owners.lock().unwrap().insert(7, 70);
+        owners.lock().unwrap().attach(7, 70, 100);
         dispatch(&mut hub.subscribers, &owners, &body("acme.ev", "hi"));
         dispatch(
             &mut hub.subscribers,
@@ -535,5 +600,30 @@ mod tests {
         }
         assert!(statements >= 1000 / CHUNK);
         assert_eq!(hub.listening.len(), 1, "only calm.ev is left");
+    }
+
+    #[test]
+    fn a_notification_is_credited_to_the_client_that_committed_it() {
+        let note = |p: &str| ("acme.ev".to_owned(), p.to_owned());
+        let mut s = Senders::default();
+        // Client 70 commits on backend 7; the backend passes to client 80 before the hub
+        // sees the notification: it is still 70's.
+        s.attach(7, 70, 100);
+        s.committed(7, 70, vec![note("a")]);
+        s.attach(7, 80, 100);
+        assert_eq!(s.sender(7, &note("a")), Some(70));
+        // The hub faster than the session: credited to the backend's client then, and the
+        // later record of the commit does not linger to mislead a later one.
+        s.attach(7, 90, 100);
+        assert_eq!(s.sender(7, &note("b")), Some(90));
+        s.committed(7, 90, vec![note("b")]);
+        s.attach(7, 95, 100);
+        assert_eq!(
+            s.sender(7, &note("b")),
+            Some(95),
+            "a new one from the next client"
+        );
+        // Unknown backends (another application's session) keep their pid.
+        assert_eq!(s.sender(8, &note("c")), None);
     }
 }

@@ -237,7 +237,7 @@ pub(super) async fn run_session(state: &AppState, snapshot: &Snapshot, client: A
     } else {
         let mut pooled = pooled;
         cancel.set_target(Some(pooled.conn.cancel_target()));
-        relay.set_own_pid(pooled.conn.backend_pid(), cancel.key().0);
+        relay.set_own_backend(pooled.conn.backend_pid());
         let end = forward(
             state,
             &tenant.limits,
@@ -432,7 +432,8 @@ async fn forward_pooled(
                 }
             };
         cancel.set_target(Some(pooled.conn.cancel_target()));
-        a.pool.note_owner(pooled.conn.backend_pid(), cancel.key().0);
+        a.pool
+            .note_owner(pooled.conn.backend_pid(), relay.virtual_pid);
         let step = {
             let mut side = ServerSide::of(&mut pooled.conn);
             relay.attach(pump.to_server_mut(), side.tracker, side.pooled, bound_now);
@@ -483,6 +484,12 @@ async fn forward_pooled(
                     _ = notify_tx.overflow.notified() => break SessionEnd::NotifyOverflow,
                 }
             };
+            // Before the connection can pass to anyone else: who notified from it.
+            a.pool.note_notifications(
+                pooled.conn.backend_pid(),
+                relay.virtual_pid,
+                relay.take_committed_notes(),
+            );
             let listened = subscribe(relay, a.pool, a.client_id, &notify_tx);
             listening |= !listened.is_empty();
             if matches!(end, SessionEnd::Pump(PumpEnd::Listening)) {

@@ -153,8 +153,8 @@ pub struct Relay {
     /// Binding the context failed (or could not be sent): the server connection is never
     /// used again.
     unusable: bool,
-    /// Session pooling: the server backend's pid and the client's virtual pid.
-    own_pid: Option<(i32, i32)>,
+    /// Session pooling: the pid of the client's server backend.
+    own_backend: Option<i32>,
     /// The pid the client's BackendKeyData gave it.
     pub virtual_pid: i32,
     /// Channels to subscribe to and unsubscribe from (`None`: all) at the tenant's hub.
@@ -184,7 +184,7 @@ impl Relay {
             in_band: None,
             session: SessionState::default(),
             unusable: false,
-            own_pid: None,
+            own_backend: None,
             virtual_pid: 0,
             listens: Vec::new(),
             unlistens: Vec::new(),
@@ -204,9 +204,9 @@ impl Relay {
     }
 
     /// Session pooling: notifications from `server_pid` (the client's own backend) show
-    /// `virtual_pid`.
-    pub fn set_own_pid(&mut self, server_pid: i32, virtual_pid: i32) {
-        self.own_pid = Some((server_pid, virtual_pid));
+    /// the client's [`Relay::virtual_pid`].
+    pub fn set_own_backend(&mut self, server_pid: i32) {
+        self.own_backend = Some(server_pid);
     }
 
     /// The prefix of the tenant's notification channels.
@@ -988,9 +988,9 @@ impl Relay {
             return out;
         };
         // The client's own NOTIFY shows the pid its BackendKeyData gave it.
-        let pid = match self.own_pid {
-            Some((server, virtual_pid)) if server == i32::from_be_bytes(*pid) => virtual_pid,
-            _ => i32::from_be_bytes(*pid),
+        let pid = match i32::from_be_bytes(*pid) {
+            pid if Some(pid) == self.own_backend => self.virtual_pid,
+            pid => pid,
         };
         let own = match &self.rules.notify_prefix {
             None => channel,

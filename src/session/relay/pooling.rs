@@ -100,6 +100,9 @@ pub(super) struct SessionState {
     pub(super) notify_now: Vec<(String, String)>,
     /// Those shown, whose copies from the hub are not shown again (bounded).
     local_sent: VecDeque<(String, String)>,
+    /// Every notification the client's transactions committed since the pool last took
+    /// them (see `Pool::note_notifications`; bounded).
+    committed_notes: Vec<(String, String)>,
     /// The server name the next named Parse gets instead of its text's hash (a statement
     /// whose text holds this client's view of `pg_prepared_statements`).
     pub(super) next_server_name: Option<String>,
@@ -959,6 +962,9 @@ impl Relay {
             Effect::Notify { channel, payload } => {
                 let s = &mut self.session;
                 let note = (channel, payload);
+                if !s.committed_notes.contains(&note) && s.committed_notes.len() < 64 {
+                    s.committed_notes.push(note.clone());
+                }
                 if s.channels.contains(&note.0) && !s.notify_now.contains(&note) {
                     s.notify_now.push(note);
                 }
@@ -984,6 +990,11 @@ impl Relay {
             }
             self.session.local_sent.push_back((channel, payload));
         }
+    }
+
+    /// The notifications the client's transactions committed since last asked.
+    pub fn take_committed_notes(&mut self) -> Vec<(String, String)> {
+        std::mem::take(&mut self.session.committed_notes)
     }
 
     /// Whether the hub's notification `channel`/`payload` from backend pid `pid` (mapped to
