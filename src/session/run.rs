@@ -451,18 +451,7 @@ async fn forward_pooled(
         let mut held: std::collections::VecDeque<notify::Notification> = Default::default();
         let (end, listened) = loop {
             let end = loop {
-                if !listening {
-                    break forward(
-                        state,
-                        &a.prepare.tenant.limits,
-                        relay,
-                        pump,
-                        stream,
-                        &mut pooled,
-                    )
-                    .await;
-                }
-                if relay.between_transactions(&pooled.conn.tracker) {
+                if !held.is_empty() && relay.between_transactions(&pooled.conn.tracker) {
                     while let Some(n) = held.pop_front() {
                         push_notification(relay, pump, &prefix, &n);
                     }
@@ -478,10 +467,12 @@ async fn forward_pooled(
                         stream,
                         &mut pooled,
                     ) => break end,
-                    Some(n) = notify_rx.recv(), if held.len() < notify::CLIENT_QUEUE => {
+                    Some(n) = notify_rx.recv(), if listening && held.len() < notify::CLIENT_QUEUE => {
                         held.push_back(n);
                     }
-                    _ = notify_tx.overflow.notified() => break SessionEnd::NotifyOverflow,
+                    _ = notify_tx.overflow.notified(), if listening => {
+                        break SessionEnd::NotifyOverflow;
+                    }
                 }
             };
             // Before the connection can pass to anyone else: who notified from it.
