@@ -89,6 +89,16 @@ pub fn negotiate_protocol_version(unsupported: Vec<String>, out: &mut BytesMut) 
 
 /// A raw message with the given tag and body (used for CopyFail/Sync towards servers and in
 /// tests).
+pub fn notification(pid: i32, channel: &str, payload: &str, out: &mut BytesMut) {
+    let mut body = Vec::with_capacity(4 + channel.len() + payload.len() + 2);
+    body.extend_from_slice(&pid.to_be_bytes());
+    body.extend_from_slice(channel.as_bytes());
+    body.push(0);
+    body.extend_from_slice(payload.as_bytes());
+    body.push(0);
+    raw(tag::NOTIFICATION_RESPONSE, &body, out);
+}
+
 pub fn raw(tag: u8, body: &[u8], out: &mut BytesMut) {
     out.put_u8(tag);
     out.put_u32((body.len() + 4) as u32);

@@ -20,7 +20,7 @@ use crate::error::{ClientError, Reportable, sqlstate};
 use crate::net::stream::ClientStream;
 use crate::pool::{CANCEL_PATIENCE, Pool, PoolError, PooledConn, RESET_PATIENCE, notify};
 use crate::protocol::frame::FrameError;
-use crate::protocol::{TxStatus, encode, tag};
+use crate::protocol::{TxStatus, encode};
 use crate::tenant::guard::{Policy, Scope};
 use crate::tenant::params::ClientSettings;
 use crate::tenant::route::route;
@@ -521,13 +521,8 @@ fn push_notification(relay: &mut Relay, pump: &mut Pump, prefix: &str, n: &notif
         return;
     }
     let channel = n.channel.strip_prefix(prefix).unwrap_or(&n.channel);
-    let mut body = n.pid.to_be_bytes().to_vec();
-    body.extend_from_slice(channel.as_bytes());
-    body.push(0);
-    body.extend_from_slice(n.payload.as_bytes());
-    body.push(0);
     let mut out = BytesMut::new();
-    encode::raw(tag::NOTIFICATION_RESPONSE, &body, &mut out);
+    encode::notification(n.pid, channel, &n.payload, &mut out);
     pump.push_to_client(&out);
 }
 

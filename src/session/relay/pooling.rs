@@ -20,7 +20,7 @@ use crate::pool::cache::{PooledState, settings_key};
 use crate::protocol::tracker::ConnTracker;
 use crate::protocol::{TxStatus, encode, tag, take_cstr};
 use crate::tenant::guard::Effect;
-use crate::tenant::{quote_ident, quote_literal};
+use crate::tenant::{quote_ident, quote_if_needed, quote_literal};
 
 use super::{NO_STATEMENT, replace_statement_name};
 
@@ -131,13 +131,6 @@ fn server_statement_name(definition: &[u8]) -> String {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     definition.hash(&mut h);
     format!("pgt_s{:016x}", h.finish())
-}
-
-/// A message of type `t` with `body`.
-fn message(t: u8, body: &[u8]) -> BytesMut {
-    let mut out = BytesMut::new();
-    encode::raw(t, body, &mut out);
-    out
 }
 
 fn encode_parse(name: &str, definition: &[u8], out: &mut BytesMut) {
@@ -331,13 +324,8 @@ impl Relay {
                 }
                 let mut out = BytesMut::new();
                 if name.is_empty() {
-                    return self
-                        .unnamed_here(pooled, &mut out)
-                        .then(|| {
-                            out.extend_from_slice(&message(t, body));
-                            out
-                        })
-                        .or_else(|| self.no_unnamed(t, &body[..portal.len() + 1], params));
+                    let prefix = &body[..portal.len() + 1];
+                    return self.unnamed_message(t, body, pooled, prefix, params);
                 }
                 if self.unknown_statement(name) {
                     return Some(replace_statement_name(t, &body[..portal.len() + 1], params));
@@ -368,16 +356,8 @@ impl Relay {
                         pooled.unnamed = None;
                         return None;
                     }
-                    let mut out = BytesMut::new();
-                    return self
-                        .unnamed_here(pooled, &mut out)
-                        .then(|| {
-                            out.extend_from_slice(&message(t, body));
-                            out
-                        })
-                        .or_else(|| {
-                            self.no_unnamed(t, b"S", rest.get(name.len()..).unwrap_or_default())
-                        });
+                    let after = rest.get(name.len()..).unwrap_or_default();
+                    return self.unnamed_message(t, body, pooled, b"S", after);
                 }
                 let mut out = BytesMut::new();
                 if t == tag::DESCRIBE && self.unknown_statement(name) {
@@ -412,27 +392,39 @@ impl Relay {
         }
     }
 
-    /// For a Bind or Describe of the unnamed statement: when the client has one and this
-    /// connection holds another (or none), a Parse re-creating it goes to `out` first (its
-    /// reply consumed). True when the client's message can follow as it is.
-    fn unnamed_here(&mut self, pooled: &mut PooledState, out: &mut BytesMut) -> bool {
+    /// A Bind or Describe (`t`, `body`) of the unnamed statement. When the client has one
+    /// and this connection holds another (or none), a Parse re-creating it goes first (its
+    /// reply consumed). When the client has none and the connection holds another client's,
+    /// the message is replaced (`prefix`, `rest`: see [`replace_statement_name`]) and
+    /// answered as PostgreSQL does.
+    fn unnamed_message(
+        &mut self,
+        t: u8,
+        body: &[u8],
+        pooled: &mut PooledState,
+        prefix: &[u8],
+        rest: &[u8],
+    ) -> Option<BytesMut> {
         let me = self.rules.client_id;
         self.settle_unnamed(pooled);
+        let mut out = BytesMut::new();
         match &self.session.unnamed {
             Some((definition, generation)) => {
                 if pooled.unnamed != Some((me, *generation)) {
-                    encode_parse("", definition, out);
+                    encode_parse("", definition, &mut out);
                     self.session
                         .parses
                         .push_back((self.next_epoch, Reply::Proxy, None));
                     pooled.unnamed = Some((me, *generation));
                 }
-                true
             }
             // No unnamed statement of the client's: the server may answer for its own only
             // when the connection holds no other client's.
-            None => pooled.unnamed.is_none_or(|(client, _)| client == me),
+            None if pooled.unnamed.is_none_or(|(client, _)| client == me) => {}
+            None => return self.no_unnamed(t, prefix, rest),
         }
+        encode::raw(t, body, &mut out);
+        Some(out)
     }
 
     /// The client's Bind or Describe of an unnamed statement it does not have, on a
@@ -646,16 +638,7 @@ impl Relay {
         for (server_name, sql) in &self.session.sql_prepared {
             // The PREPARE as the client wrote it (the server's copy is pgtenant's text).
             let name = server_name.strip_prefix(prefix).unwrap_or(server_name);
-            let plain = name.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
-                && name
-                    .chars()
-                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
-            let written = if plain {
-                name.to_owned()
-            } else {
-                quote_ident(name)
-            };
-            let shown = sql.replacen(&quote_ident(server_name), &written, 1);
+            let shown = sql.replacen(&quote_ident(server_name), &quote_if_needed(name), 1);
             rows.push(format!(
                 "({}, {}, {})",
                 quote_literal(name),
@@ -979,12 +962,7 @@ impl Relay {
         let prefix = self.rules.notify_prefix.clone().unwrap_or_default();
         for (channel, payload) in std::mem::take(&mut self.session.notify_now) {
             let shown = channel.strip_prefix(&prefix).unwrap_or(&channel);
-            let mut body = virtual_pid.to_be_bytes().to_vec();
-            body.extend_from_slice(shown.as_bytes());
-            body.push(0);
-            body.extend_from_slice(payload.as_bytes());
-            body.push(0);
-            encode::raw(tag::NOTIFICATION_RESPONSE, &body, to_client);
+            encode::notification(virtual_pid, shown, &payload, to_client);
             if self.session.local_sent.len() >= 1024 {
                 self.session.local_sent.pop_front();
             }

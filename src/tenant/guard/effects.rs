@@ -8,7 +8,7 @@ use std::ops::Range;
 
 use super::lexer::{Kind, Token};
 use super::policy::{Policy, Verdict};
-use crate::tenant::quote_ident;
+use crate::tenant::{quote_ident, quote_if_needed};
 
 /// A session-level change one statement makes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -346,22 +346,6 @@ fn replay_value(name: &str, value: &[Token<'_>]) -> Option<String> {
         items.push(text);
     }
     (!items.is_empty()).then(|| items.join(", "))
-}
-
-/// An identifier as PostgreSQL's `quote_identifier` writes it (quoted unless plain).
-fn quote_if_needed(name: &str) -> String {
-    let plain = name
-        .bytes()
-        .next()
-        .is_some_and(|b| b.is_ascii_lowercase() || b == b'_')
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
-    if plain {
-        name.to_owned()
-    } else {
-        quote_ident(name)
-    }
 }
 
 /// `SET SESSION CHARACTERISTICS AS TRANSACTION <modes>` as the three settings it changes.
