@@ -441,3 +441,51 @@ async fn a_clients_own_notification_arrives_before_its_ready_for_query() {
         assert!(later.is_empty(), "{tenant}: {later:?}");
     }
 }
+
+/// `set_config(..., false)` changes the session as `SET` does: with transaction pooling it
+/// follows the client to every server connection (literal or Bind parameters) and never
+/// stays behind for another client; inside a transaction that rolls back it is undone.
+#[tokio::test]
+async fn session_level_set_config_follows_the_client_and_no_one_else() {
+    let env = two_connections().await;
+    let a = env.connect("acme").await;
+    let b = env.connect("acme").await;
+    let c = env.connect("acme").await;
+    let default: String = b.query_one("SHOW work_mem", &[]).await.unwrap().get(0);
+    a.query("SELECT set_config($1, $2, false)", &[&"work_mem", &"7MB"])
+        .await
+        .unwrap();
+    c.simple_query("SELECT set_config('work_mem', '77MB', false)")
+        .await
+        .unwrap();
+    c.simple_query("BEGIN; SELECT set_config('lock_timeout', '9s', false); ROLLBACK")
+        .await
+        .unwrap();
+    for round in 0..12 {
+        // Two connections, three clients: each round lands the clients on other ones.
+        let (ra, rb, rc) = tokio::join!(
+            a.query_one("SHOW work_mem", &[]),
+            b.query_one("SHOW work_mem", &[]),
+            c.query_one(
+                "SELECT current_setting('work_mem'), current_setting('lock_timeout')",
+                &[]
+            ),
+        );
+        assert_eq!(ra.unwrap().get::<_, String>(0), "7MB", "round {round}");
+        assert_eq!(rb.unwrap().get::<_, String>(0), default, "round {round}");
+        let rc = rc.unwrap();
+        assert_eq!(rc.get::<_, String>(0), "77MB", "round {round}");
+        assert_eq!(rc.get::<_, String>(1), "0", "round {round}");
+    }
+    // NULL resets, as RESET does.
+    a.query("SELECT set_config($1, NULL, false)", &[&"work_mem"])
+        .await
+        .unwrap();
+    for _ in 0..4 {
+        let (ra, _) = tokio::join!(
+            a.query_one("SHOW work_mem", &[]),
+            b.simple_query("SELECT 1")
+        );
+        assert_eq!(ra.unwrap().get::<_, String>(0), default);
+    }
+}

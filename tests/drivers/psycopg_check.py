@@ -17,6 +17,9 @@ async def client(i, port, tenant, pids):
     )
     async with conn:
         await conn.execute(f"SET work_mem = '{work_mem_of(i)}'")
+        # set_config with bound parameters, as psycopg sends it: checked at Bind and kept
+        # across server connections like SET.
+        await conn.execute("select set_config(%s, %s, false)", ["myapp.client", str(i)])
         query = QUERY.format(param="%s")
         for r in range(ROUNDS):
             cur = await conn.execute(query, (r,), prepare=True)
@@ -27,6 +30,9 @@ async def client(i, port, tenant, pids):
                 cur = await conn.execute("SHOW work_mem")
                 if (await cur.fetchone())[0] != work_mem_of(i):
                     raise AssertionError(f"client {i}: SHOW work_mem is someone else's")
+                cur = await conn.execute("SELECT current_setting(%s)", ["myapp.client"])
+                if (await cur.fetchone())[0] != str(i):
+                    raise AssertionError(f"client {i}: set_config value is someone else's")
             await asyncio.sleep(0)
         # Pipeline mode: several statements, each with its own Sync, in one round trip.
         async with conn.pipeline():

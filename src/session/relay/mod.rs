@@ -30,6 +30,7 @@ use binding::InBand;
 use pooling::SessionState;
 
 mod binding;
+mod bound;
 mod pooling;
 
 /// What the guard made of a Parse.
@@ -150,6 +151,8 @@ pub struct Relay {
     in_band: Option<InBand>,
     /// Transaction pooling: the client's session state.
     session: SessionState,
+    /// Statements calling `set_config` with parameters: checked at each Bind.
+    bound_checks: bound::BoundChecks,
     /// Binding the context failed (or could not be sent): the server connection is never
     /// used again.
     unusable: bool,
@@ -183,6 +186,7 @@ impl Relay {
             binding_due: false,
             in_band: None,
             session: SessionState::default(),
+            bound_checks: bound::BoundChecks::default(),
             unusable: false,
             own_backend: None,
             virtual_pid: 0,
@@ -424,6 +428,7 @@ impl Relay {
                     return Ok(ClientStep::Terminate);
                 }
                 tag::QUERY => {
+                    self.bound_checks.unnamed_gone();
                     if self.pooled() {
                         self.query_sent(pooled, true);
                     }
@@ -460,13 +465,28 @@ impl Relay {
                         }
                     }
                 },
-                tag::BIND | tag::DESCRIBE | tag::CLOSE
-                    if self.rules.policy.prepared_prefix.is_some() =>
-                {
-                    self.pooled_message(t, body, pooled, Vec::new())
-                        .map(|bytes| (t, bytes))
+                tag::BIND | tag::DESCRIBE | tag::CLOSE => {
+                    let refused = match t {
+                        tag::BIND => self.check_bind(body),
+                        tag::CLOSE => {
+                            if let Some((b'S', rest)) = body.split_first()
+                                && let Some((name, _)) = take_cstr(rest)
+                            {
+                                self.bound_checks.closed(name);
+                            }
+                            None
+                        }
+                        _ => None,
+                    };
+                    if let Some(bytes) = refused {
+                        Some((t, bytes))
+                    } else if self.pooled() {
+                        self.pooled_message(t, body, pooled, Vec::new())
+                            .map(|bytes| (t, bytes))
+                    } else {
+                        self.own_statement_names(t, body)
+                    }
                 }
-                tag::BIND | tag::DESCRIBE | tag::CLOSE => self.own_statement_names(t, body),
                 tag::EXECUTE => self.on_execute(body),
                 tag::FUNCTION_CALL if self.rules.policy.scope == Scope::Tenant => {
                     self.counters.refused += 1;
@@ -573,7 +593,12 @@ impl Relay {
             return (Some((tag::QUERY, refused_query())), Vec::new());
         }
         let text = cstr_prefix(body);
-        let verdict = self.check_text(text);
+        let mut verdict = self.check_text(text);
+        if verdict.refusal.is_none()
+            && let Some(refused) = self.execute_of_bound(text)
+        {
+            verdict = refused;
+        }
         if let Some(r) = verdict.refusal {
             self.counters.refused += 1;
             self.refuse(
@@ -623,20 +648,19 @@ impl Relay {
         let Some((text, params)) = take_cstr(rest) else {
             return ParseOutcome::Forward(None, Vec::new());
         };
+        if name.is_empty() {
+            self.bound_checks.unnamed_gone();
+        }
         let mut verdict = self.check_text_naming(text, name);
         if verdict.refusal.is_none()
             && let Some(why) = self
                 .statement_over_limit(name, rest)
                 .or_else(|| self.effects_over_limit(&verdict.effects))
         {
-            verdict = crate::tenant::guard::Verdict {
-                refusal: Some(crate::tenant::guard::Refusal {
-                    sqlstate: sqlstate::CONFIGURATION_LIMIT_EXCEEDED,
-                    message: why,
-                    position: None,
-                }),
-                ..Default::default()
-            };
+            verdict = crate::tenant::guard::Verdict::refuse_as(
+                sqlstate::CONFIGURATION_LIMIT_EXCEEDED,
+                why,
+            );
         }
         if self.rules.policy.prepared_prefix.is_none()
             && crate::tenant::guard::is_reserved_name(name)
@@ -645,6 +669,17 @@ impl Relay {
             verdict = crate::tenant::guard::Verdict::refuse(
                 "statement names starting with pgt_ or pgtenant_ are reserved by pgtenant",
             );
+        }
+        if verdict.refusal.is_none()
+            && let Some(refused) = self.execute_of_bound(text)
+        {
+            verdict = refused;
+        }
+        if verdict.refusal.is_none() && !verdict.bound_settings.is_empty() {
+            let calls = std::mem::take(&mut verdict.bound_settings);
+            if let Err(refused) = self.keep_bound_settings(name, params, calls) {
+                verdict = refused;
+            }
         }
         if let Some(r) = verdict.refusal {
             self.session.next_server_name = None;

@@ -98,6 +98,15 @@ fn pin_reason(stmt: &[Token<'_>]) -> Option<&'static str> {
     reason
 }
 
+/// The statement names `stmt` runs with `EXECUTE`, wherever it stands (as a statement, and
+/// inside EXPLAIN and CREATE TABLE ... AS EXECUTE).
+pub(super) fn executed<'s, 't>(stmt: &'s [Token<'t>]) -> impl Iterator<Item = &'s Token<'t>> {
+    stmt.windows(2).filter_map(|w| {
+        let skip = ["function", "procedure", "routine", "on"];
+        (w[0].is_keyword("execute") && !skip.iter().any(|k| w[1].is_keyword(k))).then_some(&w[1])
+    })
+}
+
 /// Collects the effects of `stmt` (a statement of `sql`), adding the renames of SQL prepared
 /// statement names to `edits`. Statements referring to a prepared statement the session
 /// does not know are left to the server to reject.
@@ -119,22 +128,27 @@ pub(super) fn collect(
     // EXECUTE names a prepared statement wherever it stands: as a statement, and inside
     // EXPLAIN and CREATE TABLE ... AS EXECUTE. Every such name moves into the client's own
     // namespace, so no other statement on the connection can be reached.
-    for (i, t) in stmt.iter().enumerate() {
-        if !t.is_keyword("execute") {
-            continue;
-        }
-        let Some(name_token) = stmt.get(i + 1) else {
-            continue;
-        };
-        if ["function", "procedure", "routine", "on"]
-            .iter()
-            .any(|k| name_token.is_keyword(k))
-        {
-            continue;
-        }
+    for name_token in executed(stmt) {
         if let Some(server) = server_name(name_token) {
             edits.push((name_token.start..name_token.end, quote_ident(&server)));
             out.push(Effect::Execute(server));
+        }
+    }
+    // set_config at session level is a SET; calls taking parameters count at Bind.
+    for (i, t) in stmt.iter().enumerate() {
+        if t.ident() != Some("set_config") {
+            continue;
+        }
+        let Some(call) = super::set_config::parse(sql, stmt, i) else {
+            continue;
+        };
+        if call.takes_params() {
+            continue;
+        }
+        match policy.check_bound_set_config(&call, true, |_| None) {
+            Ok(effect) => out.extend(effect),
+            Err(_) if policy.unchecked => {}
+            Err(v) => return Err(v),
         }
     }
     match word(0) {

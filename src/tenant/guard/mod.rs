@@ -12,10 +12,12 @@
 mod effects;
 pub mod lexer;
 mod policy;
+mod set_config;
 mod settings;
 #[cfg(test)]
 mod tests;
 
 pub use effects::Effect;
 pub use policy::{Policy, Refusal, Scope, Verdict, is_reserved_name, unknown_statement};
+pub use set_config::{Arg, Bound, SetConfigCall, executed_names, parse_bool};
 pub use settings::is_settable;

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use super::effects::{self, Effect};
 use super::lexer::{Kind, Token, lex_at};
+use super::set_config::SetConfigCall;
 use crate::error::sqlstate;
 use crate::tenant::{quote_ident, quote_literal};
 
@@ -59,8 +60,9 @@ pub struct Refusal {
 /// The guard's decision about one message's SQL text.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Verdict {
-    /// Set when the text must not reach the server.
-    pub refusal: Option<Refusal>,
+    /// Set when the text must not reach the server (boxed: rare, and it keeps the verdict
+    /// small).
+    pub refusal: Option<Box<Refusal>>,
     /// Text to forward instead of the client's (channel names moved into the namespace).
     pub rewritten: Option<String>,
     /// The text resets settings: bind the tenant context again after it.
@@ -70,16 +72,25 @@ pub struct Verdict {
     /// Transaction pooling: the text names `pg_prepared_statements` and no
     /// [`Policy::prepared_view`] was given: check it again with one.
     pub wants_prepared_view: bool,
+    /// `set_config` calls taking query parameters: checked when a Bind gives the values
+    /// ([`Policy::check_bound_set_config`]).
+    pub bound_settings: Vec<SetConfigCall>,
 }
 
 impl Verdict {
+    /// A `42501` refusal.
     pub fn refuse(message: impl Into<String>) -> Verdict {
+        Verdict::refuse_as(sqlstate::INSUFFICIENT_PRIVILEGE, message)
+    }
+
+    /// A refusal with SQLSTATE `sqlstate`.
+    pub fn refuse_as(sqlstate: &'static str, message: impl Into<String>) -> Verdict {
         Verdict {
-            refusal: Some(Refusal {
-                sqlstate: sqlstate::INSUFFICIENT_PRIVILEGE,
+            refusal: Some(Box::new(Refusal {
+                sqlstate,
                 message: message.into(),
                 position: None,
-            }),
+            })),
             ..Verdict::default()
         }
     }
@@ -94,14 +105,10 @@ pub fn is_reserved_name(name: &[u8]) -> bool {
 
 /// The refusal for a statement name the client did not create, as PostgreSQL words it.
 pub fn unknown_statement(name: &str) -> Verdict {
-    Verdict {
-        refusal: Some(Refusal {
-            sqlstate: sqlstate::INVALID_SQL_STATEMENT_NAME,
-            message: format!("prepared statement \"{name}\" does not exist"),
-            position: None,
-        }),
-        ..Verdict::default()
-    }
+    Verdict::refuse_as(
+        sqlstate::INVALID_SQL_STATEMENT_NAME,
+        format!("prepared statement \"{name}\" does not exist"),
+    )
 }
 
 /// Functions refused wherever their name appears as an identifier (Tenant scope).
@@ -293,22 +300,23 @@ impl Policy {
             Err((e, at)) => {
                 let (message, position) = super::lexer::postgres_syntax_error(sql, &e, at);
                 return Verdict {
-                    refusal: Some(Refusal {
+                    refusal: Some(Box::new(Refusal {
                         sqlstate: sqlstate::SYNTAX_ERROR,
                         message,
                         position: Some(position),
-                    }),
+                    })),
                     ..Verdict::default()
                 };
             }
         };
         let mut edits: Vec<(Range<usize>, String)> = Vec::new();
+        let mut verdict = Verdict::default();
         if !self.unchecked
-            && let Err(v) = self.check_identifiers(&tokens, &mut edits)
+            && let Err(v) =
+                self.check_identifiers(sql, &tokens, &mut edits, &mut verdict.bound_settings)
         {
             return v;
         }
-        let mut verdict = Verdict::default();
         for stmt in tokens.split(|t| t.is_punct(b';')) {
             if stmt.is_empty() {
                 continue;
@@ -352,12 +360,15 @@ impl Policy {
         verdict
     }
 
-    /// Denied functions anywhere; `set_config` only with a literal, allowed setting name;
-    /// `pg_notify` only with a literal channel (moved into the namespace).
+    /// Denied functions anywhere; `set_config` only with an allowed setting name and value
+    /// (those given as parameters are added to `bound`, checked at Bind); `pg_notify` only
+    /// with a literal channel (moved into the namespace).
     fn check_identifiers(
         &self,
+        sql: &[u8],
         tokens: &[Token<'_>],
         edits: &mut Vec<(Range<usize>, String)>,
+        bound: &mut Vec<SetConfigCall>,
     ) -> Result<(), Verdict> {
         let tenant = self.scope == Scope::Tenant;
         for (i, t) in tokens.iter().enumerate() {
@@ -375,7 +386,9 @@ impl Policy {
             {
                 namespace_lock_keys(name, tokens, i, salt, edits)?;
             }
-            if name == "set_config" || (tenant && name == "pg_notify") {
+            if name == "set_config" {
+                self.check_set_config(sql, tokens, i, tenant, bound)?;
+            } else if tenant && name == "pg_notify" {
                 let literal = match (tokens.get(i + 1), tokens.get(i + 2), tokens.get(i + 3)) {
                     (Some(open), Some(arg), Some(comma))
                         if open.is_punct(b'(') && comma.is_punct(b',') =>
@@ -388,22 +401,11 @@ impl Policy {
                     _ => None,
                 };
                 let Some((range, value)) = literal else {
-                    return Err(Verdict::refuse(format!(
-                        "{name}() is allowed only with a string literal as its first argument"
-                    )));
+                    return Err(Verdict::refuse(
+                        "pg_notify() is allowed only with a string literal as its first argument",
+                    ));
                 };
-                if name == "set_config" {
-                    let setting = value.to_ascii_lowercase();
-                    self.check_setting_name(&setting, tenant)?;
-                    // The value must pass the same rules as SET's: only a lone literal can.
-                    let value = match tokens.get(i + 5) {
-                        Some(t) if t.is_punct(b',') => tokens.get(i + 4..i + 5).unwrap_or_default(),
-                        _ => &[],
-                    };
-                    self.check_setting_value(&setting, value)?;
-                } else {
-                    edits.push((range, quote_literal(&self.channel(&value)?)));
-                }
+                edits.push((range, quote_literal(&self.channel(&value)?)));
             }
         }
         Ok(())
@@ -681,15 +683,9 @@ impl Policy {
                 .windows(2)
                 .any(|w| w[0].is_keyword("read") && w[1].is_keyword("write"))
         {
-            return Err(Verdict {
-                refusal: Some(Refusal {
-                    sqlstate: sqlstate::INSUFFICIENT_PRIVILEGE,
-                    message: "this user is read-only: READ WRITE transactions are not allowed"
-                        .into(),
-                    position: None,
-                }),
-                ..Verdict::default()
-            });
+            return Err(Verdict::refuse(
+                "this user is read-only: READ WRITE transactions are not allowed",
+            ));
         }
         Ok(())
     }

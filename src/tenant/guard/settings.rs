@@ -143,14 +143,15 @@ impl Policy {
             }
         };
         self.check_setting_name(&name, self.scope == Scope::Tenant)?;
-        let value = stmt.get(value_at..).unwrap_or_default();
-        self.check_setting_value(&name, value)?;
+        let value = Value::of_tokens(stmt.get(value_at..).unwrap_or_default());
         // DEFAULT would return to the server's default: the plan's limit is the ceiling.
-        if let (Some(ceiling), [t]) = (self.statement_timeout_ceiling(&name), value)
-            && t.is_keyword("default")
+        if let (Some(ceiling), Value::Default) = (self.statement_timeout_ceiling(&name), &value)
+            && let Some(t) = stmt.get(value_at)
         {
             edits.push((t.start..t.end, ceiling));
+            return Ok(false);
         }
+        self.check_setting_value(&name, &value)?;
         Ok(false)
     }
 
@@ -239,16 +240,15 @@ impl Policy {
 
     /// Value rules: read-only users stay read-only, the statement timeout stays within the
     /// plan, and client encodings stay ones the guard can lex.
-    pub(super) fn check_setting_value(
-        &self,
-        name: &str,
-        value: &[Token<'_>],
-    ) -> Result<(), Verdict> {
-        let text = value_text(value);
+    pub(super) fn check_setting_value(&self, name: &str, value: &Value) -> Result<(), Verdict> {
+        let (text, default) = match value {
+            Value::Text(t) => (Some(t.as_str()), false),
+            Value::Default => (None, true),
+            Value::Unknown => (None, false),
+        };
         match name {
             "default_transaction_read_only" | "transaction_read_only"
-                if self.readonly
-                    && !matches!(text.as_deref(), Some("on" | "true" | "yes" | "1")) =>
+                if self.readonly && !matches!(text, Some("on" | "true" | "yes" | "1")) =>
             {
                 return Err(Verdict::refuse(
                     "this user is read-only: read-only mode cannot be turned off",
@@ -256,11 +256,8 @@ impl Policy {
             }
             "statement_timeout" => {
                 if let Some(max) = self.max_statement_timeout {
-                    let requested = text.as_deref().and_then(parse_timeout_ms);
-                    match requested {
+                    match text.and_then(parse_timeout_ms) {
                         Some(ms) if ms > 0 && u128::from(ms) <= max.as_millis() => {}
-                        // DEFAULT is rewritten to the plan's limit (check_set).
-                        None if value.first().is_some_and(|t| t.is_keyword("default")) => {}
                         _ => {
                             return Err(Verdict::refuse(format!(
                                 "statement_timeout cannot exceed this tenant's limit of {}",
@@ -271,8 +268,7 @@ impl Policy {
                 }
             }
             "standard_conforming_strings"
-                if !matches!(text.as_deref(), Some("on" | "true" | "yes" | "1"))
-                    && !value.first().is_some_and(|t| t.is_keyword("default")) =>
+                if !default && !matches!(text, Some("on" | "true" | "yes" | "1")) =>
             {
                 // pgtenant serves only shards where it is on (checked at connect).
                 return Err(Verdict::refuse(
@@ -288,10 +284,10 @@ impl Policy {
                     .filter(char::is_ascii_alphanumeric)
                     .collect::<String>()
                     .to_ascii_lowercase();
-                let safe = SAFE_ENCODINGS
-                    .iter()
-                    .any(|e| e.replace('_', "") == encoding)
-                    || value.first().is_some_and(|t| t.is_keyword("default"));
+                let safe = default
+                    || SAFE_ENCODINGS
+                        .iter()
+                        .any(|e| e.replace('_', "") == encoding);
                 if !safe {
                     return Err(Verdict::refuse(format!(
                         "client_encoding {encoding:?} is not supported through pgtenant"
@@ -301,6 +297,36 @@ impl Policy {
             _ => {}
         }
         Ok(())
+    }
+}
+
+/// A setting's new value as the guard knows it.
+pub(super) enum Value {
+    /// Lower-case text, trimmed.
+    Text(String),
+    /// Back to the default (`DEFAULT`, or a NULL value for `set_config`).
+    Default,
+    /// An expression the guard cannot evaluate.
+    Unknown,
+}
+
+impl Value {
+    /// The value of a SET: a single word, number or string; `DEFAULT`.
+    pub(super) fn of_tokens(value: &[Token<'_>]) -> Value {
+        match value {
+            [t] if t.is_keyword("default") => Value::Default,
+            _ => value_text(value).map_or(Value::Unknown, Value::Text),
+        }
+    }
+
+    /// The value argument of a `set_config` call.
+    pub(super) fn of_arg(arg: &super::set_config::Arg) -> Value {
+        use super::set_config::Arg;
+        match arg {
+            Arg::Text(v) => Value::Text(v.trim().to_ascii_lowercase()),
+            Arg::Null => Value::Default,
+            _ => Value::Unknown,
+        }
     }
 }
 

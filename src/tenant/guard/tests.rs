@@ -277,7 +277,16 @@ fn set_config_cannot_reach_protected_settings() {
             "select pg_catalog.set_config('app.current_tenant_id','x',false)",
             "SELECT \"set_config\"('app.current_tenant_id', 'x', false)",
             "SELECT SET_CONFIG('APP.CURRENT_TENANT_ID', 'x', false)",
-            "SELECT set_config($1, $2, false)",
+            "PREPARE p AS SELECT set_config($1, $2, false)",
+            "SELECT set_config($1, $2, false), $1::char(40)",
+            "SELECT $1::char(40), set_config($1, $2, false)",
+            "SELECT set_config($1, 'x', false); SELECT 1",
+            "EXPLAIN ANALYZE SELECT set_config($1, $2, false)",
+            "SELECT set_config(($1), 'x', false)",
+            "SELECT set_config($1::bpchar, 'x', false)",
+            "SELECT set_config($1 || '', 'x', false)",
+            "SELECT set_config('app.current_tenant_id', $1, false)",
+            "SELECT set_config('app.current_tenant_id', 'x')",
             "SELECT set_config('app.' || 'current_tenant_id', 'x', false)",
             "SELECT set_config(E'app.current_tenant_id', 'x', false)",
             "SELECT set_config(E'app.current\\137tenant_id', 'x', false)",
@@ -937,4 +946,228 @@ fn pg_prepared_statements_is_replaced_by_the_clients_view() {
         assert!(!v.wants_prepared_view && v.refusal.is_none(), "{sql}");
         assert_eq!(v.rewritten.as_deref(), Some(rewritten), "{sql}");
     }
+}
+
+/// `set_config` with query parameters passes the text check and is checked again with the
+/// values a Bind gives: the same rules as literals.
+#[test]
+fn set_config_parameters_are_checked_with_their_values() {
+    use crate::tenant::guard::{Bound, parse_bool};
+    let policy = Policy {
+        readonly: true,
+        max_statement_timeout: Some(std::time::Duration::from_secs(60)),
+        ..shared()
+    };
+    let verdict = policy.check(b"select set_config($1, $2::text, false)", true);
+    assert!(verdict.refusal.is_none(), "{verdict:?}");
+    let [call] = verdict.bound_settings.as_slice() else {
+        panic!("one call expected: {verdict:?}");
+    };
+    let text = |v: &'static str| {
+        Some(Bound {
+            value: Some(v.as_bytes()),
+            binary: false,
+        })
+    };
+    let run = |name: Option<Bound<'static>>, value: Option<Bound<'static>>| {
+        policy.check_bound_set_config(call, true, move |n| match n {
+            1 => name.as_ref().map(|b| Bound {
+                value: b.value,
+                binary: b.binary,
+            }),
+            2 => value.as_ref().map(|b| Bound {
+                value: b.value,
+                binary: b.binary,
+            }),
+            _ => None,
+        })
+    };
+    for (name, value) in [
+        ("app.current_tenant_id", "x"),
+        ("APP.Current_Tenant_ID", "x"),
+        ("pgtenant.context", "x"),
+        ("role", "postgres"),
+        ("statement_timeout", "0"),
+        ("statement_timeout", "2h"),
+        ("default_transaction_read_only", "off"),
+        ("client_encoding", "SJIS"),
+        ("standard_conforming_strings", "off"),
+        ("backslash_quote", "on"),
+        ("shared_buffers", "1GB"),
+    ] {
+        let r = run(text(name), text(value));
+        assert!(r.is_err(), "{name} = {value} should be refused: {r:?}");
+    }
+    // NULL resets: refused where the reset would lift a limit.
+    for name in ["statement_timeout", "default_transaction_read_only"] {
+        assert!(
+            run(
+                text(name),
+                Some(Bound {
+                    value: None,
+                    binary: false
+                })
+            )
+            .is_err()
+        );
+    }
+    assert_eq!(
+        run(
+            text("work_mem"),
+            Some(Bound {
+                value: None,
+                binary: false
+            })
+        )
+        .unwrap(),
+        Some(Effect::Reset("work_mem".into()))
+    );
+    assert_eq!(
+        run(text("Work_Mem"), text("64MB")).unwrap(),
+        Some(Effect::Set {
+            key: "work_mem".into(),
+            pairs: vec![("work_mem".into(), "64MB".into())]
+        })
+    );
+    assert_eq!(
+        run(text("statement_timeout"), text(" 5s ")).unwrap(),
+        Some(Effect::Set {
+            key: "statement_timeout".into(),
+            pairs: vec![("statement_timeout".into(), " 5s ".into())]
+        })
+    );
+    // A NULL name is the server's error; a value that is not UTF-8 or holds NUL is refused.
+    assert_eq!(
+        run(
+            Some(Bound {
+                value: None,
+                binary: false
+            }),
+            text("x")
+        )
+        .unwrap(),
+        None
+    );
+    assert!(
+        run(
+            Some(Bound {
+                value: Some(b"work_mem\0x"),
+                binary: false
+            }),
+            text("1MB")
+        )
+        .is_err()
+    );
+    assert!(
+        run(
+            text("work_mem"),
+            Some(Bound {
+                value: Some(b"\xff"),
+                binary: true
+            })
+        )
+        .is_err()
+    );
+    assert!(run(None, text("1MB")).is_err());
+
+    // is_local: true changes nothing past the transaction; a bound one is read as PostgreSQL.
+    let local = policy.check(b"SELECT set_config('work_mem', '1MB', $1)", true);
+    let [call] = local.bound_settings.as_slice() else {
+        panic!("{local:?}");
+    };
+    let with = |v: Bound<'static>| {
+        policy.check_bound_set_config(call, true, move |_| {
+            Some(Bound {
+                value: v.value,
+                binary: v.binary,
+            })
+        })
+    };
+    assert_eq!(
+        with(Bound {
+            value: Some(b"on"),
+            binary: false
+        })
+        .unwrap(),
+        None
+    );
+    assert_eq!(
+        with(Bound {
+            value: Some(&[1]),
+            binary: true
+        })
+        .unwrap(),
+        None
+    );
+    assert!(
+        with(Bound {
+            value: Some(b"off"),
+            binary: false
+        })
+        .unwrap()
+        .is_some()
+    );
+    assert!(
+        with(Bound {
+            value: Some(b"maybe"),
+            binary: false
+        })
+        .is_err()
+    );
+    assert!(call.check_types(&[16]).is_ok());
+    assert!(call.check_types(&[25]).is_err());
+    assert!(verdict.bound_settings[0].check_types(&[0, 1043]).is_ok());
+    assert!(verdict.bound_settings[0].check_types(&[1042, 25]).is_err());
+    assert!(verdict.bound_settings[0].check_types(&[19]).is_err());
+
+    for (text, value) in [
+        ("t", Some(true)),
+        (" YES ", Some(true)),
+        ("on", Some(true)),
+        ("1", Some(true)),
+        ("f", Some(false)),
+        ("off", Some(false)),
+        ("No", Some(false)),
+        ("o", None),
+        ("", None),
+        ("2", None),
+    ] {
+        assert_eq!(parse_bool(text), value, "{text:?}");
+    }
+}
+
+/// With transaction pooling a session-level set_config is replayed like SET, and one whose
+/// value cannot be known is refused (it would stay behind on the server connection).
+#[test]
+fn session_level_set_config_is_replayed_in_transaction_mode() {
+    let p = Policy {
+        prepared_prefix: Some("pgt_c1_".into()),
+        ..shared()
+    };
+    let v = p.check(
+        b"SELECT set_config('work_mem', '8MB', false), set_config('lock_timeout', '1s', true)",
+        true,
+    );
+    assert!(v.refusal.is_none(), "{v:?}");
+    assert_eq!(
+        v.effects,
+        vec![Effect::Set {
+            key: "work_mem".into(),
+            pairs: vec![("work_mem".into(), "8MB".into())]
+        }]
+    );
+    let v = p.check(b"SELECT set_config('work_mem', NULL, false)", true);
+    assert_eq!(v.effects, vec![Effect::Reset("work_mem".into())]);
+    assert_refused(
+        &p,
+        &[
+            "SELECT set_config('work_mem', w, false) FROM t",
+            "SELECT set_config('work_mem', '1MB', is_local) FROM t",
+        ],
+    );
+    // Session pooling needs no replay: an expression is the server's business there.
+    assert_allowed(
+        &shared(),
+        &["SELECT set_config('work_mem', w, false) FROM t"],
+    );
 }
