@@ -128,9 +128,19 @@ impl CancelTarget {
     }
 }
 
+/// Where a key points now. Each key has its own lock, taken by the session when it moves
+/// between server connections and by a lookup to count its cancel: no lock shared by all
+/// sessions is touched per transaction.
+type Slot = Arc<Mutex<Option<Arc<CancelTarget>>>>;
+
+fn lock_slot(slot: &Slot) -> std::sync::MutexGuard<'_, Option<Arc<CancelTarget>>> {
+    // Setting an Option cannot be interrupted half-way: a poisoned lock is still usable.
+    slot.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 struct Entry {
     secret: [u8; 4],
-    target: Option<Arc<CancelTarget>>,
+    target: Slot,
 }
 
 /// Failed guesses allowed per source address per window.
@@ -166,17 +176,19 @@ impl CancelRegistry {
                 continue;
             }
             let secret: [u8; 4] = rand::random();
+            let target = Slot::default();
             inner.keys.insert(
                 pid,
                 Entry {
                     secret,
-                    target: None,
+                    target: Arc::clone(&target),
                 },
             );
             return CancelHandle {
                 registry: Arc::clone(self),
                 pid,
                 secret,
+                target,
             };
         }
     }
@@ -194,8 +206,8 @@ impl CancelRegistry {
             .get(&pid)
             .filter(|e| bool::from(e.secret.as_slice().ct_eq(secret)));
         match found {
-            // Counted while the lock is held: a key retargeted after this waits for it.
-            Some(entry) => entry.target.as_ref().map(CancelTarget::begin),
+            // Counted while the key's lock is held: a key retargeted after this waits for it.
+            Some(entry) => lock_slot(&entry.target).as_ref().map(CancelTarget::begin),
             None => {
                 if inner.failures.len() >= MAX_TRACKED_SOURCES {
                     inner
@@ -221,6 +233,7 @@ pub struct CancelHandle {
     registry: Arc<CancelRegistry>,
     pid: i32,
     secret: [u8; 4],
+    target: Slot,
 }
 
 impl CancelHandle {
@@ -231,9 +244,7 @@ impl CancelHandle {
 
     /// Points the key at the server connection now serving the client (or at none).
     pub fn set_target(&self, target: Option<Arc<CancelTarget>>) {
-        if let Some(entry) = self.registry.lock().keys.get_mut(&self.pid) {
-            entry.target = target;
-        }
+        *lock_slot(&self.target) = target;
     }
 }
 

@@ -238,8 +238,11 @@ pub(super) async fn run_session(state: &AppState, snapshot: &Snapshot, client: A
         let mut pooled = pooled;
         cancel.set_target(Some(pooled.conn.cancel_target()));
         relay.set_own_backend(pooled.conn.backend_pid());
+        let shutdown = state.shutdown.cancelled();
+        tokio::pin!(shutdown);
+        let mut waits = Waits::new(shutdown, &tenant.limits);
         let end = forward(
-            state,
+            &mut waits,
             &tenant.limits,
             &mut relay,
             &mut pump,
@@ -401,7 +404,10 @@ async fn forward_pooled(
     let prefix = relay.notify_prefix().unwrap_or_default().to_owned();
     let shutdown = state.shutdown.cancelled();
     tokio::pin!(shutdown);
+    let mut waits = Waits::new(shutdown, &a.prepare.tenant.limits);
     let mut listening = false;
+    // The backend this session last recorded itself on (see `Pool::note_owner`).
+    let mut noted = None;
     let result = loop {
         let waited = tokio::select! {
             r = pump.wait_for_client(stream) => r,
@@ -412,7 +418,7 @@ async fn forward_pooled(
                 push_notification(relay, pump, &prefix, &n);
                 continue;
             }
-            _ = &mut shutdown => break (SessionEnd::Shutdown, None),
+            _ = waits.shutdown.as_mut() => break (SessionEnd::Shutdown, None),
             _ = notify_tx.overflow.notified(), if listening => {
                 break (SessionEnd::NotifyOverflow, None);
             }
@@ -432,8 +438,15 @@ async fn forward_pooled(
                 }
             };
         cancel.set_target(Some(pooled.conn.cancel_target()));
-        a.pool
-            .note_owner(pooled.conn.backend_pid(), relay.virtual_pid);
+        // Who uses the backend matters only to the shard's listening connection, and only
+        // when it changes hands.
+        let backend = pooled.conn.backend_pid();
+        if (noted != Some(backend) || pooled.conn.pooled.last_client != Some(a.client_id))
+            && a.pool.hub_if_started().is_some()
+        {
+            a.pool.note_owner(backend, relay.virtual_pid);
+            noted = Some(backend);
+        }
         let step = {
             let mut side = ServerSide::of(&mut pooled.conn);
             relay.attach(pump.to_server_mut(), side.tracker, side.pooled, bound_now);
@@ -460,7 +473,7 @@ async fn forward_pooled(
                 // notification loses nothing.
                 tokio::select! {
                     end = forward(
-                        state,
+                        &mut waits,
                         &a.prepare.tenant.limits,
                         relay,
                         pump,
@@ -585,8 +598,32 @@ const OWN_TIMEOUT_GRACE: Duration = Duration::from_millis(250);
 const TIMER_TICK: Duration = Duration::from_millis(100);
 
 /// Forwards until the session ends, pgtenant shuts down, or a timeout ends it.
+/// What a session creates once and every transaction's forwarding uses: pgtenant's
+/// shutdown, and the timer of the plan's timeouts (none when the plan has none).
+struct Waits<'a, 'b> {
+    shutdown: std::pin::Pin<&'a mut tokio_util::sync::WaitForCancellationFuture<'b>>,
+    tick: Option<tokio::time::Interval>,
+}
+
+impl<'a, 'b> Waits<'a, 'b> {
+    fn new(
+        shutdown: std::pin::Pin<&'a mut tokio_util::sync::WaitForCancellationFuture<'b>>,
+        limits: &PlanConfig,
+    ) -> Self {
+        let timers = [limits.statement_timeout, limits.idle_in_transaction_timeout]
+            .iter()
+            .any(|d| d.is_some_and(|d| !d.is_zero()));
+        let tick = timers.then(|| {
+            let mut tick = tokio::time::interval(TIMER_TICK);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+            tick
+        });
+        Waits { shutdown, tick }
+    }
+}
+
 async fn forward(
-    state: &AppState,
+    waits: &mut Waits<'_, '_>,
     limits: &PlanConfig,
     relay: &mut Relay,
     pump: &mut Pump,
@@ -597,21 +634,13 @@ async fn forward(
     let idle_timeout = limits.idle_in_transaction_timeout.filter(|d| !d.is_zero());
     let cancel_target = pooled.conn.cancel_target();
     let mut side = ServerSide::of(&mut pooled.conn);
-    let timers = statement_timeout.is_some() || idle_timeout.is_some();
-    // Created only when a plan has timeouts: in transaction mode this runs per transaction.
-    let mut tick = timers.then(|| {
-        let mut tick = tokio::time::interval(TIMER_TICK);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-        tick
-    });
-    let shutdown = state.shutdown.cancelled();
-    tokio::pin!(shutdown);
+    let timers = waits.tick.is_some();
     let mut cancelled_for = None;
     loop {
         tokio::select! {
             end = pump.run(relay, stream, &mut side) => return SessionEnd::Pump(end),
-            _ = &mut shutdown => return SessionEnd::Shutdown,
-            _ = next_tick(&mut tick), if timers => {
+            _ = waits.shutdown.as_mut() => return SessionEnd::Shutdown,
+            _ = next_tick(&mut waits.tick), if timers => {
                 if let (Some(limit), Some(since)) = (statement_timeout, relay.busy_since())
                     && since.elapsed() >= limit + OWN_TIMEOUT_GRACE
                     && cancelled_for != Some(since)

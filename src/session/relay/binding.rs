@@ -136,12 +136,15 @@ pub(super) fn in_band_safe(text: &[u8]) -> bool {
         .iter()
         .position(|b| !b.is_ascii_whitespace())
         .unwrap_or(text.len());
-    let word: Vec<u8> = text[start..]
+    let rest = &text[start..];
+    let len = rest
         .iter()
-        .take_while(|b| b.is_ascii_alphabetic())
-        .map(u8::to_ascii_lowercase)
-        .collect();
-    std::str::from_utf8(&word).is_ok_and(|w| IN_BAND_SAFE.contains(&w))
+        .position(|b| !b.is_ascii_alphabetic())
+        .unwrap_or(rest.len());
+    let word = &rest[..len];
+    IN_BAND_SAFE
+        .iter()
+        .any(|k| k.as_bytes().eq_ignore_ascii_case(word))
 }
 
 /// How the binding goes with a transaction's first message.

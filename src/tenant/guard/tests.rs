@@ -1171,3 +1171,12 @@ fn session_level_set_config_is_replayed_in_transaction_mode() {
         &["SELECT set_config('work_mem', w, false) FROM t"],
     );
 }
+
+/// The quick first-letters check never lets a denied name through.
+#[test]
+fn every_denied_name_is_caught() {
+    for name in super::policy::denied_names() {
+        assert!(super::policy::is_denied(name), "{name}");
+    }
+    assert!(!super::policy::is_denied("pgbench_accounts"));
+}
