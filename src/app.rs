@@ -36,6 +36,14 @@ pub struct AppState {
     pub handshakes: Arc<crate::quota::pending::Handshakes>,
     /// Fires when sessions must end now.
     pub shutdown: CancellationToken,
+    /// Per-tenant metric labels and what the last scrape saw.
+    pub metrics: crate::admin::metrics::Metrics,
+    /// Connected clients (admin console).
+    pub clients: Arc<crate::admin::registry::Clients>,
+    /// Paused tenants (admin console).
+    pub pauses: crate::admin::registry::Pauses,
+    /// Fires when the admin console asks the process to shut down.
+    shutdown_requested: CancellationToken,
     process_secret: [u8; 32],
     session_ids: AtomicU64,
 }
@@ -44,6 +52,7 @@ impl AppState {
     /// State for `snapshot`.
     pub fn new(snapshot: Snapshot) -> anyhow::Result<Arc<Self>> {
         let tls = client_tls(&snapshot)?;
+        let tenant_labels = snapshot.admin.tenant_labels;
         Ok(Arc::new(AppState {
             pools: Pools::new(snapshot.pool.clone()),
             snapshot: ArcSwap::from_pointee(snapshot),
@@ -53,6 +62,10 @@ impl AppState {
             logins: Arc::new(LoginThrottle::default()),
             handshakes: Arc::default(),
             shutdown: CancellationToken::new(),
+            metrics: crate::admin::metrics::Metrics::new(tenant_labels),
+            clients: Arc::default(),
+            pauses: Default::default(),
+            shutdown_requested: CancellationToken::new(),
             process_secret: rand::random(),
             session_ids: AtomicU64::new(1),
         }))
@@ -78,6 +91,27 @@ impl AppState {
         self.session_ids.fetch_add(1, Ordering::Relaxed)
     }
 
+    /// Loads the configuration file in force again and applies it (admin `RELOAD`).
+    pub fn reload_from_source(&self) -> anyhow::Result<()> {
+        let path = self.snapshot().source.clone();
+        let result = config::load(&path)
+            .map_err(anyhow::Error::from)
+            .and_then(|s| self.reload(s));
+        crate::admin::metrics::reload(result.is_ok());
+        match &result {
+            Ok(()) => tracing::info!(path = %path.display(), "configuration reloaded (admin)"),
+            Err(e) => {
+                tracing::error!(error = %e, "reload failed; keeping the configuration in force")
+            }
+        }
+        result
+    }
+
+    /// Asks the process to shut down as on SIGTERM (admin `SHUTDOWN`).
+    pub fn request_shutdown(&self) {
+        self.shutdown_requested.cancel();
+    }
+
     /// Replaces the snapshot (and TLS certificates) after validation; sessions already
     /// running keep the snapshot they started with. The listen address cannot change.
     pub fn reload(&self, snapshot: Snapshot) -> anyhow::Result<()> {
@@ -91,6 +125,7 @@ impl AppState {
         require_context_keys(&snapshot)?;
         let tls = client_tls(&snapshot)?;
         self.client_tls.store(tls.map(Arc::new));
+        self.metrics.set_policy(snapshot.admin.tenant_labels);
         self.snapshot.store(Arc::new(snapshot));
         Ok(())
     }
@@ -116,6 +151,8 @@ fn require_context_keys(snapshot: &Snapshot) -> anyhow::Result<()> {
 pub struct Running {
     /// The address the listener is bound to.
     pub addr: SocketAddr,
+    /// The address the admin HTTP endpoint is bound to (`admin.http`).
+    pub admin_addr: Option<SocketAddr>,
     pub state: Arc<AppState>,
     stop_accepting: CancellationToken,
     sessions: TaskTracker,
@@ -183,6 +220,21 @@ pub async fn start(snapshot: Snapshot) -> anyhow::Result<Running> {
         }
     });
 
+    let mut admin_addr = None;
+    if let Some(http) = state.snapshot().admin.http {
+        let listener = TcpListener::bind(http)
+            .await
+            .with_context(|| format!("cannot listen on admin.http {http}"))?;
+        admin_addr = Some(listener.local_addr()?);
+        tracing::info!(addr = %listener.local_addr()?, "admin http listening (/metrics, /healthz, /readyz)");
+        crate::admin::metrics::recorder();
+        background.spawn(crate::admin::http::serve(
+            listener,
+            Arc::clone(&state),
+            stop_accepting.clone(),
+        ));
+    }
+
     let reap_state = Arc::clone(&state);
     let reap_stop = stop_accepting.clone();
     background.spawn(async move {
@@ -198,6 +250,7 @@ pub async fn start(snapshot: Snapshot) -> anyhow::Result<Running> {
     tracing::info!(%addr, "pgtenant listening");
     Ok(Running {
         addr,
+        admin_addr,
         state,
         stop_accepting,
         sessions,
@@ -226,13 +279,20 @@ pub async fn wait_for_signals(
     let mut hup = signal(SignalKind::hangup())?;
     loop {
         tokio::select! {
+            _ = running.state.shutdown_requested.cancelled() => return Ok(()),
             _ = term.recv() => return Ok(()),
             _ = int.recv() => return Ok(()),
             _ = hup.recv() => {
                 let Some(path) = config_path else { continue };
                 match config::load(path).map_err(anyhow::Error::from).and_then(|s| running.state.reload(s)) {
-                    Ok(()) => tracing::info!(path = %path.display(), "configuration reloaded"),
-                    Err(e) => tracing::error!(error = %e, "reload failed; keeping the configuration in force"),
+                    Ok(()) => {
+                        crate::admin::metrics::reload(true);
+                        tracing::info!(path = %path.display(), "configuration reloaded");
+                    }
+                    Err(e) => {
+                        crate::admin::metrics::reload(false);
+                        tracing::error!(error = %e, "reload failed; keeping the configuration in force");
+                    }
                 }
             }
         }

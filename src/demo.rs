@@ -316,7 +316,13 @@ pub async fn run(port: u16) -> anyhow::Result<()> {
     let path = dir.join("pgtenant.toml");
     let mut running = None;
     for candidate in [port, 0] {
-        std::fs::write(&path, fixture.config(&format!("127.0.0.1:{candidate}"), ""))?;
+        std::fs::write(
+            &path,
+            fixture.config(
+                &format!("127.0.0.1:{candidate}"),
+                "[admin]\nhttp = \"127.0.0.1:0\"\n",
+            ),
+        )?;
         let snapshot = crate::config::load(&path)?;
         match crate::app::start(snapshot).await {
             Ok(r) => {
@@ -333,6 +339,9 @@ pub async fn run(port: u16) -> anyhow::Result<()> {
         running.addr,
         path.display()
     );
+    if let Some(admin) = running.admin_addr {
+        say!("Metrics: curl http://{admin}/metrics   (health: /healthz, /readyz)");
+    }
     say!("Connect as a tenant (each sees only its own rows: try `SELECT * FROM items;`):");
     for t in &fixture.tenants {
         say!(

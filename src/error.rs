@@ -27,6 +27,9 @@ pub mod sqlstate {
     pub const SYNTAX_ERROR: &str = "42601";
     pub const INVALID_SQL_STATEMENT_NAME: &str = "26000";
     pub const FEATURE_NOT_SUPPORTED: &str = "0A000";
+    pub const UNDEFINED_OBJECT: &str = "42704";
+    pub const LOCK_NOT_AVAILABLE: &str = "55P03";
+    pub const CONFIG_FILE_ERROR: &str = "F0000";
     pub const INTERNAL_ERROR: &str = "XX000";
 }
 

@@ -18,6 +18,8 @@ pub struct ConfigFile {
     #[serde(default)]
     pub admin: Option<AdminConfig>,
     #[serde(default)]
+    pub metrics: Option<MetricsConfig>,
+    #[serde(default)]
     pub pool: PoolConfig,
     #[serde(default)]
     pub shards: BTreeMap<Spanned<String>, ShardConfig>,
@@ -98,7 +100,7 @@ pub struct ListenTlsConfig {
     pub sni_suffix: Option<String>,
 }
 
-/// `[admin]`: parsed and checked now; served by the operator surface.
+/// `[admin]`: the HTTP endpoint (metrics, health) and the admin console's users.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdminConfig {
@@ -106,6 +108,15 @@ pub struct AdminConfig {
     pub http: Option<Spanned<String>>,
     #[serde(default)]
     pub users: Vec<AdminUserConfig>,
+}
+
+/// `[metrics]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// `"all"`, `"top:N"` or `"none"`.
+    #[serde(default)]
+    pub tenant_labels: Option<Spanned<String>>,
 }
 
 /// One admin console user.

@@ -137,11 +137,50 @@ pub struct PoolSettings {
     pub client_write_timeout: Duration,
 }
 
-/// `[admin]`.
+/// `[admin]` and `[metrics]`: the operator surface.
 #[derive(Debug, Default)]
 pub struct Admin {
     pub http: Option<SocketAddr>,
     pub users: Vec<(String, ScramVerifier)>,
+    pub tenant_labels: TenantLabels,
+}
+
+/// Which tenants get a `tenant` label of their own in the metrics (`metrics.tenant_labels`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TenantLabels {
+    /// Every tenant.
+    All,
+    /// The N most recently active tenants; the rest are `tenant="other"`.
+    Top(usize),
+    /// No tenant label.
+    None,
+}
+
+impl Default for TenantLabels {
+    fn default() -> Self {
+        TenantLabels::Top(1000)
+    }
+}
+
+impl std::str::FromStr for TenantLabels {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "all" => Ok(TenantLabels::All),
+            "none" => Ok(TenantLabels::None),
+            _ => s
+                .strip_prefix("top:")
+                .and_then(|n| n.parse::<usize>().ok())
+                .filter(|n| *n > 0)
+                .map(TenantLabels::Top)
+                .ok_or_else(|| {
+                    format!(
+                        "metrics.tenant_labels {s:?} must be \"all\", \"none\" or \"top:N\" (N > 0)"
+                    )
+                }),
+        }
+    }
 }
 
 /// A PostgreSQL endpoint + database + login role.

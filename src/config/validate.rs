@@ -202,6 +202,12 @@ pub fn build_snapshot(file: ConfigFile, text: &str, path: &Path) -> Result<Snaps
             admin.users.push((u.name, v));
         }
     }
+    if let Some(labels) = file.metrics.and_then(|m| m.tenant_labels) {
+        admin.tenant_labels = labels
+            .get_ref()
+            .parse()
+            .map_err(|e: String| ctx.err(Some(labels.span()), None, e))?;
+    }
 
     // [shards.*]
     let mut shards = BTreeMap::new();

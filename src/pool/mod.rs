@@ -124,6 +124,24 @@ pub struct Pool {
     /// Server backend pid → the virtual pid of the client that used it last, so that a
     /// notification shows the notifying client's pid (the one its BackendKeyData gave it).
     owners: notify::Owners,
+    /// Checkouts waiting for a permit now.
+    waiters: std::sync::atomic::AtomicUsize,
+}
+
+/// Counts a checkout waiting for a permit while it lives.
+struct Waiting<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl<'a> Waiting<'a> {
+    fn on(count: &'a std::sync::atomic::AtomicUsize) -> Self {
+        count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Waiting(count)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// A checked-out connection; its permits return with it.
@@ -152,6 +170,7 @@ impl Pool {
             settings,
             hub: std::sync::OnceLock::new(),
             owners: Arc::default(),
+            waiters: Default::default(),
         })
     }
 
@@ -177,15 +196,19 @@ impl Pool {
             // A free permit is taken at once; only a wait needs the timer.
             Some((n, sem)) => Some(match Arc::clone(&sem).try_acquire_owned() {
                 Ok(p) => p,
-                Err(_) => tokio::time::timeout(timeout, sem.acquire_owned())
-                    .await
-                    .map_err(|_| PoolError::TenantBusy(n, timeout))?
-                    .map_err(|_| PoolError::TenantBusy(n, timeout))?,
+                Err(_) => {
+                    let _waiting = Waiting::on(&self.waiters);
+                    tokio::time::timeout(timeout, sem.acquire_owned())
+                        .await
+                        .map_err(|_| PoolError::TenantBusy(n, timeout))?
+                        .map_err(|_| PoolError::TenantBusy(n, timeout))?
+                }
             }),
         };
         let permit = match Arc::clone(&self.permits).try_acquire_owned() {
             Ok(p) => p,
             Err(_) => {
+                let _waiting = Waiting::on(&self.waiters);
                 let timeout = timeout.saturating_sub(started.elapsed());
                 tokio::time::timeout(timeout, Arc::clone(&self.permits).acquire_owned())
                     .await
@@ -231,6 +254,18 @@ impl Pool {
             _permit: permit,
             _tenant_permit: tenant_permit,
         })
+    }
+
+    /// What the pool holds now.
+    pub fn stats(&self) -> PoolStats {
+        PoolStats {
+            shard: self.shard.name.clone(),
+            user: self.login.user.clone(),
+            idle: self.idle_count(),
+            in_use: self.in_use(),
+            max: self.shard.max_connections,
+            waiters: self.waiters.load(std::sync::atomic::Ordering::Relaxed),
+        }
     }
 
     /// Transaction pooling: returns a connection between transactions as it is (bound to its
@@ -368,6 +403,19 @@ struct PoolKey {
     user: String,
 }
 
+/// A pool's connections at one moment.
+#[derive(Debug, Clone)]
+pub struct PoolStats {
+    pub shard: String,
+    pub user: String,
+    pub idle: usize,
+    /// Checked out (running a transaction, pinned, or held by a session-mode client).
+    pub in_use: usize,
+    pub max: usize,
+    /// Transactions waiting for a connection.
+    pub waiters: usize,
+}
+
 /// All pools, created on first use.
 pub struct Pools {
     settings: PoolSettings,
@@ -412,19 +460,17 @@ impl Pools {
         Ok(pool)
     }
 
+    /// What each pool holds now (for the metrics and the admin console).
+    pub fn stats(&self) -> Vec<PoolStats> {
+        let pools: Vec<Arc<Pool>> = self.map().values().cloned().collect();
+        pools.iter().map(|p| p.stats()).collect()
+    }
+
     /// Runs [`Pool::reap`] on every pool.
     pub fn reap(&self) {
         let pools: Vec<Arc<Pool>> = self.map().values().cloned().collect();
         for pool in pools {
             pool.reap();
         }
-    }
-
-    /// `(shard, user, in use, idle)` for every pool.
-    pub fn stats(&self) -> Vec<(String, String, usize, usize)> {
-        self.map()
-            .iter()
-            .map(|(k, p)| (k.shard.clone(), k.user.clone(), p.in_use(), p.idle_count()))
-            .collect()
     }
 }

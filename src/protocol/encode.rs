@@ -165,6 +165,51 @@ pub fn bind_execute<'a>(
         && frontend::execute("", 0, out).is_ok()
 }
 
+/// A result set of text columns (the admin console's): RowDescription, a DataRow per row
+/// (None: NULL) and CommandComplete with `command_tag`.
+pub fn text_rows(
+    columns: &[&str],
+    rows: &[Vec<Option<String>>],
+    command_tag: &str,
+    out: &mut BytesMut,
+) {
+    use pgwire::messages::data::{DataRow, FieldDescription, RowDescription};
+    use pgwire::messages::response::CommandComplete;
+    const TEXT_OID: u32 = 25;
+    let fields = columns
+        .iter()
+        .map(|name| FieldDescription::new((*name).to_owned(), 0, 0, TEXT_OID, -1, -1, 0))
+        .collect();
+    put(&RowDescription::new(fields), out);
+    for row in rows {
+        let mut data = BytesMut::new();
+        for value in row {
+            match value {
+                None => data.put_i32(-1),
+                Some(v) => {
+                    data.put_i32(v.len() as i32);
+                    data.put_slice(v.as_bytes());
+                }
+            }
+        }
+        put(&DataRow::new(data, row.len() as i16), out);
+    }
+    put(&CommandComplete::new(command_tag.to_owned()), out);
+}
+
+/// CommandComplete with `command_tag` (a command without rows).
+pub fn command_complete(command_tag: &str, out: &mut BytesMut) {
+    put(
+        &pgwire::messages::response::CommandComplete::new(command_tag.to_owned()),
+        out,
+    );
+}
+
+/// EmptyQueryResponse (the query string held no command).
+pub fn empty_query(out: &mut BytesMut) {
+    put(&pgwire::messages::response::EmptyQueryResponse::new(), out);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -9,7 +9,7 @@ pub mod login;
 pub mod pending;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -53,9 +53,58 @@ impl TokenBucket {
     }
 }
 
+/// What a tenant's sessions did, for the metrics: plain atomics of this tenant's own, so
+/// recording touches nothing shared with other tenants' sessions (read at scrape time).
+#[derive(Default)]
+pub struct TenantStats {
+    pub queries: AtomicU64,
+    pub transactions: AtomicU64,
+    pub guard_refusals: AtomicU64,
+    pub throttled: AtomicU64,
+    /// Connections refused at the tenant's client cap.
+    pub client_cap_refusals: AtomicU64,
+    /// Transactions that waited past `checkout_timeout` for a server connection.
+    pub server_cap_refusals: AtomicU64,
+    /// Clients in a transaction now (transaction mode), and waiting for a server connection.
+    pub active: AtomicUsize,
+    pub waiting: AtomicUsize,
+    pub bytes_from_clients: AtomicU64,
+    pub bytes_to_clients: AtomicU64,
+}
+
+impl TenantStats {
+    /// Adds `n` to `counter`.
+    pub fn add(counter: &AtomicU64, n: u64) {
+        if n > 0 {
+            counter.fetch_add(n, Ordering::Relaxed);
+        }
+    }
+
+    /// A value for display.
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
+
+    /// Counts one in `gauge` while the returned guard lives.
+    pub fn hold(gauge: &AtomicUsize) -> Held<'_> {
+        gauge.fetch_add(1, Ordering::Relaxed);
+        Held(gauge)
+    }
+}
+
+/// One counted in a gauge of [`TenantStats`] until dropped.
+pub struct Held<'a>(&'a AtomicUsize);
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// Live per-tenant counters.
 #[derive(Default)]
 pub struct TenantState {
+    pub stats: TenantStats,
     clients: AtomicUsize,
     /// LISTEN subscriptions of all the tenant's clients (bounded: each one costs the shard's
     /// shared listening connection).
@@ -144,9 +193,20 @@ impl Quotas {
         let now = state.clients.fetch_add(1, Ordering::Relaxed) + 1;
         let slot = ClientSlot(state);
         match limit {
-            Some(max) if now > max => None,
+            Some(max) if now > max => {
+                TenantStats::add(&slot.0.stats.client_cap_refusals, 1);
+                None
+            }
             _ => Some(slot),
         }
+    }
+
+    /// Every tenant seen since start, with its state (for the metrics and the console).
+    pub fn all(&self) -> Vec<(String, Arc<TenantState>)> {
+        let map = self.tenants.lock().unwrap_or_else(|p| p.into_inner());
+        map.iter()
+            .map(|(k, v)| (k.clone(), Arc::clone(v)))
+            .collect()
     }
 }
 

@@ -110,9 +110,18 @@ async fn send_error<W: AsyncWrite + Unpin>(stream: &mut W, error: &ClientError) 
     let _ = stream.flush().await;
 }
 
+/// A connection that passed authentication.
+enum Opened {
+    /// A tenant's client.
+    Tenant(Authenticated),
+    /// An admin user of the console, by name.
+    Admin(ClientStream, String),
+}
+
 /// A client that passed authentication.
 struct Authenticated {
     stream: ClientStream,
+    peer: SocketAddr,
     tenant: Arc<Tenant>,
     user: String,
     startup: StartupMessage,
@@ -147,9 +156,16 @@ pub async fn serve(state: Arc<AppState>, tcp: TcpStream, peer: SocketAddr) {
             }
         };
         drop(pending);
-        let Some(client) = opened else { return };
-        tracing::info!(tenant = %client.tenant.name, user = %client.user, "authenticated");
-        run::run_session(&state, &snapshot, client).await;
+        match opened {
+            None => {}
+            Some(Opened::Tenant(client)) => {
+                tracing::info!(tenant = %client.tenant.name, user = %client.user, "authenticated");
+                run::run_session(&state, &snapshot, client).await;
+            }
+            Some(Opened::Admin(stream, user)) => {
+                crate::admin::console::serve(&state, stream, &user, peer).await;
+            }
+        }
     }
     .instrument(span)
     .await;
@@ -165,7 +181,7 @@ async fn open(
     tcp: TcpStream,
     peer: SocketAddr,
     deadline: tokio::time::Instant,
-) -> Option<Authenticated> {
+) -> Option<Opened> {
     let _ = tcp.set_nodelay(true);
     let tls = state.client_tls();
     let mode = snapshot
@@ -195,12 +211,33 @@ async fn open(
             return None;
         }
     };
+    if startup.get("database") == Some(crate::admin::console::DATABASE) {
+        let user = startup.get("user").unwrap_or_default().to_owned();
+        let admitted = tokio::time::timeout_at(
+            deadline,
+            authenticate_admin(state, snapshot, &mut stream, &user, peer),
+        )
+        .await;
+        return match admitted {
+            Ok(Ok(())) => Some(Opened::Admin(stream, user)),
+            Ok(Err(e)) => {
+                tracing::info!(kind = e.kind().as_str(), error = %e, "admin console login refused");
+                report(&mut stream, &e).await;
+                None
+            }
+            Err(_) => {
+                crate::admin::metrics::auth_failure("timeout");
+                None
+            }
+        };
+    }
     let authenticated = tokio::time::timeout_at(
         deadline,
         authenticate(state, snapshot, &mut stream, &startup, peer),
     )
     .await;
     let Ok(authenticated) = authenticated else {
+        crate::admin::metrics::auth_failure("timeout");
         tracing::info!("startup timed out during authentication");
         let e = SessionError::Refused(
             ClientError::fatal(
@@ -216,18 +253,55 @@ async fn open(
         return None;
     };
     match authenticated {
-        Ok((tenant, user, settings)) => Some(Authenticated {
+        Ok((tenant, user, settings)) => Some(Opened::Tenant(Authenticated {
             stream,
+            peer,
             tenant,
             user,
             startup,
             settings,
-        }),
+        })),
         Err(e) => {
             tracing::info!(kind = e.kind().as_str(), error = %e, "connection refused");
             report(&mut stream, &e).await;
             None
         }
+    }
+}
+
+/// SCRAM for an `[admin]` user of the console. Anyone else (tenants' users included) goes
+/// through a mock exchange and fails as a wrong password does, slowed down the same way.
+async fn authenticate_admin(
+    state: &AppState,
+    snapshot: &Snapshot,
+    stream: &mut ClientStream,
+    user: &str,
+    peer: SocketAddr,
+) -> Result<(), SessionError> {
+    let login_key = format!("admin/{user}");
+    let account = snapshot.admin.users.iter().find(|(name, _)| name == user);
+    let (verifier, real) = match account {
+        Some((_, v)) => (v.clone(), true),
+        None => (
+            ScramVerifier::mock(state.process_secret(), &login_key),
+            false,
+        ),
+    };
+    let channel_binding = state
+        .client_tls()
+        .filter(|_| stream.is_tls())
+        .map(|tls| tls.resolver.channel_binding(stream.sni()));
+    match auth::authenticate(stream, user, verifier, real, channel_binding).await {
+        Ok(()) if real => {
+            state.logins.succeeded(peer.ip(), &login_key);
+            Ok(())
+        }
+        Ok(()) | Err(AuthError::Failed(_)) => {
+            crate::admin::metrics::auth_failure(if real { "password" } else { "unknown_user" });
+            state.logins.hold_failure(peer.ip(), &login_key).await;
+            Err(AuthError::Failed(user.to_owned()).into())
+        }
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -266,7 +340,8 @@ async fn authenticate(
             user,
             database: startup.get("database"),
         },
-    )?;
+    )
+    .inspect_err(|_| crate::admin::metrics::auth_failure("identity"))?;
     let account = identity
         .tenant
         .as_ref()
@@ -286,12 +361,18 @@ async fn authenticate(
     match auth::authenticate(stream, &identity.user, verifier, real, channel_binding).await {
         Ok(()) => state.logins.succeeded(peer.ip(), &login_key),
         Err(AuthError::Failed(_)) => {
+            crate::admin::metrics::auth_failure(if real { "password" } else { "unknown_user" });
             // Only failures wait (a correct password is never slowed), and the answer names
             // the user exactly as sent, for known and unknown tenants alike.
             state.logins.hold_failure(peer.ip(), &login_key).await;
             return Err(AuthError::Failed(user.to_owned()).into());
         }
-        Err(e) => return Err(e.into()),
+        Err(e) => {
+            if matches!(e, AuthError::Protocol(_)) {
+                crate::admin::metrics::auth_failure("protocol");
+            }
+            return Err(e.into());
+        }
     }
     let Some((tenant, _)) = account else {
         // Unreachable: a mock verifier never authenticates.

@@ -87,6 +87,9 @@ pub struct Pump {
     /// Armed when a write to the client could not proceed; disarmed by any progress.
     stall: Option<Pin<Box<tokio::time::Sleep>>>,
     stalled: bool,
+    /// Bytes read from and written to the client since [`Pump::take_byte_counts`].
+    bytes_from_client: u64,
+    bytes_to_client: u64,
 }
 
 fn reserve(buf: &mut BytesMut) {
@@ -160,6 +163,14 @@ impl Pump {
     }
 
     /// Bytes waiting to be written to the client.
+    /// Bytes read from and written to the client since the last call.
+    pub fn take_byte_counts(&mut self) -> (u64, u64) {
+        (
+            std::mem::take(&mut self.bytes_from_client),
+            std::mem::take(&mut self.bytes_to_client),
+        )
+    }
+
     pub fn pending_to_client(&self) -> &[u8] {
         &self.to_client
     }
@@ -183,11 +194,13 @@ impl Pump {
     {
         poll_fn(|cx| {
             loop {
-                let mut progress =
-                    match poll_drain(cx, client, &mut self.to_client, &mut self.flush_client) {
-                        Ok(p) => p,
-                        Err(e) => return Poll::Ready(Err(PumpEnd::ClientGone(e))),
-                    };
+                let before = self.to_client.len();
+                let drained = poll_drain(cx, client, &mut self.to_client, &mut self.flush_client);
+                self.bytes_to_client += (before - self.to_client.len()) as u64;
+                let mut progress = match drained {
+                    Ok(p) => p,
+                    Err(e) => return Poll::Ready(Err(PumpEnd::ClientGone(e))),
+                };
                 if !self.client_in.is_empty() {
                     // A well-formed Terminate; a malformed one goes to the relay, which says so.
                     if self
@@ -203,7 +216,10 @@ impl Pump {
                 reserve(&mut self.client_in);
                 match poll_read_buf(Pin::new(&mut *client), cx, &mut self.client_in) {
                     Poll::Ready(Ok(0)) => return Poll::Ready(Err(PumpEnd::ClientGone(None))),
-                    Poll::Ready(Ok(_)) => progress = true,
+                    Poll::Ready(Ok(n)) => {
+                        self.bytes_from_client += n as u64;
+                        progress = true;
+                    }
                     Poll::Ready(Err(e)) => return Poll::Ready(Err(PumpEnd::ClientGone(Some(e)))),
                     Poll::Pending => {}
                 }
@@ -283,7 +299,10 @@ impl Pump {
                 Err(e) => return Poll::Ready(PumpEnd::ServerGone(e)),
             }
             if !relay.holds_client_output(server.tracker) {
-                match poll_drain(cx, client, &mut self.to_client, &mut self.flush_client) {
+                let before = self.to_client.len();
+                let drained = poll_drain(cx, client, &mut self.to_client, &mut self.flush_client);
+                self.bytes_to_client += (before - self.to_client.len()) as u64;
+                match drained {
                     Ok(p) => {
                         progress |= p;
                         if let Poll::Ready(limit) = self.poll_stall(cx, p) {
@@ -326,7 +345,8 @@ impl Pump {
                 reserve(&mut self.client_in);
                 match poll_read_buf(Pin::new(&mut *client), cx, &mut self.client_in) {
                     Poll::Ready(Ok(0)) => return Poll::Ready(PumpEnd::ClientGone(None)),
-                    Poll::Ready(Ok(_)) => {
+                    Poll::Ready(Ok(n)) => {
+                        self.bytes_from_client += n as u64;
                         progress = true;
                         match relay.client_bytes(
                             &mut self.client_in,

@@ -6,7 +6,7 @@
 //! to its pool.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
@@ -21,6 +21,7 @@ use crate::net::stream::ClientStream;
 use crate::pool::{CANCEL_PATIENCE, Pool, PoolError, PooledConn, RESET_PATIENCE, notify};
 use crate::protocol::frame::FrameError;
 use crate::protocol::{TxStatus, encode};
+use crate::quota::TenantStats;
 use crate::tenant::guard::{Policy, Scope};
 use crate::tenant::params::ClientSettings;
 use crate::tenant::route::route;
@@ -83,6 +84,8 @@ fn check_startup_settings(settings: &ClientSettings, policy: &Policy) -> Result<
 enum SessionEnd {
     Pump(PumpEnd),
     Shutdown,
+    /// The admin console ended the tenant's sessions (`KILL`).
+    Killed,
     IdleInTransaction(Duration),
     /// Transaction pooling: no server connection for the next transaction.
     Checkout(PoolError),
@@ -96,6 +99,7 @@ pub(super) async fn run_session(state: &AppState, snapshot: &Snapshot, client: A
     let role = client.account().map(|u| u.role).unwrap_or_default();
     let Authenticated {
         mut stream,
+        peer,
         tenant,
         user,
         startup,
@@ -126,6 +130,18 @@ pub(super) async fn run_session(state: &AppState, snapshot: &Snapshot, client: A
         report(&mut stream, &e).await;
         return;
     };
+    // Ends with pgtenant's shutdown, or alone by the admin console's KILL.
+    let end_token = state.shutdown.child_token();
+    let _registered = state.clients.register(
+        client_id,
+        crate::admin::registry::ClientEntry {
+            tenant: tenant.name.clone(),
+            user: user.clone(),
+            peer,
+            since: Instant::now(),
+            end: end_token.clone(),
+        },
+    );
     let setup_sql = session_setup_sql(&tenant, role);
     let tenant_cap = tenant
         .limits
@@ -173,6 +189,9 @@ pub(super) async fn run_session(state: &AppState, snapshot: &Snapshot, client: A
             n.min(snapshot.listen.max_message_size)
         });
     let mut relay = Relay::new(max_message, rules);
+    let session_metrics = state.metrics.session(&tenant.name);
+    relay.query_seconds = Some(session_metrics.query_seconds.clone());
+    let tenant_state = state.quotas.tenant(&tenant.name);
     let ctx = Prepare {
         tenant: &tenant,
         tenant_id: tenant.id.to_string(),
@@ -232,13 +251,24 @@ pub(super) async fn run_session(state: &AppState, snapshot: &Snapshot, client: A
             prepare: &ctx,
             client_id,
             tenant_cap,
+            metrics: session_metrics,
+            tenant: &tenant_state,
         };
-        forward_pooled(state, attached, &cancel, &mut relay, &mut pump, &mut stream).await
+        forward_pooled(
+            state,
+            attached,
+            &end_token,
+            &cancel,
+            &mut relay,
+            &mut pump,
+            &mut stream,
+        )
+        .await
     } else {
         let mut pooled = pooled;
         cancel.set_target(Some(pooled.conn.cancel_target()));
         relay.set_own_backend(pooled.conn.backend_pid());
-        let shutdown = state.shutdown.cancelled();
+        let shutdown = end_token.cancelled();
         tokio::pin!(shutdown);
         let mut waits = Waits::new(shutdown, &tenant.limits);
         let end = forward(
@@ -253,6 +283,11 @@ pub(super) async fn run_session(state: &AppState, snapshot: &Snapshot, client: A
         (end, Some(pooled))
     };
     drop(cancel);
+    flush_bytes(&mut pump, &tenant_state);
+    let end = match end {
+        SessionEnd::Shutdown if !state.shutdown.is_cancelled() => SessionEnd::Killed,
+        end => end,
+    };
     let counters = relay.counters;
     tracing::info!(
         queries = counters.queries,
@@ -287,6 +322,15 @@ struct Attached<'a> {
     prepare: &'a Prepare<'a>,
     client_id: u64,
     tenant_cap: Option<(usize, Arc<tokio::sync::Semaphore>)>,
+    metrics: crate::admin::metrics::SessionMetrics,
+    tenant: &'a crate::quota::TenantState,
+}
+
+/// Adds the client bytes the pump moved since last time to the tenant's metrics.
+fn flush_bytes(pump: &mut Pump, tenant: &crate::quota::TenantState) {
+    let (from, to) = pump.take_byte_counts();
+    TenantStats::add(&tenant.stats.bytes_from_clients, from);
+    TenantStats::add(&tenant.stats.bytes_to_clients, to);
 }
 
 /// What preparing a server connection for a tenant's client needs.
@@ -389,7 +433,8 @@ async fn prepare(
 /// connection, and again. Returns how the session ended and the connection it still holds.
 async fn forward_pooled(
     state: &AppState,
-    a: Attached<'_>,
+    mut a: Attached<'_>,
+    end_token: &tokio_util::sync::CancellationToken,
     cancel: &crate::cancel::CancelHandle,
     relay: &mut Relay,
     pump: &mut Pump,
@@ -402,7 +447,7 @@ async fn forward_pooled(
         overflow: Arc::default(),
     };
     let prefix = relay.notify_prefix().unwrap_or_default().to_owned();
-    let shutdown = state.shutdown.cancelled();
+    let shutdown = end_token.cancelled();
     tokio::pin!(shutdown);
     let mut waits = Waits::new(shutdown, &a.prepare.tenant.limits);
     let mut listening = false;
@@ -426,17 +471,40 @@ async fn forward_pooled(
         if let Err(end) = waited {
             break (SessionEnd::Pump(end), None);
         }
-        let (mut pooled, bound_now) =
-            match checkout_prepared(a.pool, a.prepare, relay, a.client_id, a.tenant_cap.clone())
-                .await
-            {
-                Ok((p, bound_now)) => (p, bound_now),
-                Err(Failed::Checkout(e)) => break (SessionEnd::Checkout(e), None),
-                Err(Failed::Server(e)) => break (SessionEnd::Setup(e), None),
-                Err(Failed::Client(f)) => {
-                    break (SessionEnd::Setup(crate::pool::ServerError::Server(f)), None);
+        let wanted = Instant::now();
+        if a.metrics.refresh(&state.metrics, wanted) {
+            relay.query_seconds = Some(a.metrics.query_seconds.clone());
+        }
+        let checkout = {
+            let _waiting = TenantStats::hold(&a.tenant.stats.waiting);
+            if state.pauses.is_paused(&a.prepare.tenant.name) {
+                // PAUSE: the transaction waits (its first message unread by the server)
+                // until RESUME, or until the session is ended.
+                tokio::select! {
+                    _ = state.pauses.wait(&a.prepare.tenant.name) => {}
+                    _ = waits.shutdown.as_mut() => break (SessionEnd::Shutdown, None),
                 }
-            };
+            }
+            checkout_prepared(a.pool, a.prepare, relay, a.client_id, a.tenant_cap.clone()).await
+        };
+        let started = Instant::now();
+        a.metrics
+            .checkout_wait_seconds
+            .record(started.saturating_duration_since(wanted));
+        let active = TenantStats::hold(&a.tenant.stats.active);
+        let (mut pooled, bound_now) = match checkout {
+            Ok((p, bound_now)) => (p, bound_now),
+            Err(Failed::Checkout(e)) => {
+                if matches!(e, PoolError::Timeout(_) | PoolError::TenantBusy(..)) {
+                    TenantStats::add(&a.tenant.stats.server_cap_refusals, 1);
+                }
+                break (SessionEnd::Checkout(e), None);
+            }
+            Err(Failed::Server(e)) => break (SessionEnd::Setup(e), None),
+            Err(Failed::Client(f)) => {
+                break (SessionEnd::Setup(crate::pool::ServerError::Server(f)), None);
+            }
+        };
         cancel.set_target(Some(pooled.conn.cancel_target()));
         // Who uses the backend matters only to the shard's listening connection, and only
         // when it changes hands.
@@ -510,6 +578,9 @@ async fn forward_pooled(
                 // on its way.
                 cancel.set_target(None);
                 a.pool.release(pooled).await;
+                drop(active);
+                a.metrics.transaction_seconds.record(started.elapsed());
+                flush_bytes(pump, a.tenant);
                 for n in held.drain(..) {
                     push_notification(relay, pump, &prefix, &n);
                 }
@@ -686,6 +757,13 @@ async fn finish(
             Some(ClientError::fatal(
                 sqlstate::ADMIN_SHUTDOWN,
                 "terminating connection because pgtenant is shutting down",
+            )),
+        ),
+        SessionEnd::Killed => (
+            "killed",
+            Some(ClientError::fatal(
+                sqlstate::ADMIN_SHUTDOWN,
+                "terminating connection due to administrator command",
             )),
         ),
         SessionEnd::IdleInTransaction(limit) => (

@@ -23,7 +23,7 @@ use crate::pool::cache::PooledState;
 use crate::protocol::frame::{FrameError, FrameScanner, Piece, TagSet};
 use crate::protocol::tracker::ConnTracker;
 use crate::protocol::{TxStatus, encode, server_msgs, tag, take_cstr};
-use crate::quota::TenantState;
+use crate::quota::{TenantState, TenantStats};
 use crate::tenant::guard::{Effect, Policy, Scope};
 pub use binding::Binding;
 use binding::InBand;
@@ -164,6 +164,10 @@ pub struct Relay {
     pub listens: Vec<String>,
     pub unlistens: Vec<Option<String>>,
     pub counters: RelayCounters,
+    /// What of `counters` went to the tenant's metrics already.
+    flushed: RelayCounters,
+    /// The tenant's query-duration histogram (Query or Sync to ReadyForQuery).
+    pub query_seconds: Option<metrics::Histogram>,
 }
 
 impl Relay {
@@ -193,6 +197,8 @@ impl Relay {
             listens: Vec::new(),
             unlistens: Vec::new(),
             counters: RelayCounters::default(),
+            flushed: RelayCounters::default(),
+            query_seconds: None,
         }
     }
 
@@ -980,7 +986,7 @@ impl Relay {
     /// The epoch being answered is over: its ReadyForQuery arrived, or the server skipped it
     /// (an extended message before its Query failed).
     fn end_epoch(&mut self, failed: bool, pooled: &mut PooledState, tracker: &ConnTracker) {
-        self.owners.pop_front();
+        let owner = self.owners.pop_front();
         if self
             .in_band
             .as_ref()
@@ -993,6 +999,9 @@ impl Relay {
         }
         self.done_epoch += 1;
         let now = Instant::now();
+        if owner == Some(Owner::Client) {
+            self.count_epoch(now, tracker.status());
+        }
         if self.owners.is_empty() && !tracker.busy() {
             self.busy_since = None;
             self.ready_since = now;
@@ -1001,6 +1010,23 @@ impl Relay {
         }
         let done = self.done_epoch;
         self.refusals.retain(|(e, _)| *e >= done);
+    }
+
+    /// A client's epoch ended at `now` with the transaction status `status`: its duration
+    /// and what it counted go to the tenant's metrics.
+    fn count_epoch(&mut self, now: Instant, status: TxStatus) {
+        if let (Some(h), Some(since)) = (&self.query_seconds, self.busy_since) {
+            h.record(now.saturating_duration_since(since));
+        }
+        let stats = &self.rules.tenant.stats;
+        if status == TxStatus::Idle {
+            TenantStats::add(&stats.transactions, 1);
+        }
+        let (c, f) = (self.counters, &mut self.flushed);
+        TenantStats::add(&stats.queries, c.queries - f.queries);
+        TenantStats::add(&stats.guard_refusals, c.refused - f.refused);
+        TenantStats::add(&stats.throttled, c.throttled - f.throttled);
+        *f = c;
     }
 
     /// Ends the epochs of Queries the server skips after a failed extended message: their

@@ -1,0 +1,195 @@
+//! The HTTP endpoint at `admin.http`: `GET /metrics` (Prometheus text format), `/healthz`
+//! (the process is up) and `/readyz` (every shard reachable, JSON per shard). A small
+//! HTTP/1.1 responder: one request per connection, GET and HEAD only, bounded request head
+//! and time, so the endpoint cannot be used to hold resources.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+use crate::app::AppState;
+
+/// Largest request head read.
+const MAX_HEAD: usize = 8 * 1024;
+/// Time a client has to send its request.
+const READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// Time a shard has to accept a TCP connection for `/readyz`.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Requests served at once; more wait in the listen queue.
+const MAX_CONCURRENT: usize = 64;
+
+/// Serves the endpoint on `listener` until `stop` fires.
+pub async fn serve(listener: TcpListener, state: Arc<AppState>, stop: CancellationToken) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT));
+    loop {
+        let Ok(permit) = Arc::clone(&slots).acquire_owned().await else {
+            return;
+        };
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = stop.cancelled() => return,
+        };
+        match accepted {
+            Ok((stream, _)) => {
+                let state = Arc::clone(&state);
+                tokio::spawn(async move {
+                    let _ =
+                        tokio::time::timeout(Duration::from_secs(30), handle(stream, &state)).await;
+                    drop(permit);
+                });
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "admin http: accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// The method and path of a request head, if it is complete and well formed.
+fn request_line(head: &[u8]) -> Option<(&str, &str)> {
+    let end = head.windows(4).position(|w| w == b"\r\n\r\n")?;
+    let head = std::str::from_utf8(&head[..end]).ok()?;
+    let line = head.lines().next()?;
+    let mut parts = line.split(' ');
+    let (method, target, version) = (parts.next()?, parts.next()?, parts.next()?);
+    if !version.starts_with("HTTP/1.") || parts.next().is_some() {
+        return None;
+    }
+    let path = target.split('?').next().unwrap_or(target);
+    Some((method, path))
+}
+
+async fn handle(mut stream: TcpStream, state: &AppState) -> std::io::Result<()> {
+    let mut head = Vec::with_capacity(512);
+    let mut buf = [0u8; 1024];
+    let parsed = loop {
+        let n = match tokio::time::timeout(READ_TIMEOUT, stream.read(&mut buf)).await {
+            Ok(Ok(0)) | Err(_) => return Ok(()),
+            Ok(Ok(n)) => n,
+            Ok(Err(e)) => return Err(e),
+        };
+        head.extend_from_slice(&buf[..n]);
+        if let Some(found) = request_line(&head) {
+            break Some((found.0.to_owned(), found.1.to_owned()));
+        }
+        if head.len() > MAX_HEAD || head.windows(4).any(|w| w == b"\r\n\r\n") {
+            break None;
+        }
+    };
+    let (status, content_type, body) = match parsed.as_ref().map(|(m, p)| (m.as_str(), p.as_str()))
+    {
+        None => ("400 Bad Request", "text/plain", "bad request\n".to_owned()),
+        Some((method, _)) if method != "GET" && method != "HEAD" => (
+            "405 Method Not Allowed",
+            "text/plain",
+            "only GET and HEAD\n".to_owned(),
+        ),
+        Some((_, "/metrics")) => (
+            "200 OK",
+            "text/plain; version=0.0.4",
+            state.metrics.render(state),
+        ),
+        Some((_, "/healthz")) => ("200 OK", "text/plain", "ok\n".to_owned()),
+        Some((_, "/readyz")) => {
+            let (ready, body) = readiness(state).await;
+            let status = if ready {
+                "200 OK"
+            } else {
+                "503 Service Unavailable"
+            };
+            (status, "application/json", body)
+        }
+        Some(_) => ("404 Not Found", "text/plain", "not found\n".to_owned()),
+    };
+    let head_only = parsed.as_ref().is_some_and(|(m, _)| m == "HEAD");
+    let mut out = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    if !head_only {
+        out.extend_from_slice(body.as_bytes());
+    }
+    stream.write_all(&out).await?;
+    stream.shutdown().await
+}
+
+/// Probes every shard of the snapshot in force (a TCP connection, concurrently): ready when
+/// all accept. The body names each shard with its status.
+pub async fn readiness(state: &AppState) -> (bool, String) {
+    let snapshot = state.snapshot();
+    let mut probes = tokio::task::JoinSet::new();
+    for shard in snapshot.shards.values() {
+        let shard = Arc::clone(shard);
+        probes.spawn(async move {
+            let target = (shard.host.as_str(), shard.port);
+            let result = match tokio::time::timeout(PROBE_TIMEOUT, TcpStream::connect(target)).await
+            {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(_) => Err(format!("no answer within {PROBE_TIMEOUT:?}")),
+            };
+            (shard.name.clone(), result)
+        });
+    }
+    let mut results = Vec::new();
+    while let Some(done) = probes.join_next().await {
+        if let Ok(r) = done {
+            results.push(r);
+        }
+    }
+    results.sort_by(|a, b| a.0.cmp(&b.0));
+    let ready = results.iter().all(|(_, r)| r.is_ok());
+    let shards: Vec<String> = results
+        .iter()
+        .map(|(name, r)| match r {
+            Ok(()) => format!("{{\"name\":{},\"status\":\"up\"}}", json_string(name)),
+            Err(e) => format!(
+                "{{\"name\":{},\"status\":\"down\",\"error\":{}}}",
+                json_string(name),
+                json_string(e)
+            ),
+        })
+        .collect();
+    (
+        ready,
+        format!("{{\"ready\":{ready},\"shards\":[{}]}}\n", shards.join(",")),
+    )
+}
+
+/// A JSON string literal.
+pub fn json_string(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_lines() {
+        assert_eq!(
+            request_line(b"GET /metrics?x=1 HTTP/1.1\r\nHost: a\r\n\r\n"),
+            Some(("GET", "/metrics"))
+        );
+        assert_eq!(request_line(b"GET /metrics HTTP/1.1\r\n"), None);
+        assert_eq!(request_line(b"GET /metrics SPDY/3\r\n\r\n"), None);
+        assert_eq!(request_line(b"\xff\xfe\r\n\r\n"), None);
+        assert_eq!(json_string("a\"b\\\n"), "\"a\\\"b\\\\\\u000a\"");
+    }
+}

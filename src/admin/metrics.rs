@@ -1,0 +1,379 @@
+//! Prometheus metrics (DESIGN.md §7), on `metrics` + `metrics-exporter-prometheus`.
+//!
+//! Nothing on the hot path takes a lock shared by all sessions: per-tenant counts are plain
+//! atomics of the tenant's own ([`crate::quota::TenantStats`]), turned into series when
+//! Prometheus scrapes; the duration histograms are handles a session resolves once (and
+//! again after a minute, so a handle never outlives its series) and records into without a
+//! lock. Per-tenant labels are capped by `metrics.tenant_labels`: `top:N` keeps a label for
+//! the N tenants active most recently (a tenant keeps its label while it is active; one idle
+//! for [`LABEL_IDLE`] gives it up), the rest count under `tenant="other"`.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use metrics::{Histogram, Label};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use metrics_util::MetricKindMask;
+
+use crate::app::AppState;
+use crate::config::TenantLabels;
+use crate::quota::TenantStats;
+
+/// Series not updated for this long disappear (idle tenants, removed shards).
+pub const SERIES_IDLE: Duration = Duration::from_secs(10 * 60);
+/// A tenant inactive for this long gives its label up under `top:N`.
+pub const LABEL_IDLE: Duration = Duration::from_secs(10 * 60);
+/// Sessions resolve their histogram handles again after this long.
+const HANDLE_REFRESH: Duration = Duration::from_secs(60);
+/// Histogram buckets for durations, in seconds.
+const BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0, 30.0,
+];
+
+/// The process's Prometheus recorder (one per process: the `metrics` facade is global),
+/// installed on first use; `None` if another recorder was installed first.
+pub fn recorder() -> Option<&'static PrometheusHandle> {
+    static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let handle = PrometheusBuilder::new()
+                .idle_timeout(MetricKindMask::ALL, Some(SERIES_IDLE))
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), BUCKETS)
+                .and_then(|b| b.install_recorder());
+            match handle {
+                Ok(h) => {
+                    describe();
+                    Some(h)
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "metrics disabled: no Prometheus recorder");
+                    None
+                }
+            }
+        })
+        .as_ref()
+}
+
+fn describe() {
+    use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    describe_gauge!(
+        "pgtenant_client_connections",
+        "Client connections by tenant and state (idle, active, waiting)"
+    );
+    describe_gauge!(
+        "pgtenant_server_connections",
+        "Server connections by shard and state (idle, in_use)"
+    );
+    describe_gauge!(
+        "pgtenant_server_connections_max",
+        "Server connections a shard allows"
+    );
+    describe_gauge!(
+        "pgtenant_pool_waiters",
+        "Transactions waiting for a server connection, by shard"
+    );
+    describe_counter!("pgtenant_queries_total", "Queries by tenant");
+    describe_counter!("pgtenant_transactions_total", "Transactions by tenant");
+    describe_counter!(
+        "pgtenant_guard_refusals_total",
+        "Statements the guard refused, by tenant"
+    );
+    describe_counter!(
+        "pgtenant_quota_refusals_total",
+        "Refusals and throttles at a tenant's limits, by tenant and kind"
+    );
+    describe_counter!(
+        "pgtenant_auth_failures_total",
+        "Failed authentications by kind"
+    );
+    describe_counter!(
+        "pgtenant_client_bytes_total",
+        Unit::Bytes,
+        "Bytes between clients and pgtenant, by tenant and direction"
+    );
+    describe_counter!("pgtenant_reloads_total", "Configuration reloads by result");
+    describe_histogram!(
+        "pgtenant_transaction_duration_seconds",
+        Unit::Seconds,
+        "Transaction mode: from a server connection's checkout to its release, by tenant"
+    );
+    describe_histogram!(
+        "pgtenant_query_duration_seconds",
+        Unit::Seconds,
+        "From a Query or Sync to its ReadyForQuery, by tenant"
+    );
+    describe_histogram!(
+        "pgtenant_checkout_wait_seconds",
+        Unit::Seconds,
+        "Time a transaction waited for a server connection, by tenant"
+    );
+}
+
+/// Counts a failed authentication (`kind` is a fixed word, never a user name).
+pub fn auth_failure(kind: &'static str) {
+    metrics::counter!("pgtenant_auth_failures_total", "kind" => kind).increment(1);
+}
+
+/// Counts a configuration reload.
+pub fn reload(ok: bool) {
+    let result = if ok { "ok" } else { "error" };
+    metrics::counter!("pgtenant_reloads_total", "result" => result).increment(1);
+}
+
+/// Per-tenant label assignment and what the last scrape saw.
+pub struct Metrics {
+    inner: Mutex<Labels>,
+}
+
+struct Labels {
+    policy: TenantLabels,
+    /// Tenants holding a label of their own (`top:N`), with their last activity.
+    slots: HashMap<String, Instant>,
+    /// Per tenant: the counters as the last scrape read them.
+    seen: HashMap<String, [u64; COUNTERS]>,
+}
+
+/// Labels besides `tenant`.
+type Extra = &'static [(&'static str, &'static str)];
+
+/// The per-tenant counters turned into series at scrape time, in the order
+/// [`Metrics::render`] reads them (the client count follows them).
+const TENANT_COUNTERS: [(&str, Extra); 8] = [
+    ("pgtenant_queries_total", &[]),
+    ("pgtenant_transactions_total", &[]),
+    ("pgtenant_guard_refusals_total", &[]),
+    ("pgtenant_quota_refusals_total", &[("kind", "query_rate")]),
+    (
+        "pgtenant_quota_refusals_total",
+        &[("kind", "client_connections")],
+    ),
+    (
+        "pgtenant_quota_refusals_total",
+        &[("kind", "server_connections")],
+    ),
+    (
+        "pgtenant_client_bytes_total",
+        &[("direction", "from_client")],
+    ),
+    ("pgtenant_client_bytes_total", &[("direction", "to_client")]),
+];
+const COUNTERS: usize = TENANT_COUNTERS.len() + 1;
+
+impl Labels {
+    /// The `tenant` label for `tenant`, active now if `active` (None: no label at all).
+    fn label(&mut self, tenant: &str, active: bool, now: Instant) -> Option<String> {
+        match self.policy {
+            TenantLabels::All => Some(tenant.to_owned()),
+            TenantLabels::None => None,
+            TenantLabels::Top(n) => {
+                if let Some(last) = self.slots.get_mut(tenant) {
+                    if active {
+                        *last = now;
+                    }
+                    return Some(tenant.to_owned());
+                }
+                if !active {
+                    return Some("other".to_owned());
+                }
+                if self.slots.len() >= n {
+                    let idle = self
+                        .slots
+                        .iter()
+                        .filter(|(_, last)| now.saturating_duration_since(**last) >= LABEL_IDLE)
+                        .min_by_key(|(_, last)| **last)
+                        .map(|(name, _)| name.clone());
+                    match idle {
+                        Some(name) => {
+                            self.slots.remove(&name);
+                        }
+                        None => return Some("other".to_owned()),
+                    }
+                }
+                self.slots.insert(tenant.to_owned(), now);
+                Some(tenant.to_owned())
+            }
+        }
+    }
+}
+
+fn labels_of(label: Option<&str>, extra: &[(&'static str, &'static str)]) -> Vec<Label> {
+    let mut labels: Vec<Label> = extra.iter().map(|(k, v)| Label::new(*k, *v)).collect();
+    if let Some(t) = label {
+        labels.push(Label::new("tenant", t.to_owned()));
+    }
+    labels
+}
+
+impl Metrics {
+    pub fn new(policy: TenantLabels) -> Self {
+        Metrics {
+            inner: Mutex::new(Labels {
+                policy,
+                slots: HashMap::new(),
+                seen: HashMap::new(),
+            }),
+        }
+    }
+
+    fn labels(&self) -> std::sync::MutexGuard<'_, Labels> {
+        // Maps updated entry by entry: a poisoned lock is still consistent enough for labels.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A reload may change `metrics.tenant_labels`.
+    pub fn set_policy(&self, policy: TenantLabels) {
+        let mut labels = self.labels();
+        if labels.policy != policy {
+            labels.policy = policy;
+            labels.slots.clear();
+        }
+    }
+
+    /// The histogram handles of a session of `tenant` (called at session start).
+    pub fn session(&self, tenant: &str) -> SessionMetrics {
+        let label = self.labels().label(tenant, true, Instant::now());
+        SessionMetrics::resolve(tenant, label)
+    }
+
+    /// Turns the tenants' and pools' counts into series and renders them (Prometheus text
+    /// format); empty when metrics are disabled.
+    pub fn render(&self, state: &AppState) -> String {
+        let Some(handle) = recorder() else {
+            return String::new();
+        };
+        let now = Instant::now();
+        let mut gauges: HashMap<(Option<String>, &'static str), f64> = HashMap::new();
+        {
+            let mut labels = self.labels();
+            for (name, tenant) in state.quotas.all() {
+                let s = &tenant.stats;
+                let values = [
+                    TenantStats::get(&s.queries),
+                    TenantStats::get(&s.transactions),
+                    TenantStats::get(&s.guard_refusals),
+                    TenantStats::get(&s.throttled),
+                    TenantStats::get(&s.client_cap_refusals),
+                    TenantStats::get(&s.server_cap_refusals),
+                    TenantStats::get(&s.bytes_from_clients),
+                    TenantStats::get(&s.bytes_to_clients),
+                    tenant.clients() as u64,
+                ];
+                let before = labels.seen.insert(name.clone(), values).unwrap_or_default();
+                let clients = tenant.clients();
+                let changed = values[..COUNTERS - 1] != before[..COUNTERS - 1];
+                if !changed && clients == 0 {
+                    // Idle: its series expire unless it comes back.
+                    continue;
+                }
+                let label = labels.label(&name, changed || clients > 0, now);
+                let delta = |i: usize| values[i].saturating_sub(before[i]);
+                for (i, (metric, extra)) in TENANT_COUNTERS.iter().enumerate() {
+                    // Touch every series of an active tenant so none expires while it is.
+                    metrics::counter!(*metric, labels_of(label.as_deref(), extra))
+                        .increment(delta(i));
+                }
+                let active = tenant.stats.active.load(Ordering::Relaxed);
+                let waiting = tenant.stats.waiting.load(Ordering::Relaxed);
+                let idle = clients.saturating_sub(active + waiting);
+                for (state, n) in [("idle", idle), ("active", active), ("waiting", waiting)] {
+                    *gauges.entry((label.clone(), state)).or_default() += n as f64;
+                }
+            }
+        }
+        for ((label, client_state), n) in gauges {
+            metrics::gauge!(
+                "pgtenant_client_connections",
+                labels_of(label.as_deref(), &[("state", client_state)])
+            )
+            .set(n);
+        }
+        let mut shards: HashMap<String, [usize; 4]> = HashMap::new();
+        for p in state.pools.stats() {
+            let e = shards.entry(p.shard).or_default();
+            e[0] += p.idle;
+            e[1] += p.in_use;
+            e[2] = e[2].max(p.max);
+            e[3] += p.waiters;
+        }
+        for (shard, [idle, in_use, max, waiters]) in shards {
+            let g = |name: &'static str, extra: Option<&'static str>, v: usize| {
+                let mut l = vec![Label::new("shard", shard.clone())];
+                if let Some(s) = extra {
+                    l.push(Label::new("state", s));
+                }
+                metrics::gauge!(name, l).set(v as f64);
+            };
+            g("pgtenant_server_connections", Some("idle"), idle);
+            g("pgtenant_server_connections", Some("in_use"), in_use);
+            g("pgtenant_server_connections_max", None, max);
+            g("pgtenant_pool_waiters", None, waiters);
+        }
+        handle.run_upkeep();
+        handle.render()
+    }
+}
+
+/// A session's histogram handles (no lookup per transaction).
+pub struct SessionMetrics {
+    tenant: String,
+    resolved: Instant,
+    pub transaction_seconds: Histogram,
+    pub query_seconds: Histogram,
+    pub checkout_wait_seconds: Histogram,
+}
+
+impl SessionMetrics {
+    fn resolve(tenant: &str, label: Option<String>) -> Self {
+        let l = || labels_of(label.as_deref(), &[]);
+        SessionMetrics {
+            transaction_seconds: metrics::histogram!("pgtenant_transaction_duration_seconds", l()),
+            query_seconds: metrics::histogram!("pgtenant_query_duration_seconds", l()),
+            checkout_wait_seconds: metrics::histogram!("pgtenant_checkout_wait_seconds", l()),
+            tenant: tenant.to_owned(),
+            resolved: Instant::now(),
+        }
+    }
+
+    /// Resolves the handles again when they are old (`now` is the caller's clock read): an
+    /// expired series would swallow what a stale handle records. True when they changed.
+    pub fn refresh(&mut self, metrics: &Metrics, now: Instant) -> bool {
+        if now.saturating_duration_since(self.resolved) < HANDLE_REFRESH {
+            return false;
+        }
+        let label = metrics.labels().label(&self.tenant, true, now);
+        *self = SessionMetrics::resolve(&self.tenant, label);
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn top_n_keeps_labels_for_active_tenants_and_frees_idle_ones() {
+        let mut l = Labels {
+            policy: TenantLabels::Top(2),
+            slots: HashMap::new(),
+            seen: HashMap::new(),
+        };
+        let t0 = Instant::now();
+        assert_eq!(l.label("a", true, t0).as_deref(), Some("a"));
+        assert_eq!(l.label("b", true, t0).as_deref(), Some("b"));
+        assert_eq!(l.label("c", true, t0).as_deref(), Some("other"));
+        // Inactive tenants without a label stay under "other".
+        assert_eq!(l.label("d", false, t0).as_deref(), Some("other"));
+        // "a" idles past LABEL_IDLE while "b" stays active: "c" takes "a"'s label.
+        let later = t0 + LABEL_IDLE + Duration::from_secs(1);
+        assert_eq!(l.label("b", true, later).as_deref(), Some("b"));
+        assert_eq!(l.label("c", true, later).as_deref(), Some("c"));
+        assert_eq!(l.label("a", true, later).as_deref(), Some("other"));
+        l.policy = TenantLabels::None;
+        assert_eq!(l.label("a", true, later), None);
+        l.policy = TenantLabels::All;
+        assert_eq!(l.label("zzz", false, later).as_deref(), Some("zzz"));
+    }
+}
