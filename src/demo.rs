@@ -314,14 +314,16 @@ pub async fn run(port: u16) -> anyhow::Result<()> {
     let dir: PathBuf = std::env::temp_dir().join(format!("pgtenant-demo-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let path = dir.join("pgtenant.toml");
+    let admin_password = format!("{:016x}", rand::random::<u64>());
+    let admin = format!(
+        "[admin]\nhttp = \"127.0.0.1:0\"\nusers = [{{ name = \"dba\", scram = \"{}\" }}]\n",
+        crate::auth::verifier::ScramVerifier::from_password(admin_password.as_bytes())
+    );
     let mut running = None;
     for candidate in [port, 0] {
         std::fs::write(
             &path,
-            fixture.config(
-                &format!("127.0.0.1:{candidate}"),
-                "[admin]\nhttp = \"127.0.0.1:0\"\n",
-            ),
+            fixture.config(&format!("127.0.0.1:{candidate}"), &admin),
         )?;
         let snapshot = crate::config::load(&path)?;
         match crate::app::start(snapshot).await {
@@ -342,6 +344,10 @@ pub async fn run(port: u16) -> anyhow::Result<()> {
     if let Some(admin) = running.admin_addr {
         say!("Metrics: curl http://{admin}/metrics   (health: /healthz, /readyz)");
     }
+    say!(
+        "Admin console: psql \"postgresql://dba:{admin_password}@127.0.0.1:{}/pgtenant\"   (try SHOW TENANTS;)",
+        running.addr.port()
+    );
     say!("Connect as a tenant (each sees only its own rows: try `SELECT * FROM items;`):");
     for t in &fixture.tenants {
         say!(

@@ -107,20 +107,40 @@ async fn the_demo_starts_and_a_printed_url_works() {
         use tokio::io::AsyncBufReadExt;
         let mut lines = tokio::io::BufReader::new(stdout).lines();
         let mut urls = Vec::new();
+        let mut admin = None;
         while let Some(line) = lines.next_line().await.unwrap() {
             if let Some(start) = line.find("postgresql://") {
-                urls.push(line[start..].trim_end_matches('"').to_owned());
+                let url = line[start..]
+                    .split('"')
+                    .next()
+                    .unwrap_or_default()
+                    .to_owned();
+                if url.ends_with("/pgtenant") {
+                    admin = Some(url);
+                } else {
+                    urls.push(url);
+                }
             }
             if line.contains("Press Ctrl-C") {
                 break;
             }
         }
-        urls
+        (urls, admin)
     };
-    let urls = tokio::time::timeout(Duration::from_secs(120), urls)
+    let (urls, admin) = tokio::time::timeout(Duration::from_secs(120), urls)
         .await
         .expect("demo printed its URLs");
     assert_eq!(urls.len(), 4, "{urls:?}");
+    // The printed admin console URL works.
+    let admin = tokio_postgres::Config::from_str(&admin.expect("admin console URL")).unwrap();
+    let console = common::connect_with(admin).await.unwrap();
+    let tenants = console.simple_query("SHOW TENANTS").await.unwrap();
+    let rows = tenants
+        .iter()
+        .filter(|m| matches!(m, tokio_postgres::SimpleQueryMessage::Row(_)))
+        .count();
+    assert_eq!(rows, 4);
+    drop(console);
     let config = tokio_postgres::Config::from_str(&urls[0]).unwrap();
     let client = common::connect_with(config).await.unwrap();
     let rows = client
