@@ -15,7 +15,9 @@
 //! Options: `--seconds N` per run (default 10), `--rounds N` (default 3), `--clients 1,16,64`,
 //! `--modes simple,extended,prepared`, `--pool-mode transaction|session` (default
 //! transaction), `--connect-clients N` (a `-C` run, new connection per transaction, with N
-//! clients; 0 to skip; default 8), `--no-pgbouncer`, `--targets pgtenant,direct` (only
+//! clients; 0 to skip; default 8), `--no-pgbouncer`, `--metrics` (adds `pgt+metrics`: the
+//! `pgtenant` target on a second instance with `admin.http` on, scraped every second, to
+//! measure what recording metrics costs), `--targets pgtenant,direct` (only
 //! these, e.g. while profiling one of them).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -44,6 +46,9 @@ struct Options {
     targets: Vec<String>,
     /// pgtenant's `--threads` (its default when absent).
     proxy_threads: Option<usize>,
+    /// Also run `pgt+metrics`: a second pgtenant with `admin.http` on (metrics recorded and
+    /// scraped every second), to compare with `pgtenant` in the same run.
+    metrics: bool,
 }
 
 fn options() -> Options {
@@ -57,11 +62,16 @@ fn options() -> Options {
         pgbouncer: true,
         targets: Vec::new(),
         proxy_threads: None,
+        metrics: false,
     };
     let mut args: Vec<String> = std::env::args().skip(1).collect();
     if let Some(i) = args.iter().position(|a| a == "--no-pgbouncer") {
         args.remove(i);
         o.pgbouncer = false;
+    }
+    if let Some(i) = args.iter().position(|a| a == "--metrics") {
+        args.remove(i);
+        o.metrics = true;
     }
     for pair in args.chunks(2) {
         let value = pair.get(1).cloned().unwrap_or_default();
@@ -422,6 +432,49 @@ fn main() {
         through_pgtenant("pgt+rls", "benchrls", "benchu"),
         through_pgtenant("pgt+verified", "benchverified", "benchv"),
     ];
+    // The same configuration with metrics on, and a scraper, in a second process.
+    let mut _metered = None;
+    if opts.metrics {
+        let port = free_port();
+        let admin = free_port();
+        let config = dir.join("pgtenant-metrics.toml");
+        let text = pgtenant_config(port, &cluster, &opts.pool_mode, client_password, &key_file);
+        std::fs::write(
+            &config,
+            format!("[admin]\nhttp = \"127.0.0.1:{admin}\"\n{text}"),
+        )
+        .unwrap();
+        let mut cmd = Command::new(&binary);
+        if let Some(n) = opts.proxy_threads {
+            cmd.args(["--threads", &n.to_string()]);
+        }
+        let child = cmd
+            .arg("--config")
+            .arg(&config)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start pgtenant with metrics");
+        wait_for_port(port);
+        targets.push(Target {
+            name: "pgt+metrics",
+            url: format!("postgresql://app%40bench@127.0.0.1:{port}/bench"),
+            password: client_password.into(),
+            pid: Some(child.id()),
+        });
+        std::thread::spawn(move || {
+            use std::io::{Read, Write};
+            loop {
+                std::thread::sleep(Duration::from_secs(1));
+                let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", admin)) else {
+                    return;
+                };
+                let _ = s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+                let _ = s.read_to_end(&mut Vec::new());
+            }
+        });
+        _metered = Some(Reaper(child));
+    }
     let mut bouncer = None;
     if opts.pgbouncer && Path::new(PGBOUNCER).is_file() {
         let (child, bouncer_port) =
@@ -526,6 +579,7 @@ fn main() {
             "pgt+guard",
             "pgt+rls",
             "pgt+verified",
+            "pgt+metrics",
             "pgbouncer",
         ] {
             let Some((tps, lat)) = pick(name) else {
