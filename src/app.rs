@@ -126,6 +126,10 @@ impl AppState {
         let tls = client_tls(&snapshot)?;
         self.client_tls.store(tls.map(Arc::new));
         self.metrics.set_policy(snapshot.admin.tenant_labels);
+        // Tenants no longer in the file: their sessions end at their next transaction.
+        for (name, tenant) in self.quotas.all() {
+            tenant.set_removed(snapshot.tenant_by_name(&name).is_none());
+        }
         self.snapshot.store(Arc::new(snapshot));
         Ok(())
     }
@@ -262,6 +266,15 @@ pub async fn start(snapshot: Snapshot) -> anyhow::Result<Running> {
 pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
     let snapshot = config::load(&config_path)?;
     let running = start(snapshot).await?;
+    let stop_watch = CancellationToken::new();
+    if let Err(e) = crate::admin::watch::start(
+        config_path.clone(),
+        Arc::clone(&running.state),
+        stop_watch.clone(),
+    ) {
+        tracing::warn!(error = %e, "cannot watch the configuration file; SIGHUP and RELOAD still reload it");
+    }
+    let _stop_watch = stop_watch.drop_guard();
     wait_for_signals(&running, Some(&config_path)).await?;
     tracing::info!("shutting down");
     running.shutdown(Duration::from_secs(30)).await;

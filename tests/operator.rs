@@ -331,3 +331,83 @@ async fn admin_console() {
         "{out}"
     );
 }
+
+/// The configuration file is watched: a change applies without a signal, even when the file
+/// is replaced by rename as editors and ConfigMaps do; an invalid file changes nothing; a
+/// removed tenant's sessions end at their next transaction with a clear error while the
+/// others go on.
+#[tokio::test]
+async fn a_changed_file_is_reloaded_and_a_removed_tenant_ends_at_its_next_transaction() {
+    let (env, path) = common::start_from_file("").await;
+    let stop = tokio_util::sync::CancellationToken::new();
+    pgtenant::admin::watch::start(path.clone(), env.proxy.state.clone(), stop.clone())
+        .expect("watch");
+    let original = std::fs::read_to_string(&path).unwrap();
+    let acme = env.connect("acme").await;
+    let globex = env.connect("globex").await;
+    acme.simple_query("SELECT 1").await.unwrap();
+
+    // An invalid file: nothing changes.
+    let replace = |text: &str| {
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, &path).unwrap();
+    };
+    replace("this is not toml [");
+    tokio::time::sleep(std::time::Duration::from_millis(800)).await;
+    acme.simple_query("SELECT 1").await.unwrap();
+    assert!(env.proxy.state.snapshot().tenant_by_name("acme").is_some());
+
+    // acme removed, by rename.
+    let without_acme: String = original
+        .split("[[tenants]]\n")
+        .enumerate()
+        .filter(|(_, chunk)| !chunk.contains("name = \"acme\""))
+        .map(|(i, chunk)| {
+            if i == 0 {
+                chunk.to_owned()
+            } else {
+                format!("[[tenants]]\n{chunk}")
+            }
+        })
+        .collect();
+    assert_ne!(without_acme, original);
+    replace(&without_acme);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while env.proxy.state.snapshot().tenant_by_name("acme").is_some() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the change was not applied"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let err = acme.simple_query("SELECT 1").await.unwrap_err();
+    assert_eq!(code(&err), "57P01", "{err:?}");
+    assert!(common::message(&err).contains("removed"), "{err:?}");
+    globex.simple_query("SELECT 1").await.unwrap();
+    let mut again = env.pg_config("acme");
+    assert!(
+        again
+            .connect_timeout(std::time::Duration::from_secs(5))
+            .connect(tokio_postgres::NoTls)
+            .await
+            .is_err()
+    );
+
+    // Back again: acme connects.
+    replace(&original);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while env.proxy.state.snapshot().tenant_by_name("acme").is_none() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the change was not applied"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    env.connect("acme")
+        .await
+        .simple_query("SELECT 1")
+        .await
+        .unwrap();
+    stop.cancel();
+}

@@ -1,7 +1,9 @@
 //! The operator surface (DESIGN.md §7): Prometheus metrics and health over HTTP
-//! (`admin.http`), and the admin console over the PostgreSQL protocol (database `pgtenant`).
+//! (`admin.http`), the admin console over the PostgreSQL protocol (database `pgtenant`), and
+//! the watch that reloads the configuration when its file changes.
 
 pub mod console;
 pub mod http;
 pub mod metrics;
 pub mod registry;
+pub mod watch;

@@ -105,6 +105,8 @@ impl Drop for Held<'_> {
 #[derive(Default)]
 pub struct TenantState {
     pub stats: TenantStats,
+    /// The tenant is gone from the configuration in force (a reload removed it).
+    removed: std::sync::atomic::AtomicBool,
     clients: AtomicUsize,
     /// LISTEN subscriptions of all the tenant's clients (bounded: each one costs the shard's
     /// shared listening connection).
@@ -157,6 +159,16 @@ impl TenantState {
                     Some(c.saturating_sub(n))
                 });
         }
+    }
+
+    /// Marks the tenant removed from (or back in) the configuration.
+    pub fn set_removed(&self, removed: bool) {
+        self.removed.store(removed, Ordering::Relaxed);
+    }
+
+    /// Whether a reload removed the tenant.
+    pub fn removed(&self) -> bool {
+        self.removed.load(Ordering::Relaxed)
     }
 
     /// Current client connections.

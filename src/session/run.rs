@@ -86,6 +86,8 @@ enum SessionEnd {
     Shutdown,
     /// The admin console ended the tenant's sessions (`KILL`).
     Killed,
+    /// A reload removed the tenant from the configuration.
+    Removed,
     IdleInTransaction(Duration),
     /// Transaction pooling: no server connection for the next transaction.
     Checkout(PoolError),
@@ -471,6 +473,9 @@ async fn forward_pooled(
         if let Err(end) = waited {
             break (SessionEnd::Pump(end), None);
         }
+        if a.tenant.removed() {
+            break (SessionEnd::Removed, None);
+        }
         let wanted = Instant::now();
         if a.metrics.refresh(&state.metrics, wanted) {
             relay.query_seconds = Some(a.metrics.query_seconds.clone());
@@ -764,6 +769,13 @@ async fn finish(
             Some(ClientError::fatal(
                 sqlstate::ADMIN_SHUTDOWN,
                 "terminating connection due to administrator command",
+            )),
+        ),
+        SessionEnd::Removed => (
+            "tenant_removed",
+            Some(ClientError::fatal(
+                sqlstate::ADMIN_SHUTDOWN,
+                "terminating connection: this tenant was removed from pgtenant's configuration",
             )),
         ),
         SessionEnd::IdleInTransaction(limit) => (

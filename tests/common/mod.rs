@@ -133,6 +133,29 @@ pub async fn start_tweaked(
     Env { fixture, proxy }
 }
 
+/// Like [`start_with`], with the configuration in a file of its own (for reloads): the
+/// environment and the file's path.
+pub async fn start_from_file(extra: &str) -> (Env, std::path::PathBuf) {
+    let w = world();
+    let suffix = format!("_t{}", NEXT.fetch_add(1, Ordering::Relaxed));
+    let fixture = tokio::task::spawn_blocking(move || {
+        demo::create_fixture(&w.a, &w.b, &suffix).expect("fixture")
+    })
+    .await
+    .unwrap();
+    let dir = std::env::temp_dir().join(format!(
+        "pgtenant-test-config-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("pgtenant.toml");
+    std::fs::write(&path, fixture.config("127.0.0.1:0", extra)).unwrap();
+    let snapshot = pgtenant::config::load(&path).expect("test config");
+    let proxy = app::start(snapshot).await.expect("start proxy");
+    (Env { fixture, proxy }, path)
+}
+
 /// A fresh sample world and a proxy with the default configuration.
 pub async fn start() -> Env {
     start_with("", |t| t).await
