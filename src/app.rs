@@ -36,6 +36,8 @@ pub struct AppState {
     pub handshakes: Arc<crate::quota::pending::Handshakes>,
     /// Fires when sessions must end now.
     pub shutdown: CancellationToken,
+    /// The audit log (disabled without `[audit]`).
+    pub audit: crate::admin::audit::Audit,
     /// Per-tenant metric labels and what the last scrape saw.
     pub metrics: crate::admin::metrics::Metrics,
     /// Connected clients (admin console).
@@ -50,7 +52,7 @@ pub struct AppState {
 
 impl AppState {
     /// State for `snapshot`.
-    pub fn new(snapshot: Snapshot) -> anyhow::Result<Arc<Self>> {
+    pub fn new(snapshot: Snapshot, audit: crate::admin::audit::Audit) -> anyhow::Result<Arc<Self>> {
         let tls = client_tls(&snapshot)?;
         let tenant_labels = snapshot.admin.tenant_labels;
         Ok(Arc::new(AppState {
@@ -63,6 +65,7 @@ impl AppState {
             handshakes: Arc::default(),
             shutdown: CancellationToken::new(),
             metrics: crate::admin::metrics::Metrics::new(tenant_labels),
+            audit,
             clients: Arc::default(),
             pauses: Default::default(),
             shutdown_requested: CancellationToken::new(),
@@ -188,7 +191,13 @@ pub async fn start(snapshot: Snapshot) -> anyhow::Result<Running> {
         .await
         .with_context(|| format!("cannot listen on {}", snapshot.listen.addr))?;
     let addr = listener.local_addr()?;
-    let state = AppState::new(snapshot)?;
+    let audit = match &snapshot.admin.audit {
+        Some(path) => crate::admin::audit::Audit::open(path.clone())
+            .await
+            .with_context(|| format!("cannot open the audit log {}", path.display()))?,
+        None => crate::admin::audit::Audit::default(),
+    };
+    let state = AppState::new(snapshot, audit)?;
     let stop_accepting = CancellationToken::new();
     let sessions = TaskTracker::new();
     let background = TaskTracker::new();
@@ -296,6 +305,7 @@ pub async fn wait_for_signals(
             _ = term.recv() => return Ok(()),
             _ = int.recv() => return Ok(()),
             _ = hup.recv() => {
+                running.state.audit.reopen();
                 let Some(path) = config_path else { continue };
                 match config::load(path).map_err(anyhow::Error::from).and_then(|s| running.state.reload(s)) {
                     Ok(()) => {

@@ -411,3 +411,87 @@ async fn a_changed_file_is_reloaded_and_a_removed_tenant_ends_at_its_next_transa
         .unwrap();
     stop.cancel();
 }
+
+/// The audit log: JSON lines for connect, auth, route, refusals and disconnect, never a
+/// password or query text; reopened on request (SIGHUP) for rotation.
+#[tokio::test]
+async fn the_audit_log_records_sessions_without_secrets() {
+    let dir = std::env::temp_dir().join(format!("pgtenant-audit-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("audit.jsonl");
+    let _ = std::fs::remove_file(&path);
+    let env = start_with(&format!("[audit]\npath = \"{}\"\n", path.display()), |t| t).await;
+    let acme = env.connect("acme").await;
+    acme.simple_query("SELECT 'secret-literal-value'")
+        .await
+        .unwrap();
+    let err = acme
+        .simple_query("SELECT pg_terminate_backend(1), 'another-secret'")
+        .await
+        .unwrap_err();
+    assert_eq!(code(&err), "42501");
+    drop(acme);
+    let mut wrong = env.pg_config("globex");
+    wrong.password("wrong-password-value");
+    assert!(wrong.connect(tokio_postgres::NoTls).await.is_err());
+
+    let password = env.tenant("acme").password.clone();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let text = loop {
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        if text.contains("\"event\":\"disconnect\"") && text.contains("\"event\":\"auth_fail\"") {
+            break text;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "audit log incomplete:\n{text}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    for line in text.lines() {
+        assert!(
+            line.starts_with("{\"time\":\"20") && line.ends_with('}'),
+            "{line}"
+        );
+        assert!(line.contains("\"session\":"), "{line}");
+    }
+    let has = |event: &str, also: &str| {
+        text.lines()
+            .any(|l| l.contains(&format!("\"event\":\"{event}\"")) && l.contains(also))
+    };
+    assert!(has("connect", "\"client\":\"127.0.0.1:"));
+    assert!(has("auth_ok", "\"tenant\":\"acme\""));
+    assert!(has("route", "\"shard\":\"shared-a\""));
+    assert!(has("guard_refusal", "\"sqlstate\":\"42501\""));
+    assert!(has("guard_refusal", "pg_terminate_backend"));
+    assert!(has("auth_fail", "\"sqlstate\":\"28P01\""));
+    assert!(has("disconnect", "\"queries\":2"), "{text}");
+    for secret in [
+        password.as_str(),
+        "wrong-password-value",
+        "secret-literal-value",
+        "another-secret",
+    ] {
+        assert!(!text.contains(secret), "{secret} leaked into the audit log");
+    }
+    // Rotation: move the file away and reopen; new lines go to a new file.
+    let rotated = dir.join("audit.jsonl.1");
+    std::fs::rename(&path, &rotated).unwrap();
+    env.proxy.state.audit.reopen();
+    env.connect("globex")
+        .await
+        .simple_query("SELECT 1")
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !std::fs::read_to_string(&path)
+        .unwrap_or_default()
+        .contains("\"tenant\":\"globex\"")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "nothing written after reopen"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}

@@ -4,7 +4,6 @@
 //! `SHUTDOWN`. Results are text rows psql shows as tables; anything else is a clear error.
 //! Tenants never reach it: only `[admin]` users authenticate to this database.
 
-use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -50,8 +49,9 @@ fn error(code: &'static str, message: impl Into<String>) -> Reply {
 }
 
 /// Serves an authenticated admin `user` until it leaves.
-pub async fn serve(state: &AppState, mut stream: ClientStream, user: &str, peer: SocketAddr) {
-    tracing::info!(user, %peer, "admin console session");
+pub async fn serve(state: &AppState, mut stream: ClientStream, who: &super::audit::Who) {
+    let user = who.user.as_deref().unwrap_or_default();
+    tracing::info!(user, "admin console session");
     let mut out = BytesMut::new();
     for (name, value) in [
         ("server_version", "15.0 (pgtenant admin console)"),
@@ -93,6 +93,11 @@ pub async fn serve(state: &AppState, mut stream: ClientStream, user: &str, peer:
                 }
                 for command in commands {
                     tracing::info!(user, command, "admin command");
+                    state.audit.event(
+                        "admin_command",
+                        who,
+                        &[("command", super::audit::str_value(command))],
+                    );
                     match run(state, command).await {
                         Reply::Rows { columns, rows, tag } => {
                             encode::text_rows(columns, &rows, &tag, &mut out)

@@ -2,6 +2,7 @@
 //! (`admin.http`), the admin console over the PostgreSQL protocol (database `pgtenant`), and
 //! the watch that reloads the configuration when its file changes.
 
+pub mod audit;
 pub mod console;
 pub mod http;
 pub mod metrics;

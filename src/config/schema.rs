@@ -20,6 +20,8 @@ pub struct ConfigFile {
     #[serde(default)]
     pub metrics: Option<MetricsConfig>,
     #[serde(default)]
+    pub audit: Option<AuditConfig>,
+    #[serde(default)]
     pub pool: PoolConfig,
     #[serde(default)]
     pub shards: BTreeMap<Spanned<String>, ShardConfig>,
@@ -117,6 +119,14 @@ pub struct MetricsConfig {
     /// `"all"`, `"top:N"` or `"none"`.
     #[serde(default)]
     pub tenant_labels: Option<Spanned<String>>,
+}
+
+/// `[audit]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditConfig {
+    /// File to append JSON lines to; `"-"` is standard output.
+    pub path: PathBuf,
 }
 
 /// One admin console user.

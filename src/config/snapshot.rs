@@ -143,6 +143,9 @@ pub struct Admin {
     pub http: Option<SocketAddr>,
     pub users: Vec<(String, ScramVerifier)>,
     pub tenant_labels: TenantLabels,
+    /// `[audit] path` (relative paths resolved against the configuration file's directory;
+    /// `-` is standard output).
+    pub audit: Option<std::path::PathBuf>,
 }
 
 /// Which tenants get a `tenant` label of their own in the metrics (`metrics.tenant_labels`).

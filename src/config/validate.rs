@@ -202,6 +202,13 @@ pub fn build_snapshot(file: ConfigFile, text: &str, path: &Path) -> Result<Snaps
             admin.users.push((u.name, v));
         }
     }
+    if let Some(audit) = file.audit {
+        admin.audit = Some(if audit.path.as_os_str() == "-" {
+            audit.path
+        } else {
+            ctx.file_path(&audit.path)
+        });
+    }
     if let Some(labels) = file.metrics.and_then(|m| m.tenant_labels) {
         admin.tenant_labels = labels
             .get_ref()

@@ -110,6 +110,21 @@ async fn send_error<W: AsyncWrite + Unpin>(stream: &mut W, error: &ClientError) 
     let _ = stream.flush().await;
 }
 
+/// Records a refused login in the audit log: the user name as sent and why (never the
+/// password).
+fn audit_failure(state: &AppState, who: &crate::admin::audit::Who, user: &str, e: &SessionError) {
+    use crate::admin::audit::str_value;
+    let who = crate::admin::audit::Who {
+        user: Some(user.to_owned()),
+        ..who.clone()
+    };
+    let mut fields = vec![("kind", str_value(e.kind().as_str()))];
+    if let Some(c) = e.client_error() {
+        fields.push(("sqlstate", str_value(&c.sqlstate)));
+    }
+    state.audit.event("auth_fail", &who, &fields);
+}
+
 /// A connection that passed authentication.
 enum Opened {
     /// A tenant's client.
@@ -148,8 +163,14 @@ pub async fn serve(state: Arc<AppState>, tcp: TcpStream, peer: SocketAddr) {
             snapshot.listen.max_unauthenticated_per_source,
         );
         let deadline = tokio::time::Instant::now() + snapshot.listen.startup_timeout;
+        let who = crate::admin::audit::Who {
+            session: id,
+            peer: Some(peer),
+            ..Default::default()
+        };
+        state.audit.event("connect", &who, &[]);
         let opened = tokio::select! {
-            opened = open(&state, &snapshot, tcp, peer, deadline) => opened,
+            opened = open(&state, &snapshot, tcp, peer, deadline, &who) => opened,
             _ = pending.evicted.cancelled() => {
                 tracing::info!("handshake dropped: the oldest pending while the un-authenticated table was full");
                 return;
@@ -160,10 +181,26 @@ pub async fn serve(state: Arc<AppState>, tcp: TcpStream, peer: SocketAddr) {
             None => {}
             Some(Opened::Tenant(client)) => {
                 tracing::info!(tenant = %client.tenant.name, user = %client.user, "authenticated");
-                run::run_session(&state, &snapshot, client).await;
+                let who = crate::admin::audit::Who {
+                    tenant: Some(client.tenant.name.clone()),
+                    user: Some(client.user.clone()),
+                    ..who
+                };
+                state.audit.event("auth_ok", &who, &[]);
+                run::run_session(&state, &snapshot, client, who).await;
             }
             Some(Opened::Admin(stream, user)) => {
-                crate::admin::console::serve(&state, stream, &user, peer).await;
+                let who = crate::admin::audit::Who {
+                    user: Some(user.clone()),
+                    ..who
+                };
+                state.audit.event(
+                    "auth_ok",
+                    &who,
+                    &[("console", "true".to_owned())],
+                );
+                crate::admin::console::serve(&state, stream, &who).await;
+                state.audit.event("disconnect", &who, &[]);
             }
         }
     }
@@ -181,6 +218,7 @@ async fn open(
     tcp: TcpStream,
     peer: SocketAddr,
     deadline: tokio::time::Instant,
+    who: &crate::admin::audit::Who,
 ) -> Option<Opened> {
     let _ = tcp.set_nodelay(true);
     let tls = state.client_tls();
@@ -221,6 +259,7 @@ async fn open(
         return match admitted {
             Ok(Ok(())) => Some(Opened::Admin(stream, user)),
             Ok(Err(e)) => {
+                audit_failure(state, who, &user, &e);
                 tracing::info!(kind = e.kind().as_str(), error = %e, "admin console login refused");
                 report(&mut stream, &e).await;
                 None
@@ -262,6 +301,7 @@ async fn open(
             settings,
         })),
         Err(e) => {
+            audit_failure(state, who, startup.get("user").unwrap_or_default(), &e);
             tracing::info!(kind = e.kind().as_str(), error = %e, "connection refused");
             report(&mut stream, &e).await;
             None

@@ -87,9 +87,11 @@ pub struct Pump {
     /// Armed when a write to the client could not proceed; disarmed by any progress.
     stall: Option<Pin<Box<tokio::time::Sleep>>>,
     stalled: bool,
-    /// Bytes read from and written to the client since [`Pump::take_byte_counts`].
+    /// Bytes read from and written to the client since [`Pump::take_byte_counts`], and
+    /// before.
     bytes_from_client: u64,
     bytes_to_client: u64,
+    bytes_taken: (u64, u64),
 }
 
 fn reserve(buf: &mut BytesMut) {
@@ -165,9 +167,20 @@ impl Pump {
     /// Bytes waiting to be written to the client.
     /// Bytes read from and written to the client since the last call.
     pub fn take_byte_counts(&mut self) -> (u64, u64) {
-        (
+        let taken = (
             std::mem::take(&mut self.bytes_from_client),
             std::mem::take(&mut self.bytes_to_client),
+        );
+        self.bytes_taken.0 += taken.0;
+        self.bytes_taken.1 += taken.1;
+        taken
+    }
+
+    /// Bytes read from and written to the client over the whole session.
+    pub fn byte_totals(&self) -> (u64, u64) {
+        (
+            self.bytes_taken.0 + self.bytes_from_client,
+            self.bytes_taken.1 + self.bytes_to_client,
         )
     }
 

@@ -97,7 +97,12 @@ enum SessionEnd {
     NotifyOverflow,
 }
 
-pub(super) async fn run_session(state: &AppState, snapshot: &Snapshot, client: Authenticated) {
+pub(super) async fn run_session(
+    state: &AppState,
+    snapshot: &Snapshot,
+    client: Authenticated,
+    who: crate::admin::audit::Who,
+) {
     let role = client.account().map(|u| u.role).unwrap_or_default();
     let Authenticated {
         mut stream,
@@ -107,7 +112,7 @@ pub(super) async fn run_session(state: &AppState, snapshot: &Snapshot, client: A
         startup,
         settings,
     } = client;
-    let client_id = state.next_session_id();
+    let client_id = who.session;
     let pooling = snapshot.pool.mode == PoolMode::Transaction;
     let mut policy = policy_for(&tenant, role);
     policy.unchecked = snapshot.unguarded_for_tests;
@@ -159,6 +164,20 @@ pub(super) async fn run_session(state: &AppState, snapshot: &Snapshot, client: A
             return;
         }
     };
+    {
+        use crate::admin::audit::str_value;
+        state.audit.event(
+            "route",
+            &who,
+            &[
+                ("shard", str_value(&shard.name)),
+                (
+                    "placement",
+                    str_value(&format!("{:?}", tenant.placement.kind).to_lowercase()),
+                ),
+            ],
+        );
+    }
     let context_key = shard.context_key.clone();
     if policy.scope == Scope::Tenant {
         policy.lock_salt = Some(crate::tenant::context::lock_salt(
@@ -183,6 +202,8 @@ pub(super) async fn run_session(state: &AppState, snapshot: &Snapshot, client: A
         client_id,
         tenant: state.quotas.tenant(&tenant.name),
         queries_per_second: tenant.limits.queries_per_second,
+        audit: state.audit.clone(),
+        who: who.clone(),
     };
     let max_message = tenant
         .limits
@@ -297,7 +318,20 @@ pub(super) async fn run_session(state: &AppState, snapshot: &Snapshot, client: A
         throttled = counters.throttled,
         "session counters"
     );
-    finish(end, &mut stream, &mut pump, attached.as_ref()).await;
+    let (bytes_in, bytes_out) = pump.byte_totals();
+    let label = finish(end, &mut stream, &mut pump, attached.as_ref()).await;
+    state.audit.event(
+        "disconnect",
+        &who,
+        &[
+            ("end", crate::admin::audit::str_value(label)),
+            ("queries", counters.queries.to_string()),
+            ("refused", counters.refused.to_string()),
+            ("throttled", counters.throttled.to_string()),
+            ("bytes_from_client", bytes_in.to_string()),
+            ("bytes_to_client", bytes_out.to_string()),
+        ],
+    );
     let Some(mut pooled) = attached else { return };
     let leftover = pump.take_to_server();
     if !leftover.is_empty() && relay.client_at_boundary() {
@@ -755,7 +789,7 @@ async fn finish(
     stream: &mut ClientStream,
     pump: &mut Pump,
     pooled: Option<&PooledConn>,
-) {
+) -> &'static str {
     let (label, notice) = match &end {
         SessionEnd::Shutdown => (
             "shutdown",
@@ -859,7 +893,7 @@ async fn finish(
         }
     };
     tracing::info!(end = label, "session ended");
-    let Some(notice) = notice else { return };
+    let Some(notice) = notice else { return label };
     let mut out = pump.take_to_client();
     // An error may only follow whole messages.
     if pooled.is_some_and(|p| !p.conn.scanner.at_boundary()) {
@@ -871,4 +905,5 @@ async fn finish(
         let _ = stream.flush().await;
     })
     .await;
+    label
 }

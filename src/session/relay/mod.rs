@@ -101,6 +101,9 @@ pub struct RelayRules {
     pub queries_per_second: Option<u32>,
     /// The prefix of the tenant's notification channels.
     pub notify_prefix: Option<String>,
+    /// The audit log, and who this session is in it.
+    pub audit: crate::admin::audit::Audit,
+    pub who: crate::admin::audit::Who,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -289,7 +292,37 @@ impl Relay {
     }
 
     fn refuse(&mut self, epoch: u64, error: ClientError) {
+        if self.rules.audit.enabled() {
+            self.audit_refusal(&error);
+        }
         self.refusals.push_back((epoch, error));
+    }
+
+    /// Records a refusal in the audit log: its SQLSTATE, and the construct the guard names
+    /// (42501 messages name what was refused, never values); other messages may quote the
+    /// statement, so they are left out.
+    fn audit_refusal(&self, error: &ClientError) {
+        use crate::admin::audit::str_value;
+        let code = error.sqlstate.as_ref();
+        let kind = if code.starts_with("53") {
+            "quota_refusal"
+        } else {
+            "guard_refusal"
+        };
+        let mut fields = vec![("sqlstate", str_value(code))];
+        if code == sqlstate::INSUFFICIENT_PRIVILEGE {
+            fields.push(("reason", str_value(&error.message)));
+        }
+        self.rules.audit.event(kind, &self.rules.who, &fields);
+    }
+
+    /// Records in the audit log that the session pinned its server connection.
+    pub(super) fn audit_pin(&self, reason: &str) {
+        self.rules.audit.event(
+            "pin",
+            &self.rules.who,
+            &[("reason", crate::admin::audit::str_value(reason))],
+        );
     }
 
     /// Appends a simple query of pgtenant's own to `out`; its replies will be consumed.
@@ -1170,6 +1203,8 @@ impl RelayRules {
             tenant: crate::quota::Quotas::default().tenant("acme"),
             queries_per_second,
             notify_prefix: Some("acme.".into()),
+            audit: crate::admin::audit::Audit::default(),
+            who: crate::admin::audit::Who::default(),
         }
     }
 }

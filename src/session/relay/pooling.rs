@@ -806,6 +806,7 @@ impl Relay {
                 reason,
                 "server connection pinned to its client until it leaves or runs DISCARD ALL"
             );
+            self.audit_pin(reason);
             self.session.pinned = Some(reason);
         }
         let listened: Vec<String> = effects
