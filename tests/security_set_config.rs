@@ -119,22 +119,7 @@ async fn set_config_statements_cannot_be_run_by_sql_execute() {
     use postgres_protocol::message::frontend;
     let bind = |values: [&str; 2]| {
         let mut out = BytesMut::new();
-        frontend::bind(
-            "",
-            "setter",
-            [0i16],
-            values,
-            |v, buf| {
-                buf.extend_from_slice(v.as_bytes());
-                Ok(postgres_protocol::IsNull::No)
-            },
-            [0i16],
-            &mut out,
-        )
-        .map_err(|_| ())
-        .unwrap();
-        frontend::execute("", 0, &mut out).unwrap();
-        frontend::sync(&mut out);
+        Raw::put_bind_execute_sync(&mut out, "setter", &values);
         out
     };
     let sqlstates = |msgs: &[common::raw::Msg]| {

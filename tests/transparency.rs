@@ -68,22 +68,7 @@ async fn the_unnamed_statement_outlives_its_round_trip() {
         // Describe, then Bind/Execute, of the unnamed statement in later round trips.
         let mut out = BytesMut::new();
         frontend::describe(b'S', "", &mut out).unwrap();
-        frontend::bind(
-            "",
-            "",
-            [0i16],
-            ["1"],
-            |v, buf| {
-                buf.extend_from_slice(v.as_bytes());
-                Ok(postgres_protocol::IsNull::No)
-            },
-            [0i16],
-            &mut out,
-        )
-        .map_err(|_| ())
-        .unwrap();
-        frontend::execute("", 0, &mut out).unwrap();
-        frontend::sync(&mut out);
+        Raw::put_bind_execute_sync(&mut out, "", &["1"]);
         let replies = round_trip(&mut raw, &out).await;
         assert!(
             errors(&replies).is_empty(),

@@ -309,6 +309,30 @@ async fn open(
     }
 }
 
+/// The account's verifier, or a mock one (same exchange, never succeeds) for `login_key`
+/// when there is no such account; true when real.
+fn verifier_or_mock(
+    state: &AppState,
+    account: Option<&ScramVerifier>,
+    login_key: &str,
+) -> (ScramVerifier, bool) {
+    match account {
+        Some(v) => (v.clone(), true),
+        None => (
+            ScramVerifier::mock(state.process_secret(), login_key),
+            false,
+        ),
+    }
+}
+
+/// The served certificate's hash for SCRAM channel binding, on TLS connections.
+fn channel_binding(state: &AppState, stream: &ClientStream, sni: Option<&str>) -> Option<Vec<u8>> {
+    state
+        .client_tls()
+        .filter(|_| stream.is_tls())
+        .map(|tls| tls.resolver.channel_binding(sni))
+}
+
 /// SCRAM for an `[admin]` user of the console. Anyone else (tenants' users included) goes
 /// through a mock exchange and fails as a wrong password does, slowed down the same way.
 async fn authenticate_admin(
@@ -320,17 +344,8 @@ async fn authenticate_admin(
 ) -> Result<(), SessionError> {
     let login_key = format!("admin/{user}");
     let account = snapshot.admin.users.iter().find(|(name, _)| name == user);
-    let (verifier, real) = match account {
-        Some((_, v)) => (v.clone(), true),
-        None => (
-            ScramVerifier::mock(state.process_secret(), &login_key),
-            false,
-        ),
-    };
-    let channel_binding = state
-        .client_tls()
-        .filter(|_| stream.is_tls())
-        .map(|tls| tls.resolver.channel_binding(stream.sni()));
+    let (verifier, real) = verifier_or_mock(state, account.map(|(_, v)| v), &login_key);
+    let channel_binding = channel_binding(state, stream, stream.sni());
     match auth::authenticate(stream, user, verifier, real, channel_binding).await {
         Ok(()) if real => {
             state.logins.succeeded(peer.ip(), &login_key);
@@ -387,17 +402,12 @@ async fn authenticate(
         .as_ref()
         .and_then(|t| t.users.get(&identity.user).map(|u| (Arc::clone(t), u)));
     let login_key = format!("{}/{}", identity.tenant_key, identity.user);
-    let (verifier, real) = match &account {
-        Some((_, u)) => (u.verifier.clone(), true),
-        None => (
-            ScramVerifier::mock(state.process_secret(), &login_key),
-            false,
-        ),
-    };
-    let channel_binding = state
-        .client_tls()
-        .filter(|_| stream.is_tls())
-        .map(|tls| tls.resolver.channel_binding(sni.as_deref()));
+    let (verifier, real) = verifier_or_mock(
+        state,
+        account.as_ref().map(|(_, u)| &u.verifier),
+        &login_key,
+    );
+    let channel_binding = channel_binding(state, stream, sni.as_deref());
     match auth::authenticate(stream, &identity.user, verifier, real, channel_binding).await {
         Ok(()) => state.logins.succeeded(peer.ip(), &login_key),
         Err(AuthError::Failed(_)) => {

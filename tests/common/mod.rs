@@ -118,13 +118,7 @@ pub async fn start_tweaked(
             .with_test_writer()
             .try_init();
     }
-    let w = world();
-    let suffix = format!("_t{}", NEXT.fetch_add(1, Ordering::Relaxed));
-    let fixture = tokio::task::spawn_blocking(move || {
-        demo::create_fixture(&w.a, &w.b, &suffix).expect("fixture")
-    })
-    .await
-    .unwrap();
+    let fixture = fresh_fixture().await;
     let text = edit(fixture.config("127.0.0.1:0", extra));
     let mut snapshot = pgtenant::config::load_str(&text, Path::new("test.toml"))
         .unwrap_or_else(|e| panic!("test config: {e}\n{text}"));
@@ -133,16 +127,19 @@ pub async fn start_tweaked(
     Env { fixture, proxy }
 }
 
+/// A fresh copy of the sample world (databases named for this test).
+async fn fresh_fixture() -> Fixture {
+    let w = world();
+    let suffix = format!("_t{}", NEXT.fetch_add(1, Ordering::Relaxed));
+    tokio::task::spawn_blocking(move || demo::create_fixture(&w.a, &w.b, &suffix).expect("fixture"))
+        .await
+        .unwrap()
+}
+
 /// Like [`start_with`], with the configuration in a file of its own (for reloads): the
 /// environment and the file's path.
 pub async fn start_from_file(extra: &str) -> (Env, std::path::PathBuf) {
-    let w = world();
-    let suffix = format!("_t{}", NEXT.fetch_add(1, Ordering::Relaxed));
-    let fixture = tokio::task::spawn_blocking(move || {
-        demo::create_fixture(&w.a, &w.b, &suffix).expect("fixture")
-    })
-    .await
-    .unwrap();
+    let fixture = fresh_fixture().await;
     let dir = std::env::temp_dir().join(format!(
         "pgtenant-test-config-{}-{}",
         std::process::id(),

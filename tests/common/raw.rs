@@ -206,6 +206,27 @@ impl Raw {
         .unwrap();
     }
 
+    /// Appends a Bind of `statement` to the unnamed portal with text `values`, an Execute
+    /// of it and a Sync.
+    pub fn put_bind_execute_sync(out: &mut BytesMut, statement: &str, values: &[&str]) {
+        frontend::bind(
+            "",
+            statement,
+            [0i16],
+            values.iter().copied(),
+            |v: &str, buf: &mut BytesMut| {
+                buf.extend_from_slice(v.as_bytes());
+                Ok(postgres_protocol::IsNull::No)
+            },
+            [0i16],
+            out,
+        )
+        .map_err(|_| "bind")
+        .unwrap();
+        frontend::execute("", 0, out).unwrap();
+        frontend::sync(out);
+    }
+
     /// Appends Parse, Bind and Execute of `sql` (unnamed statement and portal).
     pub fn put_parse_bind_execute(out: &mut BytesMut, sql: &str) {
         frontend::parse("", sql, std::iter::empty::<u32>(), out).unwrap();
