@@ -640,7 +640,7 @@ async fn forward_pooled(
 /// Queues a notification for the client, its channel under the client's own name (unless
 /// it is the client's own, shown before its ReadyForQuery already).
 fn push_notification(relay: &mut Relay, pump: &mut Pump, prefix: &str, n: &notify::Notification) {
-    if relay.shown_already(n.pid, relay.virtual_pid, &n.channel, &n.payload) {
+    if relay.shown_already(&n.channel, &n.payload) {
         return;
     }
     let channel = n.channel.strip_prefix(prefix).unwrap_or(&n.channel);

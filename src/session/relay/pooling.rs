@@ -976,18 +976,12 @@ impl Relay {
         std::mem::take(&mut self.session.committed_notes)
     }
 
-    /// Whether the hub's notification `channel`/`payload` from backend pid `pid` (mapped to
-    /// the client's pid when it sent it) was shown to the client already.
-    pub fn shown_already(
-        &mut self,
-        pid: i32,
-        virtual_pid: i32,
-        channel: &str,
-        payload: &str,
-    ) -> bool {
-        if pid != virtual_pid {
-            return false;
-        }
+    /// Whether the hub's notification `channel`/`payload` is the copy of one the client was
+    /// shown already (its own, before its ReadyForQuery). Matched by channel and payload
+    /// only, once per own notification: the pid the hub credits can be another client's when
+    /// the hub reads the notification before the client's commit is recorded (seen once in
+    /// CI under load), and skipping by count keeps the client from seeing its own twice.
+    pub fn shown_already(&mut self, channel: &str, payload: &str) -> bool {
         let s = &mut self.session;
         match s
             .local_sent
