@@ -352,7 +352,7 @@ fn show_pools(state: &AppState) -> Reply {
 
 async fn show_shards(state: &AppState) -> Reply {
     let snapshot = state.snapshot();
-    let (_, status) = super::http::readiness(state).await;
+    let status = super::http::probe_shards(state).await;
     rows(
         &[
             "shard",
@@ -367,10 +367,7 @@ async fn show_shards(state: &AppState) -> Reply {
             .shards
             .values()
             .map(|s| {
-                let up = status.contains(&format!(
-                    "\"name\":{},\"status\":\"up\"",
-                    super::http::json_string(&s.name)
-                ));
+                let up = status.iter().any(|(name, r)| *name == s.name && r.is_ok());
                 vec![
                     text(&s.name),
                     text(&s.host),

@@ -118,9 +118,10 @@ async fn handle(mut stream: TcpStream, state: &AppState) -> std::io::Result<()> 
     stream.shutdown().await
 }
 
-/// Probes every shard of the snapshot in force (a TCP connection, concurrently): ready when
-/// all accept. The body names each shard with its status.
-pub async fn readiness(state: &AppState) -> (bool, String) {
+/// Probes every shard of the snapshot in force (a TCP connection, concurrently): each
+/// shard's name and whether it accepted, sorted by name. A probe that did not finish counts
+/// as down.
+pub async fn probe_shards(state: &AppState) -> Vec<(String, Result<(), String>)> {
     let snapshot = state.snapshot();
     let mut probes = tokio::task::JoinSet::new();
     for shard in snapshot.shards.values() {
@@ -142,7 +143,19 @@ pub async fn readiness(state: &AppState) -> (bool, String) {
             results.push(r);
         }
     }
+    for name in snapshot.shards.keys() {
+        if !results.iter().any(|(n, _)| n == name) {
+            results.push((name.clone(), Err("the probe did not finish".to_owned())));
+        }
+    }
     results.sort_by(|a, b| a.0.cmp(&b.0));
+    results
+}
+
+/// `/readyz`: ready when every shard accepts a connection; the body names each shard with
+/// its status.
+pub async fn readiness(state: &AppState) -> (bool, String) {
+    let results = probe_shards(state).await;
     let ready = results.iter().all(|(_, r)| r.is_ok());
     let shards: Vec<String> = results
         .iter()
@@ -162,7 +175,7 @@ pub async fn readiness(state: &AppState) -> (bool, String) {
 }
 
 /// A JSON string literal.
-pub fn json_string(s: &str) -> String {
+pub(crate) fn json_string(s: &str) -> String {
     let mut out = String::with_capacity(s.len() + 2);
     out.push('"');
     for c in s.chars() {
