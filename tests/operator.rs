@@ -127,6 +127,28 @@ async fn metrics_count_what_tenants_do_and_health_answers() {
     let (_, m2) = http(admin, "GET", "/metrics").await;
     let after = value(&m2, &format!("pgtenant_queries_total{acme_label}")).unwrap();
     assert_eq!(after, queries + 5.0);
+    // A temporary table pins acme's server connection: one pinned on shared-a.
+    acme.simple_query("CREATE TEMP TABLE scratch (x int)")
+        .await
+        .unwrap();
+    let (_, pinned) = http(admin, "GET", "/metrics").await;
+    assert_eq!(
+        value(
+            &pinned,
+            "pgtenant_server_connections{shard=\"shared-a\",state=\"pinned\"}"
+        ),
+        Some(1.0),
+        "{pinned}"
+    );
+    acme.simple_query("DISCARD ALL").await.unwrap();
+    let (_, unpinned) = http(admin, "GET", "/metrics").await;
+    assert_eq!(
+        value(
+            &unpinned,
+            "pgtenant_server_connections{shard=\"shared-a\",state=\"pinned\"}"
+        ),
+        Some(0.0)
+    );
 
     assert_eq!(
         http(admin, "GET", "/healthz").await,

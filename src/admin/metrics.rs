@@ -65,7 +65,7 @@ fn describe() {
     );
     describe_gauge!(
         "pgtenant_server_connections",
-        "Server connections by shard and state (idle, in_use)"
+        "Server connections by shard and state (idle, active, pinned)"
     );
     describe_gauge!(
         "pgtenant_server_connections_max",
@@ -290,7 +290,7 @@ impl Metrics {
             )
             .set(n);
         }
-        let mut shards: HashMap<String, [usize; 4]> = HashMap::new();
+        let mut shards: HashMap<String, [usize; 5]> = HashMap::new();
         for p in state.pools.stats() {
             let e = shards.entry(p.shard).or_default();
             e[0] += p.idle;
@@ -298,7 +298,17 @@ impl Metrics {
             e[2] = e[2].max(p.max);
             e[3] += p.waiters;
         }
-        for (shard, [idle, in_use, max, waiters]) in shards {
+        // Pinned connections, from the tenants that pin them (a subset of those in use).
+        let snapshot = state.snapshot();
+        for (name, tenant) in state.quotas.all() {
+            let pinned = tenant.stats.pinned.load(Ordering::Relaxed);
+            if let (true, Some(t)) = (pinned > 0, snapshot.tenant_by_name(&name))
+                && let Some(e) = shards.get_mut(&t.placement.shard)
+            {
+                e[4] += pinned;
+            }
+        }
+        for (shard, [idle, in_use, max, waiters, pinned]) in shards {
             let g = |name: &'static str, extra: Option<&'static str>, v: usize| {
                 let mut l = vec![Label::new("shard", shard.clone())];
                 if let Some(s) = extra {
@@ -306,8 +316,14 @@ impl Metrics {
                 }
                 metrics::gauge!(name, l).set(v as f64);
             };
+            let pinned = pinned.min(in_use);
             g("pgtenant_server_connections", Some("idle"), idle);
-            g("pgtenant_server_connections", Some("in_use"), in_use);
+            g(
+                "pgtenant_server_connections",
+                Some("active"),
+                in_use - pinned,
+            );
+            g("pgtenant_server_connections", Some("pinned"), pinned);
             g("pgtenant_server_connections_max", None, max);
             g("pgtenant_pool_waiters", None, waiters);
         }

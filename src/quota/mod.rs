@@ -68,6 +68,9 @@ pub struct TenantStats {
     /// Clients in a transaction now (transaction mode), and waiting for a server connection.
     pub active: AtomicUsize,
     pub waiting: AtomicUsize,
+    /// Clients whose server connection is pinned to them (transaction mode: a temporary
+    /// table, a WITH HOLD cursor, a session advisory lock).
+    pub pinned: AtomicUsize,
     pub bytes_from_clients: AtomicU64,
     pub bytes_to_clients: AtomicU64,
 }

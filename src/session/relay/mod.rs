@@ -1105,9 +1105,16 @@ impl Relay {
 
 impl Drop for Relay {
     fn drop(&mut self) {
-        // The client's LISTEN subscriptions no longer count against its tenant.
+        // The client's LISTEN subscriptions and pin no longer count against its tenant.
         if self.pooled() {
             self.forget_channels();
+        }
+        if self.session.pinned.is_some() {
+            self.rules
+                .tenant
+                .stats
+                .pinned
+                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         }
     }
 }

@@ -807,6 +807,11 @@ impl Relay {
                 "server connection pinned to its client until it leaves or runs DISCARD ALL"
             );
             self.audit_pin(reason);
+            self.rules
+                .tenant
+                .stats
+                .pinned
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             self.session.pinned = Some(reason);
         }
         let listened: Vec<String> = effects
@@ -1017,6 +1022,11 @@ impl Relay {
                 s.settings.clear();
                 settings_changed = true;
                 if let Some(reason) = s.pinned.take() {
+                    self.rules
+                        .tenant
+                        .stats
+                        .pinned
+                        .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
                     tracing::info!(
                         client = self.rules.client_id,
                         reason,
