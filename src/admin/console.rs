@@ -235,7 +235,7 @@ async fn pause(state: &AppState, tenant: Option<&str>) -> Reply {
 fn show_tenants(state: &AppState) -> Reply {
     let snapshot = state.snapshot();
     let live: std::collections::HashMap<String, _> = state.quotas.all().into_iter().collect();
-    let rows = snapshot
+    let list = snapshot
         .tenants
         .iter()
         .map(|t| {
@@ -254,7 +254,7 @@ fn show_tenants(state: &AppState) -> Reply {
             ]
         })
         .collect();
-    rows_of(
+    rows(
         &[
             "tenant",
             "id",
@@ -266,12 +266,8 @@ fn show_tenants(state: &AppState) -> Reply {
             "waiting",
             "paused",
         ],
-        rows,
+        list,
     )
-}
-
-fn rows_of(columns: &'static [&'static str], r: Vec<Vec<Option<String>>>) -> Reply {
-    rows(columns, r)
 }
 
 fn show_tenant(state: &AppState, name: &str) -> Reply {

@@ -140,7 +140,7 @@ struct Labels {
 type Extra = &'static [(&'static str, &'static str)];
 
 /// The per-tenant counters turned into series at scrape time, in the order
-/// [`Metrics::render`] reads them (the client count follows them).
+/// [`Metrics::render`] reads them.
 const TENANT_COUNTERS: [(&str, Extra); 8] = [
     ("pgtenant_queries_total", &[]),
     ("pgtenant_transactions_total", &[]),
@@ -160,7 +160,7 @@ const TENANT_COUNTERS: [(&str, Extra); 8] = [
     ),
     ("pgtenant_client_bytes_total", &[("direction", "to_client")]),
 ];
-const COUNTERS: usize = TENANT_COUNTERS.len() + 1;
+const COUNTERS: usize = TENANT_COUNTERS.len();
 
 impl Labels {
     /// The `tenant` label for `tenant`, active now if `active` (None: no label at all).
@@ -259,11 +259,10 @@ impl Metrics {
                     TenantStats::get(&s.server_cap_refusals),
                     TenantStats::get(&s.bytes_from_clients),
                     TenantStats::get(&s.bytes_to_clients),
-                    tenant.clients() as u64,
                 ];
                 let before = labels.seen.insert(name.clone(), values).unwrap_or_default();
                 let clients = tenant.clients();
-                let changed = values[..COUNTERS - 1] != before[..COUNTERS - 1];
+                let changed = values != before;
                 if !changed && clients == 0 {
                     // Idle: its series expire unless it comes back.
                     continue;
