@@ -17,8 +17,19 @@ pub struct Cli {
     /// per CPU core.
     #[arg(long, global = true, env = "PGTENANT_THREADS")]
     pub threads: Option<usize>,
+    /// Log line format on standard error: `text` (colours only when it is a terminal) or
+    /// `json` (one object per line, with the session's id and tenant as span fields).
+    #[arg(long, global = true, env = "PGTENANT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Option<Command>,
+}
+
+/// `--log-format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 /// What to do.

@@ -5,23 +5,33 @@ use std::io::BufRead;
 use std::process::ExitCode;
 
 use clap::Parser;
-use pgtenant::cli::{Cli, Command, ShardCommand};
+use pgtenant::cli::{Cli, Command, LogFormat, ShardCommand};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    init_logging(cli.log_format);
     match execute(cli) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("pgtenant: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Logs to standard error, filtered by `RUST_LOG` (default `info`). Text has ANSI colours only
+/// when standard error is a terminal; JSON is one object per line, its `spans` carrying the
+/// session id, client address and tenant.
+fn init_logging(format: LogFormat) {
+    use std::io::IsTerminal;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => builder.json().with_current_span(false).init(),
     }
 }
 

@@ -96,13 +96,22 @@ fn passwd_prints_a_verifier_for_the_password_on_stdin() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_demo_starts_and_a_printed_url_works() {
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_pgtenant"))
-        .args(["demo", "--port", "0"])
+        .args(["--log-format", "json", "demo", "--port", "0"])
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
         .unwrap();
     let stdout = child.stdout.take().unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let logs = tokio::spawn(async move {
+        use tokio::io::AsyncReadExt;
+        let mut all = String::new();
+        let _ = tokio::io::BufReader::new(stderr)
+            .read_to_string(&mut all)
+            .await;
+        all
+    });
     let urls = async move {
         use tokio::io::AsyncBufReadExt;
         let mut lines = tokio::io::BufReader::new(stdout).lines();
@@ -160,6 +169,23 @@ async fn the_demo_starts_and_a_printed_url_works() {
         .unwrap();
     assert!(status.success(), "{status:?}");
     assert!(started.elapsed() < Duration::from_secs(30));
+
+    // --log-format json: every line is one JSON object, without colour codes, and a
+    // session's lines carry its id and tenant.
+    let logs = logs.await.unwrap();
+    assert!(!logs.contains('\u{1b}'), "ANSI codes in {logs}");
+    let lines: Vec<serde_json::Value> = logs
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    let authenticated = lines
+        .iter()
+        .find(|l| l["fields"]["message"] == "authenticated")
+        .unwrap_or_else(|| panic!("no authenticated line in {logs}"));
+    let session = &authenticated["spans"][0];
+    assert_eq!(session["name"], "session");
+    assert_eq!(session["tenant"], "acme", "{authenticated}");
+    assert!(session["id"].is_u64(), "{authenticated}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

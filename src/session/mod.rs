@@ -152,7 +152,7 @@ impl Authenticated {
 /// Serves one accepted TCP connection to its end.
 pub async fn serve(state: Arc<AppState>, tcp: TcpStream, peer: SocketAddr) {
     let id = state.next_session_id();
-    let span = tracing::info_span!("session", id, %peer);
+    let span = tracing::info_span!("session", id, %peer, tenant = tracing::field::Empty);
     async move {
         let snapshot = state.snapshot();
         // Counted until authenticated; dropped first when a cap is reached and it is the
@@ -180,6 +180,7 @@ pub async fn serve(state: Arc<AppState>, tcp: TcpStream, peer: SocketAddr) {
         match opened {
             None => {}
             Some(Opened::Tenant(client)) => {
+                tracing::Span::current().record("tenant", client.tenant.name.as_str());
                 tracing::info!(tenant = %client.tenant.name, user = %client.user, "authenticated");
                 let who = crate::admin::audit::Who {
                     tenant: Some(client.tenant.name.clone()),
