@@ -36,6 +36,9 @@ pub struct AppState {
     pub handshakes: Arc<crate::quota::pending::Handshakes>,
     /// Fires when sessions must end now.
     pub shutdown: CancellationToken,
+    /// Fires when shutdown begins: transaction-mode sessions end at their next transaction
+    /// boundary (those between transactions at once), admin sessions at once.
+    pub draining: CancellationToken,
     /// The audit log (disabled without `[audit]`).
     pub audit: crate::admin::audit::Audit,
     /// Per-tenant metric labels and what the last scrape saw.
@@ -64,6 +67,7 @@ impl AppState {
             logins: Arc::new(LoginThrottle::default()),
             handshakes: Arc::default(),
             shutdown: CancellationToken::new(),
+            draining: CancellationToken::new(),
             metrics: crate::admin::metrics::Metrics::new(tenant_labels),
             audit,
             clients: Arc::default(),
@@ -167,9 +171,13 @@ pub struct Running {
 }
 
 impl Running {
-    /// Stops accepting, waits up to `grace` for sessions to end, then ends the rest.
+    /// Stops accepting (the listener closes, so a second instance sharing the port with
+    /// `reuse_port` gets every new connection), ends sessions between transactions, waits up
+    /// to `grace` for open transactions (and session-mode sessions) to end, then ends the
+    /// rest with `57P01`.
     pub async fn shutdown(self, grace: Duration) {
         self.stop_accepting.cancel();
+        self.state.draining.cancel();
         self.sessions.close();
         if tokio::time::timeout(grace, self.sessions.wait())
             .await
@@ -187,8 +195,7 @@ impl Running {
 /// Binds the listener and starts accepting.
 pub async fn start(snapshot: Snapshot) -> anyhow::Result<Running> {
     require_context_keys(&snapshot)?;
-    let listener = TcpListener::bind(snapshot.listen.addr)
-        .await
+    let listener = listen(snapshot.listen.addr, snapshot.listen.reuse_port)
         .with_context(|| format!("cannot listen on {}", snapshot.listen.addr))?;
     let addr = listener.local_addr()?;
     let audit = match &snapshot.admin.audit {
@@ -271,6 +278,23 @@ pub async fn start(snapshot: Snapshot) -> anyhow::Result<Running> {
     })
 }
 
+/// The client listener. With `reuse_port`, SO_REUSEPORT lets another instance listen on the
+/// same address: the kernel spreads new connections over both, and when one closes its
+/// listener the other gets them all (a rolling restart).
+fn listen(addr: SocketAddr, reuse_port: bool) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    if reuse_port {
+        socket.set_reuseport(true)?;
+    }
+    socket.bind(addr)?;
+    socket.listen(1024)
+}
+
 /// Runs the proxy from a configuration file until SIGINT/SIGTERM; SIGHUP reloads it.
 pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
     let snapshot = config::load(&config_path)?;
@@ -285,8 +309,10 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
     }
     let _stop_watch = stop_watch.drop_guard();
     wait_for_signals(&running, Some(&config_path)).await?;
-    tracing::info!("shutting down");
-    running.shutdown(Duration::from_secs(30)).await;
+    // The grace of the configuration in force (a reload may have changed it).
+    let grace = running.state.snapshot().listen.shutdown_grace;
+    tracing::info!(grace = %config::format_duration(grace), "shutting down");
+    running.shutdown(grace).await;
     Ok(())
 }
 

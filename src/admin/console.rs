@@ -73,7 +73,7 @@ pub async fn serve(state: &AppState, mut stream: ClientStream, who: &super::audi
         out.clear();
         let message = tokio::select! {
             m = crate::auth::read_message(&mut stream, MAX_MESSAGE) => m,
-            _ = state.shutdown.cancelled() => return,
+            _ = state.draining.cancelled() => return,
         };
         let (t, body) = match message {
             Ok(Some(m)) => m,

@@ -56,6 +56,12 @@ pub struct ListenConfig {
     /// Largest Query/Parse message pgtenant accepts (bytes); others stream through.
     #[serde(default = "default_max_message_size")]
     pub max_message_size: usize,
+    /// On shutdown, how long open transactions (and session-mode sessions) may take to end.
+    #[serde(default = "default_shutdown_grace", deserialize_with = "duration::de")]
+    pub shutdown_grace: Duration,
+    /// Listen with SO_REUSEPORT, so that a second instance can take over the port.
+    #[serde(default)]
+    pub reuse_port: bool,
     #[serde(default)]
     pub tls: Option<ListenTlsConfig>,
 }
@@ -69,6 +75,9 @@ fn default_tenant_from() -> Vec<TenantSource> {
 }
 fn default_startup_timeout() -> Duration {
     Duration::from_secs(10)
+}
+fn default_shutdown_grace() -> Duration {
+    Duration::from_secs(30)
 }
 fn default_max_unauthenticated() -> usize {
     1000

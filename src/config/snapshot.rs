@@ -114,6 +114,8 @@ pub struct Listen {
     pub max_unauthenticated: usize,
     pub max_unauthenticated_per_source: usize,
     pub max_message_size: usize,
+    pub shutdown_grace: Duration,
+    pub reuse_port: bool,
     pub tls: Option<ListenTls>,
 }
 

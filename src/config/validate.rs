@@ -166,6 +166,8 @@ pub fn build_snapshot(file: ConfigFile, text: &str, path: &Path) -> Result<Snaps
         max_unauthenticated: l.max_unauthenticated.max(1),
         max_unauthenticated_per_source: l.max_unauthenticated_per_source.max(1),
         max_message_size: l.max_message_size,
+        shutdown_grace: l.shutdown_grace,
+        reuse_port: l.reuse_port,
         tls,
     };
 

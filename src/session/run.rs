@@ -139,6 +139,9 @@ pub(super) async fn run_session(
     };
     // Ends with pgtenant's shutdown, or alone by the admin console's KILL.
     let end_token = state.shutdown.child_token();
+    // Shutdown has begun: a transaction-mode session ends at its next transaction boundary.
+    // A token of its own, so that waiting on it touches no lock other sessions share.
+    let drain_token = state.draining.child_token();
     let _registered = state.clients.register(
         client_id,
         crate::admin::registry::ClientEntry {
@@ -280,7 +283,7 @@ pub(super) async fn run_session(
         forward_pooled(
             state,
             attached,
-            &end_token,
+            (&end_token, &drain_token),
             &cancel,
             &mut relay,
             &mut pump,
@@ -308,7 +311,11 @@ pub(super) async fn run_session(
     drop(cancel);
     flush_bytes(&mut pump, &tenant_state);
     let end = match end {
-        SessionEnd::Shutdown if !state.shutdown.is_cancelled() => SessionEnd::Killed,
+        SessionEnd::Shutdown
+            if !state.shutdown.is_cancelled() && !state.draining.is_cancelled() =>
+        {
+            SessionEnd::Killed
+        }
         end => end,
     };
     let counters = relay.counters;
@@ -470,7 +477,10 @@ async fn prepare(
 async fn forward_pooled(
     state: &AppState,
     mut a: Attached<'_>,
-    end_token: &tokio_util::sync::CancellationToken,
+    (end_token, drain_token): (
+        &tokio_util::sync::CancellationToken,
+        &tokio_util::sync::CancellationToken,
+    ),
     cancel: &crate::cancel::CancelHandle,
     relay: &mut Relay,
     pump: &mut Pump,
@@ -485,6 +495,9 @@ async fn forward_pooled(
     let prefix = relay.notify_prefix().unwrap_or_default().to_owned();
     let shutdown = end_token.cancelled();
     tokio::pin!(shutdown);
+    let drain = drain_token.cancelled();
+    tokio::pin!(drain);
+    let drain_armed = !drain_token.is_cancelled();
     let mut waits = Waits::new(shutdown, &a.prepare.tenant.limits);
     let mut listening = false;
     // The backend this session last recorded itself on (see `Pool::note_owner`).
@@ -500,6 +513,10 @@ async fn forward_pooled(
                 continue;
             }
             _ = waits.shutdown.as_mut() => break (SessionEnd::Shutdown, None),
+            // Between transactions when shutdown begins: nothing is lost by ending now. A
+            // session that authenticated after it began runs one transaction first (it was
+            // accepted, so it is served).
+            _ = drain.as_mut(), if drain_armed => break (SessionEnd::Shutdown, None),
             _ = notify_tx.overflow.notified(), if listening => {
                 break (SessionEnd::NotifyOverflow, None);
             }
@@ -522,6 +539,7 @@ async fn forward_pooled(
                 tokio::select! {
                     _ = state.pauses.wait(&a.prepare.tenant.name) => {}
                     _ = waits.shutdown.as_mut() => break (SessionEnd::Shutdown, None),
+                    _ = drain.as_mut(), if drain_armed => break (SessionEnd::Shutdown, None),
                 }
             }
             checkout_prepared(a.pool, a.prepare, relay, a.client_id, a.tenant_cap.clone()).await
@@ -626,6 +644,9 @@ async fn forward_pooled(
                 // The ReadyForQuery is still unsent: the client learns LISTEN is done only
                 // when it is.
                 confirm_listens(listened).await;
+                if drain_token.is_cancelled() {
+                    break (SessionEnd::Shutdown, None);
+                }
             }
             end => break (end, Some(pooled)),
         }
