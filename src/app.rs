@@ -51,6 +51,39 @@ pub struct AppState {
     shutdown_requested: CancellationToken,
     process_secret: [u8; 32],
     session_ids: AtomicU64,
+    source_lock: std::sync::Mutex<()>,
+    moves: tokio::sync::Mutex<()>,
+}
+
+/// Why a `MOVE TENANT` changed nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum MoveError {
+    #[error("no such tenant")]
+    UnknownTenant,
+    #[error("no such shard")]
+    UnknownShard,
+    #[error(
+        "in session mode a session cannot change shards: end the tenant's sessions first (KILL)"
+    )]
+    SessionMode,
+    #[error("{0} transaction(s) of the tenant still running after {timeout}; the tenant was not moved", timeout = config::format_duration(*.1))]
+    Busy(usize, Duration),
+    #[error("the configuration source cannot take the move: {0}")]
+    Source(String),
+    #[error("the configuration with the move is invalid: {0}")]
+    Invalid(String),
+}
+
+/// Replaces `path` with `text` atomically (a temporary file renamed over it).
+fn write_replacing(path: &std::path::Path, text: &str) -> std::io::Result<()> {
+    let tmp = path.with_extension("pgtenant-move.tmp");
+    std::fs::write(&tmp, text)?;
+    if let Ok(meta) = std::fs::metadata(path) {
+        let _ = std::fs::set_permissions(&tmp, meta.permissions());
+    }
+    std::fs::rename(&tmp, path).inspect_err(|_| {
+        let _ = std::fs::remove_file(&tmp);
+    })
 }
 
 impl AppState {
@@ -75,6 +108,8 @@ impl AppState {
             shutdown_requested: CancellationToken::new(),
             process_secret: rand::random(),
             session_ids: AtomicU64::new(1),
+            source_lock: std::sync::Mutex::new(()),
+            moves: tokio::sync::Mutex::new(()),
         }))
     }
 
@@ -98,20 +133,126 @@ impl AppState {
         self.session_ids.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Loads the configuration file in force again and applies it (admin `RELOAD`).
+    /// Loads the configuration file in force again and applies it (SIGHUP, admin `RELOAD`,
+    /// the file watch).
     pub fn reload_from_source(&self) -> anyhow::Result<()> {
         let path = self.snapshot().source.clone();
-        let result = config::load(&path)
-            .map_err(anyhow::Error::from)
-            .and_then(|s| self.reload(s));
+        let result = {
+            let _one_at_a_time = self.lock_source();
+            config::load(&path)
+                .map_err(anyhow::Error::from)
+                .and_then(|s| self.reload(s))
+        };
         crate::admin::metrics::reload(result.is_ok());
         match &result {
-            Ok(()) => tracing::info!(path = %path.display(), "configuration reloaded (admin)"),
+            Ok(()) => tracing::info!(path = %path.display(), "configuration reloaded"),
             Err(e) => {
                 tracing::error!(error = %e, "reload failed; keeping the configuration in force")
             }
         }
         result
+    }
+
+    /// Held while the configuration file is read and applied, or rewritten and applied (MOVE
+    /// TENANT): a reload never applies a file read before a move wrote it.
+    fn lock_source(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.source_lock.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// `MOVE TENANT <tenant> TO <shard>`: pauses only that tenant, waits up to `timeout` for
+    /// its open transactions, writes the new placement into the configuration file (the
+    /// catalog source, keeping its comments and layout), switches the snapshot in force and
+    /// resumes. Its sessions take their next transaction's server connection on the new
+    /// shard. On any failure nothing changes and the tenant resumes. Returns how long the
+    /// tenant's transactions were held.
+    pub async fn move_tenant(
+        &self,
+        tenant: &str,
+        shard: &str,
+        timeout: Duration,
+    ) -> Result<Duration, MoveError> {
+        let _one_move = self.moves.lock().await;
+        let current = self.snapshot();
+        let Some(t) = current.tenant_by_name(tenant) else {
+            return Err(MoveError::UnknownTenant);
+        };
+        if !current.shards.contains_key(shard) {
+            return Err(MoveError::UnknownShard);
+        }
+        if t.placement.shard == shard {
+            return Ok(Duration::ZERO);
+        }
+        if current.pool.mode == config::PoolMode::Session
+            && self.quotas.tenant(tenant).clients() > 0
+        {
+            return Err(MoveError::SessionMode);
+        }
+        let source = current.source.clone();
+        let text = std::fs::read_to_string(&source)
+            .map_err(|e| MoveError::Source(format!("cannot read {}: {e}", source.display())))?;
+        let edited = config::with_tenant_shard(&text, tenant, shard)
+            .map_err(|e| MoveError::Source(format!("{}: {e}", source.display())))?;
+        let next =
+            config::load_str(&edited, &source).map_err(|e| MoveError::Invalid(e.to_string()))?;
+        require_context_keys(&next).map_err(|e| MoveError::Invalid(format!("{e:#}")))?;
+
+        let held_already = self.pauses.is_paused(tenant);
+        let started = tokio::time::Instant::now();
+        self.pauses.pause(Some(tenant));
+        let result = async {
+            if let Err(busy) = self.wait_for_transactions(Some(tenant), timeout).await {
+                return Err(MoveError::Busy(busy, timeout));
+            }
+            let _one_at_a_time = self.lock_source();
+            write_replacing(&source, &edited).map_err(|e| {
+                MoveError::Source(format!("cannot write {}: {e}", source.display()))
+            })?;
+            self.reload(next)
+                .map_err(|e| MoveError::Invalid(format!("{e:#}")))
+        }
+        .await;
+        if !held_already {
+            self.pauses.resume(Some(tenant));
+        }
+        let held = started.elapsed();
+        match &result {
+            Ok(()) => tracing::info!(
+                tenant,
+                shard,
+                held_ms = held.as_millis() as u64,
+                "tenant moved"
+            ),
+            Err(e) => {
+                tracing::warn!(tenant, shard, error = %e, "MOVE TENANT failed; nothing changed")
+            }
+        }
+        result.map(|()| held)
+    }
+
+    /// Waits until no transaction of `tenant` (None: of any tenant) runs, for at most
+    /// `timeout`; the number still running when it gives up.
+    pub async fn wait_for_transactions(
+        &self,
+        tenant: Option<&str>,
+        timeout: Duration,
+    ) -> Result<(), usize> {
+        let started = tokio::time::Instant::now();
+        loop {
+            let busy: usize = self
+                .quotas
+                .all()
+                .iter()
+                .filter(|(name, _)| tenant.is_none_or(|t| t == name))
+                .map(|(_, s)| s.stats.active.load(Ordering::SeqCst))
+                .sum();
+            if busy == 0 {
+                return Ok(());
+            }
+            if started.elapsed() >= timeout {
+                return Err(busy);
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
 
     /// Asks the process to shut down as on SIGTERM (admin `SHUTDOWN`).
@@ -134,10 +275,25 @@ impl AppState {
         self.client_tls.store(tls.map(Arc::new));
         self.metrics.set_policy(snapshot.admin.tenant_labels);
         // Tenants no longer in the file: their sessions end at their next transaction.
-        for (name, tenant) in self.quotas.all() {
-            tenant.set_removed(snapshot.tenant_by_name(&name).is_none());
+        let live = self.quotas.all();
+        for (name, tenant) in &live {
+            tenant.set_removed(snapshot.tenant_by_name(name).is_none());
         }
+        let moved: Vec<_> = live
+            .into_iter()
+            .filter(|(name, _)| {
+                match (current.tenant_by_name(name), snapshot.tenant_by_name(name)) {
+                    (Some(old), Some(new)) => old.placement != new.placement,
+                    _ => false,
+                }
+            })
+            .collect();
         self.snapshot.store(Arc::new(snapshot));
+        // After the store: a session that sees the new generation reads the new snapshot.
+        for (name, tenant) in moved {
+            tracing::info!(tenant = %name, "placement changed: its sessions follow at their next transaction");
+            tenant.bump_placement();
+        }
         Ok(())
     }
 }
@@ -332,16 +488,8 @@ pub async fn wait_for_signals(
             _ = int.recv() => return Ok(()),
             _ = hup.recv() => {
                 running.state.audit.reopen();
-                let Some(path) = config_path else { continue };
-                match config::load(path).map_err(anyhow::Error::from).and_then(|s| running.state.reload(s)) {
-                    Ok(()) => {
-                        crate::admin::metrics::reload(true);
-                        tracing::info!(path = %path.display(), "configuration reloaded");
-                    }
-                    Err(e) => {
-                        crate::admin::metrics::reload(false);
-                        tracing::error!(error = %e, "reload failed; keeping the configuration in force");
-                    }
+                if config_path.is_some() {
+                    let _ = running.state.reload_from_source();
                 }
             }
         }

@@ -29,6 +29,8 @@ pub mod sqlstate {
     pub const FEATURE_NOT_SUPPORTED: &str = "0A000";
     pub const UNDEFINED_OBJECT: &str = "42704";
     pub const LOCK_NOT_AVAILABLE: &str = "55P03";
+    pub const OBJECT_IN_USE: &str = "55006";
+    pub const INVALID_PARAMETER_VALUE: &str = "22023";
     pub const CONFIG_FILE_ERROR: &str = "F0000";
     pub const INTERNAL_ERROR: &str = "XX000";
 }

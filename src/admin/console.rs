@@ -1,6 +1,7 @@
 //! The admin console (DESIGN.md §7): database `pgtenant`, the users of `[admin]` with SCRAM,
 //! simple queries from psql. Commands: `SHOW TENANTS | TENANT <t> | POOLS | SHARDS | CLIENTS |
-//! SERVERS | STATS | CONFIG | VERSION`, `RELOAD`, `PAUSE [<t>]`, `RESUME [<t>]`, `KILL <t>`,
+//! SERVERS | STATS | CONFIG | VERSION`, `RELOAD`, `PAUSE [<t>]`, `RESUME [<t>]`,
+//! `MOVE TENANT <t> TO <shard> [TIMEOUT <d>]`, `KILL <t>`,
 //! `SHUTDOWN`. Results are text rows psql shows as tables; anything else is a clear error.
 //! Tenants never reach it: only `[admin]` users authenticate to this database.
 
@@ -174,6 +175,10 @@ async fn run(state: &AppState, command: &str) -> Reply {
             }
             None => unknown_tenant(arg(1)),
         },
+        ["MOVE", "TENANT", _, "TO", _] => move_tenant(state, arg(2), arg(4), None).await,
+        ["MOVE", "TENANT", _, "TO", _, "TIMEOUT", _] => {
+            move_tenant(state, arg(2), arg(4), arg(6)).await
+        }
         ["SHUTDOWN"] => {
             state.request_shutdown();
             Reply::Done("SHUTDOWN")
@@ -183,7 +188,7 @@ async fn run(state: &AppState, command: &str) -> Reply {
             format!(
                 "unknown admin command {command:?}; try SHOW TENANTS | TENANT <t> | POOLS | \
                  SHARDS | CLIENTS | SERVERS | STATS | CONFIG | VERSION, RELOAD, PAUSE [<t>], \
-                 RESUME [<t>], KILL <t>, SHUTDOWN"
+                 RESUME [<t>], MOVE TENANT <t> TO <shard> [TIMEOUT <d>], KILL <t>, SHUTDOWN"
             ),
         ),
     }
@@ -207,28 +212,62 @@ async fn pause(state: &AppState, tenant: Option<&str>) -> Reply {
     }
     state.pauses.pause(tenant);
     // Wait for the transactions in flight (of that tenant, or all) to end.
-    let started = tokio::time::Instant::now();
-    loop {
-        let busy: usize = state
-            .quotas
-            .all()
-            .iter()
-            .filter(|(name, _)| tenant.is_none_or(|t| t == name))
-            .map(|(_, s)| s.stats.active.load(Ordering::Relaxed))
-            .sum();
-        if busy == 0 {
-            return Reply::Done("PAUSE");
-        }
-        if started.elapsed() >= PAUSE_WAIT {
+    match state.wait_for_transactions(tenant, PAUSE_WAIT).await {
+        Ok(()) => Reply::Done("PAUSE"),
+        Err(busy) => error(
+            sqlstate::LOCK_NOT_AVAILABLE,
+            format!(
+                "paused, but {busy} transaction(s) still running after {PAUSE_WAIT:?}; \
+                 new transactions wait until RESUME"
+            ),
+        ),
+    }
+}
+
+/// `MOVE TENANT <t> TO <shard> [TIMEOUT <d>]` (default timeout: PAUSE's).
+async fn move_tenant(
+    state: &AppState,
+    tenant: Option<&str>,
+    shard: Option<&str>,
+    timeout: Option<&str>,
+) -> Reply {
+    use crate::app::MoveError;
+    let (tenant, shard) = (tenant.unwrap_or_default(), shard.unwrap_or_default());
+    let timeout = match timeout.map(crate::config::parse_duration) {
+        None => PAUSE_WAIT,
+        Some(Ok(d)) => d,
+        Some(Err(e)) => {
             return error(
-                sqlstate::LOCK_NOT_AVAILABLE,
-                format!(
-                    "paused, but {busy} transaction(s) still running after {PAUSE_WAIT:?}; \
-                     new transactions wait until RESUME"
-                ),
+                sqlstate::INVALID_PARAMETER_VALUE,
+                format!("invalid TIMEOUT: {e}"),
             );
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let from = state
+        .snapshot()
+        .tenant_by_name(tenant)
+        .map(|t| t.placement.shard.clone())
+        .unwrap_or_default();
+    match state.move_tenant(tenant, shard, timeout).await {
+        Ok(held) => Reply::Rows {
+            columns: &["tenant", "from_shard", "to_shard", "paused_ms"],
+            rows: vec![vec![
+                text(tenant),
+                text(from),
+                text(shard),
+                text(format!("{:.1}", held.as_secs_f64() * 1000.0)),
+            ]],
+            tag: "MOVE".to_owned(),
+        },
+        Err(MoveError::UnknownTenant) => unknown_tenant(Some(tenant)),
+        Err(e @ MoveError::UnknownShard) => {
+            error(sqlstate::UNDEFINED_OBJECT, format!("shard {shard:?}: {e}"))
+        }
+        Err(e @ MoveError::Busy(..)) => error(sqlstate::LOCK_NOT_AVAILABLE, e.to_string()),
+        Err(e @ MoveError::SessionMode) => error(sqlstate::OBJECT_IN_USE, e.to_string()),
+        Err(e @ (MoveError::Source(_) | MoveError::Invalid(_))) => {
+            error(sqlstate::CONFIG_FILE_ERROR, e.to_string())
+        }
     }
 }
 

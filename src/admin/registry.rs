@@ -116,7 +116,8 @@ impl Pauses {
 
     /// Whether `tenant` is paused now.
     pub fn is_paused(&self, tenant: &str) -> bool {
-        if !self.any.load(Ordering::Acquire) {
+        // SeqCst: see `TenantStats::hold`.
+        if !self.any.load(Ordering::SeqCst) {
             return false;
         }
         let s = self.state();

@@ -6,11 +6,13 @@
 //! duplicate tenant) name the file, the line and the offending tenant or shard.
 
 mod duration;
+mod edit;
 mod schema;
 mod snapshot;
 mod validate;
 
 pub use duration::{format_duration, parse_duration};
+pub use edit::with_tenant_shard;
 pub use schema::*;
 pub use snapshot::*;
 pub use validate::build_snapshot;

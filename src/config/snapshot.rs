@@ -210,7 +210,7 @@ pub struct Shard {
 }
 
 /// Where a tenant lives.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Placement {
     pub kind: PlacementKind,
     pub shard: String,

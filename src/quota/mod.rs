@@ -90,7 +90,9 @@ impl TenantStats {
 
     /// Counts one in `gauge` while the returned guard lives.
     pub fn hold(gauge: &AtomicUsize) -> Held<'_> {
-        gauge.fetch_add(1, Ordering::Relaxed);
+        // SeqCst: a session that counts itself active and then reads the pause flag, and a
+        // PAUSE that sets the flag and then reads `active`, cannot both miss each other.
+        gauge.fetch_add(1, Ordering::SeqCst);
         Held(gauge)
     }
 }
@@ -110,6 +112,9 @@ pub struct TenantState {
     pub stats: TenantStats,
     /// The tenant is gone from the configuration in force (a reload removed it).
     removed: std::sync::atomic::AtomicBool,
+    /// Bumped when the tenant's placement changes (MOVE TENANT, a reload): its sessions
+    /// route again at their next transaction.
+    placement_epoch: AtomicU64,
     clients: AtomicUsize,
     /// LISTEN subscriptions of all the tenant's clients (bounded: each one costs the shard's
     /// shared listening connection).
@@ -167,6 +172,16 @@ impl TenantState {
     /// Marks the tenant removed from (or back in) the configuration.
     pub fn set_removed(&self, removed: bool) {
         self.removed.store(removed, Ordering::Relaxed);
+    }
+
+    /// The placement generation now.
+    pub fn placement_epoch(&self) -> u64 {
+        self.placement_epoch.load(Ordering::SeqCst)
+    }
+
+    /// Marks the tenant's placement changed.
+    pub fn bump_placement(&self) {
+        self.placement_epoch.fetch_add(1, Ordering::SeqCst);
     }
 
     /// Whether a reload removed the tenant.

@@ -88,6 +88,8 @@ enum SessionEnd {
     Killed,
     /// A reload removed the tenant from the configuration.
     Removed,
+    /// The tenant's placement changed in a way the session cannot follow.
+    Moved,
     IdleInTransaction(Duration),
     /// Transaction pooling: no server connection for the next transaction.
     Checkout(PoolError),
@@ -218,10 +220,17 @@ pub(super) async fn run_session(
     let session_metrics = state.metrics.session(&tenant.name);
     relay.query_seconds = Some(session_metrics.query_seconds.clone());
     let tenant_state = state.quotas.tenant(&tenant.name);
+    // Read before the placement in force is compared with the session's: a MOVE that lands
+    // after this is seen at the next transaction.
+    let epoch = tenant_state.placement_epoch();
+    let placed_now = state
+        .snapshot()
+        .tenant_by_name(&tenant.name)
+        .is_some_and(|t| t.placement == tenant.placement);
     let ctx = Prepare {
-        tenant: &tenant,
+        tenant: Arc::clone(&tenant),
         tenant_id: tenant.id.to_string(),
-        key: context_key.as_deref(),
+        key: context_key.clone(),
     };
     let setup = async {
         settings
@@ -270,26 +279,38 @@ pub(super) async fn run_session(
     }
 
     let mut pump = Pump::with_write_timeout(snapshot.pool.client_write_timeout);
+    let mut pool = pool;
     let (end, attached) = if pooling {
         pool.release(pooled).await;
-        let attached = Attached {
-            pool: &pool,
-            prepare: &ctx,
+        let mut attached = Attached {
+            pool: Arc::clone(&pool),
+            prepare: ctx,
+            placement: tenant.placement.clone(),
+            // Moved since this session read its snapshot: it routes again first.
+            epoch: if placed_now {
+                epoch
+            } else {
+                epoch.wrapping_sub(1)
+            },
+            role,
             client_id,
             tenant_cap,
             metrics: session_metrics,
             tenant: &tenant_state,
         };
-        forward_pooled(
+        let forwarded = forward_pooled(
             state,
-            attached,
+            &mut attached,
             (&end_token, &drain_token),
             &cancel,
             &mut relay,
             &mut pump,
             &mut stream,
         )
-        .await
+        .await;
+        // The pool of the connection still held (another shard's after a MOVE).
+        pool = attached.pool;
+        forwarded
     } else {
         let mut pooled = pooled;
         cancel.set_target(Some(pooled.conn.cancel_target()));
@@ -361,8 +382,13 @@ pub(super) async fn run_session(
 
 /// What transaction pooling needs to take server connections for a client.
 struct Attached<'a> {
-    pool: &'a Arc<Pool>,
-    prepare: &'a Prepare<'a>,
+    pool: Arc<Pool>,
+    prepare: Prepare,
+    /// Where the session's transactions go now, and the tenant's placement generation it
+    /// was read at.
+    placement: crate::config::Placement,
+    epoch: u64,
+    role: UserRole,
     client_id: u64,
     tenant_cap: Option<(usize, Arc<tokio::sync::Semaphore>)>,
     metrics: crate::admin::metrics::SessionMetrics,
@@ -377,12 +403,12 @@ fn flush_bytes(pump: &mut Pump, tenant: &crate::quota::TenantState) {
 }
 
 /// What preparing a server connection for a tenant's client needs.
-struct Prepare<'a> {
-    tenant: &'a Arc<Tenant>,
+struct Prepare {
+    tenant: Arc<Tenant>,
     /// The tenant's id as text (tokens are kept per tenant id).
     tenant_id: String,
     /// The shard's context key, when it verifies the context.
-    key: Option<&'a crate::tenant::context::ContextKey>,
+    key: Option<Arc<crate::tenant::context::ContextKey>>,
 }
 
 /// Why no prepared server connection could be had.
@@ -405,7 +431,7 @@ const PREPARE_ATTEMPTS: usize = 3;
 /// previous tenant's state or unbound. Returns the connection and whether it is bound now.
 async fn checkout_prepared(
     pool: &Arc<Pool>,
-    p: &Prepare<'_>,
+    p: &Prepare,
     relay: &mut Relay,
     client_id: u64,
     tenant_cap: Option<(usize, Arc<tokio::sync::Semaphore>)>,
@@ -439,7 +465,7 @@ async fn checkout_prepared(
 
 async fn prepare(
     pooled: &mut PooledConn,
-    p: &Prepare<'_>,
+    p: &Prepare,
     relay: &mut Relay,
 ) -> Result<bool, crate::pool::ServerError> {
     let conn = &mut pooled.conn;
@@ -448,7 +474,7 @@ async fn prepare(
     if conn.bound != Some(p.tenant.id) && (conn.pooled.used || conn.bound.is_some()) {
         conn.reset(RESET_PATIENCE).await?;
     }
-    if let Some(key) = p.key
+    if let Some(key) = p.key.as_deref()
         && conn.pooled.token_for(&p.tenant_id).is_none()
     {
         let token = key.next_token(p.tenant.id, conn.backend_pid());
@@ -476,7 +502,7 @@ async fn prepare(
 /// connection, and again. Returns how the session ended and the connection it still holds.
 async fn forward_pooled(
     state: &AppState,
-    mut a: Attached<'_>,
+    a: &mut Attached<'_>,
     (end_token, drain_token): (
         &tokio_util::sync::CancellationToken,
         &tokio_util::sync::CancellationToken,
@@ -542,7 +568,21 @@ async fn forward_pooled(
                     _ = drain.as_mut(), if drain_armed => break (SessionEnd::Shutdown, None),
                 }
             }
-            checkout_prepared(a.pool, a.prepare, relay, a.client_id, a.tenant_cap.clone()).await
+            // A MOVE TENANT (or a reload) changed where the tenant lives: this transaction
+            // and the next ones go there.
+            if a.tenant.placement_epoch() != a.epoch
+                && let Err(end) = reroute(state, a, relay, listening)
+            {
+                break (end, None);
+            }
+            checkout_prepared(
+                &a.pool,
+                &a.prepare,
+                relay,
+                a.client_id,
+                a.tenant_cap.clone(),
+            )
+            .await
         };
         let started = Instant::now();
         a.metrics
@@ -550,6 +590,16 @@ async fn forward_pooled(
             .record(started.saturating_duration_since(wanted));
         let active = TenantStats::hold(&a.tenant.stats.active);
         let (mut pooled, bound_now) = match checkout {
+            // Counted active only now: a PAUSE (or MOVE) that began meanwhile saw no
+            // transaction of this session, so the session waits (or routes again) first.
+            Ok((p, _))
+                if state.pauses.is_paused(&a.prepare.tenant.name)
+                    || a.tenant.placement_epoch() != a.epoch =>
+            {
+                drop(active);
+                a.pool.release(p).await;
+                continue;
+            }
             Ok((p, bound_now)) => (p, bound_now),
             Err(Failed::Checkout(e)) => {
                 if matches!(e, PoolError::Timeout(_) | PoolError::TenantBusy(..)) {
@@ -619,7 +669,7 @@ async fn forward_pooled(
                 relay.virtual_pid,
                 relay.take_committed_notes(),
             );
-            let listened = subscribe(relay, a.pool, a.client_id, &notify_tx);
+            let listened = subscribe(relay, &a.pool, a.client_id, &notify_tx);
             listening |= !listened.is_empty();
             if matches!(end, SessionEnd::Pump(PumpEnd::Listening)) {
                 // The client keeps its (pinned) connection; its ReadyForQuery goes out once
@@ -651,11 +701,53 @@ async fn forward_pooled(
             end => break (end, Some(pooled)),
         }
     };
-    subscribe(relay, a.pool, a.client_id, &notify_tx);
+    subscribe(relay, &a.pool, a.client_id, &notify_tx);
     if let Some(hub) = a.pool.hub_if_started() {
         hub.unlisten(None, a.client_id);
     }
     result
+}
+
+/// Points the session at the tenant's placement in force: its next transactions take server
+/// connections from the new shard's pool, bound with that shard's context key. A session
+/// that listens for notifications (subscribed on the old shard) or whose placement changed
+/// kind or schema ends instead.
+fn reroute(
+    state: &AppState,
+    a: &mut Attached<'_>,
+    relay: &mut Relay,
+    listening: bool,
+) -> Result<(), SessionEnd> {
+    // Read first: a change after this read bumps it again.
+    let epoch = a.tenant.placement_epoch();
+    let snapshot = state.snapshot();
+    let Some(now) = snapshot.tenant_by_name(&a.prepare.tenant.name) else {
+        return Err(SessionEnd::Removed);
+    };
+    if now.placement == a.placement {
+        a.epoch = epoch;
+        return Ok(());
+    }
+    if listening
+        || now.placement.kind != a.placement.kind
+        || now.placement.schema != a.placement.schema
+    {
+        return Err(SessionEnd::Moved);
+    }
+    let shard = snapshot.shard_of(now).ok_or(SessionEnd::Moved)?;
+    a.pool = state
+        .pools
+        .for_tenant(shard, &a.prepare.tenant, a.role)
+        .map_err(SessionEnd::Checkout)?;
+    a.prepare.key = shard.context_key.clone();
+    relay.placement_changed(
+        shard.context_key.is_some(),
+        crate::tenant::context::lock_salt(shard.context_key.as_deref(), a.prepare.tenant.id),
+    );
+    tracing::info!(shard = %shard.name, "tenant moved: this session follows it");
+    a.placement = now.placement.clone();
+    a.epoch = epoch;
+    Ok(())
 }
 
 /// Queues a notification for the client, its channel under the client's own name (unless
@@ -824,6 +916,13 @@ async fn finish(
             Some(ClientError::fatal(
                 sqlstate::ADMIN_SHUTDOWN,
                 "terminating connection due to administrator command",
+            )),
+        ),
+        SessionEnd::Moved => (
+            "tenant_moved",
+            Some(ClientError::fatal(
+                sqlstate::ADMIN_SHUTDOWN,
+                "terminating connection: this tenant's placement changed and this session cannot follow it (it listens for notifications, or the kind of placement changed); reconnect",
             )),
         ),
         SessionEnd::Removed => (

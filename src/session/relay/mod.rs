@@ -216,6 +216,15 @@ impl Relay {
         self.session.pinned.is_some()
     }
 
+    /// The tenant moved to another shard: bind with that shard's key (or without one), and
+    /// salt advisory-lock keys with it.
+    pub fn placement_changed(&mut self, verified: bool, lock_salt: u64) {
+        self.rules.binding.verified = verified;
+        if self.rules.policy.lock_salt.is_some() {
+            self.rules.policy.lock_salt = Some(lock_salt);
+        }
+    }
+
     /// Session pooling: notifications from `server_pid` (the client's own backend) show
     /// the client's [`Relay::virtual_pid`].
     pub fn set_own_backend(&mut self, server_pid: i32) {
