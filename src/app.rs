@@ -51,8 +51,10 @@ pub struct AppState {
     shutdown_requested: CancellationToken,
     process_secret: [u8; 32],
     session_ids: AtomicU64,
-    source_lock: std::sync::Mutex<()>,
+    source_lock: tokio::sync::Mutex<()>,
     moves: tokio::sync::Mutex<()>,
+    /// The catalog database (`[catalog] source = "postgres"`).
+    catalog: Option<deadpool_postgres::Pool>,
 }
 
 /// Why a `MOVE TENANT` changed nothing.
@@ -91,7 +93,12 @@ impl AppState {
     pub fn new(snapshot: Snapshot, audit: crate::admin::audit::Audit) -> anyhow::Result<Arc<Self>> {
         let tls = client_tls(&snapshot)?;
         let tenant_labels = snapshot.admin.tenant_labels;
+        let catalog = match (&snapshot.catalog.source, &snapshot.catalog.dsn) {
+            (config::CatalogSource::Postgres, Some(dsn)) => Some(crate::catalog::pool(&dsn.0)?),
+            _ => None,
+        };
         Ok(Arc::new(AppState {
+            catalog,
             pools: Pools::new(snapshot.pool.clone()),
             snapshot: ArcSwap::from_pointee(snapshot),
             client_tls: ArcSwapOption::from(tls.map(Arc::new)),
@@ -108,7 +115,7 @@ impl AppState {
             shutdown_requested: CancellationToken::new(),
             process_secret: rand::random(),
             session_ids: AtomicU64::new(1),
-            source_lock: std::sync::Mutex::new(()),
+            source_lock: tokio::sync::Mutex::new(()),
             moves: tokio::sync::Mutex::new(()),
         }))
     }
@@ -135,11 +142,13 @@ impl AppState {
 
     /// Loads the configuration file in force again and applies it (SIGHUP, admin `RELOAD`,
     /// the file watch).
-    pub fn reload_from_source(&self) -> anyhow::Result<()> {
+    /// With the catalog in PostgreSQL, its tables are read again too.
+    pub async fn reload_from_source(&self) -> anyhow::Result<()> {
         let path = self.snapshot().source.clone();
         let result = {
-            let _one_at_a_time = self.lock_source();
-            config::load(&path)
+            let _one_at_a_time = self.source_lock.lock().await;
+            crate::catalog::load(&path, self.catalog.as_ref())
+                .await
                 .map_err(anyhow::Error::from)
                 .and_then(|s| self.reload(s))
         };
@@ -153,15 +162,10 @@ impl AppState {
         result
     }
 
-    /// Held while the configuration file is read and applied, or rewritten and applied (MOVE
-    /// TENANT): a reload never applies a file read before a move wrote it.
-    fn lock_source(&self) -> std::sync::MutexGuard<'_, ()> {
-        self.source_lock.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
     /// `MOVE TENANT <tenant> TO <shard>`: pauses only that tenant, waits up to `timeout` for
     /// its open transactions, writes the new placement into the configuration file (the
-    /// catalog source, keeping its comments and layout), switches the snapshot in force and
+    /// catalog source: the file, keeping its comments and layout, or the catalog database),
+    /// switches the snapshot in force and
     /// resumes. Its sessions take their next transaction's server connection on the new
     /// shard. On any failure nothing changes and the tenant resumes. Returns how long the
     /// tenant's transactions were held.
@@ -188,8 +192,9 @@ impl AppState {
             return Err(MoveError::SessionMode);
         }
         let source = current.source.clone();
-        let text = std::fs::read_to_string(&source)
-            .map_err(|e| MoveError::Source(format!("cannot read {}: {e}", source.display())))?;
+        let text = crate::catalog::source_text(&source, self.catalog.as_ref())
+            .await
+            .map_err(|e| MoveError::Source(e.to_string()))?;
         let edited = config::with_tenant_shard(&text, tenant, shard)
             .map_err(|e| MoveError::Source(format!("{}: {e}", source.display())))?;
         let next =
@@ -203,10 +208,16 @@ impl AppState {
             if let Err(busy) = self.wait_for_transactions(Some(tenant), timeout).await {
                 return Err(MoveError::Busy(busy, timeout));
             }
-            let _one_at_a_time = self.lock_source();
-            write_replacing(&source, &edited).map_err(|e| {
-                MoveError::Source(format!("cannot write {}: {e}", source.display()))
-            })?;
+            // A reload never applies a source read before this move wrote it.
+            let _one_at_a_time = self.source_lock.lock().await;
+            match &self.catalog {
+                Some(catalog) => crate::catalog::set_shard(catalog, tenant, shard)
+                    .await
+                    .map_err(|e| MoveError::Source(e.to_string()))?,
+                None => write_replacing(&source, &edited).map_err(|e| {
+                    MoveError::Source(format!("cannot write {}: {e}", source.display()))
+                })?,
+            }
             self.reload(next)
                 .map_err(|e| MoveError::Invalid(format!("{e:#}")))
         }
@@ -411,6 +422,17 @@ pub async fn start(snapshot: Snapshot) -> anyhow::Result<Running> {
         ));
     }
 
+    if let (config::CatalogSource::Postgres, Some(dsn)) = (
+        state.snapshot().catalog.source,
+        &state.snapshot().catalog.dsn,
+    ) {
+        let watch =
+            crate::catalog::watch(dsn.0.clone(), Arc::clone(&state), stop_accepting.clone());
+        background.spawn(async move {
+            let _ = watch.await;
+        });
+    }
+
     let reap_state = Arc::clone(&state);
     let reap_stop = stop_accepting.clone();
     background.spawn(async move {
@@ -453,7 +475,7 @@ fn listen(addr: SocketAddr, reuse_port: bool) -> std::io::Result<TcpListener> {
 
 /// Runs the proxy from a configuration file until SIGINT/SIGTERM; SIGHUP reloads it.
 pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
-    let snapshot = config::load(&config_path)?;
+    let snapshot = crate::catalog::load(&config_path, None).await?;
     let running = start(snapshot).await?;
     let stop_watch = CancellationToken::new();
     if let Err(e) = crate::admin::watch::start(
@@ -489,7 +511,7 @@ pub async fn wait_for_signals(
             _ = hup.recv() => {
                 running.state.audit.reopen();
                 if config_path.is_some() {
-                    let _ = running.state.reload_from_source();
+                    let _ = running.state.reload_from_source().await;
                 }
             }
         }

@@ -48,11 +48,33 @@ pub enum Command {
     /// Shard administration.
     #[command(subcommand)]
     Shard(ShardCommand),
+    /// The catalog in PostgreSQL (`[catalog] source = "postgres"`).
+    #[command(subcommand)]
+    Catalog(CatalogCommand),
     /// Start two throwaway PostgreSQL clusters with four sample tenants behind pgtenant.
     Demo {
         /// Port for pgtenant to listen on (0 picks a free one).
         #[arg(long, default_value_t = 6432)]
         port: u16,
+    },
+}
+
+/// `pgtenant catalog ...`.
+#[derive(Debug, Subcommand)]
+pub enum CatalogCommand {
+    /// Create the catalog tables (schema `pgtenant_catalog`) and their NOTIFY trigger.
+    /// Idempotent.
+    Init {
+        /// The catalog database as a libpq URL; default: `[catalog] dsn` of --config.
+        #[arg(long, env = "PGTENANT_CATALOG_DSN")]
+        dsn: Option<String>,
+    },
+    /// Replace the catalog's shards, plans, tenants and users with those of --config (which
+    /// is validated first), in one transaction. Running instances reload within a second.
+    Import {
+        /// The catalog database as a libpq URL; default: `[catalog] dsn` of --config.
+        #[arg(long, env = "PGTENANT_CATALOG_DSN")]
+        dsn: Option<String>,
     },
 }
 

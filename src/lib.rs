@@ -12,6 +12,7 @@ pub mod admin;
 pub mod app;
 pub mod auth;
 pub mod cancel;
+pub mod catalog;
 pub mod check;
 pub mod cli;
 pub mod config;

@@ -5,7 +5,7 @@ use std::io::BufRead;
 use std::process::ExitCode;
 
 use clap::Parser;
-use pgtenant::cli::{Cli, Command, LogFormat, ShardCommand};
+use pgtenant::cli::{CatalogCommand, Cli, Command, LogFormat, ShardCommand};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -64,7 +64,7 @@ fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
             let path = cli
                 .config
                 .ok_or_else(|| anyhow::anyhow!("no configuration: pass --config FILE"))?;
-            let snapshot = match pgtenant::config::load(&path) {
+            let snapshot = match runtime()?.block_on(pgtenant::catalog::load(&path, None)) {
                 Ok(snapshot) => snapshot,
                 Err(e) => {
                     eprintln!("{e}");
@@ -141,6 +141,46 @@ fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
             println!(
                 "RLS policies should read (SELECT pgtenant.tenant_id()); `pgtenant check --shards` lists those that do not"
             );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Catalog(command) => {
+            let path = cli
+                .config
+                .ok_or_else(|| anyhow::anyhow!("no configuration: pass --config FILE"))?;
+            let (CatalogCommand::Init { dsn } | CatalogCommand::Import { dsn }) = &command;
+            let text = std::fs::read_to_string(&path)
+                .map_err(|e| anyhow::anyhow!("{}: cannot read: {e}", path.display()))?;
+            let dsn = match dsn {
+                Some(dsn) => dsn.clone(),
+                None => pgtenant::config::load_str(&text, &path)?
+                    .catalog
+                    .dsn
+                    .map(|s| s.0)
+                    .ok_or_else(|| {
+                        anyhow::anyhow!("no catalog database: pass --dsn or set [catalog] dsn")
+                    })?,
+            };
+            let pool = pgtenant::catalog::pool(&dsn)?;
+            runtime()?.block_on(async {
+                match command {
+                    CatalogCommand::Init { .. } => {
+                        pgtenant::catalog::init(&pool).await?;
+                        println!("catalog tables ready (schema pgtenant_catalog)");
+                    }
+                    CatalogCommand::Import { .. } => {
+                        let n = pgtenant::catalog::import(&pool, &text, &path).await?;
+                        println!(
+                            "imported {} shards, {} plans, {} tenants, {} users from {}",
+                            n.shards,
+                            n.plans,
+                            n.tenants,
+                            n.users,
+                            path.display()
+                        );
+                    }
+                }
+                Ok::<_, anyhow::Error>(())
+            })?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Demo { port } => {

@@ -12,57 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use common::{code, world};
-use pgtenant::tenant::context::{self, ContextKey};
 use tokio_postgres::SimpleQueryMessage;
-
-/// A second shared shard: a database on cluster A with the same table, policy and verified
-/// context (its own key), and no rows. Returns its `[shards.shared-b]` table.
-fn second_shared_shard(db: &str, key_file: &std::path::Path) -> String {
-    let a = &world().a;
-    a.psql("postgres", &format!("CREATE DATABASE {db}"))
-        .unwrap();
-    let key = ContextKey::generate();
-    let _ = std::fs::remove_file(key_file);
-    key.create(key_file).unwrap();
-    let (app, reader) = (pgtenant::demo::APP_ROLE, pgtenant::demo::READONLY_ROLE);
-    a.psql(
-        db,
-        &format!(
-            "{}\n{};\n{}",
-            context::install_sql(app),
-            key.store_sql(),
-            context::harden_sql()
-        ),
-    )
-    .unwrap();
-    a.psql(
-        db,
-        &format!(
-            "CREATE TABLE public.items (
-                id bigserial,
-                tenant_id uuid NOT NULL DEFAULT pgtenant.tenant_id(),
-                name text NOT NULL,
-                PRIMARY KEY (tenant_id, id));
-             ALTER TABLE public.items ENABLE ROW LEVEL SECURITY;
-             ALTER TABLE public.items FORCE ROW LEVEL SECURITY;
-             CREATE POLICY tenant_isolation ON public.items
-                USING (tenant_id = (SELECT pgtenant.tenant_id()))
-                WITH CHECK (tenant_id = (SELECT pgtenant.tenant_id()));
-             GRANT SELECT, INSERT, UPDATE, DELETE ON public.items TO {app};
-             GRANT SELECT ON public.items TO {reader};
-             GRANT USAGE ON SEQUENCE public.items_id_seq TO {app};"
-        ),
-    )
-    .unwrap();
-    format!(
-        "\n[shards.shared-b]\nhost = \"127.0.0.1\"\nport = {}\ndatabase = \"{db}\"\nuser = \"{app}\"\n\
-         password = \"{pw}\"\nmax_connections = 20\ntls = \"disable\"\ncontext_key_file = \"{}\"\n\
-         readonly_user = \"{reader}\"\nreadonly_password = \"{pw}\"\n",
-        a.port,
-        key_file.display(),
-        pw = a.password,
-    )
-}
 
 fn rows(msgs: Vec<SimpleQueryMessage>) -> Vec<Vec<String>> {
     msgs.into_iter()
@@ -123,7 +73,7 @@ async fn move_tenant_under_load_pauses_it_then_continues_on_the_new_shard() {
     let second_db = format!("moved_{suffix}");
     let shard_b = tokio::task::spawn_blocking({
         let (db, key) = (second_db.clone(), key_file.clone());
-        move || second_shared_shard(&db, &key)
+        move || common::second_shared_shard(&db, &key)
     })
     .await
     .unwrap();

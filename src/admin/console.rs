@@ -147,7 +147,7 @@ async fn run(state: &AppState, command: &str) -> Reply {
                 env!("CARGO_PKG_VERSION")
             ))]],
         ),
-        ["RELOAD"] => match state.reload_from_source() {
+        ["RELOAD"] => match state.reload_from_source().await {
             Ok(()) => Reply::Done("RELOAD"),
             Err(e) => error(
                 sqlstate::CONFIG_FILE_ERROR,

@@ -63,7 +63,7 @@ pub fn start(
             }
             applied = now;
             tracing::info!(path = %path.display(), "configuration file changed");
-            let _ = state.reload_from_source();
+            let _ = state.reload_from_source().await;
         }
     }))
 }

@@ -22,6 +22,8 @@ pub struct ConfigFile {
     #[serde(default)]
     pub audit: Option<AuditConfig>,
     #[serde(default)]
+    pub catalog: Option<CatalogConfig>,
+    #[serde(default)]
     pub pool: PoolConfig,
     #[serde(default)]
     pub shards: BTreeMap<Spanned<String>, ShardConfig>,
@@ -128,6 +130,30 @@ pub struct MetricsConfig {
     /// `"all"`, `"top:N"` or `"none"`.
     #[serde(default)]
     pub tenant_labels: Option<Spanned<String>>,
+}
+
+/// Where shards, plans, tenants and users come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum CatalogSource {
+    /// This file.
+    #[default]
+    File,
+    /// Tables in a PostgreSQL database (`pgtenant catalog init`).
+    Postgres,
+}
+
+/// `[catalog]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CatalogConfig {
+    #[serde(default)]
+    pub source: CatalogSource,
+    /// libpq URL of the catalog database (or `dsn_env`, the variable that holds it).
+    #[serde(default)]
+    pub dsn: Option<String>,
+    #[serde(default)]
+    pub dsn_env: Option<String>,
 }
 
 /// `[audit]`.

@@ -52,6 +52,9 @@ pub struct Snapshot {
     pub admin: Admin,
     pub shards: BTreeMap<String, Arc<Shard>>,
     pub tenants: Vec<Arc<Tenant>>,
+    /// `[catalog]`: where shards, plans, tenants and users come from, and the catalog
+    /// database's URL (also the default of `pgtenant catalog import`).
+    pub catalog: Catalog,
     by_name: HashMap<String, Arc<Tenant>>,
     by_subdomain: HashMap<String, Arc<Tenant>>,
     /// Tests only (never set from a file): sessions run without the guard, to prove what the
@@ -77,6 +80,7 @@ impl Snapshot {
             .map(|t| (t.subdomain.clone(), Arc::clone(t)))
             .collect();
         Snapshot {
+            catalog: Catalog::default(),
             unguarded_for_tests: false,
             source,
             listen,
@@ -103,6 +107,13 @@ impl Snapshot {
     pub fn shard_of(&self, tenant: &Tenant) -> Option<&Arc<Shard>> {
         self.shards.get(&tenant.placement.shard)
     }
+}
+
+/// `[catalog]`, resolved.
+#[derive(Debug, Clone, Default)]
+pub struct Catalog {
+    pub source: super::CatalogSource,
+    pub dsn: Option<Secret>,
 }
 
 /// `[listen]`, resolved.

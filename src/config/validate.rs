@@ -602,14 +602,26 @@ pub fn build_snapshot(file: ConfigFile, text: &str, path: &Path) -> Result<Snaps
         }));
     }
 
-    Ok(Snapshot::new(
-        path.to_owned(),
-        listen,
-        pool,
-        admin,
-        shards,
-        tenants,
-    ))
+    let catalog = match file.catalog {
+        None => Catalog::default(),
+        Some(c) => {
+            let dsn = secret(&ctx, "catalog", "dsn", c.dsn, c.dsn_env)?;
+            if c.source == CatalogSource::Postgres && dsn.is_none() {
+                return Err(ctx.err(
+                    None,
+                    Some("catalog".into()),
+                    "source = \"postgres\" needs dsn (or dsn_env)".into(),
+                ));
+            }
+            Catalog {
+                source: c.source,
+                dsn,
+            }
+        }
+    };
+    let mut snapshot = Snapshot::new(path.to_owned(), listen, pool, admin, shards, tenants);
+    snapshot.catalog = catalog;
+    Ok(snapshot)
 }
 
 #[cfg(test)]

@@ -128,7 +128,7 @@ pub async fn start_tweaked(
 }
 
 /// A fresh copy of the sample world (databases named for this test).
-async fn fresh_fixture() -> Fixture {
+pub async fn fresh_fixture() -> Fixture {
     let w = world();
     let suffix = format!("_t{}", NEXT.fetch_add(1, Ordering::Relaxed));
     tokio::task::spawn_blocking(move || demo::create_fixture(&w.a, &w.b, &suffix).expect("fixture"))
@@ -244,4 +244,53 @@ pub fn message(e: &tokio_postgres::Error) -> String {
     e.as_db_error()
         .map(|d| d.message().to_owned())
         .unwrap_or_else(|| e.to_string())
+}
+
+/// A second shared shard: a database on cluster A with the same table, policy and verified
+/// context (its own key), and no rows. Returns its `[shards.shared-b]` table.
+pub fn second_shared_shard(db: &str, key_file: &std::path::Path) -> String {
+    let a = &world().a;
+    a.psql("postgres", &format!("CREATE DATABASE {db}"))
+        .unwrap();
+    let key = pgtenant::tenant::context::ContextKey::generate();
+    let _ = std::fs::remove_file(key_file);
+    key.create(key_file).unwrap();
+    let (app, reader) = (pgtenant::demo::APP_ROLE, pgtenant::demo::READONLY_ROLE);
+    a.psql(
+        db,
+        &format!(
+            "{}\n{};\n{}",
+            pgtenant::tenant::context::install_sql(app),
+            key.store_sql(),
+            pgtenant::tenant::context::harden_sql()
+        ),
+    )
+    .unwrap();
+    a.psql(
+        db,
+        &format!(
+            "CREATE TABLE public.items (
+                id bigserial,
+                tenant_id uuid NOT NULL DEFAULT pgtenant.tenant_id(),
+                name text NOT NULL,
+                PRIMARY KEY (tenant_id, id));
+             ALTER TABLE public.items ENABLE ROW LEVEL SECURITY;
+             ALTER TABLE public.items FORCE ROW LEVEL SECURITY;
+             CREATE POLICY tenant_isolation ON public.items
+                USING (tenant_id = (SELECT pgtenant.tenant_id()))
+                WITH CHECK (tenant_id = (SELECT pgtenant.tenant_id()));
+             GRANT SELECT, INSERT, UPDATE, DELETE ON public.items TO {app};
+             GRANT SELECT ON public.items TO {reader};
+             GRANT USAGE ON SEQUENCE public.items_id_seq TO {app};"
+        ),
+    )
+    .unwrap();
+    format!(
+        "\n[shards.shared-b]\nhost = \"127.0.0.1\"\nport = {}\ndatabase = \"{db}\"\nuser = \"{app}\"\n\
+         password = \"{pw}\"\nmax_connections = 20\ntls = \"disable\"\ncontext_key_file = \"{}\"\n\
+         readonly_user = \"{reader}\"\nreadonly_password = \"{pw}\"\n",
+        a.port,
+        key_file.display(),
+        pw = a.password,
+    )
 }
