@@ -55,6 +55,8 @@ pub struct AppState {
     moves: tokio::sync::Mutex<()>,
     /// The catalog database (`[catalog] source = "postgres"`).
     catalog: Option<deadpool_postgres::Pool>,
+    /// Peer instances registered in the catalog (`[peering]` with the catalog in PostgreSQL).
+    catalog_peers: arc_swap::ArcSwap<std::collections::BTreeMap<u8, String>>,
 }
 
 /// Why a `MOVE TENANT` changed nothing.
@@ -99,6 +101,7 @@ impl AppState {
         };
         Ok(Arc::new(AppState {
             catalog,
+            catalog_peers: Default::default(),
             pools: Pools::new(snapshot.pool.clone()),
             snapshot: ArcSwap::from_pointee(snapshot),
             client_tls: ArcSwapOption::from(tls.map(Arc::new)),
@@ -133,6 +136,16 @@ impl AppState {
     /// A secret for this process (mock SCRAM salts).
     pub fn process_secret(&self) -> &[u8; 32] {
         &self.process_secret
+    }
+
+    /// The listener address of peer instance `id` (`[peering]`: from the configuration, or
+    /// registered in the catalog).
+    pub fn peer(&self, id: u8) -> Option<String> {
+        let snapshot = self.snapshot();
+        let configured = snapshot.peering.as_ref().and_then(|p| p.peers.get(&id));
+        configured
+            .cloned()
+            .or_else(|| self.catalog_peers.load().get(&id).cloned())
     }
 
     /// A new session id for logs.
@@ -375,6 +388,9 @@ pub async fn start(snapshot: Snapshot) -> anyhow::Result<Running> {
     let stop_accepting = CancellationToken::new();
     let sessions = TaskTracker::new();
     let background = TaskTracker::new();
+    if let Some(peering) = state.snapshot().peering.clone() {
+        start_peering(&state, &peering, addr, &background).await?;
+    }
 
     let accept_state = Arc::clone(&state);
     let accept_stop = stop_accepting.clone();
@@ -454,6 +470,53 @@ pub async fn start(snapshot: Snapshot) -> anyhow::Result<Running> {
         sessions,
         background,
     })
+}
+
+/// `[peering]`: this instance's id goes into every cancel key it issues (configured, or
+/// claimed in the catalog); with the catalog in PostgreSQL the instance registers its
+/// listener there and learns its peers' every few seconds, until pgtenant stops.
+async fn start_peering(
+    state: &Arc<AppState>,
+    peering: &config::Peering,
+    bound: SocketAddr,
+    background: &TaskTracker,
+) -> anyhow::Result<()> {
+    let advertise = peering.advertise.clone().unwrap_or_else(|| {
+        if bound.ip().is_unspecified() {
+            tracing::warn!(%bound, "peering: the listener has no address peers can reach; set [peering] advertise");
+        }
+        bound.to_string()
+    });
+    let id = match (peering.id, &state.catalog) {
+        (Some(id), _) => id,
+        (None, Some(catalog)) => crate::catalog::claim_instance(catalog, &advertise)
+            .await
+            .context("peering: cannot claim an instance id in the catalog")?,
+        (None, None) => anyhow::bail!("peering: no instance id"),
+    };
+    state.cancels.set_instance(id);
+    tracing::info!(id, %advertise, "peering: cancel keys carry this instance's id");
+    let Some(catalog) = state.catalog.clone() else {
+        return Ok(());
+    };
+    let state = Arc::clone(state);
+    background.spawn(async move {
+        loop {
+            match crate::catalog::heartbeat(&catalog, id, &advertise).await {
+                Ok(peers) => state.catalog_peers.store(Arc::new(peers)),
+                Err(e) => tracing::warn!(error = %e, "peering: cannot refresh this instance in the catalog"),
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(crate::catalog::HEARTBEAT) => {}
+                _ = state.shutdown.cancelled() => break,
+            }
+        }
+        // Sessions are gone: the id is free for another instance.
+        if let Err(e) = crate::catalog::release_instance(&catalog, id).await {
+            tracing::warn!(error = %e, "peering: cannot release this instance's id");
+        }
+    });
+    Ok(())
 }
 
 /// The client listener. With `reuse_port`, SO_REUSEPORT lets another instance listen on the

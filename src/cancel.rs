@@ -10,10 +10,15 @@
 //! backend. A connection with a cancel in flight is not given to anyone else until then
 //! ([`CancelTarget::settled`]): a late cancel can reach only the statement it was meant for,
 //! or an idle backend, which ignores it.
+//!
+//! Several instances (`[peering]`): an instance with an id writes it into bits 23–30 of the
+//! pids it issues (the other 23 bits and the 32-bit secret stay random), so a CancelRequest
+//! that reaches another instance behind the load balancer is forwarded to the one that
+//! issued the key, once ([`forward`]), as PgBouncer's peering does.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -106,26 +111,58 @@ impl CancelTarget {
     async fn send(&self, timeout: Duration) -> std::io::Result<()> {
         let work = async {
             let tcp = TcpStream::connect((self.host.as_str(), self.port)).await?;
-            let mut stream: ServerStream = match &self.tls {
+            let stream: ServerStream = match &self.tls {
                 None => MaybeTls::Plain(tcp),
                 Some((config, name)) => crate::pool::connect::start_tls(tcp, config, name).await?,
             };
-            let mut packet = BytesMut::new();
-            packet.put_u32(12 + self.secret.len() as u32);
-            packet.put_i32(80_877_102);
-            packet.put_i32(self.pid);
-            packet.put_slice(&self.secret);
-            stream.write_all(&packet).await?;
-            stream.flush().await?;
-            let mut sink = [0u8; 16];
-            // Wait for the server to close so the cancel has been processed when we return.
-            let _ = stream.read(&mut sink).await;
-            Ok(())
+            deliver(stream, CANCEL_REQUEST_CODE, self.pid, &self.secret).await
         };
-        tokio::time::timeout(timeout, work)
-            .await
-            .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "cancel timed out"))?
+        within(timeout, work).await
     }
+}
+
+const CANCEL_REQUEST_CODE: i32 = 80_877_102;
+
+/// Writes a cancel packet with request `code` and waits for the other side to close, so the
+/// cancel has been processed when this returns.
+async fn deliver<S>(mut stream: S, code: i32, pid: i32, secret: &[u8]) -> std::io::Result<()>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let mut packet = BytesMut::new();
+    packet.put_u32(12 + secret.len() as u32);
+    packet.put_i32(code);
+    packet.put_i32(pid);
+    packet.put_slice(secret);
+    stream.write_all(&packet).await?;
+    stream.flush().await?;
+    let mut sink = [0u8; 16];
+    let _ = stream.read(&mut sink).await;
+    Ok(())
+}
+
+async fn within(
+    timeout: Duration,
+    work: impl std::future::Future<Output = std::io::Result<()>>,
+) -> std::io::Result<()> {
+    tokio::time::timeout(timeout, work)
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "cancel timed out"))?
+}
+
+/// Forwards a CancelRequest to the peer instance listening at `addr` (marked forwarded, so
+/// the peer never passes it on again).
+pub async fn forward(
+    addr: &str,
+    pid: i32,
+    secret: &[u8],
+    timeout: Duration,
+) -> std::io::Result<()> {
+    within(timeout, async {
+        let tcp = TcpStream::connect(addr).await?;
+        deliver(tcp, crate::protocol::startup::PEER_CANCEL_CODE, pid, secret).await
+    })
+    .await
 }
 
 /// Where a key points now. Each key has its own lock, taken by the session when it moves
@@ -158,7 +195,12 @@ struct Inner {
 #[derive(Default)]
 pub struct CancelRegistry {
     inner: Mutex<Inner>,
+    /// This instance's peering id (0: none; pids are then random over all 31 bits).
+    instance: AtomicU8,
 }
+
+/// The pid bits below the instance id.
+const INSTANCE_SHIFT: u32 = 23;
 
 impl CancelRegistry {
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -167,11 +209,34 @@ impl CancelRegistry {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Sets this instance's peering id (before any key is issued).
+    pub fn set_instance(&self, id: u8) {
+        self.instance.store(id, Ordering::Relaxed);
+    }
+
+    /// This instance's peering id (0: none).
+    pub fn instance(&self) -> u8 {
+        self.instance.load(Ordering::Relaxed)
+    }
+
+    /// The instance that issued `pid`, when it is another one (peering only).
+    pub fn issuer_elsewhere(&self, pid: i32) -> Option<u8> {
+        let own = self.instance();
+        let issuer = (pid as u32 >> INSTANCE_SHIFT) as u8;
+        (own != 0 && pid > 0 && issuer != own).then_some(issuer)
+    }
+
     /// Issues a fresh key for a client session.
     pub fn register(self: &Arc<Self>) -> CancelHandle {
+        let instance = u32::from(self.instance());
         let mut inner = self.lock();
         loop {
-            let pid = (rand::random::<u32>() >> 1) as i32;
+            let random = rand::random::<u32>() >> 1;
+            let pid = if instance == 0 {
+                random as i32
+            } else {
+                ((instance << INSTANCE_SHIFT) | (random & ((1 << INSTANCE_SHIFT) - 1))) as i32
+            };
             if pid == 0 || inner.keys.contains_key(&pid) {
                 continue;
             }

@@ -109,7 +109,7 @@ async fn two_instances_share_a_catalog_in_postgres() {
         format!(
             "[listen]\naddr = \"127.0.0.1:0\"\n\n[pool]\nmode = \"transaction\"\n\n\
              [admin]\nusers = [{{ name = \"dba\", scram = \"{verifier}\" }}]\n\n\
-             [catalog]\nsource = \"postgres\"\ndsn = \"{dsn}\"\n"
+             [catalog]\nsource = \"postgres\"\ndsn = \"{dsn}\"\n\n[peering]\n"
         ),
     )
     .unwrap();
@@ -128,6 +128,29 @@ async fn two_instances_share_a_catalog_in_postgres() {
             one(&client, "SELECT min(name) FROM items").await,
             "acme anvil"
         );
+    }
+
+    // Each instance claimed its own id in the catalog; a cancel sent to the instance that
+    // does not hold the client is forwarded to the one that does.
+    let ids = (
+        one_proxy.state.cancels.instance(),
+        two_proxy.state.cancels.instance(),
+    );
+    assert!(ids.0 != 0 && ids.1 != 0 && ids.0 != ids.1, "{ids:?}");
+    {
+        use common::raw::Raw;
+        let user = format!("{}@acme", acme.user);
+        let params = [("user", user.as_str()), ("database", "acme")];
+        let (mut raw, pid, secret) =
+            Raw::connect_with_key(one_proxy.addr, &params, &acme.password).await;
+        raw.query("SELECT pg_sleep(30)").await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        Raw::cancel(two_proxy.addr, pid, secret).await;
+        let reply = tokio::time::timeout(PATIENCE, raw.until_ready())
+            .await
+            .expect("cancelled through the other instance");
+        let error = reply.iter().find(|m| m.tag == b'E').expect("an error");
+        assert_eq!(error.sqlstate().as_deref(), Some("57014"));
     }
 
     // A tenant added to the catalog reaches both instances through NOTIFY.
@@ -287,6 +310,11 @@ async fn two_instances_share_a_catalog_in_postgres() {
     drop(console);
     one_proxy.shutdown(Duration::from_secs(1)).await;
     two_proxy.shutdown(Duration::from_secs(1)).await;
+    // Their ids are free again.
+    assert_eq!(
+        catalog("SELECT count(*) FROM pgtenant_catalog.instances").trim(),
+        "0"
+    );
     let _ = std::fs::remove_dir_all(&dir);
     let _: PathBuf = dir;
 }

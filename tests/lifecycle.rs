@@ -219,3 +219,62 @@ impl Drop for MigrateReq {
         }
     }
 }
+
+/// `[peering]` with ids in the configuration: a CancelRequest that reaches the instance that
+/// did not issue its key is forwarded to the one that did; a key of an unknown instance, or
+/// a guessed one, cancels nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_sent_to_the_other_instance_is_forwarded_to_the_one_holding_the_client() {
+    use common::raw::Raw;
+    let peering = |id: u8, peers: String| {
+        move |text: String| format!("{text}\n[peering]\nid = {id}\npeers = [{peers}]\n")
+    };
+    let Env {
+        fixture,
+        proxy: one,
+    } = start_with("", peering(1, String::new())).await;
+    let two_text = peering(2, format!("{{ id = 1, addr = \"{}\" }}", one.addr))(
+        fixture.config("127.0.0.1:0", ""),
+    );
+    let two =
+        pgtenant::app::start(pgtenant::config::load_str(&two_text, Path::new("two.toml")).unwrap())
+            .await
+            .unwrap();
+    // Instance one learns instance two's address by a reload.
+    let one_text = peering(1, format!("{{ id = 2, addr = \"{}\" }}", two.addr))(
+        fixture.config(&one.addr.to_string(), ""),
+    );
+    one.state
+        .reload(pgtenant::config::load_str(&one_text, Path::new("one.toml")).unwrap())
+        .unwrap();
+
+    let t = fixture.tenant("acme").unwrap();
+    let user = format!("{}@{}", t.user, t.name);
+    let params = [("user", user.as_str()), ("database", t.name)];
+    for (holder, other, id) in [(&one, &two, 1), (&two, &one, 2)] {
+        let (mut raw, pid, secret) = Raw::connect_with_key(holder.addr, &params, &t.password).await;
+        assert_eq!(pid as u32 >> 23, id, "the key carries its instance's id");
+        raw.query("SELECT pg_sleep(30)").await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        // A guessed key and a key of an instance nobody knows: nothing happens.
+        Raw::cancel(other.addr, pid ^ 1, secret).await;
+        Raw::cancel(other.addr, (pid & 0x7f_ffff) | (77 << 23), secret).await;
+        let started = tokio::time::Instant::now();
+        Raw::cancel(other.addr, pid, secret).await;
+        let reply = tokio::time::timeout(PATIENCE, raw.until_ready())
+            .await
+            .expect("the statement was cancelled");
+        let error = reply.iter().find(|m| m.tag == b'E').expect("an error");
+        assert_eq!(error.sqlstate().as_deref(), Some("57014"), "{reply:?}");
+        eprintln!(
+            "cancel sent to instance {}, statement on instance {id} cancelled after {:?}",
+            3 - id,
+            started.elapsed()
+        );
+        // The guessed keys did not cancel this one early: it ran until the real cancel.
+        raw.query("SELECT 1").await;
+        assert!(raw.until_ready().await.iter().all(|m| m.tag != b'E'));
+    }
+    two.shutdown(Duration::from_secs(1)).await;
+    one.shutdown(Duration::from_secs(1)).await;
+}

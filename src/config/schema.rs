@@ -24,6 +24,8 @@ pub struct ConfigFile {
     #[serde(default)]
     pub catalog: Option<CatalogConfig>,
     #[serde(default)]
+    pub peering: Option<PeeringConfig>,
+    #[serde(default)]
     pub pool: PoolConfig,
     #[serde(default)]
     pub shards: BTreeMap<Spanned<String>, ShardConfig>,
@@ -154,6 +156,34 @@ pub struct CatalogConfig {
     pub dsn: Option<String>,
     #[serde(default)]
     pub dsn_env: Option<String>,
+}
+
+/// `[peering]`: instances that forward each other's CancelRequests.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeeringConfig {
+    /// This instance's id, 1 to 255 (or `id_env`); without either, claimed in the catalog.
+    #[serde(default)]
+    pub id: Option<Spanned<u32>>,
+    #[serde(default)]
+    pub id_env: Option<String>,
+    /// The address other instances reach this one's listener at (or `advertise_env`);
+    /// default: the listen address once bound.
+    #[serde(default)]
+    pub advertise: Option<String>,
+    #[serde(default)]
+    pub advertise_env: Option<String>,
+    /// Other instances, by id (this instance's own entry is ignored).
+    #[serde(default)]
+    pub peers: Vec<PeerConfig>,
+}
+
+/// One entry of `[peering] peers`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerConfig {
+    pub id: u32,
+    pub addr: String,
 }
 
 /// `[audit]`.

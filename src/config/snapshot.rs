@@ -55,6 +55,8 @@ pub struct Snapshot {
     /// `[catalog]`: where shards, plans, tenants and users come from, and the catalog
     /// database's URL (also the default of `pgtenant catalog import`).
     pub catalog: Catalog,
+    /// `[peering]`, when this instance has peers.
+    pub peering: Option<Peering>,
     by_name: HashMap<String, Arc<Tenant>>,
     by_subdomain: HashMap<String, Arc<Tenant>>,
     /// Tests only (never set from a file): sessions run without the guard, to prove what the
@@ -81,6 +83,7 @@ impl Snapshot {
             .collect();
         Snapshot {
             catalog: Catalog::default(),
+            peering: None,
             unguarded_for_tests: false,
             source,
             listen,
@@ -114,6 +117,16 @@ impl Snapshot {
 pub struct Catalog {
     pub source: super::CatalogSource,
     pub dsn: Option<Secret>,
+}
+
+/// `[peering]`, resolved.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Peering {
+    /// This instance's id; `None`: claimed in the catalog at start.
+    pub id: Option<u8>,
+    pub advertise: Option<String>,
+    /// Other instances' listeners by id.
+    pub peers: BTreeMap<u8, String>,
 }
 
 /// `[listen]`, resolved.

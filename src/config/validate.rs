@@ -114,6 +114,69 @@ fn secret(
     }
 }
 
+/// `[peering]`: ids 1 to 255 (they are written into the cancel keys this instance issues).
+fn peering(ctx: &Ctx<'_>, p: PeeringConfig, catalog: &Catalog) -> Result<Peering, ConfigError> {
+    let subject = || Some("peering".to_owned());
+    let in_range = |n: u32, span: Option<Range<usize>>| {
+        u8::try_from(n).ok().filter(|n| *n != 0).ok_or_else(|| {
+            ctx.err(
+                span,
+                subject(),
+                format!("instance id {n} is not between 1 and 255"),
+            )
+        })
+    };
+    let span = p.id.as_ref().map(|s| s.span());
+    let id = match (p.id.map(|s| s.into_inner()), p.id_env) {
+        (Some(_), Some(_)) => {
+            return Err(ctx.err(span, subject(), "set either id or id_env, not both".into()));
+        }
+        (Some(n), None) => Some(in_range(n, span)?),
+        (None, Some(var)) => {
+            let text = std::env::var(&var).map_err(|_| {
+                ctx.err(
+                    None,
+                    subject(),
+                    format!("id_env names environment variable {var:?}, which is not set"),
+                )
+            })?;
+            let n = text.trim().parse::<u32>().map_err(|_| {
+                ctx.err(
+                    None,
+                    subject(),
+                    format!("{var}={text:?} is not an instance id"),
+                )
+            })?;
+            Some(in_range(n, None)?)
+        }
+        (None, None) if catalog.source == CatalogSource::Postgres => None,
+        (None, None) => {
+            return Err(ctx.err(
+                None,
+                subject(),
+                "an instance id is needed (id or id_env), or the catalog in PostgreSQL to claim one"
+                    .into(),
+            ));
+        }
+    };
+    let advertise = secret(ctx, "peering", "advertise", p.advertise, p.advertise_env)?.map(|s| s.0);
+    let mut peers = BTreeMap::new();
+    for peer in p.peers {
+        let n = in_range(peer.id, None)?;
+        if Some(n) == id {
+            continue;
+        }
+        if peers.insert(n, peer.addr).is_some() {
+            return Err(ctx.err(None, subject(), format!("peer id {n} is listed twice")));
+        }
+    }
+    Ok(Peering {
+        id,
+        advertise,
+        peers,
+    })
+}
+
 /// Validates `file` (parsed from `text`, read from `path`) and builds the snapshot.
 pub fn build_snapshot(file: ConfigFile, text: &str, path: &Path) -> Result<Snapshot, ConfigError> {
     let ctx = Ctx { text, path };
@@ -619,8 +682,13 @@ pub fn build_snapshot(file: ConfigFile, text: &str, path: &Path) -> Result<Snaps
             }
         }
     };
+    let peering = match file.peering {
+        None => None,
+        Some(p) => Some(peering(&ctx, p, &catalog)?),
+    };
     let mut snapshot = Snapshot::new(path.to_owned(), listen, pool, admin, shards, tenants);
     snapshot.catalog = catalog;
+    snapshot.peering = peering;
     Ok(snapshot)
 }
 

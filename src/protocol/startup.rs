@@ -16,6 +16,10 @@ pub const PROTOCOL_3_0: i32 = 196_608;
 const SSL_REQUEST_CODE: i32 = 80_877_103;
 const GSSENC_REQUEST_CODE: i32 = 80_877_104;
 const CANCEL_REQUEST_CODE: i32 = 80_877_102;
+/// A CancelRequest one pgtenant instance forwards to the peer that issued its key (code
+/// 1234.5775, next to PostgreSQL's 1234.5678): never forwarded again, so misconfigured peers
+/// cannot bounce a cancel between them.
+pub const PEER_CANCEL_CODE: i32 = 80_877_199;
 /// Protocol 3.2 allows cancel secrets of up to 256 bytes.
 const MAX_CANCEL_SECRET: usize = 256;
 
@@ -24,7 +28,12 @@ const MAX_CANCEL_SECRET: usize = 256;
 pub enum InitialPacket {
     SslRequest,
     GssEncRequest,
-    Cancel { pid: i32, secret: Vec<u8> },
+    Cancel {
+        pid: i32,
+        secret: Vec<u8>,
+        /// Sent by a peer instance ([`PEER_CANCEL_CODE`]).
+        forwarded: bool,
+    },
     Startup(StartupMessage),
 }
 
@@ -88,7 +97,7 @@ pub fn parse_initial(buf: &[u8]) -> Result<Option<(InitialPacket, usize)>, Start
         SSL_REQUEST_CODE if len == 8 => InitialPacket::SslRequest,
         GSSENC_REQUEST_CODE if len == 8 => InitialPacket::GssEncRequest,
         SSL_REQUEST_CODE | GSSENC_REQUEST_CODE => return Err(StartupError::BadLength(len)),
-        CANCEL_REQUEST_CODE => {
+        CANCEL_REQUEST_CODE | PEER_CANCEL_CODE => {
             if body.len() < 8 || body.len() > 4 + MAX_CANCEL_SECRET {
                 return Err(StartupError::BadLength(len));
             }
@@ -96,6 +105,7 @@ pub fn parse_initial(buf: &[u8]) -> Result<Option<(InitialPacket, usize)>, Start
             InitialPacket::Cancel {
                 pid,
                 secret: body[4..].to_vec(),
+                forwarded: code == PEER_CANCEL_CODE,
             }
         }
         _ => {
@@ -185,7 +195,8 @@ mod tests {
             Some((
                 InitialPacket::Cancel {
                     pid: 42,
-                    secret: 7i32.to_be_bytes().to_vec()
+                    secret: 7i32.to_be_bytes().to_vec(),
+                    forwarded: false,
                 },
                 16
             ))

@@ -22,7 +22,12 @@ pub enum Opening {
         startup: StartupMessage,
     },
     /// A CancelRequest (the connection carries nothing else).
-    Cancel { pid: i32, secret: Vec<u8> },
+    Cancel {
+        pid: i32,
+        secret: Vec<u8>,
+        /// Forwarded by a peer instance: handled here or not at all.
+        forwarded: bool,
+    },
 }
 
 /// Why the opening failed.
@@ -175,7 +180,17 @@ pub async fn negotiate(
                 gss_seen = true;
                 write_byte(&mut stream, b'N').await?;
             }
-            InitialPacket::Cancel { pid, secret } => return Ok(Opening::Cancel { pid, secret }),
+            InitialPacket::Cancel {
+                pid,
+                secret,
+                forwarded,
+            } => {
+                return Ok(Opening::Cancel {
+                    pid,
+                    secret,
+                    forwarded,
+                });
+            }
             InitialPacket::Startup(startup) => {
                 if mode == ClientTlsMode::Require && !stream.is_tls() {
                     return Err(refuse(&mut stream, HandshakeError::TlsRequired).await);

@@ -237,7 +237,30 @@ async fn open(
     };
     let (mut stream, startup) = match negotiated {
         Ok(Opening::Startup { stream, startup }) => (stream, startup),
-        Ok(Opening::Cancel { pid, secret }) => {
+        Ok(Opening::Cancel {
+            pid,
+            secret,
+            forwarded,
+        }) => {
+            // Issued by another instance: passed on to it, once.
+            if let Some(issuer) = state.cancels.issuer_elsewhere(pid) {
+                match state.peer(issuer) {
+                    Some(addr) if !forwarded => {
+                        if let Err(e) =
+                            crate::cancel::forward(&addr, pid, &secret, Duration::from_secs(5))
+                                .await
+                        {
+                            tracing::info!(peer = issuer, %addr, error = %e, "forwarding a cancel request to a peer failed");
+                        }
+                    }
+                    _ => tracing::info!(
+                        peer = issuer,
+                        forwarded,
+                        "cancel request for another instance, which is not a known peer"
+                    ),
+                }
+                return None;
+            }
             if let Some(cancel) = state.cancels.lookup(peer.ip(), pid, &secret)
                 && let Err(e) = cancel.send(Duration::from_secs(5)).await
             {

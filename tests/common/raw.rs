@@ -105,6 +105,38 @@ impl Raw {
         raw
     }
 
+    /// Like `connect`, and the BackendKeyData the server sent: `(pid, secret)`.
+    pub async fn connect_with_key(
+        addr: std::net::SocketAddr,
+        params: &[(&str, &str)],
+        password: &str,
+    ) -> (Raw, i32, i32) {
+        let mut raw = Raw::startup(addr, params).await;
+        raw.authenticate(password).await.expect("authenticated");
+        let key = raw
+            .until_ready()
+            .await
+            .into_iter()
+            .find(|m| m.tag == b'K')
+            .expect("BackendKeyData");
+        let (pid, secret) = (&key.body[..4], &key.body[4..8]);
+        (
+            raw,
+            i32::from_be_bytes(pid.try_into().unwrap()),
+            i32::from_be_bytes(secret.try_into().unwrap()),
+        )
+    }
+
+    /// Sends a CancelRequest for `(pid, secret)` to `addr` and waits until it is closed.
+    pub async fn cancel(addr: std::net::SocketAddr, pid: i32, secret: i32) {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        let mut out = BytesMut::new();
+        frontend::cancel_request(pid, secret, &mut out);
+        s.write_all(&out).await.unwrap();
+        let mut sink = Vec::new();
+        let _ = s.read_to_end(&mut sink).await;
+    }
+
     /// Runs the SCRAM exchange; returns the ErrorResponse if authentication fails.
     pub async fn authenticate(&mut self, password: &str) -> Result<(), Msg> {
         let mut scram: Option<ScramSha256> = None;
