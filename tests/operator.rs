@@ -150,6 +150,36 @@ async fn metrics_count_what_tenants_do_and_health_answers() {
         Some(0.0)
     );
 
+    // Every series the Grafana dashboard queries is one pgtenant exports (a failed reload
+    // first, so that its counter exists).
+    let _ = env.proxy.state.reload_from_source().await;
+    let (_, scraped) = http(admin, "GET", "/metrics").await;
+    let dashboard = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docker/grafana-dashboard.json"),
+    )
+    .unwrap();
+    let mut names: Vec<&str> = dashboard
+        .match_indices("pgtenant_")
+        .map(|(at, _)| {
+            let rest = &dashboard[at..];
+            let end = rest
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .unwrap_or(rest.len());
+            &rest[..end]
+        })
+        .collect();
+    names.sort_unstable();
+    names.dedup();
+    assert!(names.len() >= 10, "{names:?}");
+    for name in names {
+        assert!(
+            scraped
+                .lines()
+                .any(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' '])),
+            "the dashboard queries {name}, which /metrics does not export:\n{scraped}"
+        );
+    }
+
     assert_eq!(
         http(admin, "GET", "/healthz").await,
         (200, "ok\n".to_owned())
