@@ -300,8 +300,13 @@ impl AppState {
         self.metrics.set_policy(snapshot.admin.tenant_labels);
         // Tenants no longer in the file: their sessions end at their next transaction.
         let live = self.quotas.all();
+        let session_mode = snapshot.pool.mode == config::PoolMode::Session;
         for (name, tenant) in &live {
-            tenant.set_removed(snapshot.tenant_by_name(name).is_none());
+            let removed = snapshot.tenant_by_name(name).is_none();
+            tenant.set_removed(removed);
+            if removed && session_mode {
+                self.clients.leave(name);
+            }
         }
         let moved: Vec<_> = live
             .into_iter()
@@ -317,6 +322,10 @@ impl AppState {
         for (name, tenant) in moved {
             tracing::info!(tenant = %name, "placement changed: its sessions follow at their next transaction");
             tenant.bump_placement();
+            // A session-mode session cannot follow: it ends at its next transaction boundary.
+            if session_mode {
+                self.clients.leave(&name);
+            }
         }
         Ok(())
     }

@@ -105,3 +105,64 @@ async fn notifications_are_renamed_on_the_clients_own_connection() {
     }
     assert_eq!(got, vec!["ch\0yes\0".to_owned()]);
 }
+
+/// A reload that removes the tenant: a session in a transaction finishes it (and it commits),
+/// then ends with `57P01`; an idle session ends at once. Other tenants go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_tenant_s_sessions_end_at_their_next_transaction_boundary() {
+    let env = session_mode(5).await;
+    // The connection tasks' results: the FATAL error pgtenant sends when it ends the session.
+    let connect = || async {
+        let (client, connection) = env
+            .pg_config("acme")
+            .connect(tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        (client, tokio::spawn(connection))
+    };
+    let (busy, busy_end) = connect().await;
+    let (idle, idle_end) = connect().await;
+    let globex = env.connect("globex").await;
+    busy.simple_query("BEGIN; INSERT INTO items (name) VALUES ('committed after removal')")
+        .await
+        .unwrap();
+    idle.simple_query("SELECT 1").await.unwrap();
+
+    let without_acme: String = env
+        .fixture
+        .config(&env.addr().to_string(), "")
+        .replacen("mode = \"transaction\"", "mode = \"session\"", 1)
+        .split("[[tenants]]\n")
+        .enumerate()
+        .filter(|(_, chunk)| !chunk.contains("name = \"acme\""))
+        .map(|(i, chunk)| {
+            if i == 0 {
+                chunk.to_owned()
+            } else {
+                format!("[[tenants]]\n{chunk}")
+            }
+        })
+        .collect();
+    let snapshot =
+        pgtenant::config::load_str(&without_acme, std::path::Path::new("test.toml")).unwrap();
+    assert!(snapshot.tenant_by_name("acme").is_none());
+    env.proxy.state.reload(snapshot).unwrap();
+
+    // The open transaction goes on and commits.
+    busy.simple_query("SELECT 1").await.unwrap();
+    busy.simple_query("COMMIT").await.unwrap();
+    for ended in [busy_end, idle_end] {
+        let err = tokio::time::timeout(Duration::from_secs(20), ended)
+            .await
+            .expect("the session ends")
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(common::code(&err), "57P01", "{err:?}");
+        assert!(common::message(&err).contains("removed"), "{err:?}");
+    }
+    assert!(idle.simple_query("SELECT 1").await.is_err());
+    globex.simple_query("SELECT 1").await.unwrap();
+    let committed =
+        env.admin_a("SELECT count(*) FROM items WHERE name = 'committed after removal'");
+    assert_eq!(committed.trim(), "1");
+}

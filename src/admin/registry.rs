@@ -20,6 +20,9 @@ pub struct ClientEntry {
     pub since: Instant,
     /// Ends the session (KILL); a child of pgtenant's shutdown token.
     pub end: CancellationToken,
+    /// Session mode: asks the session to end at its next transaction boundary (its tenant
+    /// was removed or moved).
+    pub leave: CancellationToken,
 }
 
 /// The clients connected now.
@@ -46,6 +49,13 @@ impl Clients {
     /// The clients now.
     pub fn list(&self) -> Vec<(u64, ClientEntry)> {
         self.map().iter().map(|(k, v)| (*k, v.clone())).collect()
+    }
+
+    /// Asks every session of `tenant` to end at its next transaction boundary.
+    pub fn leave(&self, tenant: &str) {
+        for c in self.map().values().filter(|c| c.tenant == tenant) {
+            c.leave.cancel();
+        }
     }
 
     /// Ends every session of `tenant`; returns how many.

@@ -144,6 +144,9 @@ pub(super) async fn run_session(
     // Shutdown has begun: a transaction-mode session ends at its next transaction boundary.
     // A token of its own, so that waiting on it touches no lock other sessions share.
     let drain_token = state.draining.child_token();
+    // Session mode: the tenant was removed or moved by a reload; the session ends at its
+    // next transaction boundary (transaction mode checks at each transaction instead).
+    let leave_token = tokio_util::sync::CancellationToken::new();
     let _registered = state.clients.register(
         client_id,
         crate::admin::registry::ClientEntry {
@@ -152,6 +155,7 @@ pub(super) async fn run_session(
             peer,
             since: Instant::now(),
             end: end_token.clone(),
+            leave: leave_token.clone(),
         },
     );
     let setup_sql = session_setup_sql(&tenant, role);
@@ -317,7 +321,10 @@ pub(super) async fn run_session(
         relay.set_own_backend(pooled.conn.backend_pid());
         let shutdown = end_token.cancelled();
         tokio::pin!(shutdown);
+        let leave = leave_token.cancelled();
+        tokio::pin!(leave);
         let mut waits = Waits::new(shutdown, &tenant.limits);
+        waits.leave = Some((leave, &tenant_state));
         let end = forward(
             &mut waits,
             &tenant.limits,
@@ -820,12 +827,19 @@ const OWN_TIMEOUT_GRACE: Duration = Duration::from_millis(250);
 /// How often the session checks its timeouts while forwarding.
 const TIMER_TICK: Duration = Duration::from_millis(100);
 
-/// Forwards until the session ends, pgtenant shuts down, or a timeout ends it.
 /// What a session creates once and every transaction's forwarding uses: pgtenant's
-/// shutdown, and the timer of the plan's timeouts (none when the plan has none).
+/// shutdown, and the timer of the plan's timeouts (none when the plan has none). In session
+/// mode also the signal that the tenant was removed or moved: the session then ends at its
+/// next transaction boundary.
 struct Waits<'a, 'b> {
     shutdown: std::pin::Pin<&'a mut tokio_util::sync::WaitForCancellationFuture<'b>>,
     tick: Option<tokio::time::Interval>,
+    leave: Option<(
+        std::pin::Pin<&'a mut tokio_util::sync::WaitForCancellationFuture<'b>>,
+        &'a crate::quota::TenantState,
+    )>,
+    /// The leave signal fired: end at the next transaction boundary.
+    leaving: bool,
 }
 
 impl<'a, 'b> Waits<'a, 'b> {
@@ -836,15 +850,22 @@ impl<'a, 'b> Waits<'a, 'b> {
         let timers = [limits.statement_timeout, limits.idle_in_transaction_timeout]
             .iter()
             .any(|d| d.is_some_and(|d| !d.is_zero()));
-        let tick = timers.then(|| {
-            let mut tick = tokio::time::interval(TIMER_TICK);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-            tick
-        });
-        Waits { shutdown, tick }
+        Waits {
+            shutdown,
+            tick: timers.then(timer),
+            leave: None,
+            leaving: false,
+        }
     }
 }
 
+fn timer() -> tokio::time::Interval {
+    let mut tick = tokio::time::interval(TIMER_TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    tick
+}
+
+/// Forwards until the session ends, pgtenant shuts down, or a timeout ends it.
 async fn forward(
     waits: &mut Waits<'_, '_>,
     limits: &PlanConfig,
@@ -857,12 +878,33 @@ async fn forward(
     let idle_timeout = limits.idle_in_transaction_timeout.filter(|d| !d.is_zero());
     let cancel_target = pooled.conn.cancel_target();
     let mut side = ServerSide::of(&mut pooled.conn);
-    let timers = waits.tick.is_some();
+    let mut timers = waits.tick.is_some();
     let mut cancelled_for = None;
     loop {
+        if waits.leaving && relay.between_transactions(side.tracker) {
+            return match &waits.leave {
+                Some((_, tenant)) if tenant.removed() => SessionEnd::Removed,
+                _ => SessionEnd::Moved,
+            };
+        }
+        let watch_leave = waits.leave.is_some() && !waits.leaving;
         tokio::select! {
             end = pump.run(relay, stream, &mut side) => return SessionEnd::Pump(end),
             _ = waits.shutdown.as_mut() => return SessionEnd::Shutdown,
+            _ = async {
+                match waits.leave.as_mut() {
+                    Some((leave, _)) => leave.as_mut().await,
+                    None => std::future::pending().await,
+                }
+            }, if watch_leave => {
+                // Checked at the top of the loop, and at every tick until the transaction
+                // in progress ends.
+                waits.leaving = true;
+                if waits.tick.is_none() {
+                    waits.tick = Some(timer());
+                }
+                timers = true;
+            }
             _ = next_tick(&mut waits.tick), if timers => {
                 if let (Some(limit), Some(since)) = (statement_timeout, relay.busy_since())
                     && since.elapsed() >= limit + OWN_TIMEOUT_GRACE
@@ -922,7 +964,7 @@ async fn finish(
             "tenant_moved",
             Some(ClientError::fatal(
                 sqlstate::ADMIN_SHUTDOWN,
-                "terminating connection: this tenant's placement changed and this session cannot follow it (it listens for notifications, or the kind of placement changed); reconnect",
+                "terminating connection: this tenant's placement changed and this session cannot follow it; reconnect",
             )),
         ),
         SessionEnd::Removed => (
