@@ -3,7 +3,7 @@
 //! each. The same fixture serves the integration tests, so what the demo shows is what the
 //! tests check.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -87,21 +87,18 @@ pub fn create_roles(a: &Cluster, b: &Cluster) -> Result<(), LocalPgError> {
     Ok(())
 }
 
-/// Creates the sample databases (named with `suffix`, so tests can have one each) and
-/// returns what a configuration needs. The roles must exist ([`create_roles`]).
-pub fn create_fixture(a: &Cluster, b: &Cluster, suffix: &str) -> Result<Fixture, LocalPgError> {
-    let shared_db = format!("app{suffix}");
-    let dedicated_db = format!("initech{suffix}");
-    a.psql("postgres", &format!("CREATE DATABASE {shared_db}"))?;
-    // The shared shard verifies the tenant context (what `pgtenant shard init` does), and its
-    // policies read the verified tenant, not the setting a client could write.
-    let key_file = key_dir()?.join(format!("shared{suffix}.key"));
-    let _ = std::fs::remove_file(&key_file);
+/// Creates database `db` on `a` as a shared shard: the verified tenant context with a new
+/// key written to `key_file` (what `pgtenant shard init` does), and an empty `items` table
+/// whose policy reads the verified tenant (not the setting a client could write), with
+/// pgtenant's read-write and read-only roles granted on it.
+pub fn create_shared_database(a: &Cluster, db: &str, key_file: &Path) -> Result<(), LocalPgError> {
+    a.psql("postgres", &format!("CREATE DATABASE {db}"))?;
+    let _ = std::fs::remove_file(key_file);
     let key = ContextKey::generate();
-    key.create(&key_file)
+    key.create(key_file)
         .map_err(|e| LocalPgError::Setup(e.to_string()))?;
     a.psql(
-        &shared_db,
+        db,
         &format!(
             "{}\n{};\n{}",
             context::install_sql(APP_ROLE),
@@ -110,7 +107,7 @@ pub fn create_fixture(a: &Cluster, b: &Cluster, suffix: &str) -> Result<Fixture,
         ),
     )?;
     a.psql(
-        &shared_db,
+        db,
         &format!(
             "CREATE TABLE public.items (
                 id bigserial,
@@ -124,8 +121,23 @@ pub fn create_fixture(a: &Cluster, b: &Cluster, suffix: &str) -> Result<Fixture,
                 WITH CHECK (tenant_id = (SELECT pgtenant.tenant_id()));
              GRANT SELECT, INSERT, UPDATE, DELETE ON public.items TO {APP_ROLE};
              GRANT SELECT ON public.items TO {READONLY_ROLE};
-             GRANT USAGE ON SEQUENCE public.items_id_seq TO {APP_ROLE};
-             INSERT INTO public.items (tenant_id, name) VALUES
+             GRANT USAGE ON SEQUENCE public.items_id_seq TO {APP_ROLE};"
+        ),
+    )?;
+    Ok(())
+}
+
+/// Creates the sample databases (named with `suffix`, so tests can have one each) and
+/// returns what a configuration needs. The roles must exist ([`create_roles`]).
+pub fn create_fixture(a: &Cluster, b: &Cluster, suffix: &str) -> Result<Fixture, LocalPgError> {
+    let shared_db = format!("app{suffix}");
+    let dedicated_db = format!("initech{suffix}");
+    let key_file = key_dir()?.join(format!("shared{suffix}.key"));
+    create_shared_database(a, &shared_db, &key_file)?;
+    a.psql(
+        &shared_db,
+        &format!(
+            "INSERT INTO public.items (tenant_id, name) VALUES
                 ('{ACME_ID}', 'acme anvil'), ('{ACME_ID}', 'acme rocket skates'),
                 ('{GLOBEX_ID}', 'globex doomsday device');
              CREATE SCHEMA t_umbrella AUTHORIZATION {UMBRELLA_ROLE};

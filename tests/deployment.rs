@@ -22,6 +22,13 @@ fn yaml(file: &str) -> Vec<Yaml> {
     YamlLoader::load_from_str(&docker(file)).unwrap_or_else(|e| panic!("docker/{file}: {e}"))
 }
 
+/// The strings of a YAML list.
+fn strings(list: &Yaml) -> Vec<&str> {
+    list.as_vec()
+        .map(|v| v.iter().filter_map(Yaml::as_str).collect())
+        .unwrap_or_default()
+}
+
 #[test]
 fn compose_runs_prometheus_and_grafana_on_pgtenant() {
     let compose = &yaml("compose.yaml")[0];
@@ -36,12 +43,7 @@ fn compose_runs_prometheus_and_grafana_on_pgtenant() {
         .admin
         .http
         .expect("admin.http in docker/pgtenant.toml");
-    let ports: Vec<&str> = services["pgtenant"]["ports"]
-        .as_vec()
-        .unwrap()
-        .iter()
-        .filter_map(Yaml::as_str)
-        .collect();
+    let ports = strings(&services["pgtenant"]["ports"]);
     assert!(
         ports.contains(&format!("{0}:{0}", http.port()).as_str()),
         "{ports:?}"
@@ -54,12 +56,7 @@ fn compose_runs_prometheus_and_grafana_on_pgtenant() {
         job["static_configs"][0]["targets"][0].as_str(),
         Some(format!("pgtenant:{}", http.port()).as_str())
     );
-    let mounted: Vec<&str> = services["prometheus"]["volumes"]
-        .as_vec()
-        .unwrap()
-        .iter()
-        .filter_map(Yaml::as_str)
-        .collect();
+    let mounted = strings(&services["prometheus"]["volumes"]);
     assert!(
         mounted.iter().any(|v| v.starts_with("./prometheus.yml:")),
         "{mounted:?}"

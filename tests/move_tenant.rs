@@ -14,6 +14,14 @@ use std::time::Duration;
 use common::{code, world};
 use tokio_postgres::SimpleQueryMessage;
 
+async fn database_of(client: &tokio_postgres::Client) -> String {
+    client
+        .query_one("SELECT current_database()", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
 fn rows(msgs: Vec<SimpleQueryMessage>) -> Vec<Vec<String>> {
     msgs.into_iter()
         .filter_map(|m| match m {
@@ -156,26 +164,15 @@ async fn move_tenant_under_load_pauses_it_then_continues_on_the_new_shard() {
     // New sessions go to the new shard; the file says so, and a RELOAD keeps it.
     let fresh = env.connect("acme").await;
     let db = |msgs| rows(msgs)[0][0].clone();
-    assert_eq!(
-        db(fresh
-            .simple_query("SELECT current_database()")
-            .await
-            .unwrap()),
-        second_db
-    );
+
+    assert_eq!(database_of(&fresh).await, second_db);
     let text = std::fs::read_to_string(&path).unwrap();
     assert!(
         text.contains(r#"placement = { kind = "shared", shard = "shared-b" }"#),
         "{text}"
     );
     console.simple_query("RELOAD").await.unwrap();
-    assert_eq!(
-        db(fresh
-            .simple_query("SELECT current_database()")
-            .await
-            .unwrap()),
-        second_db
-    );
+    assert_eq!(database_of(&fresh).await, second_db);
     // The tenant sees its rows there only (none were copied: moving data is the DBA's).
     assert_eq!(
         db(fresh
@@ -197,13 +194,7 @@ async fn move_tenant_under_load_pauses_it_then_continues_on_the_new_shard() {
         .unwrap_err();
     assert_eq!(code(&err), "55P03", "{err:?}");
     fresh.batch_execute("COMMIT").await.unwrap();
-    assert_eq!(
-        db(fresh
-            .simple_query("SELECT current_database()")
-            .await
-            .unwrap()),
-        second_db
-    );
+    assert_eq!(database_of(&fresh).await, second_db);
     assert!(
         std::fs::read_to_string(&path)
             .unwrap()
@@ -228,13 +219,7 @@ async fn move_tenant_under_load_pauses_it_then_continues_on_the_new_shard() {
         .unwrap_err();
     assert_eq!(code(&err), "F0000", "{err:?}");
     assert!(common::message(&err).contains("dedicated"), "{err:?}");
-    assert_eq!(
-        db(fresh
-            .simple_query("SELECT current_database()")
-            .await
-            .unwrap()),
-        second_db
-    );
+    assert_eq!(database_of(&fresh).await, second_db);
 
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -411,18 +411,7 @@ async fn a_changed_file_is_reloaded_and_a_removed_tenant_ends_at_its_next_transa
     assert!(env.proxy.state.snapshot().tenant_by_name("acme").is_some());
 
     // acme removed, by rename.
-    let without_acme: String = original
-        .split("[[tenants]]\n")
-        .enumerate()
-        .filter(|(_, chunk)| !chunk.contains("name = \"acme\""))
-        .map(|(i, chunk)| {
-            if i == 0 {
-                chunk.to_owned()
-            } else {
-                format!("[[tenants]]\n{chunk}")
-            }
-        })
-        .collect();
+    let without_acme = common::without_tenant(&original, "acme");
     assert_ne!(without_acme, original);
     replace(&without_acme);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);

@@ -128,21 +128,14 @@ async fn a_removed_tenant_s_sessions_end_at_their_next_transaction_boundary() {
         .unwrap();
     idle.simple_query("SELECT 1").await.unwrap();
 
-    let without_acme: String = env
-        .fixture
-        .config(&env.addr().to_string(), "")
-        .replacen("mode = \"transaction\"", "mode = \"session\"", 1)
-        .split("[[tenants]]\n")
-        .enumerate()
-        .filter(|(_, chunk)| !chunk.contains("name = \"acme\""))
-        .map(|(i, chunk)| {
-            if i == 0 {
-                chunk.to_owned()
-            } else {
-                format!("[[tenants]]\n{chunk}")
-            }
-        })
-        .collect();
+    let without_acme = common::without_tenant(
+        &env.fixture.config(&env.addr().to_string(), "").replacen(
+            "mode = \"transaction\"",
+            "mode = \"session\"",
+            1,
+        ),
+        "acme",
+    );
     let snapshot =
         pgtenant::config::load_str(&without_acme, std::path::Path::new("test.toml")).unwrap();
     assert!(snapshot.tenant_by_name("acme").is_none());

@@ -250,41 +250,8 @@ pub fn message(e: &tokio_postgres::Error) -> String {
 /// context (its own key), and no rows. Returns its `[shards.shared-b]` table.
 pub fn second_shared_shard(db: &str, key_file: &std::path::Path) -> String {
     let a = &world().a;
-    a.psql("postgres", &format!("CREATE DATABASE {db}"))
-        .unwrap();
-    let key = pgtenant::tenant::context::ContextKey::generate();
-    let _ = std::fs::remove_file(key_file);
-    key.create(key_file).unwrap();
-    let (app, reader) = (pgtenant::demo::APP_ROLE, pgtenant::demo::READONLY_ROLE);
-    a.psql(
-        db,
-        &format!(
-            "{}\n{};\n{}",
-            pgtenant::tenant::context::install_sql(app),
-            key.store_sql(),
-            pgtenant::tenant::context::harden_sql()
-        ),
-    )
-    .unwrap();
-    a.psql(
-        db,
-        &format!(
-            "CREATE TABLE public.items (
-                id bigserial,
-                tenant_id uuid NOT NULL DEFAULT pgtenant.tenant_id(),
-                name text NOT NULL,
-                PRIMARY KEY (tenant_id, id));
-             ALTER TABLE public.items ENABLE ROW LEVEL SECURITY;
-             ALTER TABLE public.items FORCE ROW LEVEL SECURITY;
-             CREATE POLICY tenant_isolation ON public.items
-                USING (tenant_id = (SELECT pgtenant.tenant_id()))
-                WITH CHECK (tenant_id = (SELECT pgtenant.tenant_id()));
-             GRANT SELECT, INSERT, UPDATE, DELETE ON public.items TO {app};
-             GRANT SELECT ON public.items TO {reader};
-             GRANT USAGE ON SEQUENCE public.items_id_seq TO {app};"
-        ),
-    )
-    .unwrap();
+    demo::create_shared_database(a, db, key_file).unwrap();
+    let (app, reader) = (demo::APP_ROLE, demo::READONLY_ROLE);
     format!(
         "\n[shards.shared-b]\nhost = \"127.0.0.1\"\nport = {}\ndatabase = \"{db}\"\nuser = \"{app}\"\n\
          password = \"{pw}\"\nmax_connections = 20\ntls = \"disable\"\ncontext_key_file = \"{}\"\n\
@@ -293,4 +260,19 @@ pub fn second_shared_shard(db: &str, key_file: &std::path::Path) -> String {
         key_file.display(),
         pw = a.password,
     )
+}
+
+/// Configuration `text` without the `[[tenants]]` entry of tenant `name`.
+pub fn without_tenant(text: &str, name: &str) -> String {
+    text.split("[[tenants]]\n")
+        .enumerate()
+        .filter(|(_, chunk)| !chunk.contains(&format!("name = \"{name}\"")))
+        .map(|(i, chunk)| {
+            if i == 0 {
+                chunk.to_owned()
+            } else {
+                format!("[[tenants]]\n{chunk}")
+            }
+        })
+        .collect()
 }
