@@ -26,7 +26,7 @@ use crate::quota::login::LoginThrottle;
 pub struct AppState {
     snapshot: ArcSwap<Snapshot>,
     client_tls: ArcSwapOption<ClientTls>,
-    pub pools: Pools,
+    pub pools: Arc<Pools>,
     pub cancels: Arc<CancelRegistry>,
     /// Per-tenant live counters (client connections, query rate, server-connection caps).
     pub quotas: Quotas,
@@ -102,7 +102,7 @@ impl AppState {
         Ok(Arc::new(AppState {
             catalog,
             catalog_peers: Default::default(),
-            pools: Pools::new(snapshot.pool.clone()),
+            pools: Arc::new(Pools::new(snapshot.pool.clone())),
             snapshot: ArcSwap::from_pointee(snapshot),
             client_tls: ArcSwapOption::from(tls.map(Arc::new)),
             cancels: Arc::new(CancelRegistry::default()),
@@ -457,6 +457,13 @@ pub async fn start(snapshot: Snapshot) -> anyhow::Result<Running> {
             let _ = watch.await;
         });
     }
+
+    let probe_state = Arc::clone(&state);
+    background.spawn(crate::pool::health::check_shards(
+        move || probe_state.snapshot(),
+        Arc::clone(&state.pools),
+        stop_accepting.clone(),
+    ));
 
     let reap_state = Arc::clone(&state);
     let reap_stop = stop_accepting.clone();

@@ -45,6 +45,8 @@ pub struct Cluster {
     as_postgres: Option<(u32, u32)>,
     child: Option<Child>,
     pid: Option<u32>,
+    /// The `postgresql.conf` settings it runs with (again after [`Cluster::resume`]).
+    settings: Vec<(String, String)>,
 }
 
 static NEXT: AtomicUsize = AtomicUsize::new(0);
@@ -182,6 +184,7 @@ impl Cluster {
             as_postgres,
             child: None,
             pid: None,
+            settings: Vec::new(),
         };
         let data = cluster.data_dir();
         let mut initdb = cluster.command("initdb");
@@ -206,7 +209,7 @@ impl Cluster {
 
         let mut last_error = String::new();
         for _ in 0..5 {
-            match cluster.launch(&settings) {
+            match cluster.launch(&settings, None) {
                 Ok(()) => {
                     cluster.spawn_watchdog();
                     return Ok(cluster);
@@ -244,9 +247,20 @@ impl Cluster {
         c
     }
 
-    fn launch(&mut self, settings: &[(String, String)]) -> Result<(), LocalPgError> {
-        self.port = free_port()?;
-        let log = fs::File::create(self.root.join("postgres.log"))?;
+    fn launch(
+        &mut self,
+        settings: &[(String, String)],
+        port: Option<u16>,
+    ) -> Result<(), LocalPgError> {
+        self.port = match port {
+            Some(p) => p,
+            None => free_port()?,
+        };
+        self.settings = settings.to_vec();
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.root.join("postgres.log"))?;
         let mut cmd = self.server_command();
         cmd.arg("-D").arg(self.data_dir());
         let port = self.port.to_string();
@@ -300,12 +314,13 @@ impl Cluster {
     }
 
     fn spawn_watchdog(&self) {
-        let (Some(pid), root) = (self.pid, &self.root) else {
-            return;
-        };
+        let root = &self.root;
+        // The server's pid is read when it is needed: a cluster halted and resumed has
+        // another one.
         let script = format!(
             "while kill -0 {owner} 2>/dev/null; do sleep 1; done; \
-             if [ -d '{root}' ]; then kill -INT {pid} 2>/dev/null; sleep 3; rm -rf '{root}'; fi",
+             if [ -d '{root}' ]; then kill -INT \"$(head -n 1 '{root}/data/postmaster.pid' 2>/dev/null)\" 2>/dev/null; \
+             sleep 3; rm -rf '{root}'; fi",
             owner = std::process::id(),
             root = root.display(),
         );
@@ -353,8 +368,29 @@ impl Cluster {
         self.bindir.join(name)
     }
 
+    /// Stops the server (fast shutdown) and keeps its files and port for [`Cluster::resume`].
+    pub fn halt(&mut self) {
+        self.shut_down();
+    }
+
+    /// Starts a halted server again, on the same port.
+    pub fn resume(&mut self) -> Result<(), LocalPgError> {
+        let settings = self.settings.clone();
+        self.launch(&settings, Some(self.port))
+    }
+
+    /// The pid of the postmaster.
+    pub fn postmaster_pid(&self) -> Option<u32> {
+        self.pid
+    }
+
     /// Stops the server (fast shutdown) and removes its files.
     pub fn stop(&mut self) {
+        self.shut_down();
+        let _ = fs::remove_dir_all(&self.root);
+    }
+
+    fn shut_down(&mut self) {
         if let Some(pid) = self.pid.take() {
             let _ = Command::new("kill")
                 .args(["-INT", &pid.to_string()])
@@ -375,7 +411,6 @@ impl Cluster {
                 }
             }
         }
-        let _ = fs::remove_dir_all(&self.root);
     }
 }
 

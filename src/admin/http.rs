@@ -118,11 +118,25 @@ async fn handle(mut stream: TcpStream, state: &AppState) -> std::io::Result<()> 
     stream.shutdown().await
 }
 
-/// Probes every shard of the snapshot in force (a TCP connection, concurrently): each
-/// shard's name and whether it accepted, sorted by name. A probe that did not finish counts
-/// as down.
+/// Each shard of the snapshot in force, by name, and whether it is up: the health checks'
+/// verdict, or without them a TCP connection (concurrently; one that does not finish counts
+/// as down).
 pub async fn probe_shards(state: &AppState) -> Vec<(String, Result<(), String>)> {
     let snapshot = state.snapshot();
+    // With health checks on, their verdict (a login every interval) is the answer.
+    if !snapshot.pool.health_check_interval.is_zero() {
+        return snapshot
+            .shards
+            .keys()
+            .map(|name| {
+                let status = match state.pools.health(name).down_since() {
+                    Some((_, why)) => Err(why),
+                    None => Ok(()),
+                };
+                (name.clone(), status)
+            })
+            .collect();
+    }
     let mut probes = tokio::task::JoinSet::new();
     for shard in snapshot.shards.values() {
         let shard = Arc::clone(shard);

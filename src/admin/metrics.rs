@@ -95,6 +95,14 @@ fn describe() {
         "Bytes between clients and pgtenant, by tenant and direction"
     );
     describe_counter!("pgtenant_reloads_total", "Configuration reloads by result");
+    describe_gauge!(
+        "pgtenant_shard_up",
+        "1 while a shard's health checks succeed, 0 while it is marked down"
+    );
+    describe_counter!(
+        "pgtenant_shard_down_total",
+        "Times a shard was marked down (a probe or a new connection failed)"
+    );
     describe_histogram!(
         "pgtenant_transaction_duration_seconds",
         Unit::Seconds,
@@ -115,6 +123,13 @@ fn describe() {
 /// Counts a failed authentication (`kind` is a fixed word, never a user name).
 pub fn auth_failure(kind: &'static str) {
     metrics::counter!("pgtenant_auth_failures_total", "kind" => kind).increment(1);
+}
+
+/// Counts a shard going down (`up` false) or coming back.
+pub fn shard_health(shard: &str, up: bool) {
+    if !up {
+        metrics::counter!("pgtenant_shard_down_total", "shard" => shard.to_owned()).increment(1);
+    }
 }
 
 /// Counts a configuration reload.
@@ -306,6 +321,14 @@ impl Metrics {
             {
                 e[4] += pinned;
             }
+        }
+        for shard in snapshot.shards.keys() {
+            let up = !state.pools.health(shard).is_down();
+            metrics::gauge!("pgtenant_shard_up", "shard" => shard.clone()).set(if up {
+                1.0
+            } else {
+                0.0
+            });
         }
         for (shard, [idle, in_use, max, waiters, pinned]) in shards {
             let g = |name: &'static str, extra: Option<&'static str>, v: usize| {

@@ -236,6 +236,25 @@ pub struct PoolConfig {
         deserialize_with = "duration::de"
     )]
     pub client_write_timeout: Duration,
+    /// How often each shard is probed (a login); `"0"` turns health checks off.
+    #[serde(
+        default = "default_health_check_interval",
+        deserialize_with = "duration::de"
+    )]
+    pub health_check_interval: Duration,
+    /// A probe that takes longer fails.
+    #[serde(
+        default = "default_health_check_timeout",
+        deserialize_with = "duration::de"
+    )]
+    pub health_check_timeout: Duration,
+}
+
+fn default_health_check_interval() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_health_check_timeout() -> Duration {
+    Duration::from_secs(2)
 }
 
 impl Default for PoolConfig {
@@ -246,6 +265,8 @@ impl Default for PoolConfig {
             server_idle_timeout: default_server_idle_timeout(),
             connect_timeout: default_connect_timeout(),
             client_write_timeout: default_client_write_timeout(),
+            health_check_interval: default_health_check_interval(),
+            health_check_timeout: default_health_check_timeout(),
         }
     }
 }

@@ -161,6 +161,10 @@ pub struct PoolSettings {
     /// A client that takes nothing of what pgtenant has for it for this long, while a server
     /// connection is attached, is disconnected (0: never).
     pub client_write_timeout: Duration,
+    /// Each shard is probed this often (zero: never); a shard whose probe or a new
+    /// connection fails is marked down until a probe succeeds.
+    pub health_check_interval: Duration,
+    pub health_check_timeout: Duration,
 }
 
 /// `[admin]` and `[metrics]`: the operator surface.

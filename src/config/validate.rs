@@ -242,6 +242,8 @@ pub fn build_snapshot(file: ConfigFile, text: &str, path: &Path) -> Result<Snaps
         server_idle_timeout: p.server_idle_timeout,
         connect_timeout: p.connect_timeout,
         client_write_timeout: p.client_write_timeout,
+        health_check_interval: p.health_check_interval,
+        health_check_timeout: p.health_check_timeout,
     };
 
     // [admin]

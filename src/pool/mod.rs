@@ -9,6 +9,7 @@
 
 pub mod cache;
 pub mod connect;
+pub mod health;
 pub mod notify;
 pub mod server_conn;
 
@@ -47,6 +48,8 @@ pub enum PoolError {
     Server(#[from] ServerError),
     #[error("TLS setup for the shard failed: {0}")]
     Tls(String),
+    #[error("shard {0:?} is marked down")]
+    ShardDown(String),
 }
 
 impl Reportable for PoolError {
@@ -54,7 +57,7 @@ impl Reportable for PoolError {
         match self {
             PoolError::Timeout(_) | PoolError::TenantBusy(..) => ErrorKind::Quota,
             PoolError::Server(e) => e.kind(),
-            PoolError::Tls(_) => ErrorKind::ServerUnavailable,
+            PoolError::Tls(_) | PoolError::ShardDown(_) => ErrorKind::ServerUnavailable,
         }
     }
 
@@ -85,6 +88,13 @@ impl Reportable for PoolError {
                 sqlstate::UNABLE_TO_CONNECT,
                 "could not connect to the tenant's database",
             )),
+            PoolError::ShardDown(_) => Some(
+                ClientError::fatal(
+                    sqlstate::UNABLE_TO_CONNECT,
+                    "the tenant's database is unavailable",
+                )
+                .with_hint("pgtenant checks it continually and serves it again as soon as it answers; retry shortly"),
+            ),
         }
     }
 }
@@ -112,6 +122,7 @@ pub fn login_for(shard: &Shard, tenant: &Tenant, role: UserRole) -> Login {
 /// One shard + login role.
 pub struct Pool {
     shard: Arc<Shard>,
+    health: Arc<health::Health>,
     login: Login,
     tls: Option<(Arc<ClientConfig>, ServerName<'static>)>,
     permits: Arc<Semaphore>,
@@ -153,7 +164,12 @@ pub struct PooledConn {
 }
 
 impl Pool {
-    fn new(shard: Arc<Shard>, login: Login, settings: PoolSettings) -> Result<Self, PoolError> {
+    fn new(
+        shard: Arc<Shard>,
+        health: Arc<health::Health>,
+        login: Login,
+        settings: PoolSettings,
+    ) -> Result<Self, PoolError> {
         let tls = match tls::server_tls(&shard).map_err(|e| PoolError::Tls(e.to_string()))? {
             None => None,
             Some(config) => Some((
@@ -164,6 +180,7 @@ impl Pool {
         Ok(Pool {
             permits: Arc::new(Semaphore::new(shard.max_connections)),
             shard,
+            health,
             login,
             tls,
             idle: Mutex::new(Vec::new()),
@@ -189,6 +206,10 @@ impl Pool {
         client: u64,
         tenant_cap: Option<(usize, Arc<Semaphore>)>,
     ) -> Result<PooledConn, PoolError> {
+        // A shard marked down fails at once; the prober brings it back.
+        if self.health.is_down() {
+            return Err(PoolError::ShardDown(self.shard.name.clone()));
+        }
         let timeout = self.settings.checkout_timeout;
         let started = tokio::time::Instant::now();
         let tenant_permit = match tenant_cap {
@@ -227,11 +248,11 @@ impl Pool {
                 pos.map(|p| idle.remove(p))
             };
             let Some(mut conn) = candidate else { break };
-            let idle_for = conn.idle_since.elapsed();
-            // Probing costs a system call; a connection used within the last second is
-            // trusted (a failure then surfaces as a lost connection, as with any server).
-            if idle_for < self.settings.server_idle_timeout
-                && (idle_for < Duration::from_secs(1) || !conn.looks_closed())
+            // Stale: opened before the shard last went down, idle too long, or closed by the
+            // server (a readiness check, no system call while nothing arrived).
+            if conn.generation == self.health.generation()
+                && conn.idle_since.elapsed() < self.settings.server_idle_timeout
+                && !conn.looks_closed()
             {
                 return Ok(PooledConn {
                     conn,
@@ -241,13 +262,20 @@ impl Pool {
             }
             tracing::debug!(shard = %self.shard.name, "dropping stale server connection");
         }
-        let conn = connect::open(
+        let generation = self.health.generation();
+        let mut conn = connect::open(
             &self.shard,
             &self.login,
             self.tls.as_ref(),
             self.settings.connect_timeout,
         )
-        .await?;
+        .await
+        .inspect_err(|e| {
+            if health::means_down(e) {
+                self.health.mark_down(&self.shard.name, &e.to_string());
+            }
+        })?;
+        conn.generation = generation;
         tracing::debug!(shard = %self.shard.name, user = %self.login.user, "opened server connection");
         Ok(PooledConn {
             conn: Box::new(conn),
@@ -420,6 +448,7 @@ pub struct PoolStats {
 pub struct Pools {
     settings: PoolSettings,
     pools: Mutex<HashMap<PoolKey, Arc<Pool>>>,
+    health: Mutex<HashMap<String, Arc<health::Health>>>,
 }
 
 impl Pools {
@@ -428,7 +457,14 @@ impl Pools {
         Pools {
             settings,
             pools: Mutex::new(HashMap::new()),
+            health: Mutex::default(),
         }
+    }
+
+    /// The health of shard `name` (shared by its pools of every login).
+    pub fn health(&self, name: &str) -> Arc<health::Health> {
+        let mut map = self.health.lock().unwrap_or_else(|p| p.into_inner());
+        Arc::clone(map.entry(name.to_owned()).or_default())
     }
 
     fn map(&self) -> std::sync::MutexGuard<'_, HashMap<PoolKey, Arc<Pool>>> {
@@ -455,7 +491,12 @@ impl Pools {
         {
             return Ok(Arc::clone(pool));
         }
-        let pool = Arc::new(Pool::new(Arc::clone(shard), login, self.settings.clone())?);
+        let pool = Arc::new(Pool::new(
+            Arc::clone(shard),
+            self.health(&shard.name),
+            login,
+            self.settings.clone(),
+        )?);
         map.insert(key, Arc::clone(&pool));
         Ok(pool)
     }

@@ -119,6 +119,8 @@ pub struct ServerConn {
     /// Transaction-pooling state: prepared statements, whose settings are applied.
     pub pooled: PooledState,
     pub(crate) idle_since: Instant,
+    /// The shard's health generation when it was opened (see `pool::health`).
+    pub(crate) generation: u64,
 }
 
 /// How often a connection being retired has its statement cancelled again.
@@ -157,6 +159,7 @@ impl ServerConn {
             bound: None,
             pooled: PooledState::default(),
             idle_since: now,
+            generation: 0,
         }
     }
 

@@ -98,6 +98,21 @@ pub async fn connect_with(
     Ok(client)
 }
 
+/// Like [`connect_with`], keeping the connection task's result: the error that ended it
+/// (for example the FATAL error a server sends to an idle session as it ends it).
+pub async fn connect_watched(
+    config: tokio_postgres::Config,
+) -> (
+    tokio_postgres::Client,
+    tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>,
+) {
+    let (client, connection) = config
+        .connect(tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    (client, tokio::spawn(connection))
+}
+
 /// A fresh sample world and a proxy for it; `extra` is appended to the configuration (and
 /// `edit` may rewrite the whole text first).
 pub async fn start_with(extra: &str, edit: impl FnOnce(String) -> String) -> Env {

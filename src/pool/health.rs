@@ -1,0 +1,229 @@
+//! Shard health: each shard is up or down. A shard goes down when a probe or a new server
+//! connection fails for a reason that is the server's (refused, reset, timed out, shutting
+//! down or starting up; not a wrong password of one tenant's role), and comes back up when a
+//! probe logs in again. While it is down, checkouts fail at once with `08001` instead of
+//! waiting for a connect timeout each; and every server connection opened before it went
+//! down is stale and never handed out again (its generation is older).
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use std::sync::Arc;
+
+use super::ServerError;
+use super::connect::{self, Login};
+use crate::config::{Shard, Snapshot};
+use crate::error::sqlstate;
+use crate::net::tls;
+
+/// One shard's health.
+#[derive(Default)]
+pub struct Health {
+    down: AtomicBool,
+    /// Bumped each time the shard goes down: connections of an older generation are stale.
+    generation: AtomicU64,
+    /// Why it went down, and since when.
+    down_since: Mutex<Option<(Instant, String)>>,
+    /// A probe is running.
+    probing: AtomicBool,
+    /// When the last probe started.
+    last_probe: Mutex<Option<Instant>>,
+}
+
+impl Health {
+    /// Whether the shard is marked down.
+    pub fn is_down(&self) -> bool {
+        self.down.load(Ordering::Acquire)
+    }
+
+    /// The generation server connections opened now belong to.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// Why and since when the shard is down.
+    pub fn down_since(&self) -> Option<(Instant, String)> {
+        self.down_since
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Marks the shard down (`why` for the logs); true if it was up.
+    pub fn mark_down(&self, shard: &str, why: &str) -> bool {
+        let mut since = self.down_since.lock().unwrap_or_else(|p| p.into_inner());
+        // Connections opened before this failure are all suspect, even if it was down.
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        if self.down.swap(true, Ordering::AcqRel) {
+            return false;
+        }
+        *since = Some((Instant::now(), why.to_owned()));
+        tracing::warn!(
+            shard,
+            reason = why,
+            "shard marked down: its tenants' new transactions fail at once until a probe succeeds"
+        );
+        crate::admin::metrics::shard_health(shard, false);
+        true
+    }
+
+    /// Marks the shard up; true if it was down.
+    pub fn mark_up(&self, shard: &str) -> bool {
+        let mut since = self.down_since.lock().unwrap_or_else(|p| p.into_inner());
+        if !self.down.swap(false, Ordering::AcqRel) {
+            return false;
+        }
+        let down_for = since.take().map(|(t, _)| t.elapsed()).unwrap_or_default();
+        tracing::info!(
+            shard,
+            down_ms = down_for.as_millis() as u64,
+            "shard back up"
+        );
+        crate::admin::metrics::shard_health(shard, true);
+        true
+    }
+}
+
+/// Logs in to `shard` as its login role and runs `SELECT 1`, within `timeout`.
+async fn probe(shard: &Shard, timeout: Duration) -> Result<(), ServerError> {
+    let tls = match tls::server_tls(shard).map_err(|e| ServerError::Tls(e.to_string()))? {
+        None => None,
+        Some(config) => Some((
+            config,
+            tls::server_name(&shard.host).map_err(|e| ServerError::Tls(e.to_string()))?,
+        )),
+    };
+    let login = Login {
+        user: shard.user.clone(),
+        password: shard.password.clone(),
+    };
+    let work = async {
+        let mut conn = connect::open(shard, &login, tls.as_ref(), timeout).await?;
+        conn.run_own("SELECT 1").await?;
+        conn.close_and_wait(true, timeout).await;
+        Ok(())
+    };
+    tokio::time::timeout(timeout, work)
+        .await
+        .map_err(|_| ServerError::Timeout)?
+}
+
+/// Probes every shard of the snapshot in force, each every `pool.health_check_interval`
+/// (every [`DOWN_PROBE_EVERY`] while it is down), one probe per shard at a time, until `stop`.
+pub async fn check_shards(
+    snapshot: impl Fn() -> Arc<Snapshot>,
+    pools: Arc<super::Pools>,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    loop {
+        let snapshot = snapshot();
+        let (interval, timeout) = (
+            snapshot.pool.health_check_interval,
+            snapshot.pool.health_check_timeout,
+        );
+        if !interval.is_zero() {
+            for shard in snapshot.shards.values() {
+                let health = pools.health(&shard.name);
+                let every = if health.is_down() {
+                    DOWN_PROBE_EVERY
+                } else {
+                    interval
+                };
+                {
+                    let mut last = health.last_probe.lock().unwrap_or_else(|p| p.into_inner());
+                    if last.is_some_and(|t| t.elapsed() < every)
+                        || health.probing.swap(true, Ordering::AcqRel)
+                    {
+                        continue;
+                    }
+                    *last = Some(Instant::now());
+                }
+                let shard = Arc::clone(shard);
+                tokio::spawn(async move {
+                    match probe(&shard, timeout).await {
+                        Ok(()) => {
+                            health.mark_up(&shard.name);
+                        }
+                        Err(e) if means_down(&e) => {
+                            health.mark_down(&shard.name, &e.to_string());
+                        }
+                        Err(e) => {
+                            // Answering, but refusing pgtenant's login: a configuration
+                            // problem, not an outage.
+                            tracing::warn!(shard = %shard.name, error = %e, "shard health check: the shard answers but the probe failed");
+                            health.mark_up(&shard.name);
+                        }
+                    }
+                    health.probing.store(false, Ordering::Release);
+                });
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(DOWN_PROBE_EVERY / 5) => {}
+            _ = stop.cancelled() => return,
+        }
+    }
+}
+
+/// Whether `e`, met opening a server connection, says the server is unavailable (as opposed
+/// to a problem of one login or one request).
+pub fn means_down(e: &ServerError) -> bool {
+    match e {
+        ServerError::Connect { .. }
+        | ServerError::Io(_)
+        | ServerError::Closed
+        | ServerError::Timeout
+        | ServerError::Tls(_) => true,
+        // Shutting down, crash recovery, starting up, too many connections: the server
+        // itself cannot take a connection now.
+        ServerError::Server(f) => {
+            f.code.starts_with("57P")
+                || f.code.starts_with("08")
+                || f.code == sqlstate::TOO_MANY_CONNECTIONS
+        }
+        ServerError::Auth(_) | ServerError::Protocol(_) => false,
+    }
+}
+
+/// How long a down shard waits between probes: short, so that service resumes within about
+/// a second of the server's return.
+pub const DOWN_PROBE_EVERY: Duration = Duration::from_millis(250);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::server_msgs::ErrorFields;
+
+    fn server(code: &str) -> ServerError {
+        ServerError::Server(ErrorFields {
+            code: code.to_owned(),
+            ..Default::default()
+        })
+    }
+
+    #[test]
+    fn only_the_server_s_unavailability_marks_a_shard_down() {
+        assert!(means_down(&ServerError::Timeout));
+        assert!(means_down(&ServerError::Closed));
+        assert!(means_down(&server("57P03")), "starting up");
+        assert!(means_down(&server("57P01")), "shutting down");
+        assert!(means_down(&server("53300")), "too many connections");
+        // One role's problem is not an outage of the shard.
+        assert!(!means_down(&ServerError::Auth("password".into())));
+        assert!(!means_down(&server("28P01")));
+        assert!(!means_down(&server("3D000")));
+    }
+
+    #[test]
+    fn going_down_makes_every_older_connection_stale() {
+        let h = Health::default();
+        let before = h.generation();
+        assert!(h.mark_down("s", "refused") && h.is_down());
+        assert!(!h.mark_down("s", "refused again"), "already down");
+        assert!(h.generation() > before);
+        assert!(h.down_since().is_some());
+        assert!(h.mark_up("s") && !h.is_down() && h.down_since().is_none());
+        assert!(!h.mark_up("s"));
+    }
+}
