@@ -300,7 +300,8 @@ impl Cluster {
             }
             if let Ok(text) = fs::read_to_string(&pid_file) {
                 let lines: Vec<&str> = text.lines().collect();
-                if lines.len() >= 8 && lines[7].trim() == "ready" {
+                // A primary is "ready", a hot standby "standby" once it takes connections.
+                if lines.len() >= 8 && matches!(lines[7].trim(), "ready" | "standby") {
                     self.pid = lines[0].trim().parse().ok();
                     return Ok(());
                 }
@@ -366,6 +367,49 @@ impl Cluster {
     /// Path of a binary from the same installation (psql, pgbench).
     pub fn binary(&self, name: &str) -> PathBuf {
         self.bindir.join(name)
+    }
+
+    /// A hot standby of this cluster, streaming from it: a base backup (`pg_basebackup -R`)
+    /// started on a port of its own.
+    pub fn start_replica(&self) -> Result<Cluster, LocalPgError> {
+        let root = std::env::temp_dir().join(format!(
+            "pgtenant-pg-{}-{}-{:08x}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed),
+            rand::random::<u32>()
+        ));
+        fs::create_dir_all(&root)?;
+        if self.as_postgres.is_some() {
+            let mut c = Command::new("chown");
+            c.args(["-R", "postgres:", &root.to_string_lossy()]);
+            run(c, "chown")?;
+        }
+        let mut replica = Cluster {
+            port: 0,
+            superuser: self.superuser.clone(),
+            password: self.password.clone(),
+            root,
+            bindir: self.bindir.clone(),
+            as_postgres: self.as_postgres,
+            child: None,
+            pid: None,
+            settings: Vec::new(),
+        };
+        let mut backup = replica.command("pg_basebackup");
+        backup
+            .arg("-d")
+            .arg(format!(
+                "host=127.0.0.1 port={} user={} password={}",
+                self.port, self.superuser, self.password
+            ))
+            .arg("-D")
+            .arg(replica.data_dir())
+            .args(["-R", "-X", "stream", "--no-sync", "-c", "fast"]);
+        run(backup, "pg_basebackup")?;
+        let settings = vec![("hot_standby".to_owned(), "on".to_owned())];
+        replica.launch(&settings, None)?;
+        replica.spawn_watchdog();
+        Ok(replica)
     }
 
     /// Stops the server (fast shutdown) and keeps its files and port for [`Cluster::resume`].

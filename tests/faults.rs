@@ -26,6 +26,73 @@ struct Faults {
     b: Cluster,
     fixture: demo::Fixture,
     proxy: pgtenant::app::Running,
+    /// Between pgtenant and shard B: can stall or slow down the network.
+    relay: Relay,
+}
+
+/// A TCP relay to `upstream` that can stop forwarding (a network stall) or delay each chunk
+/// (a slow network), in both directions.
+struct Relay {
+    port: u16,
+    stalled: Arc<AtomicBool>,
+    delay_ms: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Relay {
+    async fn start(upstream: u16) -> Relay {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let stalled = Arc::new(AtomicBool::new(false));
+        let delay_ms = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (s, d) = (stalled.clone(), delay_ms.clone());
+        tokio::spawn(async move {
+            while let Ok((down, _)) = listener.accept().await {
+                let (s, d) = (s.clone(), d.clone());
+                tokio::spawn(async move {
+                    // The server gone: the connection closes, as a refused one would.
+                    let Ok(up) = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await
+                    else {
+                        return;
+                    };
+                    let (dr, dw) = down.into_split();
+                    let (ur, uw) = up.into_split();
+                    tokio::spawn(Relay::pump(dr, uw, s.clone(), d.clone()));
+                    tokio::spawn(Relay::pump(ur, dw, s, d));
+                });
+            }
+        });
+        Relay {
+            port,
+            stalled,
+            delay_ms,
+        }
+    }
+
+    async fn pump(
+        mut from: tokio::net::tcp::OwnedReadHalf,
+        mut to: tokio::net::tcp::OwnedWriteHalf,
+        stalled: Arc<AtomicBool>,
+        delay_ms: Arc<std::sync::atomic::AtomicU64>,
+    ) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = match from.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            while stalled.load(Ordering::Relaxed) {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            let delay = delay_ms.load(Ordering::Relaxed);
+            if delay > 0 {
+                tokio::time::sleep(Duration::from_millis(delay)).await;
+            }
+            if to.write_all(&buf[..n]).await.is_err() {
+                return;
+            }
+        }
+    }
 }
 
 impl Faults {
@@ -81,12 +148,26 @@ async fn shards_that_fail() {
     .await
     .unwrap();
     let fixture = demo::create_fixture(&a, &b, "_faults").unwrap();
+    // Shard B is reached through the relay.
+    let relay = Relay::start(b.port).await;
     // A long connect timeout: a shard that is down must fail fast without waiting for it.
-    let text = fixture.config("127.0.0.1:0", "").replacen(
-        "[pool]\n",
-        "[pool]\nconnect_timeout = \"20s\"\nhealth_check_interval = \"500ms\"\n",
-        1,
-    );
+    let text = fixture
+        .config("127.0.0.1:0", "")
+        .replacen(
+            "[pool]\n",
+            "[pool]\nconnect_timeout = \"20s\"\nhealth_check_interval = \"500ms\"\n\
+             health_check_timeout = \"1s\"\n",
+            1,
+        )
+        .replacen(
+            &format!("port = {}\ndatabase = \"{}\"", b.port, fixture.dedicated_db),
+            &format!(
+                "port = {}\ndatabase = \"{}\"",
+                relay.port, fixture.dedicated_db
+            ),
+            1,
+        );
+    assert!(text.contains(&format!("port = {}", relay.port)));
     let snapshot = pgtenant::config::load_str(&text, Path::new("faults.toml")).unwrap();
     let proxy = pgtenant::app::start(snapshot).await.unwrap();
     let mut f = Faults {
@@ -94,12 +175,15 @@ async fn shards_that_fail() {
         b,
         fixture,
         proxy,
+        relay,
     };
 
     a_shard_down_fails_fast_and_comes_back(&mut f).await;
     a_backend_terminated_mid_query(&f).await;
     a_backend_killed(&f).await;
     a_restart_under_load_loses_no_commit(&mut f).await;
+    a_network_stall(&f).await;
+    a_slow_shard(&f).await;
 
     let Faults { proxy, .. } = f;
     proxy.shutdown(Duration::from_secs(1)).await;
@@ -136,14 +220,17 @@ async fn a_shard_down_fails_fast_and_comes_back(f: &mut Faults) {
         code
     };
     assert!(["08006", "57P01"].contains(&code.as_str()), "{code:?}");
-    // The next transaction fails at once with 08001, whatever the connect timeout; so does a
-    // new session.
+    // The next transaction fails at once (08001, or 08006 when it met a server connection
+    // whose close had not arrived yet), whatever the connect timeout; so does a new session.
     let (code, took) = attempt(&idle, "SELECT 1").await;
-    assert_eq!(code, "08001");
+    assert!(["08001", "08006"].contains(&code.as_str()), "{code:?}");
     assert!(took < Duration::from_secs(10), "it waited {took:?}");
     let started = Instant::now();
     let refused = common::connect_with(f.config("initech")).await.unwrap_err();
-    assert_eq!(common::code(&refused), "08001", "{refused:?}");
+    assert!(
+        ["08001", "08006"].contains(&common::code(&refused).as_str()),
+        "{refused:?}"
+    );
     assert!(started.elapsed() < Duration::from_secs(10));
     eprintln!(
         "shard down: initech's next transaction refused with 08001 in {took:?}, a new session in {:?} ({:?} after the stop)",
@@ -322,4 +409,102 @@ async fn a_restart_under_load_loses_no_commit(f: &mut Faults) {
         "{rows} rows, {initech_committed} commits reported"
     );
     assert!(rows <= initech_committed + 2);
+}
+
+/// The network to shard B stalls: the probe times out and the shard is marked down, so
+/// initech's new transactions fail fast with 08001 instead of hanging; the statement in
+/// flight completes once the network is back (nothing lost), and service resumes; acme never
+/// notices.
+async fn a_network_stall(f: &Faults) {
+    let acme = f.connect("acme").await;
+    let in_flight = f.connect("initech").await;
+    in_flight.simple_query("SELECT 1").await.unwrap();
+    let pending = tokio::spawn(async move {
+        let r = in_flight
+            .simple_query("SELECT count(*) FROM pg_sleep(0.3), items")
+            .await
+            .map(|_| ());
+        (r.map_err(|e| common::code(&e)), in_flight)
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    f.relay.stalled.store(true, Ordering::Relaxed);
+    let stalled = Instant::now();
+    let health = f.proxy.state.pools.health("initech-db");
+    while !health.is_down() {
+        assert!(stalled.elapsed() < PATIENCE, "the stall was never noticed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let noticed = stalled.elapsed();
+    let started = Instant::now();
+    let refused = common::connect_with(f.config("initech")).await.unwrap_err();
+    assert_eq!(common::code(&refused), "08001", "{refused:?}");
+    let refused_in = started.elapsed();
+    for _ in 0..10 {
+        acme.simple_query("SELECT count(*) FROM items")
+            .await
+            .unwrap();
+    }
+    f.relay.stalled.store(false, Ordering::Relaxed);
+    let (r, _client) = tokio::time::timeout(PATIENCE, pending)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        r,
+        Ok(()),
+        "the statement in flight completes after the stall"
+    );
+    let back = until_served(f, "initech").await;
+    eprintln!(
+        "network stall: shard marked down {noticed:?} after the stall, a new session refused in \
+         {refused_in:?}; served again {back:?} after the network came back"
+    );
+}
+
+/// Shard B slow (every packet delayed): initech is slow, acme on shard A is not.
+async fn a_slow_shard(f: &Faults) {
+    let acme = f.connect("acme").await;
+    let initech = f.connect("initech").await;
+    let median = |mut v: Vec<Duration>| {
+        v.sort();
+        v[v.len() / 2]
+    };
+    let mut quiet = Vec::new();
+    for _ in 0..20 {
+        let started = Instant::now();
+        acme.simple_query("SELECT count(*) FROM items")
+            .await
+            .unwrap();
+        quiet.push(started.elapsed());
+    }
+    f.relay.delay_ms.store(50, Ordering::Relaxed);
+    let slow_query = tokio::spawn(async move {
+        let started = Instant::now();
+        for _ in 0..5 {
+            initech
+                .simple_query("SELECT count(*) FROM items")
+                .await
+                .unwrap();
+        }
+        started.elapsed() / 5
+    });
+    let mut during = Vec::new();
+    for _ in 0..20 {
+        let started = Instant::now();
+        acme.simple_query("SELECT count(*) FROM items")
+            .await
+            .unwrap();
+        during.push(started.elapsed());
+    }
+    let initech_each = slow_query.await.unwrap();
+    f.relay.delay_ms.store(0, Ordering::Relaxed);
+    eprintln!(
+        "slow shard (+50 ms a packet): initech {initech_each:?} a query; acme median {:?} before, {:?} during",
+        median(quiet),
+        median(during)
+    );
+    assert!(
+        initech_each >= Duration::from_millis(50),
+        "the delay applies"
+    );
 }

@@ -99,6 +99,11 @@ fn describe() {
         "pgtenant_shard_up",
         "1 while a shard's health checks succeed, 0 while it is marked down"
     );
+    describe_gauge!(
+        "pgtenant_replica_lag_seconds",
+        Unit::Seconds,
+        "A replica's replay lag as its last health check found it"
+    );
     describe_counter!(
         "pgtenant_shard_down_total",
         "Times a shard was marked down (a probe or a new connection failed)"
@@ -322,13 +327,18 @@ impl Metrics {
                 e[4] += pinned;
             }
         }
-        for shard in snapshot.shards.keys() {
-            let up = !state.pools.health(shard).is_down();
-            metrics::gauge!("pgtenant_shard_up", "shard" => shard.clone()).set(if up {
-                1.0
-            } else {
-                0.0
-            });
+        let all = snapshot
+            .shards
+            .values()
+            .flat_map(|s| std::iter::once(s).chain(s.replicas.iter()));
+        for shard in all {
+            let health = state.pools.health(&shard.name);
+            metrics::gauge!("pgtenant_shard_up", "shard" => shard.name.clone())
+                .set(if health.is_down() { 0.0 } else { 1.0 });
+            if let (true, Some(lag)) = (shard.is_replica(), health.lag()) {
+                metrics::gauge!("pgtenant_replica_lag_seconds", "shard" => shard.name.clone())
+                    .set(lag.as_secs_f64());
+            }
         }
         for (shard, [idle, in_use, max, waiters, pinned]) in shards {
             let g = |name: &'static str, extra: Option<&'static str>, v: usize| {

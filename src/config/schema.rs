@@ -330,6 +330,25 @@ pub struct ShardConfig {
     /// With it, pgtenant binds the verified context that `pgtenant.tenant_id()` returns.
     #[serde(default)]
     pub context_key_file: Option<PathBuf>,
+    /// Streaming replicas of this shard's server: read-only work may go there.
+    #[serde(default)]
+    pub replicas: Vec<ReplicaConfig>,
+    /// A replica further behind than this is skipped.
+    #[serde(default = "default_max_replica_lag", deserialize_with = "duration::de")]
+    pub max_replica_lag: Duration,
+}
+
+/// One entry of a shard's `replicas`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplicaConfig {
+    pub host: String,
+    #[serde(default = "default_port")]
+    pub port: u16,
+}
+
+fn default_max_replica_lag() -> Duration {
+    Duration::from_secs(10)
 }
 
 fn default_port() -> u16 {

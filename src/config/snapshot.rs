@@ -235,6 +235,18 @@ pub struct Shard {
     /// The key read from it; `None` while the file does not exist yet (`shard init`
     /// creates it; the proxy refuses to start without it).
     pub context_key: Option<Arc<crate::tenant::context::ContextKey>>,
+    /// Streaming replicas: the same database, logins and key, at another address (each
+    /// named `<shard>#replica<N>`, with no replicas of its own).
+    pub replicas: Vec<Arc<Shard>>,
+    /// Replicas further behind than this are skipped.
+    pub max_replica_lag: Duration,
+}
+
+impl Shard {
+    /// Whether this is a replica of another shard.
+    pub fn is_replica(&self) -> bool {
+        self.name.contains("#replica")
+    }
 }
 
 /// Where a tenant lives.

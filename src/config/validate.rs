@@ -361,9 +361,8 @@ pub fn build_snapshot(file: ConfigFile, text: &str, path: &Path) -> Result<Snaps
             )),
             _ => None,
         };
-        shards.insert(
-            name.get_ref().clone(),
-            Arc::new(Shard {
+        shards.insert(name.get_ref().clone(), {
+            let primary = Shard {
                 name: name.into_inner(),
                 host: s.host,
                 port: s.port,
@@ -376,8 +375,37 @@ pub fn build_snapshot(file: ConfigFile, text: &str, path: &Path) -> Result<Snaps
                 readonly,
                 context_key_file,
                 context_key,
-            }),
-        );
+                replicas: Vec::new(),
+                max_replica_lag: s.max_replica_lag,
+            };
+            let replicas = s
+                .replicas
+                .into_iter()
+                .enumerate()
+                .map(|(i, r)| {
+                    Arc::new(Shard {
+                        name: format!("{}#replica{}", primary.name, i + 1),
+                        host: r.host,
+                        port: r.port,
+                        database: primary.database.clone(),
+                        user: primary.user.clone(),
+                        password: primary.password.clone(),
+                        max_connections: primary.max_connections,
+                        tls: primary.tls,
+                        ca: primary.ca.clone(),
+                        readonly: primary.readonly.clone(),
+                        context_key_file: primary.context_key_file.clone(),
+                        context_key: primary.context_key.clone(),
+                        replicas: Vec::new(),
+                        max_replica_lag: primary.max_replica_lag,
+                    })
+                })
+                .collect();
+            Arc::new(Shard {
+                replicas,
+                ..primary
+            })
+        });
     }
 
     // [plans.*]

@@ -18,7 +18,6 @@ use crate::error::sqlstate;
 use crate::net::tls;
 
 /// One shard's health.
-#[derive(Default)]
 pub struct Health {
     down: AtomicBool,
     /// Bumped each time the shard goes down: connections of an older generation are stale.
@@ -29,6 +28,21 @@ pub struct Health {
     probing: AtomicBool,
     /// When the last probe started.
     last_probe: Mutex<Option<Instant>>,
+    /// Replicas: replay lag found by the last probe, in milliseconds (-1: unknown).
+    lag_ms: std::sync::atomic::AtomicI64,
+}
+
+impl Default for Health {
+    fn default() -> Self {
+        Health {
+            down: AtomicBool::new(false),
+            generation: AtomicU64::new(0),
+            down_since: Mutex::new(None),
+            probing: AtomicBool::new(false),
+            last_probe: Mutex::new(None),
+            lag_ms: std::sync::atomic::AtomicI64::new(-1),
+        }
+    }
 }
 
 impl Health {
@@ -40,6 +54,18 @@ impl Health {
     /// The generation server connections opened now belong to.
     pub fn generation(&self) -> u64 {
         self.generation.load(Ordering::Acquire)
+    }
+
+    /// A replica's replay lag, as the last probe found it (`None`: unknown, or a primary).
+    pub fn lag(&self) -> Option<Duration> {
+        u64::try_from(self.lag_ms.load(Ordering::Relaxed))
+            .ok()
+            .map(Duration::from_millis)
+    }
+
+    /// A replica that may take reads: up, with a known lag of at most `max`.
+    pub fn serves_reads(&self, max: Duration) -> bool {
+        !self.is_down() && self.lag().is_some_and(|lag| lag <= max)
     }
 
     /// Why and since when the shard is down.
@@ -85,8 +111,19 @@ impl Health {
     }
 }
 
-/// Logs in to `shard` as its login role and runs `SELECT 1`, within `timeout`.
-async fn probe(shard: &Shard, timeout: Duration) -> Result<(), ServerError> {
+/// A replica's replay lag in milliseconds: 0 when it has replayed all it received (or is no
+/// longer in recovery), -1 when it receives nothing (no WAL receiver: it cannot be trusted to
+/// be current), else the age of the last transaction it replayed.
+const REPLICA_LAG_SQL: &str = "SELECT CASE \
+    WHEN NOT pg_is_in_recovery() THEN 0 \
+    WHEN pg_last_wal_receive_lsn() IS NULL THEN -1 \
+    WHEN pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn() THEN 0 \
+    ELSE COALESCE((EXTRACT(EPOCH FROM now() - pg_last_xact_replay_timestamp()) * 1000)::bigint, -1) \
+    END";
+
+/// Logs in to `shard` as its login role and runs `SELECT 1` (a replica: measures its lag),
+/// within `timeout`. Returns the lag in milliseconds (-1: unknown or not a replica).
+async fn probe(shard: &Shard, timeout: Duration) -> Result<i64, ServerError> {
     let tls = match tls::server_tls(shard).map_err(|e| ServerError::Tls(e.to_string()))? {
         None => None,
         Some(config) => Some((
@@ -100,9 +137,18 @@ async fn probe(shard: &Shard, timeout: Duration) -> Result<(), ServerError> {
     };
     let work = async {
         let mut conn = connect::open(shard, &login, tls.as_ref(), timeout).await?;
-        conn.run_own("SELECT 1").await?;
+        let lag = if shard.is_replica() {
+            let rows = conn.query_rows(REPLICA_LAG_SQL).await?;
+            rows.first()
+                .and_then(|r| r.first().cloned().flatten())
+                .and_then(|v| v.parse::<i64>().ok())
+                .unwrap_or(-1)
+        } else {
+            conn.run_own("SELECT 1").await?;
+            -1
+        };
         conn.close_and_wait(true, timeout).await;
-        Ok(())
+        Ok(lag)
     };
     tokio::time::timeout(timeout, work)
         .await
@@ -123,7 +169,11 @@ pub async fn check_shards(
             snapshot.pool.health_check_timeout,
         );
         if !interval.is_zero() {
-            for shard in snapshot.shards.values() {
+            let all = snapshot
+                .shards
+                .values()
+                .flat_map(|s| std::iter::once(s).chain(s.replicas.iter()));
+            for shard in all {
                 let health = pools.health(&shard.name);
                 let every = if health.is_down() {
                     DOWN_PROBE_EVERY
@@ -142,7 +192,8 @@ pub async fn check_shards(
                 let shard = Arc::clone(shard);
                 tokio::spawn(async move {
                     match probe(&shard, timeout).await {
-                        Ok(()) => {
+                        Ok(lag) => {
+                            health.lag_ms.store(lag, Ordering::Relaxed);
                             health.mark_up(&shard.name);
                         }
                         Err(e) if means_down(&e) => {

@@ -284,6 +284,16 @@ impl Pool {
         })
     }
 
+    /// A replica's pool that may take a read-only transaction now.
+    pub fn serves_reads(&self) -> bool {
+        self.health.serves_reads(self.shard.max_replica_lag)
+    }
+
+    /// Whether this pool's connections go to a replica.
+    pub fn is_replica(&self) -> bool {
+        self.shard.is_replica()
+    }
+
     /// What the pool holds now.
     pub fn stats(&self) -> PoolStats {
         PoolStats {

@@ -198,6 +198,12 @@ impl Pump {
         std::mem::take(&mut self.to_client)
     }
 
+    /// The client's bytes read and not yet handled (between transactions: the start of the
+    /// next one).
+    pub fn pending_client(&self) -> &[u8] {
+        &self.client_in
+    }
+
     /// Transaction pooling, between transactions: flushes what is queued for the client and
     /// reads from it until it has sent something (`Ok`), or it left (`Err`). A lone Terminate
     /// ends the session without taking a server connection.

@@ -287,6 +287,8 @@ pub(super) async fn run_session(
     let (end, attached) = if pooling {
         pool.release(pooled).await;
         let mut attached = Attached {
+            replicas: replica_pools(state, &shard, &tenant, role),
+            held: Arc::clone(&pool),
             pool: Arc::clone(&pool),
             prepare: ctx,
             placement: tenant.placement.clone(),
@@ -312,8 +314,9 @@ pub(super) async fn run_session(
             &mut stream,
         )
         .await;
-        // The pool of the connection still held (another shard's after a MOVE).
-        pool = attached.pool;
+        // The pool of the connection still held (another shard's after a MOVE, or a
+        // replica's).
+        pool = attached.held;
         forwarded
     } else {
         let mut pooled = pooled;
@@ -389,7 +392,12 @@ pub(super) async fn run_session(
 
 /// What transaction pooling needs to take server connections for a client.
 struct Attached<'a> {
+    /// The tenant's shard (its primary).
     pool: Arc<Pool>,
+    /// Its streaming replicas, for read-only transactions.
+    replicas: Vec<Arc<Pool>>,
+    /// The pool of the server connection taken last (the primary's or a replica's).
+    held: Arc<Pool>,
     prepare: Prepare,
     /// Where the session's transactions go now, and the tenant's placement generation it
     /// was read at.
@@ -582,14 +590,32 @@ async fn forward_pooled(
             {
                 break (end, None);
             }
-            checkout_prepared(
-                &a.pool,
+            // Read-only work may go to a replica; if it cannot have a connection there, to
+            // the primary.
+            let read_only = a.role == UserRole::Readonly || starts_read_only(pump.pending_client());
+            a.held = pick_replica(&a.replicas, read_only).unwrap_or_else(|| Arc::clone(&a.pool));
+            let mut checkout = checkout_prepared(
+                &a.held,
                 &a.prepare,
                 relay,
                 a.client_id,
                 a.tenant_cap.clone(),
             )
-            .await
+            .await;
+            if a.held.is_replica()
+                && matches!(checkout, Err(Failed::Checkout(_) | Failed::Server(_)))
+            {
+                a.held = Arc::clone(&a.pool);
+                checkout = checkout_prepared(
+                    &a.held,
+                    &a.prepare,
+                    relay,
+                    a.client_id,
+                    a.tenant_cap.clone(),
+                )
+                .await;
+            }
+            checkout
         };
         let started = Instant::now();
         a.metrics
@@ -604,7 +630,7 @@ async fn forward_pooled(
                     || a.tenant.placement_epoch() != a.epoch =>
             {
                 drop(active);
-                a.pool.release(p).await;
+                a.held.release(p).await;
                 continue;
             }
             Ok((p, bound_now)) => (p, bound_now),
@@ -624,6 +650,7 @@ async fn forward_pooled(
         // when it changes hands.
         let backend = pooled.conn.backend_pid();
         if (noted != Some(backend) || pooled.conn.pooled.last_client != Some(a.client_id))
+            && !a.held.is_replica()
             && a.pool.hub_if_started().is_some()
         {
             a.pool.note_owner(backend, relay.virtual_pid);
@@ -670,12 +697,15 @@ async fn forward_pooled(
                     }
                 }
             };
-            // Before the connection can pass to anyone else: who notified from it.
-            a.pool.note_notifications(
-                pooled.conn.backend_pid(),
-                relay.virtual_pid,
-                relay.take_committed_notes(),
-            );
+            // Before the connection can pass to anyone else: who notified from it (a
+            // replica runs no NOTIFY).
+            if !a.held.is_replica() {
+                a.pool.note_notifications(
+                    pooled.conn.backend_pid(),
+                    relay.virtual_pid,
+                    relay.take_committed_notes(),
+                );
+            }
             let listened = subscribe(relay, &a.pool, a.client_id, &notify_tx);
             listening |= !listened.is_empty();
             if matches!(end, SessionEnd::Pump(PumpEnd::Listening)) {
@@ -691,7 +721,7 @@ async fn forward_pooled(
                 // No new cancel can reach the connection now; release waits for one still
                 // on its way.
                 cancel.set_target(None);
-                a.pool.release(pooled).await;
+                a.held.release(pooled).await;
                 drop(active);
                 a.metrics.transaction_seconds.record(started.elapsed());
                 flush_bytes(pump, a.tenant);
@@ -713,6 +743,67 @@ async fn forward_pooled(
         hub.unlisten(None, a.client_id);
     }
     result
+}
+
+/// The pools of `shard`'s replicas for this tenant's user.
+fn replica_pools(
+    state: &AppState,
+    shard: &crate::config::Shard,
+    tenant: &Tenant,
+    role: UserRole,
+) -> Vec<Arc<Pool>> {
+    shard
+        .replicas
+        .iter()
+        .filter_map(|r| state.pools.for_tenant(r, tenant, role).ok())
+        .collect()
+}
+
+/// The replica a read-only transaction goes to: of those up and not lagging, the one with the
+/// fewest connections in use. `None`: the primary takes it.
+fn pick_replica(replicas: &[Arc<Pool>], read_only: bool) -> Option<Arc<Pool>> {
+    if !read_only {
+        return None;
+    }
+    replicas
+        .iter()
+        .filter(|p| p.serves_reads())
+        .min_by_key(|p| p.in_use())
+        .cloned()
+}
+
+/// Whether the client's next message starts a transaction it marked read-only (`BEGIN READ
+/// ONLY`, `START TRANSACTION ISOLATION LEVEL ... READ ONLY`, as a simple query or a Parse).
+/// Anything else, or anything not recognised, is not (it goes to the primary).
+fn starts_read_only(pending: &[u8]) -> bool {
+    let sql = match pending.split_first() {
+        Some((&b'Q', rest)) => rest.get(4..),
+        // Parse: the statement name, then the query.
+        Some((&b'P', rest)) => rest
+            .get(4..)
+            .and_then(|b| b.iter().position(|&c| c == 0).map(|n| &b[n + 1..])),
+        _ => None,
+    };
+    let Some(sql) = sql else { return false };
+    let end = sql
+        .iter()
+        .position(|&c| c == 0 || c == b';')
+        .unwrap_or(sql.len())
+        .min(256);
+    let Ok(text) = std::str::from_utf8(&sql[..end]) else {
+        return false;
+    };
+    let words: Vec<String> = text
+        .split(|c: char| c.is_ascii_whitespace() || c == ',')
+        .filter(|w| !w.is_empty())
+        .map(str::to_ascii_uppercase)
+        .collect();
+    let opens = match words.first().map(String::as_str) {
+        Some("BEGIN") => true,
+        Some("START") => words.get(1).is_some_and(|w| w == "TRANSACTION"),
+        _ => false,
+    };
+    opens && words.windows(2).any(|w| w[0] == "READ" && w[1] == "ONLY")
 }
 
 /// Points the session at the tenant's placement in force: its next transactions take server
@@ -747,6 +838,7 @@ fn reroute(
         .for_tenant(shard, &a.prepare.tenant, a.role)
         .map_err(SessionEnd::Checkout)?;
     a.prepare.key = shard.context_key.clone();
+    a.replicas = replica_pools(state, shard, &a.prepare.tenant, a.role);
     relay.placement_changed(
         shard.context_key.is_some(),
         crate::tenant::context::lock_salt(shard.context_key.as_deref(), a.prepare.tenant.id),
@@ -1068,4 +1160,45 @@ async fn finish(
     })
     .await;
     label
+}
+
+#[cfg(test)]
+mod tests {
+    use super::starts_read_only;
+
+    fn query(sql: &str) -> Vec<u8> {
+        let mut m = vec![b'Q'];
+        m.extend_from_slice(&((sql.len() + 5) as u32).to_be_bytes());
+        m.extend_from_slice(sql.as_bytes());
+        m.push(0);
+        m
+    }
+
+    #[test]
+    fn only_transactions_opened_read_only_count_as_read_only() {
+        for sql in [
+            "BEGIN READ ONLY",
+            "begin read only; select 1",
+            "START TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY",
+            "BEGIN TRANSACTION\n  READ ONLY",
+        ] {
+            assert!(starts_read_only(&query(sql)), "{sql}");
+        }
+        for sql in [
+            "BEGIN",
+            "BEGIN READ WRITE",
+            "SELECT 'BEGIN READ ONLY'",
+            "SET TRANSACTION READ ONLY",
+            "START TRANSACTION",
+            "INSERT INTO t VALUES (1); BEGIN READ ONLY",
+            "BEGIN; SET TRANSACTION READ ONLY",
+        ] {
+            assert!(!starts_read_only(&query(sql)), "{sql}");
+        }
+        let mut parse = vec![b'P', 0, 0, 0, 0];
+        parse.extend_from_slice(b"s1\0BEGIN READ ONLY\0\0\0");
+        assert!(starts_read_only(&parse));
+        assert!(!starts_read_only(b"Q\0\0"));
+        assert!(!starts_read_only(b""));
+    }
 }

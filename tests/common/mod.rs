@@ -291,3 +291,14 @@ pub fn without_tenant(text: &str, name: &str) -> String {
         })
         .collect()
 }
+
+/// The first column of the first row of a simple query's result.
+pub fn first_value(messages: &[tokio_postgres::SimpleQueryMessage]) -> String {
+    messages
+        .iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
+            _ => None,
+        })
+        .expect("a row")
+}
