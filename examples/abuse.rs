@@ -13,36 +13,17 @@
 //!    many remain afterwards.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+#[path = "support/mod.rs"]
+mod support;
+
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use pgtenant::demo::{self, SampleTenant};
+use pgtenant::demo::SampleTenant;
 use pgtenant::localpg::Cluster;
 use postgres_protocol::message::frontend;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpSocket, TcpStream};
-
-/// Kills the proxy when dropped.
-struct Reaper(Child);
-
-impl Drop for Reaper {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0)
-}
+use support::{connect_from, raw_login, raw_login_from, read_msg, rss_kib};
+use tokio::io::AsyncWriteExt;
 
 fn url(t: &SampleTenant, port: u16, password: &str) -> String {
     format!(
@@ -79,118 +60,17 @@ async fn good_logins(url: &str, n: usize) -> (f64, f64) {
     (times[times.len() / 2], times[times.len() - 1])
 }
 
-async fn connect_from(source: &str, port: u16) -> std::io::Result<TcpStream> {
-    let socket = TcpSocket::new_v4()?;
-    socket.bind(std::net::SocketAddr::new(source.parse().unwrap(), 0))?;
-    socket.connect(([127, 0, 0, 1], port).into()).await
-}
-
-/// Authenticates a raw protocol connection as `user` (SCRAM) and reads to ReadyForQuery.
-async fn raw_login(port: u16, user: &str, password: &str) -> TcpStream {
-    raw_login_from("127.0.0.1", port, user, password).await
-}
-
-async fn raw_login_from(source: &str, port: u16, user: &str, password: &str) -> TcpStream {
-    use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
-    let mut s = connect_from(source, port).await.unwrap();
-    let mut out = BytesMut::new();
-    frontend::startup_message([("user", user)], &mut out).unwrap();
-    s.write_all(&out).await.unwrap();
-    let mut scram: Option<ScramSha256> = None;
-    loop {
-        let (tag, body) = read_msg(&mut s).await.expect("login reply");
-        match tag {
-            b'R' => {
-                let code = i32::from_be_bytes(body[..4].try_into().unwrap());
-                let mut out = BytesMut::new();
-                match code {
-                    10 => {
-                        let c =
-                            ScramSha256::new(password.as_bytes(), ChannelBinding::unsupported());
-                        frontend::sasl_initial_response("SCRAM-SHA-256", c.message(), &mut out)
-                            .unwrap();
-                        scram = Some(c);
-                    }
-                    11 => {
-                        let c = scram.as_mut().unwrap();
-                        c.update(&body[4..]).unwrap();
-                        frontend::sasl_response(c.message(), &mut out).unwrap();
-                    }
-                    _ => {}
-                }
-                if !out.is_empty() {
-                    s.write_all(&out).await.unwrap();
-                }
-            }
-            b'Z' => return s,
-            b'E' => panic!("login failed"),
-            _ => {}
-        }
-    }
-}
-
-async fn read_msg(s: &mut TcpStream) -> Option<(u8, Vec<u8>)> {
-    let mut head = [0u8; 5];
-    s.read_exact(&mut head).await.ok()?;
-    let len = u32::from_be_bytes(head[1..5].try_into().unwrap()) as usize;
-    let mut body = vec![0u8; len.saturating_sub(4)];
-    s.read_exact(&mut body).await.ok()?;
-    Some((head[0], body))
-}
-
 #[tokio::main]
 async fn main() {
-    let binary = std::env::var("PGTENANT_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/release/pgtenant")
-        });
-    assert!(
-        binary.is_file(),
-        "build the release binary first: cargo build --release"
-    );
-    eprintln!("starting PostgreSQL...");
-    let (a, b) = tokio::task::spawn_blocking(|| {
-        (
-            Cluster::start(&[("max_connections", "300")]).unwrap(),
-            Cluster::start(&[]).unwrap(),
+    let world = support::start("abuse", "300", |text| {
+        text.replacen(
+            "max_client_connections = 200",
+            "max_client_connections = 1000",
+            1,
         )
     })
-    .await
-    .unwrap();
-    let fixture = tokio::task::block_in_place(|| {
-        demo::create_roles(&a, &b).unwrap();
-        demo::create_fixture(&a, &b, "").unwrap()
-    });
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let dir = std::env::temp_dir().join(format!("pgtenant-abuse-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let config = dir.join("pgtenant.toml");
-    let text = fixture.config(&format!("127.0.0.1:{port}"), "").replacen(
-        "max_client_connections = 200",
-        "max_client_connections = 1000",
-        1,
-    );
-    std::fs::write(&config, text).unwrap();
-    let proxy = Reaper(
-        Command::new(&binary)
-            .arg("--config")
-            .arg(&config)
-            .env("RUST_LOG", "error")
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("start pgtenant"),
-    );
-    let pid = proxy.0.id();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "pgtenant did not start");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    .await;
+    let (a, fixture, port, pid) = (&world.a, &world.fixture, world.port, world.pid);
     let acme = fixture.tenant("acme").unwrap();
     let globex = fixture.tenant("globex").unwrap();
     let good = url(acme, port, &acme.password);
@@ -388,6 +268,5 @@ async fn main() {
         walked.as_secs_f64()
     );
     println!("pgtenant RSS at the end: {} KiB", rss_kib(pid));
-    drop(proxy);
-    let _ = std::fs::remove_dir_all(&dir);
+    drop(world);
 }

@@ -1,0 +1,179 @@
+//! What the load examples share: the demo world on throwaway clusters with the release
+//! binary in front of it, a raw SCRAM login that keeps the client's own cost minimal, and
+//! pgtenant's RSS.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use pgtenant::demo;
+use pgtenant::localpg::Cluster;
+use postgres_protocol::message::frontend;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+
+/// Kills the proxy when dropped.
+pub struct Reaper(pub Child);
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+pub fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The demo world behind the release binary of pgtenant.
+pub struct World {
+    pub a: Cluster,
+    pub b: Cluster,
+    pub fixture: demo::Fixture,
+    pub port: u16,
+    pub proxy: Reaper,
+    pub pid: u32,
+    dir: PathBuf,
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Starts the clusters (A with `max_connections`), the sample world and pgtenant, whose
+/// configuration `edit` may change.
+pub async fn start(
+    name: &str,
+    max_connections: &'static str,
+    edit: impl FnOnce(String) -> String,
+) -> World {
+    let binary = std::env::var("PGTENANT_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/release/pgtenant")
+        });
+    assert!(
+        binary.is_file(),
+        "build the release binary first: cargo build --release"
+    );
+    eprintln!("starting PostgreSQL...");
+    let (a, b) = tokio::task::spawn_blocking(move || {
+        (
+            Cluster::start(&[("max_connections", max_connections)]).unwrap(),
+            Cluster::start(&[]).unwrap(),
+        )
+    })
+    .await
+    .unwrap();
+    let fixture = tokio::task::block_in_place(|| {
+        demo::create_roles(&a, &b).unwrap();
+        demo::create_fixture(&a, &b, "").unwrap()
+    });
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let dir = std::env::temp_dir().join(format!("pgtenant-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("pgtenant.toml");
+    std::fs::write(
+        &config,
+        edit(fixture.config(&format!("127.0.0.1:{port}"), "")),
+    )
+    .unwrap();
+    let proxy = Reaper(
+        Command::new(&binary)
+            .arg("--config")
+            .arg(&config)
+            .env("RUST_LOG", "error")
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start pgtenant"),
+    );
+    let pid = proxy.0.id();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "pgtenant did not start");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    World {
+        a,
+        b,
+        fixture,
+        port,
+        proxy,
+        pid,
+        dir,
+    }
+}
+
+pub async fn connect_from(source: &str, port: u16) -> std::io::Result<TcpStream> {
+    let socket = TcpSocket::new_v4()?;
+    socket.bind(std::net::SocketAddr::new(source.parse().unwrap(), 0))?;
+    socket.connect(([127, 0, 0, 1], port).into()).await
+}
+
+/// Authenticates a raw protocol connection as `user` (SCRAM) and reads to ReadyForQuery.
+pub async fn raw_login(port: u16, user: &str, password: &str) -> TcpStream {
+    raw_login_from("127.0.0.1", port, user, password).await
+}
+
+pub async fn raw_login_from(source: &str, port: u16, user: &str, password: &str) -> TcpStream {
+    use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
+    let mut s = connect_from(source, port).await.unwrap();
+    let mut out = BytesMut::new();
+    frontend::startup_message([("user", user)], &mut out).unwrap();
+    s.write_all(&out).await.unwrap();
+    let mut scram: Option<ScramSha256> = None;
+    loop {
+        let (tag, body) = read_msg(&mut s).await.expect("login reply");
+        match tag {
+            b'R' => {
+                let code = i32::from_be_bytes(body[..4].try_into().unwrap());
+                let mut out = BytesMut::new();
+                match code {
+                    10 => {
+                        let c =
+                            ScramSha256::new(password.as_bytes(), ChannelBinding::unsupported());
+                        frontend::sasl_initial_response("SCRAM-SHA-256", c.message(), &mut out)
+                            .unwrap();
+                        scram = Some(c);
+                    }
+                    11 => {
+                        let c = scram.as_mut().unwrap();
+                        c.update(&body[4..]).unwrap();
+                        frontend::sasl_response(c.message(), &mut out).unwrap();
+                    }
+                    _ => {}
+                }
+                if !out.is_empty() {
+                    s.write_all(&out).await.unwrap();
+                }
+            }
+            b'Z' => return s,
+            b'E' => panic!("login failed"),
+            _ => {}
+        }
+    }
+}
+
+pub async fn read_msg(s: &mut TcpStream) -> Option<(u8, Vec<u8>)> {
+    let mut head = [0u8; 5];
+    s.read_exact(&mut head).await.ok()?;
+    let len = u32::from_be_bytes(head[1..5].try_into().unwrap()) as usize;
+    let mut body = vec![0u8; len.saturating_sub(4)];
+    s.read_exact(&mut body).await.ok()?;
+    Some((head[0], body))
+}
