@@ -256,13 +256,13 @@ async fn main() {
     let mut all_done = false;
     while !all_done {
         all_done = walkers.iter().all(|w| w.is_finished());
-        let (n, _) = tokio::task::block_in_place(|| backends(&a, &shared_db));
+        let (n, _) = tokio::task::block_in_place(|| backends(a, &shared_db));
         most = most.max(n);
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let walked = started.elapsed();
     tokio::time::sleep(Duration::from_secs(5)).await;
-    let (left, sleeping) = tokio::task::block_in_place(|| backends(&a, &shared_db));
+    let (left, sleeping) = tokio::task::block_in_place(|| backends(a, &shared_db));
     println!(
         "5. 500 clients walked away from pg_sleep(30) over {:.1} s: at most {most} backends on the shard (max_connections = 60, plus the idle notification hub); 5 s later {left} backends, {sleeping} still sleeping",
         walked.as_secs_f64()
