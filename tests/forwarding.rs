@@ -412,10 +412,22 @@ async fn a_client_that_stops_reading_blocks_the_server_not_the_proxy() {
     c.simple_query("SELECT 1").await.unwrap();
 }
 
+/// A server connection that dies between transactions (transaction mode: the client holds
+/// none) is never handed out again: the client's next transaction runs on another one, without
+/// an error. One that dies inside a transaction gives that client an error, not a hang, and
+/// the others carry on.
 #[tokio::test]
 async fn a_server_connection_that_dies_gives_the_client_an_error_and_others_carry_on() {
     let env = start().await;
     let c = env.connect("globex").await;
+    let pid = backend_pid(&c).await;
+    env.admin_a(&format!("SELECT pg_terminate_backend({pid})"));
+    // Let the close arrive (pg_terminate_backend returns before the backend has exited).
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    c.simple_query("SELECT 1").await.unwrap();
+    assert_ne!(backend_pid(&c).await, pid, "a stale connection was used");
+
+    c.simple_query("BEGIN").await.unwrap();
     let pid = backend_pid(&c).await;
     env.admin_a(&format!("SELECT pg_terminate_backend({pid})"));
     let err = c.simple_query("SELECT 1").await.unwrap_err();

@@ -527,18 +527,18 @@ async fn forward_pooled(
     pump: &mut Pump,
     stream: &mut ClientStream,
 ) -> (SessionEnd, Option<PooledConn>) {
-    let (notify_tx, mut notify_rx) =
-        tokio::sync::mpsc::channel::<notify::Notification>(notify::CLIENT_QUEUE);
-    let notify_tx = notify::Subscriber {
-        deliver: notify_tx,
-        overflow: Arc::default(),
-    };
+    // The queue of notifications for this client, made when it first listens (a session that
+    // never listens, most of them, holds none).
+    let mut notify_tx: Option<notify::Subscriber> = None;
+    let mut notify_rx: Option<tokio::sync::mpsc::Receiver<notify::Notification>> = None;
     let prefix = relay.notify_prefix().unwrap_or_default().to_owned();
     let shutdown = end_token.cancelled();
     tokio::pin!(shutdown);
     let drain = drain_token.cancelled();
     tokio::pin!(drain);
-    let drain_armed = !drain_token.is_cancelled();
+    // Armed once the session has run a transaction: one that connected just as shutdown began
+    // (it was accepted, so it is served) runs its first transaction before it is ended.
+    let mut drain_armed = false;
     let mut waits = Waits::new(shutdown, &a.prepare.tenant.limits);
     let mut listening = false;
     // The backend this session last recorded itself on (see `Pool::note_owner`).
@@ -548,17 +548,15 @@ async fn forward_pooled(
             r = pump.wait_for_client(stream) => r,
             // Only a client that ever listened has notifications to wait for; a client that
             // does not read them stops taking more (its queue fills: see below).
-            Some(n) = notify_rx.recv(), if listening && pump.to_client_len() < NOTIFY_BUFFERED => {
+            Some(n) = next_notification(&mut notify_rx), if listening && pump.to_client_len() < NOTIFY_BUFFERED => {
                 // Notifications reach the client between its transactions, as on PostgreSQL.
                 push_notification(relay, pump, &prefix, &n);
                 continue;
             }
             _ = waits.shutdown.as_mut() => break (SessionEnd::Shutdown, None),
-            // Between transactions when shutdown begins: nothing is lost by ending now. A
-            // session that authenticated after it began runs one transaction first (it was
-            // accepted, so it is served).
+            // Between transactions when shutdown begins: nothing is lost by ending now.
             _ = drain.as_mut(), if drain_armed => break (SessionEnd::Shutdown, None),
-            _ = notify_tx.overflow.notified(), if listening => {
+            _ = overflowed(&notify_tx), if listening => {
                 break (SessionEnd::NotifyOverflow, None);
             }
         };
@@ -689,10 +687,10 @@ async fn forward_pooled(
                         stream,
                         &mut pooled,
                     ) => break end,
-                    Some(n) = notify_rx.recv(), if listening && held.len() < notify::CLIENT_QUEUE => {
+                    Some(n) = next_notification(&mut notify_rx), if listening && held.len() < notify::CLIENT_QUEUE => {
                         held.push_back(n);
                     }
-                    _ = notify_tx.overflow.notified(), if listening => {
+                    _ = overflowed(&notify_tx), if listening => {
                         break SessionEnd::NotifyOverflow;
                     }
                 }
@@ -706,7 +704,12 @@ async fn forward_pooled(
                     relay.take_committed_notes(),
                 );
             }
-            let listened = subscribe(relay, &a.pool, a.client_id, &notify_tx);
+            let listened = subscribe(
+                relay,
+                &a.pool,
+                a.client_id,
+                (&mut notify_tx, &mut notify_rx),
+            );
             listening |= !listened.is_empty();
             if matches!(end, SessionEnd::Pump(PumpEnd::Listening)) {
                 // The client keeps its (pinned) connection; its ReadyForQuery goes out once
@@ -734,11 +737,17 @@ async fn forward_pooled(
                 if drain_token.is_cancelled() {
                     break (SessionEnd::Shutdown, None);
                 }
+                drain_armed = true;
             }
             end => break (end, Some(pooled)),
         }
     };
-    subscribe(relay, &a.pool, a.client_id, &notify_tx);
+    subscribe(
+        relay,
+        &a.pool,
+        a.client_id,
+        (&mut notify_tx, &mut notify_rx),
+    );
     if let Some(hub) = a.pool.hub_if_started() {
         hub.unlisten(None, a.client_id);
     }
@@ -861,21 +870,54 @@ fn push_notification(relay: &mut Relay, pump: &mut Pump, prefix: &str, n: &notif
     pump.push_to_client(&out);
 }
 
-/// Passes the LISTEN/UNLISTEN the client ran to the shard's notification hub. Returns the
-/// hub's confirmations for the new listens.
+/// Passes the LISTEN/UNLISTEN the client ran to the shard's notification hub (making the
+/// client's queue on its first LISTEN). Returns the hub's confirmations for the new listens.
 fn subscribe(
     relay: &mut Relay,
     pool: &Pool,
     client: u64,
-    deliver: &notify::Subscriber,
+    (deliver, queue): (
+        &mut Option<notify::Subscriber>,
+        &mut Option<tokio::sync::mpsc::Receiver<notify::Notification>>,
+    ),
 ) -> Vec<tokio::sync::oneshot::Receiver<()>> {
     for channel in std::mem::take(&mut relay.unlistens) {
         pool.hub().unlisten(channel, client);
     }
-    std::mem::take(&mut relay.listens)
+    let listens = std::mem::take(&mut relay.listens);
+    if listens.is_empty() {
+        return Vec::new();
+    }
+    let deliver = deliver.get_or_insert_with(|| {
+        let (tx, rx) = tokio::sync::mpsc::channel(notify::CLIENT_QUEUE);
+        *queue = Some(rx);
+        notify::Subscriber {
+            deliver: tx,
+            overflow: Arc::default(),
+        }
+    });
+    listens
         .into_iter()
         .map(|channel| pool.hub().listen(channel, client, deliver.clone()))
         .collect()
+}
+
+/// The next notification queued for the client; never, before it listens.
+async fn next_notification(
+    queue: &mut Option<tokio::sync::mpsc::Receiver<notify::Notification>>,
+) -> Option<notify::Notification> {
+    match queue {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Fires when the client's queue overflowed; never, before it listens.
+async fn overflowed(deliver: &Option<notify::Subscriber>) {
+    match deliver {
+        Some(d) => d.overflow.notified().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Bytes of notifications written to a client and not yet sent, at most; past it the session
