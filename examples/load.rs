@@ -22,9 +22,12 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "support/mod.rs"]
+mod support;
+
 use std::collections::BTreeMap;
 use std::net::TcpListener;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -360,15 +363,7 @@ fn start_pgbouncer(dir: &Path, cluster: &Cluster, password: &str, pool_mode: &st
 
 fn main() {
     let opts = options();
-    let binary = std::env::var("PGTENANT_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/release/pgtenant")
-        });
-    assert!(
-        binary.is_file(),
-        "build the release binary first: cargo build --release"
-    );
+    let binary = support::release_binary();
 
     eprintln!("starting PostgreSQL...");
     let cluster = Cluster::start(&[("max_connections", "300")]).expect("cluster");

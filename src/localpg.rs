@@ -95,6 +95,18 @@ fn postgres_account() -> Result<Option<(u32, u32)>, LocalPgError> {
     }
 }
 
+/// A new directory for a cluster's files.
+fn new_root() -> Result<PathBuf, LocalPgError> {
+    let root = std::env::temp_dir().join(format!(
+        "pgtenant-pg-{}-{}-{:08x}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed),
+        rand::random::<u32>()
+    ));
+    fs::create_dir_all(&root)?;
+    Ok(root)
+}
+
 fn free_port() -> Result<u16, LocalPgError> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
@@ -135,13 +147,7 @@ impl Cluster {
     ) -> Result<Cluster, LocalPgError> {
         let bindir = bindir()?;
         let as_postgres = postgres_account()?;
-        let root = std::env::temp_dir().join(format!(
-            "pgtenant-pg-{}-{}-{:08x}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed),
-            rand::random::<u32>()
-        ));
-        fs::create_dir_all(&root)?;
+        let root = new_root()?;
         let password = format!("pw{:016x}", rand::random::<u64>());
         fs::write(root.join("pwfile"), format!("{password}\n"))?;
         let mut settings: Vec<(String, String)> = settings
@@ -372,13 +378,7 @@ impl Cluster {
     /// A hot standby of this cluster, streaming from it: a base backup (`pg_basebackup -R`)
     /// started on a port of its own.
     pub fn start_replica(&self) -> Result<Cluster, LocalPgError> {
-        let root = std::env::temp_dir().join(format!(
-            "pgtenant-pg-{}-{}-{:08x}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed),
-            rand::random::<u32>()
-        ));
-        fs::create_dir_all(&root)?;
+        let root = new_root()?;
         if self.as_postgres.is_some() {
             let mut c = Command::new("chown");
             c.args(["-R", "postgres:", &root.to_string_lossy()]);

@@ -34,16 +34,8 @@ fn pgtenant(config: &Path, args: &[&str]) -> (bool, String) {
 }
 
 /// Waits until `check` holds, for at most [`PATIENCE`]; how long it took.
-async fn until(what: &str, mut check: impl FnMut() -> bool) -> Duration {
-    let started = Instant::now();
-    while !check() {
-        assert!(
-            started.elapsed() < PATIENCE,
-            "{what}: not within {PATIENCE:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    started.elapsed()
+async fn until(what: &str, check: impl FnMut() -> bool) -> Duration {
+    common::until(what, PATIENCE, check).await
 }
 
 fn client_config(

@@ -10,22 +10,15 @@
 mod common;
 
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use pgtenant::demo;
 use pgtenant::localpg::Cluster;
 
 const PATIENCE: Duration = Duration::from_secs(30);
 
-async fn until(what: &str, mut check: impl FnMut() -> bool) {
-    let started = Instant::now();
-    while !check() {
-        assert!(
-            started.elapsed() < PATIENCE,
-            "{what}: not within {PATIENCE:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+async fn until(what: &str, check: impl FnMut() -> bool) {
+    common::until(what, PATIENCE, check).await;
 }
 
 /// Where a statement runs: "t" on the standby, "f" on the primary.

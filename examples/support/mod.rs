@@ -34,6 +34,20 @@ pub fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// The release binary (`PGTENANT_BIN` overrides it).
+pub fn release_binary() -> PathBuf {
+    let binary = std::env::var("PGTENANT_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/release/pgtenant")
+        });
+    assert!(
+        binary.is_file(),
+        "build the release binary first: cargo build --release"
+    );
+    binary
+}
+
 /// The demo world behind the release binary of pgtenant.
 pub struct World {
     pub a: Cluster,
@@ -58,15 +72,7 @@ pub async fn start(
     max_connections: &'static str,
     edit: impl FnOnce(String) -> String,
 ) -> World {
-    let binary = std::env::var("PGTENANT_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/release/pgtenant")
-        });
-    assert!(
-        binary.is_file(),
-        "build the release binary first: cargo build --release"
-    );
+    let binary = release_binary();
     eprintln!("starting PostgreSQL...");
     let (a, b) = tokio::task::spawn_blocking(move || {
         (

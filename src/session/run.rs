@@ -591,29 +591,7 @@ async fn forward_pooled(
             // Read-only work may go to a replica; if it cannot have a connection there, to
             // the primary.
             let read_only = a.role == UserRole::Readonly || starts_read_only(pump.pending_client());
-            a.held = pick_replica(&a.replicas, read_only).unwrap_or_else(|| Arc::clone(&a.pool));
-            let mut checkout = checkout_prepared(
-                &a.held,
-                &a.prepare,
-                relay,
-                a.client_id,
-                a.tenant_cap.clone(),
-            )
-            .await;
-            if a.held.is_replica()
-                && matches!(checkout, Err(Failed::Checkout(_) | Failed::Server(_)))
-            {
-                a.held = Arc::clone(&a.pool);
-                checkout = checkout_prepared(
-                    &a.held,
-                    &a.prepare,
-                    relay,
-                    a.client_id,
-                    a.tenant_cap.clone(),
-                )
-                .await;
-            }
-            checkout
+            checkout_routed(a, relay, read_only).await
         };
         let started = Instant::now();
         a.metrics
@@ -752,6 +730,27 @@ async fn forward_pooled(
         hub.unlisten(None, a.client_id);
     }
     result
+}
+
+/// Takes the transaction's server connection: from a replica when it is read-only and one
+/// can take it, else (or when that fails) from the primary. `a.held` says which.
+async fn checkout_routed(
+    a: &mut Attached<'_>,
+    relay: &mut Relay,
+    read_only: bool,
+) -> Result<(PooledConn, bool), Failed> {
+    if let Some(replica) = pick_replica(&a.replicas, read_only) {
+        a.held = replica;
+        let cap = a.tenant_cap.clone();
+        match checkout_prepared(&a.held, &a.prepare, relay, a.client_id, cap).await {
+            // The replica could not serve it: the primary does.
+            Err(Failed::Checkout(_) | Failed::Server(_)) => {}
+            done => return done,
+        }
+    }
+    a.held = Arc::clone(&a.pool);
+    let cap = a.tenant_cap.clone();
+    checkout_prepared(&a.held, &a.prepare, relay, a.client_id, cap).await
 }
 
 /// The pools of `shard`'s replicas for this tenant's user.

@@ -302,3 +302,16 @@ pub fn first_value(messages: &[tokio_postgres::SimpleQueryMessage]) -> String {
         })
         .expect("a row")
 }
+
+/// Waits until `check` holds, for at most `patience` (a failure-only limit); how long it took.
+pub async fn until(what: &str, patience: Duration, mut check: impl FnMut() -> bool) -> Duration {
+    let started = std::time::Instant::now();
+    while !check() {
+        assert!(
+            started.elapsed() < patience,
+            "{what}: not within {patience:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    started.elapsed()
+}
