@@ -18,7 +18,8 @@ fn backends(env: &Env) -> (usize, usize) {
         "SELECT count(*) || ' ' || count(*) FILTER (WHERE query LIKE '%pg_sleep%' AND state = 'active') \
            FROM pg_stat_activity \
           WHERE datname = current_database() AND usename <> current_user \
-            AND backend_type = 'client backend'",
+            AND backend_type = 'client backend' \
+            AND application_name <> 'pgtenant health check'",
     );
     let mut parts = out.split_whitespace().map(|n| n.parse::<usize>().unwrap());
     (parts.next().unwrap(), parts.next().unwrap())

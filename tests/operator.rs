@@ -77,6 +77,15 @@ async fn metrics_count_what_tenants_do_and_health_answers() {
     let mut wrong = env.pg_config("acme");
     wrong.password("not-the-password");
     assert!(wrong.connect(tokio_postgres::NoTls).await.is_err());
+    // A refused statement is counted when the server's reply to pgtenant's stand-in for it is
+    // read, which may be just after the client has its error.
+    let stats = env.proxy.state.quotas.tenant("acme");
+    common::until(
+        "the refusal counted",
+        std::time::Duration::from_secs(10),
+        || pgtenant::quota::TenantStats::get(&stats.stats.guard_refusals) == 1,
+    )
+    .await;
 
     let (status, m) = http(admin, "GET", "/metrics").await;
     assert_eq!(status, 200);

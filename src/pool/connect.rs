@@ -50,6 +50,11 @@ pub async fn start_tls(
     }
 }
 
+/// The `application_name` of pgtenant's server connections.
+pub const APPLICATION_NAME: &str = "pgtenant";
+/// The `application_name` of its health checks' short connections.
+pub const HEALTH_CHECK_NAME: &str = "pgtenant health check";
+
 /// Opens and authenticates a connection to `shard` as `login`.
 pub async fn open(
     shard: &Shard,
@@ -57,7 +62,18 @@ pub async fn open(
     tls: Option<&(Arc<ClientConfig>, ServerName<'static>)>,
     timeout: Duration,
 ) -> Result<ServerConn, ServerError> {
-    let conn = tokio::time::timeout(timeout, open_inner(shard, login, tls))
+    open_named(shard, login, tls, timeout, APPLICATION_NAME).await
+}
+
+/// Like [`open`], with another `application_name`.
+pub async fn open_named(
+    shard: &Shard,
+    login: &Login,
+    tls: Option<&(Arc<ClientConfig>, ServerName<'static>)>,
+    timeout: Duration,
+    application_name: &str,
+) -> Result<ServerConn, ServerError> {
+    let conn = tokio::time::timeout(timeout, open_inner(shard, login, tls, application_name))
         .await
         .map_err(|_| ServerError::Timeout)??;
     // The guard reads SQL text as the server does only with standard-conforming strings (the
@@ -79,6 +95,7 @@ async fn open_inner(
     shard: &Shard,
     login: &Login,
     tls: Option<&(Arc<ClientConfig>, ServerName<'static>)>,
+    application_name: &str,
 ) -> Result<ServerConn, ServerError> {
     let addr = format!("{}:{}", shard.host, shard.port);
     let tcp = TcpStream::connect((shard.host.as_str(), shard.port))
@@ -127,7 +144,7 @@ async fn open_inner(
             ("user", login.user.as_str()),
             ("database", shard.database.as_str()),
             ("client_encoding", "UTF8"),
-            ("application_name", "pgtenant"),
+            ("application_name", application_name),
         ],
         &mut out,
     )

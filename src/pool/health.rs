@@ -136,7 +136,14 @@ async fn probe(shard: &Shard, timeout: Duration) -> Result<i64, ServerError> {
         password: shard.password.clone(),
     };
     let work = async {
-        let mut conn = connect::open(shard, &login, tls.as_ref(), timeout).await?;
+        let mut conn = connect::open_named(
+            shard,
+            &login,
+            tls.as_ref(),
+            timeout,
+            connect::HEALTH_CHECK_NAME,
+        )
+        .await?;
         let lag = if shard.is_replica() {
             let rows = conn.query_rows(REPLICA_LAG_SQL).await?;
             rows.first()

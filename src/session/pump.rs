@@ -94,6 +94,43 @@ pub struct Pump {
     bytes_taken: (u64, u64),
 }
 
+/// Buffers of sessions between transactions, kept per thread for the next transaction that
+/// needs one: an idle session holds no buffer, and a busy one takes a used buffer instead of
+/// allocating. Bounded, so a burst does not stay resident.
+mod spare {
+    use super::READ_CHUNK;
+    use bytes::BytesMut;
+    use std::cell::RefCell;
+
+    /// Buffers kept per thread, at most.
+    const KEEP: usize = 64;
+
+    thread_local! {
+        static SPARE: RefCell<Vec<BytesMut>> = const { RefCell::new(Vec::new()) };
+    }
+
+    /// A buffer with room for a read.
+    pub(super) fn take() -> BytesMut {
+        SPARE
+            .with(|s| s.borrow_mut().pop())
+            .unwrap_or_else(|| BytesMut::with_capacity(READ_CHUNK))
+    }
+
+    /// Keeps `buf` (empty) for another session, or frees it.
+    pub(super) fn give(mut buf: BytesMut) {
+        if buf.capacity() < READ_CHUNK / 4 {
+            return;
+        }
+        buf.clear();
+        SPARE.with(|s| {
+            let mut s = s.borrow_mut();
+            if s.len() < KEEP {
+                s.push(buf);
+            }
+        });
+    }
+}
+
 fn reserve(buf: &mut BytesMut) {
     if buf.capacity() - buf.len() < READ_CHUNK / 4 {
         buf.reserve(READ_CHUNK);
@@ -229,11 +266,36 @@ impl Pump {
                         return Poll::Ready(Err(PumpEnd::Terminated));
                     }
                     if self.client_in.len() >= 5 || !self.to_client.is_empty() {
+                        self.unpark();
                         return Poll::Ready(Ok(()));
                     }
                 }
-                reserve(&mut self.client_in);
-                match poll_read_buf(Pin::new(&mut *client), cx, &mut self.client_in) {
+                let read = if self.client_in.is_empty() {
+                    // Idle: no buffer is held while waiting; the first bytes land on the stack.
+                    if self.to_client.is_empty() {
+                        self.park();
+                    }
+                    let mut first = [0u8; 512];
+                    let mut buf = tokio::io::ReadBuf::new(&mut first);
+                    match Pin::new(&mut *client).poll_read(cx, &mut buf) {
+                        Poll::Ready(Ok(())) => {
+                            let n = buf.filled().len();
+                            if n > 0 {
+                                if self.client_in.capacity() == 0 {
+                                    self.client_in = spare::take();
+                                }
+                                self.client_in.extend_from_slice(buf.filled());
+                            }
+                            Poll::Ready(Ok(n))
+                        }
+                        Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+                        Poll::Pending => Poll::Pending,
+                    }
+                } else {
+                    reserve(&mut self.client_in);
+                    poll_read_buf(Pin::new(&mut *client), cx, &mut self.client_in)
+                };
+                match read {
                     Poll::Ready(Ok(0)) => return Poll::Ready(Err(PumpEnd::ClientGone(None))),
                     Poll::Ready(Ok(n)) => {
                         self.bytes_from_client += n as u64;
@@ -248,6 +310,28 @@ impl Pump {
             }
         })
         .await
+    }
+
+    /// Between transactions, with nothing pending: the buffers go back to the thread's spares.
+    fn park(&mut self) {
+        for buf in [
+            &mut self.client_in,
+            &mut self.to_server,
+            &mut self.to_client,
+        ] {
+            if buf.is_empty() && buf.capacity() > 0 {
+                spare::give(std::mem::take(buf));
+            }
+        }
+    }
+
+    /// A transaction starts: buffers to write into, from the spares.
+    fn unpark(&mut self) {
+        for buf in [&mut self.to_server, &mut self.to_client] {
+            if buf.capacity() == 0 {
+                *buf = spare::take();
+            }
+        }
     }
 
     /// Queues `bytes` (whole messages) for the client.
