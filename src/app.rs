@@ -204,15 +204,9 @@ impl AppState {
         {
             return Err(MoveError::SessionMode);
         }
-        let source = current.source.clone();
-        let text = crate::catalog::source_text(&source, self.catalog.as_ref())
-            .await
-            .map_err(|e| MoveError::Source(e.to_string()))?;
-        let edited = config::with_tenant_shard(&text, tenant, shard)
-            .map_err(|e| MoveError::Source(format!("{}: {e}", source.display())))?;
-        let next =
-            config::load_str(&edited, &source).map_err(|e| MoveError::Invalid(e.to_string()))?;
-        require_context_keys(&next).map_err(|e| MoveError::Invalid(format!("{e:#}")))?;
+        // Checked before the tenant is paused, so that a move that cannot be made holds
+        // nothing up.
+        self.moved_source(tenant, shard).await?;
 
         let held_already = self.pauses.is_paused(tenant);
         let started = tokio::time::Instant::now();
@@ -221,8 +215,11 @@ impl AppState {
             if let Err(busy) = self.wait_for_transactions(Some(tenant), timeout).await {
                 return Err(MoveError::Busy(busy, timeout));
             }
-            // A reload never applies a source read before this move wrote it.
+            // A reload never applies a source read before this move wrote it; and the source
+            // is read again under the lock, so that a change made while the tenant's
+            // transactions finished is kept, not overwritten.
             let _one_at_a_time = self.source_lock.lock().await;
+            let (source, edited, next) = self.moved_source(tenant, shard).await?;
             match &self.catalog {
                 Some(catalog) => crate::catalog::set_shard(catalog, tenant, shard)
                     .await
@@ -251,6 +248,25 @@ impl AppState {
             }
         }
         result.map(|()| held)
+    }
+
+    /// The configuration source with `tenant` placed on `shard`: its path, its edited text,
+    /// and the snapshot that text validates into.
+    async fn moved_source(
+        &self,
+        tenant: &str,
+        shard: &str,
+    ) -> Result<(PathBuf, String, Snapshot), MoveError> {
+        let source = self.snapshot().source.clone();
+        let text = crate::catalog::source_text(&source, self.catalog.as_ref())
+            .await
+            .map_err(|e| MoveError::Source(e.to_string()))?;
+        let edited = config::with_tenant_shard(&text, tenant, shard)
+            .map_err(|e| MoveError::Source(format!("{}: {e}", source.display())))?;
+        let next =
+            config::load_str(&edited, &source).map_err(|e| MoveError::Invalid(e.to_string()))?;
+        require_context_keys(&next).map_err(|e| MoveError::Invalid(format!("{e:#}")))?;
+        Ok((source, edited, next))
     }
 
     /// Waits until no transaction of `tenant` (None: of any tenant) runs, for at most
