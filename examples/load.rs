@@ -26,15 +26,13 @@
 mod support;
 
 use std::collections::BTreeMap;
-use std::net::TcpListener;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use pgtenant::auth::verifier::ScramVerifier;
 use pgtenant::localpg::Cluster;
 
-const PGBOUNCER: &str = "/usr/sbin/pgbouncer";
 const SERVER_CONNECTIONS: usize = 16;
 
 struct Options {
@@ -177,37 +175,11 @@ fn median(mut v: Vec<f64>) -> Option<f64> {
     Some(v[v.len() / 2])
 }
 
-/// Kills a child process when dropped, so a failed run leaves nothing behind.
-struct Reaper(Child);
-
-impl Drop for Reaper {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 struct Target {
     name: &'static str,
     url: String,
     password: String,
     pid: Option<u32>,
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn wait_for_port(port: u16) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "nothing listens on {port}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 fn pgtenant_config(
@@ -312,55 +284,6 @@ fn rls_databases(cluster: &Cluster, key_file: &Path) {
     }
 }
 
-/// Starts PgBouncer (as the `postgres` OS user when root: it refuses to run as root) in front
-/// of the same database, with SCRAM for clients.
-fn start_pgbouncer(dir: &Path, cluster: &Cluster, password: &str, pool_mode: &str) -> (Child, u16) {
-    let port = free_port();
-    let bdir = dir.join("pgbouncer");
-    std::fs::create_dir_all(&bdir).unwrap();
-    // A plaintext entry: with a SCRAM verifier here PgBouncer 1.18 reuses the client's SCRAM
-    // keys for the server login, which fails for a different server user.
-    std::fs::write(
-        bdir.join("userlist.txt"),
-        format!("\"app\" \"{password}\"\n"),
-    )
-    .unwrap();
-    std::fs::write(
-        bdir.join("pgbouncer.ini"),
-        format!(
-            "[databases]\nbench = host=127.0.0.1 port={pg_port} dbname=bench user=pgtenant_app password={pg_password}\n\
-             [pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\n\
-             auth_type = scram-sha-256\nauth_file = {auth}\npool_mode = {pool_mode}\n\
-             max_client_conn = 1000\ndefault_pool_size = {SERVER_CONNECTIONS}\nlogfile = {log}\n",
-            pg_port = cluster.port,
-            pg_password = cluster.password,
-            auth = bdir.join("userlist.txt").display(),
-            log = bdir.join("pgbouncer.log").display(),
-        ),
-    )
-    .unwrap();
-    let mut cmd = Command::new(PGBOUNCER);
-    cmd.arg(bdir.join("pgbouncer.ini"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    let id = |flag: &str, user: Option<&str>| -> Option<u32> {
-        let out = Command::new("id").arg(flag).args(user).output().ok()?;
-        String::from_utf8_lossy(&out.stdout).trim().parse().ok()
-    };
-    if id("-u", None) == Some(0) {
-        use std::os::unix::process::CommandExt;
-        let _ = Command::new("chown")
-            .args(["-R", "postgres:"])
-            .arg(dir)
-            .status();
-        cmd.uid(id("-u", Some("postgres")).unwrap())
-            .gid(id("-g", Some("postgres")).unwrap());
-    }
-    let child = cmd.spawn().expect("start pgbouncer");
-    wait_for_port(port);
-    (child, port)
-}
-
 fn main() {
     let opts = options();
     let binary = support::release_binary();
@@ -382,7 +305,7 @@ fn main() {
     let direct_url = format!("postgresql://pgtenant_app@127.0.0.1:{}/bench", cluster.port);
     pgbench_init(&cluster, &direct_url, 10);
 
-    let port = free_port();
+    let port = support::free_port();
     let dir = std::env::temp_dir().join(format!("pgtenant-load-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let config = dir.join("pgtenant.toml");
@@ -399,7 +322,7 @@ fn main() {
     if let Some(n) = opts.proxy_threads {
         proxy_cmd.args(["--threads", &n.to_string()]);
     }
-    let proxy = Reaper(
+    let proxy = support::Reaper(
         proxy_cmd
             .arg("--config")
             .arg(&config)
@@ -408,7 +331,7 @@ fn main() {
             .spawn()
             .expect("start pgtenant"),
     );
-    wait_for_port(port);
+    support::wait_for_port(port);
     let through_pgtenant = |name: &'static str, tenant: &str, db: &str| Target {
         name,
         url: format!("postgresql://app%40{tenant}@127.0.0.1:{port}/{db}"),
@@ -430,8 +353,8 @@ fn main() {
     // The same configuration with metrics on, and a scraper, in a second process.
     let mut _metered = None;
     if opts.metrics {
-        let port = free_port();
-        let admin = free_port();
+        let port = support::free_port();
+        let admin = support::free_port();
         let config = dir.join("pgtenant-metrics.toml");
         let text = pgtenant_config(port, &cluster, &opts.pool_mode, client_password, &key_file);
         std::fs::write(
@@ -450,7 +373,7 @@ fn main() {
             .stdout(Stdio::null())
             .spawn()
             .expect("start pgtenant with metrics");
-        wait_for_port(port);
+        support::wait_for_port(port);
         targets.push(Target {
             name: "pgt+metrics",
             url: format!("postgresql://app%40bench@127.0.0.1:{port}/bench"),
@@ -468,19 +391,31 @@ fn main() {
                 let _ = s.read_to_end(&mut Vec::new());
             }
         });
-        _metered = Some(Reaper(child));
+        _metered = Some(support::Reaper(child));
     }
     let mut bouncer = None;
-    if opts.pgbouncer && Path::new(PGBOUNCER).is_file() {
-        let (child, bouncer_port) =
-            start_pgbouncer(&dir, &cluster, client_password, &opts.pool_mode);
+    if opts.pgbouncer && Path::new(support::PGBOUNCER).is_file() {
+        let (child, bouncer_port) = support::start_pgbouncer(
+            &dir,
+            &cluster,
+            support::Bouncer {
+                dbname: "bench",
+                // A plaintext entry: with a SCRAM verifier PgBouncer 1.18 reuses the client's
+                // SCRAM keys for the server login, which fails for another server user.
+                secret: client_password,
+                server_login: Some(("pgtenant_app", &cluster.password)),
+                pool_mode: &opts.pool_mode,
+                pool_size: SERVER_CONNECTIONS,
+                max_clients: 1000,
+            },
+        );
         targets.push(Target {
             name: "pgbouncer",
             url: format!("postgresql://app@127.0.0.1:{bouncer_port}/bench"),
             password: client_password.into(),
-            pid: Some(child.id()),
+            pid: Some(child.0.id()),
         });
-        bouncer = Some(Reaper(child));
+        bouncer = Some(child);
     }
     if !opts.targets.is_empty() {
         targets.retain(|t| opts.targets.iter().any(|n| n == t.name));

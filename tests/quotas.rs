@@ -9,10 +9,12 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use common::raw::Raw;
 use common::{code, connect_with, sqlstate_of, start_with};
 
 /// Gives acme the settings `overrides` (TOML inline-table body).
-fn acme_settings(overrides: &'static str) -> impl FnOnce(String) -> String {
+fn acme_settings(overrides: &str) -> impl FnOnce(String) -> String + use<> {
+    let overrides = overrides.to_owned();
     move |t| {
         t.replacen(
             "name = \"acme\"\nplan = \"basic\"\n",
@@ -44,8 +46,8 @@ async fn client_connections_are_capped_per_tenant() {
 async fn server_connections_are_capped_per_tenant() {
     let env = start_with("", |t| {
         acme_settings("max_server_connections = 1")(t).replacen(
-            "[pool]\nmode = \"session\"",
-            "[pool]\nmode = \"session\"\ncheckout_timeout = \"1s\"",
+            "[pool]\nmode = \"transaction\"",
+            "[pool]\nmode = \"transaction\"\ncheckout_timeout = \"1s\"",
             1,
         )
     })
@@ -390,4 +392,119 @@ async fn the_largest_message_read_whole_is_capped_per_plan() {
         .unwrap();
     let globex = env.connect("globex").await;
     globex.simple_query(&big).await.unwrap();
+}
+
+/// Thousands of clients of one tenant queued for its only server connection: each waits
+/// holding a few KiB (what it pipelined behind its first statement stays in the kernel,
+/// unread), the tenant's client cap bounds their number, and all are served, in order, once
+/// the connection is free. Other tenants are not kept waiting meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thousands_of_queued_clients_hold_bounded_memory_and_are_all_served() {
+    // Two descriptors per client in this process (its socket and pgtenant's); fewer clients
+    // where the open-file limit is low.
+    let n = ((open_file_limit().saturating_sub(300)) / 2).min(2000);
+    let settings = acme_settings(&format!(
+        "max_server_connections = 1, max_client_connections = {}",
+        n + 1
+    ));
+    let env = start_with("", |t| {
+        settings(t).replacen(
+            "[pool]\nmode = \"transaction\"",
+            "[pool]\nmode = \"transaction\"\ncheckout_timeout = \"300s\"",
+            1,
+        )
+    })
+    .await;
+    let t = env.tenant("acme");
+    let mut logins = tokio::task::JoinSet::new();
+    let mut clients = Vec::with_capacity(n);
+    let mut started = 0;
+    while clients.len() < n {
+        while started < n && logins.len() < 32 {
+            let (addr, password) = (env.addr(), t.password.clone());
+            logins
+                .spawn(async move { Raw::connect(addr, &[("user", "app@acme")], &password).await });
+            started += 1;
+        }
+        clients.push(logins.join_next().await.unwrap().unwrap());
+    }
+    // A session begins with a server connection of its own (pgtenant checks the tenant's
+    // setup there), so the clients log in first and the holder takes the only one after.
+    let holder = env.connect("acme").await;
+    holder.simple_query("BEGIN; SELECT 1").await.unwrap();
+    // One client more than the cap is refused: the queue cannot grow past it.
+    let err = connect_with(env.pg_config("acme")).await.unwrap_err();
+    assert_eq!(code(&err), "53300");
+
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = rss_kib();
+    // Each client's statement, and 64 KiB more pipelined behind it.
+    let filler = format!("SELECT length('{}')", "x".repeat(64 * 1024));
+    let mut out = bytes::BytesMut::new();
+    postgres_protocol::message::frontend::query("SELECT 1", &mut out).unwrap();
+    postgres_protocol::message::frontend::query(&filler, &mut out).unwrap();
+    let out = out.freeze();
+    let mut queued = tokio::task::JoinSet::new();
+    for mut c in clients {
+        let out = out.clone();
+        queued.spawn(async move {
+            c.send(&out).await;
+            let first = c.until_ready().await;
+            let second = c.until_ready().await;
+            (first, second)
+        });
+    }
+    let tenant = env.proxy.state.quotas.tenant("acme");
+    common::until("every client queued", Duration::from_secs(120), || {
+        tenant
+            .stats
+            .waiting
+            .load(std::sync::atomic::Ordering::Relaxed)
+            == n
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let grown = rss_kib().saturating_sub(before);
+    eprintln!(
+        "{n} queued clients: this process grew by {grown} KiB ({:.1} KiB per client)",
+        grown as f64 / n as f64
+    );
+    // Reading the pipelined bytes would take 64 MiB or more per 1,000 clients.
+    assert!(grown < 32 * n as u64, "{n} queued clients took {grown} KiB");
+
+    // Another tenant is served while acme's queue waits.
+    env.connect("globex")
+        .await
+        .simple_query("SELECT 1")
+        .await
+        .unwrap();
+
+    holder.simple_query("COMMIT").await.unwrap();
+    while let Some(done) = queued.join_next().await {
+        let (first, second) = done.unwrap();
+        assert!(first.iter().all(|m| m.tag != b'E'), "{first:?}");
+        let row = second.iter().find(|m| m.tag == b'D').expect("a row");
+        assert!(row.body.ends_with(b"65536"), "{row:?}");
+    }
+}
+
+/// The soft limit on open files of this process.
+fn open_file_limit() -> usize {
+    std::fs::read_to_string("/proc/self/limits")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(3))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(1024)
+}
+
+/// This process's resident memory (KiB).
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
 }

@@ -12,8 +12,11 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
+use bytes::BytesMut;
+use common::raw::Raw;
 use pgtenant::demo;
 use pgtenant::localpg::Cluster;
+use postgres_protocol::message::frontend;
 
 const PATIENCE: Duration = Duration::from_secs(30);
 
@@ -107,6 +110,79 @@ async fn reads_go_to_the_replica_and_fall_back_to_the_primary() {
         .await
         .unwrap();
     assert_eq!(in_recovery(&app).await, "f");
+
+    // A transaction routed to the replica cannot be turned into a write: the standby refuses
+    // every write (25006), and the switch back to read-write (0A000, 25001), whatever the client sends
+    // after BEGIN READ ONLY.
+    for attack in [
+        "BEGIN READ ONLY; INSERT INTO items (name) VALUES ('replica attack')",
+        "BEGIN READ ONLY; SET TRANSACTION READ WRITE",
+        "BEGIN READ ONLY; SET LOCAL transaction_read_only = off; INSERT INTO items (name) VALUES ('replica attack')",
+        "START TRANSACTION READ ONLY; SELECT set_config('transaction_read_only', 'off', true)",
+    ] {
+        let err = app.simple_query(attack).await.unwrap_err();
+        assert!(
+            matches!(
+                common::code(&err).as_str(),
+                "25006" | "25001" | "0A000" | "42501"
+            ),
+            "{attack}: {} {err:?}",
+            common::code(&err)
+        );
+        app.batch_execute("ROLLBACK").await.unwrap();
+    }
+    // The same, pipelined in the extended protocol: BEGIN READ ONLY and a write in one batch.
+    let mut raw = Raw::connect(
+        proxy.addr,
+        &[("user", "app@acme"), ("database", "acme")],
+        &acme.password,
+    )
+    .await;
+    let mut out = BytesMut::new();
+    for sql in [
+        "BEGIN READ ONLY",
+        "INSERT INTO items (name) VALUES ('replica attack')",
+        "COMMIT",
+    ] {
+        frontend::parse("", sql, [], &mut out).unwrap();
+        frontend::bind(
+            "",
+            "",
+            [],
+            [] as [Option<i32>; 0],
+            |_, _| Ok(postgres_protocol::IsNull::No),
+            [],
+            &mut out,
+        )
+        .map_err(|_| ())
+        .unwrap();
+        frontend::execute("", 0, &mut out).unwrap();
+    }
+    frontend::sync(&mut out);
+    raw.send(&out).await;
+    let replies = raw.until_ready().await;
+    let error = replies
+        .iter()
+        .find(|m| m.tag == b'E')
+        .expect("the write refused");
+    assert_eq!(error.sqlstate().as_deref(), Some("25006"));
+    drop(raw);
+    let written = a
+        .psql(
+            &fixture.shared_db,
+            "SELECT count(*) FROM items WHERE name = 'replica attack'",
+        )
+        .unwrap();
+    assert_eq!(written.trim(), "0", "nothing was written");
+    // The tenant's context holds on the replica: another tenant's rows stay invisible there.
+    let rows = reader
+        .simple_query(&format!(
+            "SELECT count(*) FROM items WHERE tenant_id <> '{}'",
+            demo::ACME_ID
+        ))
+        .await
+        .unwrap();
+    assert_eq!(common::first_value(&rows), "0");
 
     // A lagging replica is skipped: replay paused while the primary writes.
     standby

@@ -56,7 +56,7 @@ pub struct World {
     pub port: u16,
     pub proxy: Reaper,
     pub pid: u32,
-    dir: PathBuf,
+    pub dir: PathBuf,
 }
 
 impl Drop for World {
@@ -182,4 +182,90 @@ pub async fn read_msg(s: &mut TcpStream) -> Option<(u8, Vec<u8>)> {
     let mut body = vec![0u8; len.saturating_sub(4)];
     s.read_exact(&mut body).await.ok()?;
     Some((head[0], body))
+}
+
+pub const PGBOUNCER: &str = "/usr/sbin/pgbouncer";
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub fn wait_for_port(port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "nothing listens on {port}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// How PgBouncer is set up for a comparison: every database name a client asks for goes to
+/// `dbname` on the cluster, and the client user `app` logs in with SCRAM against `secret` (its
+/// `auth_file` entry: a password or a SCRAM verifier). PgBouncer logs in to the server as
+/// `server_login` (user, password), or, when it is `None`, as `app` with the client's SCRAM
+/// keys (the role must then have the same verifier on the server).
+pub struct Bouncer<'a> {
+    pub dbname: &'a str,
+    pub secret: &'a str,
+    pub server_login: Option<(&'a str, &'a str)>,
+    pub pool_mode: &'a str,
+    pub pool_size: usize,
+    pub max_clients: usize,
+}
+
+/// Starts PgBouncer (as the `postgres` OS user when root: it refuses to run as root) in front
+/// of `cluster`; its port. The child is killed when the `Reaper` is dropped.
+pub fn start_pgbouncer(dir: &std::path::Path, cluster: &Cluster, b: Bouncer<'_>) -> (Reaper, u16) {
+    let port = free_port();
+    let bdir = dir.join("pgbouncer");
+    std::fs::create_dir_all(&bdir).unwrap();
+    std::fs::write(
+        bdir.join("userlist.txt"),
+        format!("\"app\" \"{}\"\n", b.secret),
+    )
+    .unwrap();
+    let login = b
+        .server_login
+        .map(|(user, password)| format!(" user={user} password={password}"))
+        .unwrap_or_default();
+    std::fs::write(
+        bdir.join("pgbouncer.ini"),
+        format!(
+            "[databases]\n* = host=127.0.0.1 port={pg_port} dbname={dbname}{login}\n\
+             [pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\n\
+             auth_type = scram-sha-256\nauth_file = {auth}\npool_mode = {pool_mode}\n\
+             max_client_conn = {max_clients}\ndefault_pool_size = {pool_size}\nlogfile = {log}\n",
+            pg_port = cluster.port,
+            dbname = b.dbname,
+            auth = bdir.join("userlist.txt").display(),
+            pool_mode = b.pool_mode,
+            max_clients = b.max_clients,
+            pool_size = b.pool_size,
+            log = bdir.join("pgbouncer.log").display(),
+        ),
+    )
+    .unwrap();
+    let mut cmd = Command::new(PGBOUNCER);
+    cmd.arg(bdir.join("pgbouncer.ini"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let id = |flag: &str, user: Option<&str>| -> Option<u32> {
+        let out = Command::new("id").arg(flag).args(user).output().ok()?;
+        String::from_utf8_lossy(&out.stdout).trim().parse().ok()
+    };
+    if id("-u", None) == Some(0) {
+        use std::os::unix::process::CommandExt;
+        let _ = Command::new("chown")
+            .args(["-R", "postgres:"])
+            .arg(dir)
+            .status();
+        cmd.uid(id("-u", Some("postgres")).unwrap())
+            .gid(id("-g", Some("postgres")).unwrap());
+    }
+    let child = cmd.spawn().expect("start pgbouncer");
+    wait_for_port(port);
+    (Reaper(child), port)
 }

@@ -266,7 +266,6 @@ impl Pump {
                         return Poll::Ready(Err(PumpEnd::Terminated));
                     }
                     if self.client_in.len() >= 5 || !self.to_client.is_empty() {
-                        self.unpark();
                         return Poll::Ready(Ok(()));
                     }
                 }
@@ -325,7 +324,8 @@ impl Pump {
         }
     }
 
-    /// A transaction starts: buffers to write into, from the spares.
+    /// A transaction starts: buffers to write into, from the spares (a transaction waiting
+    /// for its server connection holds only what it read).
     fn unpark(&mut self) {
         for buf in [&mut self.to_server, &mut self.to_client] {
             if buf.capacity() == 0 {
@@ -344,8 +344,11 @@ impl Pump {
         self.to_client.len()
     }
 
-    /// The bytes queued for the server (pgtenant's own statements go first).
+    /// The bytes queued for the server (pgtenant's own statements go first). A transaction
+    /// starts here, once it has its server connection: the buffers it writes into come from
+    /// the spares now, not while it waits for a connection.
     pub fn to_server_mut(&mut self) -> &mut BytesMut {
+        self.unpark();
         &mut self.to_server
     }
 
