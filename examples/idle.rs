@@ -18,6 +18,8 @@ use support::{raw_login, rss_kib};
 /// What one storm of `n` logins measured.
 struct Storm {
     rate: f64,
+    /// The server's CPU per login (µs, user + system).
+    cpu_us: f64,
     before_kib: u64,
     held_kib: u64,
     after_kib: u64,
@@ -30,6 +32,7 @@ async fn storm(port: u16, user: &str, password: &str, n: usize, pid: u32) -> Sto
     drop(raw_login(port, user, password).await);
     tokio::time::sleep(Duration::from_millis(500)).await;
     let before_kib = rss_kib(pid);
+    let cpu_before = support::cpu_ticks(pid);
     let started = Instant::now();
     let mut clients = Vec::with_capacity(n);
     let mut pending = tokio::task::JoinSet::new();
@@ -45,12 +48,15 @@ async fn storm(port: u16, user: &str, password: &str, n: usize, pid: u32) -> Sto
         }
     }
     let took = started.elapsed();
+    let cpu_after = support::cpu_ticks(pid);
+    let ticks = (cpu_after.0 + cpu_after.1) - (cpu_before.0 + cpu_before.1);
     tokio::time::sleep(Duration::from_secs(2)).await;
     let held_kib = rss_kib(pid);
     drop(clients);
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    tokio::time::sleep(Duration::from_secs(12)).await;
     Storm {
         rate: n as f64 / took.as_secs_f64(),
+        cpu_us: ticks as f64 / support::clock_ticks_per_second() * 1e6 / n as f64,
         before_kib,
         held_kib,
         after_kib: rss_kib(pid),
@@ -59,9 +65,10 @@ async fn storm(port: u16, user: &str, password: &str, n: usize, pid: u32) -> Sto
 
 fn report(name: &str, n: usize, s: &Storm) {
     println!(
-        "{name:>9}: {n} clients at {:>6.0} connections/s; RSS {} KiB before, {} KiB with them \
-         ({:.2} KiB per idle client), {} KiB after they left",
+        "{name:>9}: {n} clients at {:>6.0} connections/s, {:.0} µs CPU per login; RSS {} KiB \
+         before, {} KiB with them ({:.2} KiB per idle client), {} KiB after they left",
         s.rate,
+        s.cpu_us,
         s.before_kib,
         s.held_kib,
         s.held_kib.saturating_sub(s.before_kib) as f64 / n as f64,
@@ -125,7 +132,8 @@ async fn main() {
     report("pgtenant", n, &ours);
     report("pgbouncer", n, &theirs);
     println!(
-        "pgtenant / PgBouncer: connect rate {:.2}x",
-        ours.rate / theirs.rate
+        "pgtenant / PgBouncer: connect rate {:.2}x, CPU per login {:.2}x",
+        ours.rate / theirs.rate,
+        ours.cpu_us / theirs.cpu_us
     );
 }

@@ -148,25 +148,6 @@ fn pgbench(
 }
 
 /// (utime, stime) of `pid`, in clock ticks.
-fn cpu_ticks(pid: u32) -> (u64, u64) {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("read /proc stat");
-    let after_name = &stat[stat.rfind(')').expect("stat format") + 2..];
-    let fields: Vec<&str> = after_name.split_whitespace().collect();
-    (
-        fields[11].parse::<u64>().unwrap(),
-        fields[12].parse::<u64>().unwrap(),
-    )
-}
-
-fn clock_ticks_per_second() -> f64 {
-    Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
-        .unwrap_or(100.0)
-}
-
 fn median(mut v: Vec<f64>) -> Option<f64> {
     if v.is_empty() {
         return None;
@@ -420,7 +401,7 @@ fn main() {
     if !opts.targets.is_empty() {
         targets.retain(|t| opts.targets.iter().any(|n| n == t.name));
     }
-    let ticks = clock_ticks_per_second();
+    let ticks = support::clock_ticks_per_second();
 
     // Each scenario: (clients, pgbench mode, -C).
     let mut scenarios: Vec<(u32, String, bool)> = Vec::new();
@@ -446,7 +427,7 @@ fn main() {
                     round + 1,
                     t.name
                 );
-                let before = t.pid.map(cpu_ticks);
+                let before = t.pid.map(support::cpu_ticks);
                 let Some(run) = pgbench(
                     &cluster,
                     &t.url,
@@ -460,7 +441,7 @@ fn main() {
                 };
                 let key = (*clients, mode.clone(), *connect, t.name);
                 if let (Some(pid), Some(before)) = (t.pid, before) {
-                    let (user, system) = cpu_ticks(pid);
+                    let (user, system) = support::cpu_ticks(pid);
                     let user = user.saturating_sub(before.0) as f64 / ticks;
                     let system = system.saturating_sub(before.1) as f64 / ticks;
                     let per_tx = 1e6 / run.transactions.max(1) as f64;

@@ -269,3 +269,24 @@ pub fn start_pgbouncer(dir: &std::path::Path, cluster: &Cluster, b: Bouncer<'_>)
     wait_for_port(port);
     (Reaper(child), port)
 }
+
+/// User and system CPU of process `pid` so far, in clock ticks.
+pub fn cpu_ticks(pid: u32) -> (u64, u64) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("read /proc stat");
+    let after_name = &stat[stat.rfind(')').expect("stat format") + 2..];
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    (
+        fields[11].parse::<u64>().unwrap(),
+        fields[12].parse::<u64>().unwrap(),
+    )
+}
+
+/// Clock ticks per second (`getconf CLK_TCK`).
+pub fn clock_ticks_per_second() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .unwrap_or(100.0)
+}

@@ -263,12 +263,15 @@ impl Pool {
             tracing::debug!(shard = %self.shard.name, "dropping stale server connection");
         }
         let generation = self.health.generation();
-        let mut conn = connect::open(
+        // Boxed: opening a connection (TLS, authentication) is the slow path, and its state
+        // inline would make every session's future larger while it waits between
+        // transactions.
+        let mut conn = Box::pin(connect::open(
             &self.shard,
             &self.login,
             self.tls.as_ref(),
             self.settings.connect_timeout,
-        )
+        ))
         .await
         .inspect_err(|e| {
             if health::means_down(e) {
@@ -320,7 +323,8 @@ impl Pool {
             pooled.conn.idle_since = Instant::now();
             self.idle().push(pooled.conn);
         } else {
-            self.checkin(pooled, true).await;
+            // Boxed, as the slow path (see `checkout`).
+            Box::pin(self.checkin(pooled, true)).await;
         }
     }
 
@@ -335,14 +339,16 @@ impl Pool {
             self.retire(pooled, whole_messages, "it stopped mid-message");
             return;
         }
+        // Recovering and resetting talk to the server: boxed, as the slow path (see
+        // `checkout`).
         if !pooled.conn.tracker.is_idle()
-            && let Err(e) = pooled.conn.recover(RESET_PATIENCE).await
+            && let Err(e) = Box::pin(pooled.conn.recover(RESET_PATIENCE)).await
         {
             tracing::info!(shard = %self.shard.name, error = %e, "server connection could not be recovered");
             self.retire(pooled, true, "it could not be recovered");
             return;
         }
-        if let Err(e) = pooled.conn.reset(RESET_PATIENCE).await {
+        if let Err(e) = Box::pin(pooled.conn.reset(RESET_PATIENCE)).await {
             tracing::info!(shard = %self.shard.name, error = %e, "server connection failed to reset");
             self.retire(pooled, true, "it failed to reset");
             return;

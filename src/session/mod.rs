@@ -169,8 +169,10 @@ pub async fn serve(state: Arc<AppState>, tcp: TcpStream, peer: SocketAddr) {
             ..Default::default()
         };
         state.audit.event("connect", &who, &[]);
+        // The handshake and the admin console are boxed: inline, their state would size every
+        // session's future, which an idle client holds for as long as it stays connected.
         let opened = tokio::select! {
-            opened = open(&state, &snapshot, tcp, peer, deadline, &who) => opened,
+            opened = Box::pin(open(&state, &snapshot, tcp, peer, deadline, &who)) => opened,
             _ = pending.evicted.cancelled() => {
                 tracing::info!("handshake dropped: the oldest pending while the un-authenticated table was full");
                 return;
@@ -200,7 +202,7 @@ pub async fn serve(state: Arc<AppState>, tcp: TcpStream, peer: SocketAddr) {
                     &who,
                     &[("console", "true".to_owned())],
                 );
-                crate::admin::console::serve(&state, stream, &who).await;
+                Box::pin(crate::admin::console::serve(&state, stream, &who)).await;
                 state.audit.event("disconnect", &who, &[]);
             }
         }
