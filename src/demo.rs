@@ -132,7 +132,7 @@ pub fn create_shared_database(a: &Cluster, db: &str, key_file: &Path) -> Result<
 pub fn create_fixture(a: &Cluster, b: &Cluster, suffix: &str) -> Result<Fixture, LocalPgError> {
     let shared_db = format!("app{suffix}");
     let dedicated_db = format!("initech{suffix}");
-    let key_file = key_dir()?.join(format!("shared{suffix}.key"));
+    let key_file = key_dir(a)?.join(format!("shared{suffix}.key"));
     create_shared_database(a, &shared_db, &key_file)?;
     a.psql(
         &shared_db,
@@ -288,10 +288,10 @@ impl Fixture {
     }
 }
 
-/// Where the sample shards' context keys live (private to this process's user).
-fn key_dir() -> Result<PathBuf, LocalPgError> {
-    let dir = std::env::temp_dir().join(format!("pgtenant-keys-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).map_err(|e| LocalPgError::Setup(e.to_string()))?;
+/// Where the sample shards' context keys live: private to this process's user, inside cluster
+/// `a`'s directory, so they go when the cluster goes.
+fn key_dir(a: &Cluster) -> Result<PathBuf, LocalPgError> {
+    let dir = a.scratch_dir("keys")?;
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt as _;

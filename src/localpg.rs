@@ -339,6 +339,14 @@ impl Cluster {
             .spawn();
     }
 
+    /// A directory `name` of this process's own inside the cluster's directory, removed with
+    /// the cluster (by [`Cluster::stop`], or by the watchdog if this process dies first).
+    pub fn scratch_dir(&self, name: &str) -> Result<PathBuf, LocalPgError> {
+        let dir = self.root.join(name);
+        fs::create_dir_all(&dir)?;
+        Ok(dir)
+    }
+
     /// The last lines of the server log.
     pub fn log_tail(&self) -> String {
         let mut text = String::new();

@@ -6,7 +6,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -61,8 +61,7 @@ async fn one(client: &tokio_postgres::Client, sql: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_instances_share_a_catalog_in_postgres() {
     let fixture = common::fresh_fixture().await;
-    let dir = std::env::temp_dir().join(format!("pgtenant-catalog-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = common::TempDir::new("catalog");
     let b = &world().b;
     let catalog_db = format!("catalog_{}", std::process::id());
     b.psql("postgres", &format!("CREATE DATABASE {catalog_db}"))
@@ -307,6 +306,4 @@ async fn two_instances_share_a_catalog_in_postgres() {
         catalog("SELECT count(*) FROM pgtenant_catalog.instances").trim(),
         "0"
     );
-    let _ = std::fs::remove_dir_all(&dir);
-    let _: PathBuf = dir;
 }

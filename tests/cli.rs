@@ -46,8 +46,7 @@ fn every_config_example_loads() {
 
 #[test]
 fn check_names_file_and_line_of_an_error() {
-    let dir = std::env::temp_dir().join(format!("pgtenant-cli-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = common::TempDir::new("cli");
     let path = dir.join("bad.toml");
     std::fs::write(
         &path,
@@ -191,8 +190,7 @@ async fn the_demo_starts_and_a_printed_url_works() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_shards_reports_hardening_problems() {
     let env = common::start().await;
-    let dir = std::env::temp_dir().join(format!("pgtenant-check-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = common::TempDir::new("check");
     let path = dir.join("shards.toml");
     std::fs::write(&path, env.fixture.config("127.0.0.1:0", "")).unwrap();
     let run = |path: std::path::PathBuf| {
@@ -285,8 +283,7 @@ async fn shard_init_installs_the_verified_context_idempotently() {
         .unwrap();
     w.a.psql("postgres", &format!("CREATE DATABASE {db}"))
         .unwrap();
-    let dir = std::env::temp_dir().join(format!("pgtenant-init-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = common::TempDir::new("init");
     let key = dir.join("s.key");
     let _ = std::fs::remove_file(&key);
     let config = dir.join("init.toml");
@@ -361,5 +358,4 @@ async fn shard_init_installs_the_verified_context_idempotently() {
     let snapshot = pgtenant::config::load(&config).unwrap();
     let running = pgtenant::app::start(snapshot).await.unwrap();
     running.shutdown(Duration::from_secs(1)).await;
-    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -18,7 +18,7 @@ const PATIENCE: Duration = Duration::from_secs(20);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_lets_open_transactions_finish_and_ends_idle_sessions_at_once() {
-    let Env { fixture, proxy } = start_with("", |t| t).await;
+    let Env { fixture, proxy, .. } = start_with("", |t| t).await;
     let env_port = proxy.addr.port();
     let config = |tenant: &str| {
         let t = fixture.tenant(tenant).unwrap();
@@ -79,7 +79,7 @@ async fn shutdown_lets_open_transactions_finish_and_ends_idle_sessions_at_once()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_ends_a_transaction_still_open_after_the_grace_period() {
-    let Env { fixture, proxy } = start_with("", |t| t).await;
+    let Env { fixture, proxy, .. } = start_with("", |t| t).await;
     let t = fixture.tenant("acme").unwrap();
     let mut c = tokio_postgres::Config::new();
     c.host("127.0.0.1")
@@ -108,7 +108,7 @@ async fn a_rolling_restart_with_reuse_port_refuses_no_connection() {
     // it for rolling restarts. Set here for the test (as root) and put back after.
     let migrate = MigrateReq::enable();
     let reuse = |text: String| text.replacen("[listen]\n", "[listen]\nreuse_port = true\n", 1);
-    let Env { fixture, proxy } = start_with("", reuse).await;
+    let Env { fixture, proxy, .. } = start_with("", reuse).await;
     let addr = proxy.addr;
     let t = fixture.tenant("acme").unwrap();
     let mut config = tokio_postgres::Config::new();
@@ -232,6 +232,7 @@ async fn a_cancel_sent_to_the_other_instance_is_forwarded_to_the_one_holding_the
     let Env {
         fixture,
         proxy: one,
+        ..
     } = start_with("", peering(1, String::new())).await;
     let two_text = peering(2, format!("{{ id = 1, addr = \"{}\" }}", one.addr))(
         fixture.config("127.0.0.1:0", ""),

@@ -75,7 +75,7 @@ async fn load(client: tokio_postgres::Client, tag: &'static str, stop: Arc<Atomi
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn move_tenant_under_load_pauses_it_then_continues_on_the_new_shard() {
     let verifier = pgtenant::auth::verifier::ScramVerifier::from_password(b"dba-secret");
-    let dir = tempdir();
+    let dir = common::TempDir::new("move");
     let key_file = dir.join("shared-b.key");
     let suffix = format!("{}_{}", std::process::id(), rand_suffix());
     let second_db = format!("moved_{suffix}");
@@ -220,18 +220,6 @@ async fn move_tenant_under_load_pauses_it_then_continues_on_the_new_shard() {
     assert_eq!(code(&err), "F0000", "{err:?}");
     assert!(common::message(&err).contains("dedicated"), "{err:?}");
     assert_eq!(database_of(&fresh).await, second_db);
-
-    let _ = std::fs::remove_dir_all(&dir);
-}
-
-fn tempdir() -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!(
-        "pgtenant-move-{}-{}",
-        std::process::id(),
-        rand_suffix()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
 }
 
 fn rand_suffix() -> u32 {

@@ -466,8 +466,7 @@ async fn a_changed_file_is_reloaded_and_a_removed_tenant_ends_at_its_next_transa
 /// password or query text; reopened on request (SIGHUP) for rotation.
 #[tokio::test]
 async fn the_audit_log_records_sessions_without_secrets() {
-    let dir = std::env::temp_dir().join(format!("pgtenant-audit-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = common::TempDir::new("audit");
     let path = dir.join("audit.jsonl");
     let _ = std::fs::remove_file(&path);
     let env = start_with(&format!("[audit]\npath = \"{}\"\n", path.display()), |t| t).await;

@@ -253,9 +253,10 @@ async fn cancel_reaches_the_connection_serving_the_client_now() {
         tokio::time::sleep(Duration::from_millis(300)).await;
         token.cancel_query(tokio_postgres::NoTls).await.unwrap();
     });
-    let err = a.simple_query("SELECT pg_sleep(30)").await.unwrap_err();
+    let err = a.simple_query("SELECT pg_sleep(60)").await.unwrap_err();
     assert_eq!(code(&err), "57014");
-    assert!(started.elapsed() < Duration::from_secs(2));
+    // A failure-only limit: the statement was cancelled, not run to its end.
+    assert!(started.elapsed() < Duration::from_secs(30));
     canceller.await.unwrap();
     // Cancelling an idle client (no connection) does nothing.
     a.cancel_token()

@@ -8,7 +8,6 @@ mod common;
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use bytes::BytesMut;
 use common::tls::TestCa;
@@ -19,8 +18,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_postgres::config::{ChannelBinding, SslMode};
 
-static DIRS: AtomicUsize = AtomicUsize::new(0);
-
 struct TlsEnv {
     env: Env,
     ca: TestCa,
@@ -28,16 +25,8 @@ struct TlsEnv {
     acme_cert: PathBuf,
 }
 
-fn cert_dir() -> PathBuf {
-    std::env::temp_dir().join(format!(
-        "pgtenant-tls-{}-{}",
-        std::process::id(),
-        DIRS.fetch_add(1, Ordering::Relaxed)
-    ))
-}
-
 async fn start_tls(mode: &str) -> TlsEnv {
-    let ca = TestCa::new(&cert_dir());
+    let ca = TestCa::new();
     let (cert, key) = ca.issue(
         "server",
         &["*.db.example.com", "db.example.com", "localhost"],
@@ -233,8 +222,7 @@ async fn direct_tls_needs_the_postgresql_alpn() {
 
 #[tokio::test]
 async fn shards_can_require_verified_tls() {
-    let dir = cert_dir();
-    let ca = TestCa::new(&dir);
+    let ca = TestCa::new();
     let (cert, key) = ca.issue("pg", &["localhost"]);
     let (cert_pem, key_pem) = (
         std::fs::read_to_string(&cert).unwrap(),
@@ -324,8 +312,10 @@ scram = "{verifier}"
 /// Server logins other than SCRAM: md5 and trust, as a shard's pg_hba.conf may require.
 #[tokio::test]
 async fn shards_may_use_md5_or_trust_logins() {
-    let cluster = tokio::task::spawn_blocking(|| {
-        let hba = std::env::temp_dir().join(format!("pgtenant-hba-{}.conf", std::process::id()));
+    // Read by the server at start; kept until the test ends.
+    let dir = common::TempDir::new("hba");
+    let hba = dir.join("pg_hba.conf");
+    let cluster = tokio::task::spawn_blocking(move || {
         std::fs::write(
             &hba,
             "host all md5user 127.0.0.1/32 md5\nhost all trustuser 127.0.0.1/32 trust\n\

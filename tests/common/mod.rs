@@ -36,10 +36,44 @@ pub fn world() -> &'static World {
     })
 }
 
+/// A directory of the test's own in the temporary directory, removed when it is dropped
+/// (also when the test fails: drops run while a panic unwinds).
+pub struct TempDir(std::path::PathBuf);
+
+impl TempDir {
+    /// A new empty directory named after `name`, this process and a counter.
+    pub fn new(name: &str) -> TempDir {
+        let dir = std::env::temp_dir().join(format!(
+            "pgtenant-{name}-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+
+    pub fn join(&self, name: &str) -> std::path::PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// A pgtenant instance over a fresh copy of the sample world.
 pub struct Env {
     pub fixture: Fixture,
     pub proxy: Running,
+    /// Files of this environment (a configuration file for reloads), removed with it.
+    pub dir: Option<TempDir>,
 }
 
 impl Env {
@@ -139,7 +173,11 @@ pub async fn start_tweaked(
         .unwrap_or_else(|e| panic!("test config: {e}\n{text}"));
     tweak(&mut snapshot);
     let proxy = app::start(snapshot).await.expect("start proxy");
-    Env { fixture, proxy }
+    Env {
+        fixture,
+        proxy,
+        dir: None,
+    }
 }
 
 /// A fresh copy of the sample world (databases named for this test).
@@ -155,17 +193,19 @@ pub async fn fresh_fixture() -> Fixture {
 /// environment and the file's path.
 pub async fn start_from_file(extra: &str) -> (Env, std::path::PathBuf) {
     let fixture = fresh_fixture().await;
-    let dir = std::env::temp_dir().join(format!(
-        "pgtenant-test-config-{}-{}",
-        std::process::id(),
-        NEXT.fetch_add(1, Ordering::Relaxed)
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = TempDir::new("test-config");
     let path = dir.join("pgtenant.toml");
     std::fs::write(&path, fixture.config("127.0.0.1:0", extra)).unwrap();
     let snapshot = pgtenant::config::load(&path).expect("test config");
     let proxy = app::start(snapshot).await.expect("start proxy");
-    (Env { fixture, proxy }, path)
+    (
+        Env {
+            fixture,
+            proxy,
+            dir: Some(dir),
+        },
+        path,
+    )
 }
 
 /// A fresh sample world and a proxy with the default configuration.

@@ -3,7 +3,7 @@
 
 use std::future::Future;
 use std::io;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -13,17 +13,18 @@ use rustls_pki_types::{CertificateDer, ServerName};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_postgres::tls::{ChannelBinding, MakeTlsConnect, TlsConnect};
 
-/// A test CA that signs server certificates, written as PEM files into `dir`.
+/// A test CA that signs server certificates, written as PEM files into a directory of its own
+/// that is removed with it.
 pub struct TestCa {
     issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
     pub ca_der: CertificateDer<'static>,
     pub ca_pem_path: PathBuf,
-    dir: PathBuf,
+    dir: super::TempDir,
 }
 
 impl TestCa {
-    pub fn new(dir: &Path) -> TestCa {
-        std::fs::create_dir_all(dir).unwrap();
+    pub fn new() -> TestCa {
+        let dir = super::TempDir::new("tls");
         let key = rcgen::KeyPair::generate().unwrap();
         let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
         params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
@@ -37,7 +38,7 @@ impl TestCa {
             ca_der: cert.der().clone(),
             issuer: rcgen::Issuer::new(params, key),
             ca_pem_path,
-            dir: dir.to_owned(),
+            dir,
         }
     }
 
@@ -48,8 +49,8 @@ impl TestCa {
             rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
                 .unwrap();
         let cert = params.signed_by(&key, &self.issuer).unwrap();
-        let cert_path = self.dir.join(format!("{file_stem}.pem"));
-        let key_path = self.dir.join(format!("{file_stem}.key"));
+        let cert_path = self.dir.join(&format!("{file_stem}.pem"));
+        let key_path = self.dir.join(&format!("{file_stem}.key"));
         std::fs::write(&cert_path, cert.pem()).unwrap();
         std::fs::write(&key_path, key.serialize_pem()).unwrap();
         (cert_path, key_path)
