@@ -113,7 +113,7 @@ impl CancelTarget {
             let tcp = TcpStream::connect((self.host.as_str(), self.port)).await?;
             let stream: ServerStream = match &self.tls {
                 None => MaybeTls::Plain(tcp),
-                Some((config, name)) => crate::pool::connect::start_tls(tcp, config, name).await?,
+                Some((config, name)) => crate::net::stream::start_tls(tcp, config, name).await?,
             };
             deliver(stream, CANCEL_REQUEST_CODE, self.pid, &self.secret).await
         };

@@ -33,6 +33,7 @@ pub mod sqlstate {
     pub const INVALID_PARAMETER_VALUE: &str = "22023";
     pub const CONFIG_FILE_ERROR: &str = "F0000";
     pub const INTERNAL_ERROR: &str = "XX000";
+    pub const IDLE_IN_TRANSACTION_TIMEOUT: &str = "25P03";
 }
 
 /// A bounded classification of failures: usable as a metric label or log field.

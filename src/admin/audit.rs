@@ -19,8 +19,6 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 
-use super::http::json_string;
-
 /// Lines queued before new ones are dropped.
 const QUEUE: usize = 16 * 1024;
 
@@ -193,6 +191,11 @@ impl Output {
             Output::File(f) => f.flush().await,
         };
     }
+}
+
+/// A JSON string literal (serde_json's escaping: quotes, backslashes, control characters).
+pub(crate) fn json_string(s: &str) -> String {
+    serde_json::Value::from(s).to_string()
 }
 
 #[cfg(test)]

@@ -12,11 +12,11 @@ use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
 
 use super::registry::ClientEntry;
-use crate::app::AppState;
 use crate::error::{ClientError, sqlstate};
 use crate::net::stream::ClientStream;
 use crate::protocol::{TxStatus, encode, tag};
 use crate::quota::TenantStats;
+use crate::state::AppState;
 
 /// The database name that reaches the console.
 pub const DATABASE: &str = "pgtenant";
@@ -231,7 +231,7 @@ async fn move_tenant(
     shard: Option<&str>,
     timeout: Option<&str>,
 ) -> Reply {
-    use crate::app::MoveError;
+    use crate::state::MoveError;
     let (tenant, shard) = (tenant.unwrap_or_default(), shard.unwrap_or_default());
     let timeout = match timeout.map(crate::config::parse_duration) {
         None => PAUSE_WAIT,

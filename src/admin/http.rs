@@ -10,7 +10,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
-use crate::app::AppState;
+use super::audit::json_string;
+use crate::state::AppState;
 
 /// Largest request head read.
 const MAX_HEAD: usize = 8 * 1024;
@@ -91,7 +92,9 @@ async fn handle(mut stream: TcpStream, state: &AppState) -> std::io::Result<()> 
         Some((_, "/metrics")) => (
             "200 OK",
             "text/plain; version=0.0.4",
-            state.metrics.render(state),
+            state
+                .metrics
+                .render(&state.quotas.all(), || record_shards(state)),
         ),
         Some((_, "/healthz")) => ("200 OK", "text/plain", "ok\n".to_owned()),
         Some((_, "/readyz")) => {
@@ -188,20 +191,63 @@ pub async fn readiness(state: &AppState) -> (bool, String) {
     )
 }
 
-/// A JSON string literal.
-pub(crate) fn json_string(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
-            c => out.push(c),
+/// Records the shards' series: server connections by state, the pool's cap and waiters,
+/// whether each server is up, and each replica's lag.
+fn record_shards(state: &AppState) {
+    use metrics::Label;
+    use std::collections::HashMap;
+    use std::sync::atomic::Ordering;
+
+    let mut shards: HashMap<String, [usize; 5]> = HashMap::new();
+    for p in state.pools.stats() {
+        let e = shards.entry(p.shard).or_default();
+        e[0] += p.idle;
+        e[1] += p.in_use;
+        e[2] = e[2].max(p.max);
+        e[3] += p.waiters;
+    }
+    // Pinned connections, from the tenants that pin them (a subset of those in use).
+    let snapshot = state.snapshot();
+    for (name, tenant) in state.quotas.all() {
+        let pinned = tenant.stats.pinned.load(Ordering::Relaxed);
+        if let (true, Some(t)) = (pinned > 0, snapshot.tenant_by_name(&name))
+            && let Some(e) = shards.get_mut(&t.placement.shard)
+        {
+            e[4] += pinned;
         }
     }
-    out.push('"');
-    out
+    let all = snapshot
+        .shards
+        .values()
+        .flat_map(|s| std::iter::once(s).chain(s.replicas.iter()));
+    for shard in all {
+        let health = state.pools.health(&shard.name);
+        metrics::gauge!("pgtenant_shard_up", "shard" => shard.name.clone())
+            .set(if health.is_down() { 0.0 } else { 1.0 });
+        if let (true, Some(lag)) = (shard.is_replica(), health.lag()) {
+            metrics::gauge!("pgtenant_replica_lag_seconds", "shard" => shard.name.clone())
+                .set(lag.as_secs_f64());
+        }
+    }
+    for (shard, [idle, in_use, max, waiters, pinned]) in shards {
+        let g = |name: &'static str, extra: Option<&'static str>, v: usize| {
+            let mut l = vec![Label::new("shard", shard.clone())];
+            if let Some(s) = extra {
+                l.push(Label::new("state", s));
+            }
+            metrics::gauge!(name, l).set(v as f64);
+        };
+        let pinned = pinned.min(in_use);
+        g("pgtenant_server_connections", Some("idle"), idle);
+        g(
+            "pgtenant_server_connections",
+            Some("active"),
+            in_use - pinned,
+        );
+        g("pgtenant_server_connections", Some("pinned"), pinned);
+        g("pgtenant_server_connections_max", None, max);
+        g("pgtenant_pool_waiters", None, waiters);
+    }
 }
 
 #[cfg(test)]
@@ -217,6 +263,6 @@ mod tests {
         assert_eq!(request_line(b"GET /metrics HTTP/1.1\r\n"), None);
         assert_eq!(request_line(b"GET /metrics SPDY/3\r\n\r\n"), None);
         assert_eq!(request_line(b"\xff\xfe\r\n\r\n"), None);
-        assert_eq!(json_string("a\"b\\\n"), "\"a\\\"b\\\\\\u000a\"");
+        assert_eq!(json_string("a\"b\\\n"), "\"a\\\"b\\\\\\n\"");
     }
 }

@@ -17,7 +17,6 @@ use metrics::{Histogram, Label};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use metrics_util::MetricKindMask;
 
-use crate::app::AppState;
 use crate::config::TenantLabels;
 use crate::quota::TenantStats;
 
@@ -258,9 +257,14 @@ impl Metrics {
         SessionMetrics::resolve(tenant, label)
     }
 
-    /// Turns the tenants' and pools' counts into series and renders them (Prometheus text
-    /// format); empty when metrics are disabled.
-    pub fn render(&self, state: &AppState) -> String {
+    /// Turns the tenants' counts into series, has `record_shards` record the shards' (their
+    /// pools and health), and renders them all (Prometheus text format); empty when metrics
+    /// are disabled.
+    pub fn render(
+        &self,
+        tenants: &[(String, std::sync::Arc<crate::quota::TenantState>)],
+        record_shards: impl FnOnce(),
+    ) -> String {
         let Some(handle) = recorder() else {
             return String::new();
         };
@@ -268,7 +272,7 @@ impl Metrics {
         let mut gauges: HashMap<(Option<String>, &'static str), f64> = HashMap::new();
         {
             let mut labels = self.labels();
-            for (name, tenant) in state.quotas.all() {
+            for (name, tenant) in tenants {
                 let s = &tenant.stats;
                 let values = [
                     TenantStats::get(&s.queries),
@@ -287,7 +291,7 @@ impl Metrics {
                     // Idle: its series expire unless it comes back.
                     continue;
                 }
-                let label = labels.label(&name, changed || clients > 0, now);
+                let label = labels.label(name, changed || clients > 0, now);
                 let delta = |i: usize| values[i].saturating_sub(before[i]);
                 for (i, (metric, extra)) in TENANT_COUNTERS.iter().enumerate() {
                     // Touch every series of an active tenant so none expires while it is.
@@ -309,56 +313,8 @@ impl Metrics {
             )
             .set(n);
         }
-        let mut shards: HashMap<String, [usize; 5]> = HashMap::new();
-        for p in state.pools.stats() {
-            let e = shards.entry(p.shard).or_default();
-            e[0] += p.idle;
-            e[1] += p.in_use;
-            e[2] = e[2].max(p.max);
-            e[3] += p.waiters;
-        }
-        // Pinned connections, from the tenants that pin them (a subset of those in use).
-        let snapshot = state.snapshot();
-        for (name, tenant) in state.quotas.all() {
-            let pinned = tenant.stats.pinned.load(Ordering::Relaxed);
-            if let (true, Some(t)) = (pinned > 0, snapshot.tenant_by_name(&name))
-                && let Some(e) = shards.get_mut(&t.placement.shard)
-            {
-                e[4] += pinned;
-            }
-        }
-        let all = snapshot
-            .shards
-            .values()
-            .flat_map(|s| std::iter::once(s).chain(s.replicas.iter()));
-        for shard in all {
-            let health = state.pools.health(&shard.name);
-            metrics::gauge!("pgtenant_shard_up", "shard" => shard.name.clone())
-                .set(if health.is_down() { 0.0 } else { 1.0 });
-            if let (true, Some(lag)) = (shard.is_replica(), health.lag()) {
-                metrics::gauge!("pgtenant_replica_lag_seconds", "shard" => shard.name.clone())
-                    .set(lag.as_secs_f64());
-            }
-        }
-        for (shard, [idle, in_use, max, waiters, pinned]) in shards {
-            let g = |name: &'static str, extra: Option<&'static str>, v: usize| {
-                let mut l = vec![Label::new("shard", shard.clone())];
-                if let Some(s) = extra {
-                    l.push(Label::new("state", s));
-                }
-                metrics::gauge!(name, l).set(v as f64);
-            };
-            let pinned = pinned.min(in_use);
-            g("pgtenant_server_connections", Some("idle"), idle);
-            g(
-                "pgtenant_server_connections",
-                Some("active"),
-                in_use - pinned,
-            );
-            g("pgtenant_server_connections", Some("pinned"), pinned);
-            g("pgtenant_server_connections_max", None, max);
-            g("pgtenant_pool_waiters", None, waiters);
-        }
+        // The shards' series come from their pools, which the caller reads.
+        record_shards();
         handle.run_upkeep();
         handle.render()
     }

@@ -13,7 +13,7 @@ use notify::{RecursiveMode, Watcher};
 use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 
-use crate::app::AppState;
+use crate::state::AppState;
 
 /// Events closer together than this are one change (an editor's write, rename, chmod).
 const QUIET: Duration = Duration::from_millis(250);

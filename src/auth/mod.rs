@@ -7,7 +7,7 @@
 
 pub mod identity;
 pub mod scram;
-pub mod verifier;
+pub use crate::domain::verifier;
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};

@@ -13,7 +13,6 @@
 
 use std::path::Path;
 use std::str::FromStr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
@@ -243,20 +242,20 @@ pub async fn set_shard(pool: &Pool, tenant: &str, shard: &str) -> Result<(), Cat
     .await
 }
 
-/// Listens for catalog changes and reloads on each (within a second of the commit). When
+/// Listens for catalog changes and calls `reload` on each (within a second of the commit). When
 /// the listening connection is lost it reconnects with backoff and reloads once, in case it
 /// missed a change; meanwhile the snapshot in force keeps serving.
-pub fn watch(
-    dsn: String,
-    state: Arc<crate::app::AppState>,
-    stop: CancellationToken,
-) -> tokio::task::JoinHandle<()> {
+pub fn watch<R, F>(dsn: String, reload: R, stop: CancellationToken) -> tokio::task::JoinHandle<()>
+where
+    R: Fn() -> F + Send + Sync + 'static,
+    F: std::future::Future<Output = ()> + Send,
+{
     tokio::spawn(async move {
         let mut backoff = Duration::from_millis(200);
         let mut first = true;
         loop {
             let listened = tokio::select! {
-                r = listen_once(&dsn, &state, first) => r,
+                r = listen_once(&dsn, &reload, first) => r,
                 _ = stop.cancelled() => return,
             };
             first = false;
@@ -277,11 +276,11 @@ pub fn watch(
 
 /// One listening connection, until it breaks. Reloads after LISTEN unless it is the first
 /// (the snapshot was just loaded), then on every notification.
-async fn listen_once(
-    dsn: &str,
-    state: &crate::app::AppState,
-    first: bool,
-) -> Result<(), CatalogError> {
+async fn listen_once<R, F>(dsn: &str, reload: &R, first: bool) -> Result<(), CatalogError>
+where
+    R: Fn() -> F,
+    F: std::future::Future<Output = ()>,
+{
     let mut config = pg_config(dsn)?;
     config.connect_timeout(PATIENCE);
     let (client, mut connection) = within(async { Ok(config.connect(NoTls).await?) }).await?;
@@ -301,7 +300,7 @@ async fn listen_once(
     within(async { Ok(client.batch_execute(&format!("LISTEN {CHANNEL}")).await?) }).await?;
     tracing::info!("catalog: listening for changes");
     if !first {
-        let _ = state.reload_from_source().await;
+        reload().await;
     }
     while rx.recv().await.is_some() {
         // Changes come in bursts (a transaction touching several tables notifies once per
@@ -309,7 +308,7 @@ async fn listen_once(
         tokio::time::sleep(Duration::from_millis(50)).await;
         while rx.try_recv().is_ok() {}
         tracing::info!("catalog changed");
-        let _ = state.reload_from_source().await;
+        reload().await;
     }
     drop(client);
     match driver.await {

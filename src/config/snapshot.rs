@@ -14,8 +14,8 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use super::{
     ClientTlsMode, PlacementKind, PlanConfig, PoolMode, ServerTlsMode, TenantSource, UserRole,
 };
-use crate::auth::verifier::ScramVerifier;
-use crate::tenant::TenantId;
+use crate::domain::TenantId;
+use crate::domain::verifier::ScramVerifier;
 
 /// A password that never shows up in logs or `Debug` output.
 #[derive(Clone, PartialEq, Eq)]
@@ -234,7 +234,7 @@ pub struct Shard {
     pub context_key_file: Option<std::path::PathBuf>,
     /// The key read from it; `None` while the file does not exist yet (`shard init`
     /// creates it; the proxy refuses to start without it).
-    pub context_key: Option<Arc<crate::tenant::context::ContextKey>>,
+    pub context_key: Option<Arc<crate::domain::context_key::ContextKey>>,
     /// Streaming replicas: the same database, logins and key, at another address (each
     /// named `<shard>#replica<N>`, with no replicas of its own).
     pub replicas: Vec<Arc<Shard>>,

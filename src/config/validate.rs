@@ -13,8 +13,8 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 use super::snapshot::*;
 use super::*;
-use crate::auth::verifier::ScramVerifier;
-use crate::tenant::TenantId;
+use crate::domain::TenantId;
+use crate::domain::verifier::ScramVerifier;
 
 struct Ctx<'a> {
     text: &'a str,
@@ -356,7 +356,7 @@ pub fn build_snapshot(file: ConfigFile, text: &str, path: &Path) -> Result<Snaps
         let context_key_file = s.context_key_file.as_ref().map(|f| ctx.file_path(f));
         let context_key = match &context_key_file {
             Some(path) if path.exists() => Some(Arc::new(
-                crate::tenant::context::ContextKey::load(path)
+                crate::domain::context_key::ContextKey::load(path)
                     .map_err(|e| ctx.err(here.clone(), Some(subject.clone()), e.to_string()))?,
             )),
             _ => None,

@@ -5,7 +5,13 @@ use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use postgres_protocol::message::frontend;
+use rustls::ClientConfig;
+use rustls_pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
 /// Plain or TLS.
@@ -18,6 +24,26 @@ pub enum MaybeTls<T> {
 pub type ClientStream = MaybeTls<tokio_rustls::server::TlsStream<TcpStream>>;
 /// A server connection.
 pub type ServerStream = MaybeTls<tokio_rustls::client::TlsStream<TcpStream>>;
+
+/// Sends SSLRequest and, if the server agrees, runs the TLS handshake. A server that answers
+/// `N` leaves a plain connection; the caller decides whether that is acceptable.
+pub async fn start_tls(
+    mut tcp: TcpStream,
+    config: &Arc<ClientConfig>,
+    name: &ServerName<'static>,
+) -> std::io::Result<ServerStream> {
+    let mut req = BytesMut::new();
+    frontend::ssl_request(&mut req);
+    tcp.write_all(&req).await?;
+    match tcp.read_u8().await? {
+        b'S' => {
+            let connector = tokio_rustls::TlsConnector::from(Arc::clone(config));
+            let tls = connector.connect(name.clone(), tcp).await?;
+            Ok(MaybeTls::Tls(Box::new(tls)))
+        }
+        _ => Ok(MaybeTls::Plain(tcp)),
+    }
+}
 
 impl<T> MaybeTls<T> {
     /// Whether the connection is encrypted.

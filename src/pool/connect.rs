@@ -12,13 +12,12 @@ use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
 use postgres_protocol::message::frontend;
 use rustls::ClientConfig;
 use rustls_pki_types::ServerName;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::server_conn::{ServerConn, ServerError};
 use crate::cancel::CancelTarget;
 use crate::config::{Secret, ServerTlsMode, Shard};
-use crate::net::stream::{MaybeTls, ServerStream};
+use crate::net::stream::MaybeTls;
 use crate::net::tls::end_point_hash;
 use crate::protocol::server_msgs::{self, AuthRequest};
 use crate::protocol::tag;
@@ -28,26 +27,6 @@ use crate::protocol::tag;
 pub struct Login {
     pub user: String,
     pub password: Option<Secret>,
-}
-
-/// Sends SSLRequest and, if the server agrees, runs the TLS handshake. A server that answers
-/// `N` leaves a plain connection; the caller decides whether that is acceptable.
-pub async fn start_tls(
-    mut tcp: TcpStream,
-    config: &Arc<ClientConfig>,
-    name: &ServerName<'static>,
-) -> std::io::Result<ServerStream> {
-    let mut req = BytesMut::new();
-    frontend::ssl_request(&mut req);
-    tcp.write_all(&req).await?;
-    match tcp.read_u8().await? {
-        b'S' => {
-            let connector = tokio_rustls::TlsConnector::from(Arc::clone(config));
-            let tls = connector.connect(name.clone(), tcp).await?;
-            Ok(MaybeTls::Tls(Box::new(tls)))
-        }
-        _ => Ok(MaybeTls::Plain(tcp)),
-    }
 }
 
 /// The `application_name` of pgtenant's server connections.
@@ -108,7 +87,7 @@ async fn open_inner(
     let stream = match tls {
         None => MaybeTls::Plain(tcp),
         Some((config, name)) => {
-            let stream = start_tls(tcp, config, name)
+            let stream = crate::net::stream::start_tls(tcp, config, name)
                 .await
                 .map_err(|e| ServerError::Tls(e.to_string()))?;
             if !stream.is_tls() && shard.tls != ServerTlsMode::Prefer {

@@ -21,7 +21,6 @@ use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tracing::Instrument;
 
-use crate::app::AppState;
 use crate::auth::identity::{self, Claims, Disagreement};
 use crate::auth::verifier::ScramVerifier;
 use crate::auth::{self, AuthError};
@@ -31,6 +30,7 @@ use crate::net::stream::ClientStream;
 use crate::pool::{PoolError, ServerError};
 use crate::protocol::encode;
 use crate::protocol::startup::StartupMessage;
+use crate::state::AppState;
 use crate::tenant::params::ClientSettings;
 use crate::tenant::route::RouteError;
 use handshake::{HandshakeError, Opening};

@@ -14,7 +14,6 @@ use tokio::io::AsyncWriteExt;
 use super::pump::{Pump, PumpEnd, ServerSide};
 use super::relay::{Binding, ClientStep, Relay, RelayRules};
 use super::{Authenticated, SessionError, report};
-use crate::app::AppState;
 use crate::config::{PlacementKind, PlanConfig, PoolMode, Snapshot, Tenant, UserRole};
 use crate::error::{ClientError, Reportable, sqlstate};
 use crate::net::stream::ClientStream;
@@ -22,6 +21,7 @@ use crate::pool::{CANCEL_PATIENCE, Pool, PoolError, PooledConn, RESET_PATIENCE, 
 use crate::protocol::frame::FrameError;
 use crate::protocol::{TxStatus, encode};
 use crate::quota::TenantStats;
+use crate::state::AppState;
 use crate::tenant::guard::{Policy, Scope};
 use crate::tenant::params::ClientSettings;
 use crate::tenant::route::route;
@@ -1110,7 +1110,7 @@ async fn finish(
         SessionEnd::IdleInTransaction(limit) => (
             "idle_in_transaction_timeout",
             Some(ClientError::fatal(
-                "25P03",
+                sqlstate::IDLE_IN_TRANSACTION_TIMEOUT,
                 format!(
                     "terminating connection due to idle-in-transaction timeout (this tenant's limit is {})",
                     crate::config::format_duration(*limit)

@@ -11,35 +11,12 @@ pub mod guard;
 pub mod params;
 pub mod route;
 
-use std::fmt;
+pub use crate::domain::TenantId;
 
 use crate::config::{PlacementKind, Tenant};
 
 /// The name of the setting RLS policies read.
 pub const TENANT_SETTING: &str = "app.current_tenant_id";
-
-/// A tenant's UUID.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct TenantId(uuid::Uuid);
-
-impl TenantId {
-    /// Parses the canonical or simple UUID forms.
-    pub fn parse(text: &str) -> Result<Self, uuid::Error> {
-        uuid::Uuid::parse_str(text).map(TenantId)
-    }
-}
-
-impl fmt::Display for TenantId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Display::fmt(&self.0.hyphenated(), f)
-    }
-}
-
-impl fmt::Debug for TenantId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "TenantId({self})")
-    }
-}
 
 /// SQL that binds `tenant`'s context on a server connection, as one simple-query string.
 /// Dedicated placements get the tenant id too: their own policies may read it.

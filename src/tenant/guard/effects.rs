@@ -7,60 +7,8 @@
 use std::ops::Range;
 
 use super::lexer::{Kind, Token};
-use super::policy::{Policy, Verdict};
+use super::types::{Effect, Policy, Verdict};
 use crate::tenant::{quote_ident, quote_if_needed};
-
-/// A session-level change one statement makes.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Effect {
-    /// A setting changed for the session: `key` identifies it, `pairs` replay it through
-    /// `set_config` (as parameters: a value is never lexed again).
-    Set {
-        key: String,
-        pairs: Vec<(String, String)>,
-    },
-    /// `RESET name`.
-    Reset(String),
-    /// `RESET ALL`.
-    ResetAll,
-    /// `DISCARD ALL`: settings, prepared statements, LISTEN and more are gone.
-    DiscardAll,
-    /// `LISTEN channel` (the channel as the server knows it).
-    Listen(String),
-    /// `UNLISTEN channel`.
-    Unlisten(String),
-    /// `UNLISTEN *`.
-    UnlistenAll,
-    /// `PREPARE`: the server-side name and the statement that creates it there.
-    Prepare { server_name: String, sql: String },
-    /// `EXECUTE` of a server-side name.
-    Execute(String),
-    /// `DEALLOCATE` of a server-side name.
-    Deallocate(String),
-    /// `DEALLOCATE ALL`.
-    DeallocateAll,
-    /// `ROLLBACK` / `ABORT` (with or without `AND CHAIN`): the transaction's settings are
-    /// undone.
-    Rollback,
-    /// `COMMIT AND CHAIN`: the transaction's settings hold, and a new transaction begins.
-    CommitChain,
-    /// `SAVEPOINT name`.
-    Savepoint(String),
-    /// `ROLLBACK TO [SAVEPOINT] name`: settings made since the savepoint are undone.
-    RollbackTo(String),
-    /// `RELEASE [SAVEPOINT] name`.
-    Release(String),
-    /// `NOTIFY channel[, 'payload']` with a literal payload (the channel as the server knows
-    /// it): a client listening on it gets it before its ReadyForQuery, as from PostgreSQL.
-    Notify { channel: String, payload: String },
-    /// The statement reads `pg_prepared_statements` (rewritten to the client's own
-    /// statements): every one of them must exist on the connection first.
-    PreparedView,
-    /// The statement leaves state on the server connection that outlives its transaction
-    /// (a temporary table, a `WITH HOLD` cursor, a session advisory lock): the connection
-    /// stays with the client until it leaves or runs `DISCARD ALL`.
-    Pin(&'static str),
-}
 
 /// Functions taking a session-level advisory lock (held past the transaction).
 pub(super) const SESSION_LOCK_FUNCTIONS: &[&str] = &[
@@ -422,4 +370,15 @@ pub(super) fn apply(sql: &[u8], edits: &[(Range<usize>, String)], range: Range<u
     }
     out.extend_from_slice(&sql[at..range.end]);
     out
+}
+
+/// The statement names SQL text runs with `EXECUTE` (none when it cannot be lexed: such
+/// text is refused anyway).
+pub fn executed_names(sql: &[u8], standard_conforming: bool) -> Vec<String> {
+    let Ok(tokens) = super::lexer::lex(sql, standard_conforming) else {
+        return Vec::new();
+    };
+    executed(&tokens)
+        .filter_map(|t| t.ident().map(str::to_owned))
+        .collect()
 }

@@ -16,8 +16,10 @@ mod set_config;
 mod settings;
 #[cfg(test)]
 mod tests;
+mod types;
 
-pub use effects::Effect;
-pub use policy::{Policy, Refusal, Scope, Verdict, is_reserved_name, unknown_statement};
-pub use set_config::{Arg, Bound, SetConfigCall, executed_names, parse_bool};
+pub use effects::executed_names;
+pub use policy::{is_reserved_name, unknown_statement};
+pub use set_config::{Bound, parse_bool};
 pub use settings::is_settable;
+pub use types::{Arg, Effect, Policy, Refusal, Scope, SetConfigCall, Verdict};

@@ -2,99 +2,12 @@
 //! LISTEN/NOTIFY namespace rewrite and read-only transaction modes (settings: `settings.rs`).
 
 use std::ops::Range;
-use std::time::Duration;
 
-use super::effects::{self, Effect};
+use super::effects;
 use super::lexer::{Kind, Token, lex_at};
-use super::set_config::SetConfigCall;
+use super::types::{Policy, Refusal, Scope, SetConfigCall, Verdict};
 use crate::error::sqlstate;
 use crate::tenant::{quote_ident, quote_literal};
-
-/// Which checks apply.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Scope {
-    /// Shared and schema placements: the full guard.
-    Tenant,
-    /// A dedicated database: only the read-only and timeout rules.
-    Dedicated,
-}
-
-/// What the guard knows about the session it protects.
-#[derive(Debug, Clone)]
-pub struct Policy {
-    pub scope: Scope,
-    /// The tenant's `search_path` is bound by pgtenant (schema placement, context isolation).
-    pub protect_search_path: bool,
-    /// The user is read-only.
-    pub readonly: bool,
-    /// The plan's statement timeout, which a client's `SET statement_timeout` may not exceed.
-    pub max_statement_timeout: Option<Duration>,
-    /// Prefix that puts notification channels in the tenant's namespace (Tenant scope).
-    pub notify_prefix: Option<String>,
-    /// The tenant may run DDL (schema placement with its own role).
-    pub allow_ddl: bool,
-    /// Transaction pooling: report session effects, and rename SQL prepared statements into
-    /// this prefix (the client's own namespace).
-    pub prepared_prefix: Option<String>,
-    /// Shared placements: advisory lock keys are moved into the tenant's namespace by XOR
-    /// with this value (a bijection, so the tenant's own locks behave as on PostgreSQL; two
-    /// tenants' equal keys become different locks).
-    pub lock_salt: Option<u64>,
-    /// Tests only: refuse nothing (effects are still reported), to prove what the database
-    /// enforces without the guard.
-    pub unchecked: bool,
-    /// Transaction pooling: what `pg_prepared_statements` is replaced with (the client's own
-    /// statements), set by the relay only when a statement names the view.
-    pub prepared_view: Option<String>,
-}
-
-/// Why a statement was refused.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Refusal {
-    pub sqlstate: &'static str,
-    pub message: String,
-    /// Character position (1-based) in the statement text, as PostgreSQL reports it.
-    pub position: Option<usize>,
-}
-
-/// The guard's decision about one message's SQL text.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct Verdict {
-    /// Set when the text must not reach the server (boxed: rare, and it keeps the verdict
-    /// small).
-    pub refusal: Option<Box<Refusal>>,
-    /// Text to forward instead of the client's (channel names moved into the namespace).
-    pub rewritten: Option<String>,
-    /// The text resets settings: bind the tenant context again after it.
-    pub rebind: bool,
-    /// Session-level changes (transaction pooling only).
-    pub effects: Vec<Effect>,
-    /// Transaction pooling: the text names `pg_prepared_statements` and no
-    /// [`Policy::prepared_view`] was given: check it again with one.
-    pub wants_prepared_view: bool,
-    /// `set_config` calls taking query parameters: checked when a Bind gives the values
-    /// ([`Policy::check_bound_set_config`]).
-    pub bound_settings: Vec<SetConfigCall>,
-}
-
-impl Verdict {
-    /// A `42501` refusal.
-    pub fn refuse(message: impl Into<String>) -> Verdict {
-        Verdict::refuse_as(sqlstate::INSUFFICIENT_PRIVILEGE, message)
-    }
-
-    /// A refusal with SQLSTATE `sqlstate`.
-    pub fn refuse_as(sqlstate: &'static str, message: impl Into<String>) -> Verdict {
-        Verdict {
-            refusal: Some(Box::new(Refusal {
-                sqlstate,
-                message: message.into(),
-                position: None,
-            })),
-            ..Verdict::default()
-        }
-    }
-}
 
 /// Statement names of pgtenant's own (`pgt_...`, `pgtenant_...`): no client may create,
 /// execute, describe or close one.

@@ -8,33 +8,9 @@
 //! text changes the value, as `char(n)` trims), and its declared type, if any, is text or
 //! varchar (boolean for `is_local`).
 
-use super::effects::Effect;
 use super::lexer::{Kind, Token};
-use super::policy::{Policy, Scope, Verdict};
 use super::settings::Value;
-
-/// One argument of a `set_config` call as the text shows it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Arg {
-    /// A string constant.
-    Text(String),
-    /// `NULL`.
-    Null,
-    /// `true` or `false`.
-    Bool(bool),
-    /// `$n` (optionally cast to text or varchar), 1-based.
-    Param(usize),
-    /// Anything else: an expression whose value the guard cannot know.
-    Other,
-}
-
-/// A `set_config(name, value, is_local)` call.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SetConfigCall {
-    pub name: Arg,
-    pub value: Arg,
-    pub local: Arg,
-}
+use super::types::{Arg, Effect, Policy, Scope, SetConfigCall, Verdict};
 
 /// The value a Bind gives one parameter: `None` is NULL.
 pub struct Bound<'a> {
@@ -143,17 +119,6 @@ fn arg(sql: &[u8], tokens: &[Token<'_>]) -> Arg {
         }
         _ => Arg::Other,
     }
-}
-
-/// The statement names SQL text runs with `EXECUTE` (none when it cannot be lexed: such
-/// text is refused anyway).
-pub fn executed_names(sql: &[u8], standard_conforming: bool) -> Vec<String> {
-    let Ok(tokens) = super::lexer::lex(sql, standard_conforming) else {
-        return Vec::new();
-    };
-    super::effects::executed(&tokens)
-        .filter_map(|t| t.ident().map(str::to_owned))
-        .collect()
 }
 
 /// PostgreSQL's boolean input (`parse_bool`): `t`, `true`, `yes`, `on`, `1` and their

@@ -5,7 +5,7 @@
 use std::ops::Range;
 
 use super::lexer::{Kind, Token};
-use super::policy::{Policy, Scope, Verdict};
+use super::types::{Policy, Scope, Verdict};
 use crate::tenant::TENANT_SETTING;
 
 /// Settings a client may change (lower case); custom `x.y` settings are allowed too, except
@@ -320,8 +320,8 @@ impl Value {
     }
 
     /// The value argument of a `set_config` call.
-    pub(super) fn of_arg(arg: &super::set_config::Arg) -> Value {
-        use super::set_config::Arg;
+    pub(super) fn of_arg(arg: &super::types::Arg) -> Value {
+        use super::types::Arg;
         match arg {
             Arg::Text(v) => Value::Text(v.trim().to_ascii_lowercase()),
             Arg::Null => Value::Default,
