@@ -8,7 +8,9 @@
 mod duration;
 mod edit;
 mod schema;
+mod shards;
 mod snapshot;
+mod tenants;
 mod validate;
 
 pub use duration::{format_duration, parse_duration};

@@ -6,23 +6,21 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 use super::snapshot::*;
 use super::*;
-use crate::domain::TenantId;
 use crate::domain::verifier::ScramVerifier;
 
-struct Ctx<'a> {
+pub(super) struct Ctx<'a> {
     text: &'a str,
     path: &'a Path,
 }
 
 impl Ctx<'_> {
-    fn err(
+    pub(super) fn err(
         &self,
         span: Option<Range<usize>>,
         subject: Option<String>,
@@ -37,7 +35,7 @@ impl Ctx<'_> {
     }
 
     /// Resolves `p` against the configuration file's directory.
-    fn file_path(&self, p: &Path) -> PathBuf {
+    pub(super) fn file_path(&self, p: &Path) -> PathBuf {
         if p.is_absolute() {
             p.to_owned()
         } else {
@@ -45,7 +43,7 @@ impl Ctx<'_> {
         }
     }
 
-    fn load_certs(
+    pub(super) fn load_certs(
         &self,
         cert: &Path,
         key: &Path,
@@ -81,7 +79,7 @@ impl Ctx<'_> {
     }
 }
 
-fn valid_name(name: &str, extra: &[char]) -> bool {
+pub(super) fn valid_name(name: &str, extra: &[char]) -> bool {
     !name.is_empty()
         && name.len() <= 63
         && name
@@ -89,7 +87,7 @@ fn valid_name(name: &str, extra: &[char]) -> bool {
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || extra.contains(&c))
 }
 
-fn secret(
+pub(super) fn secret(
     ctx: &Ctx<'_>,
     subject: &str,
     what: &str,
@@ -180,9 +178,30 @@ fn peering(ctx: &Ctx<'_>, p: PeeringConfig, catalog: &Catalog) -> Result<Peering
 /// Validates `file` (parsed from `text`, read from `path`) and builds the snapshot.
 pub fn build_snapshot(file: ConfigFile, text: &str, path: &Path) -> Result<Snapshot, ConfigError> {
     let ctx = Ctx { text, path };
+    // One section at a time; tenants are checked against the shards, plans and listener.
+    let listen = listen(&ctx, file.listen)?;
+    let pool = pool(file.pool);
+    let admin = admin(&ctx, file.admin, file.audit, file.metrics)?;
+    let shards = super::shards::build(&ctx, file.shards)?;
+    let plans: HashMap<String, PlanConfig> = file
+        .plans
+        .into_iter()
+        .map(|(k, v)| (k.into_inner(), v))
+        .collect();
+    let tenants = super::tenants::build(&ctx, file.tenants, &plans, &shards, &listen)?;
+    let catalog = catalog(&ctx, file.catalog)?;
+    let peering = match file.peering {
+        None => None,
+        Some(p) => Some(peering(&ctx, p, &catalog)?),
+    };
+    let mut snapshot = Snapshot::new(path.to_owned(), listen, pool, admin, shards, tenants);
+    snapshot.catalog = catalog;
+    snapshot.peering = peering;
+    Ok(snapshot)
+}
 
-    // [listen]
-    let l = file.listen;
+/// `[listen]`.
+fn listen(ctx: &Ctx<'_>, l: ListenConfig) -> Result<Listen, ConfigError> {
     let addr: SocketAddr = l.addr.get_ref().parse().map_err(|_| {
         ctx.err(
             Some(l.addr.span()),
@@ -222,7 +241,7 @@ pub fn build_snapshot(file: ConfigFile, text: &str, path: &Path) -> Result<Snaps
                 .filter(|s| !s.is_empty()),
         }),
     };
-    let listen = Listen {
+    Ok(Listen {
         addr,
         tenant_from: l.tenant_from,
         startup_timeout: l.startup_timeout,
@@ -232,11 +251,12 @@ pub fn build_snapshot(file: ConfigFile, text: &str, path: &Path) -> Result<Snaps
         shutdown_grace: l.shutdown_grace,
         reuse_port: l.reuse_port,
         tls,
-    };
+    })
+}
 
-    // [pool]
-    let p = file.pool;
-    let pool = PoolSettings {
+/// `[pool]`.
+fn pool(p: PoolConfig) -> PoolSettings {
+    PoolSettings {
         mode: *p.mode.get_ref(),
         checkout_timeout: p.checkout_timeout,
         server_idle_timeout: p.server_idle_timeout,
@@ -244,11 +264,18 @@ pub fn build_snapshot(file: ConfigFile, text: &str, path: &Path) -> Result<Snaps
         client_write_timeout: p.client_write_timeout,
         health_check_interval: p.health_check_interval,
         health_check_timeout: p.health_check_timeout,
-    };
+    }
+}
 
-    // [admin]
+/// `[admin]`, `[audit]` and `[metrics]`.
+fn admin(
+    ctx: &Ctx<'_>,
+    file_admin: Option<AdminConfig>,
+    file_audit: Option<AuditConfig>,
+    file_metrics: Option<MetricsConfig>,
+) -> Result<Admin, ConfigError> {
     let mut admin = Admin::default();
-    if let Some(a) = file.admin {
+    if let Some(a) = file_admin {
         if let Some(http) = a.http {
             admin.http = Some(http.get_ref().parse().map_err(|_| {
                 ctx.err(
@@ -269,436 +296,28 @@ pub fn build_snapshot(file: ConfigFile, text: &str, path: &Path) -> Result<Snaps
             admin.users.push((u.name, v));
         }
     }
-    if let Some(audit) = file.audit {
+    if let Some(audit) = file_audit {
         admin.audit = Some(if audit.path.as_os_str() == "-" {
             audit.path
         } else {
             ctx.file_path(&audit.path)
         });
     }
-    if let Some(labels) = file.metrics.and_then(|m| m.tenant_labels) {
+    if let Some(labels) = file_metrics.and_then(|m| m.tenant_labels) {
         admin.tenant_labels = labels
             .get_ref()
             .parse()
             .map_err(|e: String| ctx.err(Some(labels.span()), None, e))?;
     }
+    Ok(admin)
+}
 
-    // [shards.*]
-    let mut shards = BTreeMap::new();
-    for (name, s) in file.shards {
-        let subject = format!("shard {:?}", name.get_ref());
-        let here = Some(name.span());
-        if !valid_name(&name.get_ref().to_ascii_lowercase(), &['-', '_']) {
-            return Err(ctx.err(
-                here,
-                Some(subject),
-                "shard names use letters, digits, '-' and '_'".into(),
-            ));
-        }
-        for (field, value) in [
-            ("host", &s.host),
-            ("database", &s.database),
-            ("user", &s.user),
-        ] {
-            if value.is_empty() {
-                return Err(ctx.err(here, Some(subject), format!("{field} must not be empty")));
-            }
-        }
-        if s.max_connections == 0 {
-            return Err(ctx.err(
-                here,
-                Some(subject),
-                "max_connections must be at least 1".into(),
-            ));
-        }
-        let password = secret(&ctx, &subject, "password", s.password, s.password_env)?;
-        let ca = match (&s.ca, s.tls) {
-            (Some(ca), _) => {
-                let ca_path = ctx.file_path(ca);
-                CertificateDer::pem_file_iter(&ca_path)
-                    .and_then(|iter| iter.collect::<Result<Vec<_>, _>>())
-                    .map_err(|e| {
-                        ctx.err(
-                            here.clone(),
-                            Some(subject.clone()),
-                            format!("cannot read CA {}: {e}", ca_path.display()),
-                        )
-                    })?
-            }
-            (None, ServerTlsMode::VerifyFull) => {
-                return Err(ctx.err(
-                    here,
-                    Some(subject),
-                    "tls = \"verify-full\" needs ca = \"<PEM file>\"".into(),
-                ));
-            }
-            (None, _) => Vec::new(),
-        };
-        let readonly_password = secret(
-            &ctx,
-            &subject,
-            "readonly_password",
-            s.readonly_password,
-            s.readonly_password_env,
-        )?;
-        let readonly = match s.readonly_user {
-            Some(user) if !user.is_empty() && user != s.user => Some((user, readonly_password)),
-            Some(_) => {
-                return Err(ctx.err(
-                    here,
-                    Some(subject),
-                    "readonly_user must be a role of its own (not empty, not the shard's user)"
-                        .into(),
-                ));
-            }
-            None => None,
-        };
-        let context_key_file = s.context_key_file.as_ref().map(|f| ctx.file_path(f));
-        let context_key = match &context_key_file {
-            Some(path) if path.exists() => Some(Arc::new(
-                crate::domain::context_key::ContextKey::load(path)
-                    .map_err(|e| ctx.err(here.clone(), Some(subject.clone()), e.to_string()))?,
-            )),
-            _ => None,
-        };
-        shards.insert(name.get_ref().clone(), {
-            let primary = Shard {
-                name: name.into_inner(),
-                host: s.host,
-                port: s.port,
-                database: s.database,
-                user: s.user,
-                password,
-                max_connections: s.max_connections,
-                tls: s.tls,
-                ca,
-                readonly,
-                context_key_file,
-                context_key,
-                replicas: Vec::new(),
-                max_replica_lag: s.max_replica_lag,
-            };
-            let replicas = s
-                .replicas
-                .into_iter()
-                .enumerate()
-                .map(|(i, r)| {
-                    Arc::new(Shard {
-                        name: format!("{}#replica{}", primary.name, i + 1),
-                        host: r.host,
-                        port: r.port,
-                        database: primary.database.clone(),
-                        user: primary.user.clone(),
-                        password: primary.password.clone(),
-                        max_connections: primary.max_connections,
-                        tls: primary.tls,
-                        ca: primary.ca.clone(),
-                        readonly: primary.readonly.clone(),
-                        context_key_file: primary.context_key_file.clone(),
-                        context_key: primary.context_key.clone(),
-                        replicas: Vec::new(),
-                        max_replica_lag: primary.max_replica_lag,
-                    })
-                })
-                .collect();
-            Arc::new(Shard {
-                replicas,
-                ..primary
-            })
-        });
-    }
-
-    // [plans.*]
-    let plans: HashMap<String, PlanConfig> = file
-        .plans
-        .into_iter()
-        .map(|(k, v)| (k.into_inner(), v))
-        .collect();
-
-    // [[tenants]]
-    let mut tenants = Vec::new();
-    let mut ids = HashSet::new();
-    let mut names = HashSet::new();
-    let mut subdomains = HashSet::new();
-    let mut dedicated_shards: HashMap<String, String> = HashMap::new();
-    let mut shared_shards: HashMap<String, String> = HashMap::new();
-    for t in file.tenants {
-        let name = t.name.get_ref().clone();
-        let subject = Some(format!("tenant {name:?}"));
-        let here = Some(t.name.span());
-        if !valid_name(&name, &['-', '_']) {
-            return Err(ctx.err(
-                here,
-                subject,
-                "tenant names use lower-case letters, digits, '-' and '_' (at most 63)".into(),
-            ));
-        }
-        let id = TenantId::parse(t.id.get_ref()).map_err(|_| {
-            ctx.err(
-                Some(t.id.span()),
-                subject.clone(),
-                format!("id {:?} is not a UUID", t.id.get_ref()),
-            )
-        })?;
-        if !ids.insert(id) {
-            return Err(ctx.err(
-                Some(t.id.span()),
-                subject,
-                format!("id {id} is used by another tenant"),
-            ));
-        }
-        if !names.insert(name.clone()) {
-            return Err(ctx.err(here, subject, "another tenant has the same name".into()));
-        }
-        let subdomain = t
-            .subdomain
-            .unwrap_or_else(|| name.clone())
-            .to_ascii_lowercase();
-        if !valid_name(&subdomain, &['-']) {
-            return Err(ctx.err(
-                here,
-                subject,
-                format!("subdomain {subdomain:?} is not a DNS label"),
-            ));
-        }
-        if !subdomains.insert(subdomain.clone()) {
-            return Err(ctx.err(
-                here,
-                subject,
-                format!("subdomain {subdomain:?} is used by another tenant"),
-            ));
-        }
-        let mut limits = match &t.plan {
-            None => PlanConfig::default(),
-            Some(plan) => plans.get(plan.get_ref()).cloned().ok_or_else(|| {
-                ctx.err(
-                    Some(plan.span()),
-                    subject.clone(),
-                    format!("plan {:?} is not defined in [plans]", plan.get_ref()),
-                )
-            })?,
-        };
-        let o = t.settings;
-        limits.max_client_connections = o.max_client_connections.or(limits.max_client_connections);
-        limits.max_server_connections = o.max_server_connections.or(limits.max_server_connections);
-        limits.queries_per_second = o.queries_per_second.or(limits.queries_per_second);
-        limits.statement_timeout = o.statement_timeout.or(limits.statement_timeout);
-        limits.idle_in_transaction_timeout = o
-            .idle_in_transaction_timeout
-            .or(limits.idle_in_transaction_timeout);
-        limits.max_message_size = o.max_message_size.or(limits.max_message_size);
-        if limits.max_message_size.is_some_and(|n| n < 1024) {
-            return Err(ctx.err(
-                here,
-                subject,
-                "max_message_size must be at least 1024".into(),
-            ));
-        }
-
-        let pl = t.placement;
-        let shard_name = pl.shard.get_ref().clone();
-        if !shards.contains_key(&shard_name) {
-            return Err(ctx.err(
-                Some(pl.shard.span()),
-                subject,
-                format!("placement names unknown shard {shard_name:?}"),
-            ));
-        }
-        match (pl.kind, &pl.schema) {
-            (PlacementKind::Schema, None) => {
-                return Err(ctx.err(
-                    Some(pl.shard.span()),
-                    subject,
-                    "a schema placement needs schema = \"<name>\"".into(),
-                ));
-            }
-            (PlacementKind::Schema, Some(s)) if s.is_empty() || s.len() > 63 => {
-                return Err(ctx.err(
-                    Some(pl.shard.span()),
-                    subject,
-                    format!("schema {s:?} is not a valid name"),
-                ));
-            }
-            (PlacementKind::Shared | PlacementKind::Dedicated, Some(_)) => {
-                return Err(ctx.err(
-                    Some(pl.shard.span()),
-                    subject,
-                    "schema is only allowed with kind = \"schema\"".into(),
-                ));
-            }
-            _ => {}
-        }
-        if pl.kind == PlacementKind::Dedicated {
-            if let Some(other) = dedicated_shards
-                .insert(shard_name.clone(), name.clone())
-                .or_else(|| shared_shards.get(&shard_name).cloned())
-            {
-                return Err(ctx.err(
-                    Some(pl.shard.span()),
-                    subject,
-                    format!("dedicated shard {shard_name:?} is also used by tenant {other:?}"),
-                ));
-            }
-        } else {
-            if let Some(other) = dedicated_shards.get(&shard_name) {
-                return Err(ctx.err(
-                    Some(pl.shard.span()),
-                    subject,
-                    format!("shard {shard_name:?} is dedicated to tenant {other:?}"),
-                ));
-            }
-            shared_shards.insert(shard_name.clone(), name.clone());
-        }
-
-        let subject_text = format!("tenant {name:?}");
-        let isolation = match t.isolation {
-            IsolationMode::Context => {
-                if t.server_user.is_some() {
-                    return Err(ctx.err(
-                        here,
-                        subject,
-                        "server_user is only used with isolation = \"role\"".into(),
-                    ));
-                }
-                Isolation::Context
-            }
-            IsolationMode::Role => {
-                let Some(user) = t.server_user.filter(|u| !u.is_empty()) else {
-                    return Err(ctx.err(
-                        here,
-                        subject,
-                        "isolation = \"role\" needs server_user".into(),
-                    ));
-                };
-                let password = secret(
-                    &ctx,
-                    &subject_text,
-                    "server_password",
-                    t.server_password,
-                    t.server_password_env,
-                )?;
-                let readonly_password = secret(
-                    &ctx,
-                    &subject_text,
-                    "server_readonly_password",
-                    t.server_readonly_password,
-                    t.server_readonly_password_env,
-                )?;
-                let readonly = t
-                    .server_readonly_user
-                    .filter(|u| !u.is_empty() && *u != user)
-                    .map(|u| (u, readonly_password));
-                Isolation::Role {
-                    user,
-                    password,
-                    readonly,
-                }
-            }
-        };
-
-        if t.allow_ddl
-            && !(pl.kind == PlacementKind::Schema && matches!(isolation, Isolation::Role { .. }))
-        {
-            return Err(ctx.err(
-                here,
-                subject,
-                "allow_ddl needs a schema placement with isolation = \"role\"".into(),
-            ));
-        }
-        let tls = match t.tls {
-            None => None,
-            Some(tt) => {
-                if listen.tls.is_none() {
-                    return Err(ctx.err(
-                        here,
-                        subject,
-                        "a tenant certificate needs [listen.tls]".into(),
-                    ));
-                }
-                Some(ctx.load_certs(&tt.cert, &tt.key, here.clone(), subject.clone())?)
-            }
-        };
-
-        let mut users = HashMap::new();
-        for u in t.users {
-            let uname = u.name.get_ref().clone();
-            if uname.is_empty() || uname.contains('@') || uname.contains('\0') {
-                return Err(ctx.err(
-                    Some(u.name.span()),
-                    subject,
-                    format!("user name {uname:?} is empty or contains '@'"),
-                ));
-            }
-            let verifier = ScramVerifier::parse(u.scram.get_ref()).map_err(|e| {
-                ctx.err(
-                    Some(u.scram.span()),
-                    Some(format!("tenant {name:?}, user {uname:?}")),
-                    e.to_string(),
-                )
-            })?;
-            if users.contains_key(&uname) {
-                return Err(ctx.err(
-                    Some(u.name.span()),
-                    subject,
-                    format!("user {uname:?} is listed twice"),
-                ));
-            }
-            users.insert(
-                uname.clone(),
-                TenantUser {
-                    name: uname,
-                    verifier,
-                    role: u.role,
-                },
-            );
-        }
-        // Read-only users reach the database as a role that cannot write: without one the
-        // configuration is refused rather than trusting the guard alone.
-        if users
-            .values()
-            .any(|u: &TenantUser| u.role == UserRole::Readonly)
-        {
-            let has_readonly_login = match &isolation {
-                Isolation::Role { readonly, .. } => readonly.is_some(),
-                Isolation::Context => shards
-                    .get(&shard_name)
-                    .is_some_and(|s: &Arc<Shard>| s.readonly.is_some()),
-            };
-            if !has_readonly_login {
-                return Err(ctx.err(
-                    here,
-                    subject,
-                    match &isolation {
-                        Isolation::Role { .. } => "it has read-only users: set server_readonly_user (a role of the tenant's that can only read)".to_owned(),
-                        Isolation::Context => format!(
-                            "it has read-only users: set readonly_user on shard {shard_name:?} (a login role that can only read)"
-                        ),
-                    },
-                ));
-            }
-        }
-        tenants.push(Arc::new(Tenant {
-            id,
-            name,
-            subdomain,
-            plan: t.plan.map(|p| p.into_inner()),
-            placement: Placement {
-                kind: pl.kind,
-                shard: shard_name,
-                schema: pl.schema,
-            },
-            limits,
-            isolation,
-            allow_ddl: t.allow_ddl,
-            users,
-            tls,
-        }));
-    }
-
-    let catalog = match file.catalog {
-        None => Catalog::default(),
+/// `[catalog]`.
+fn catalog(ctx: &Ctx<'_>, file_catalog: Option<CatalogConfig>) -> Result<Catalog, ConfigError> {
+    match file_catalog {
+        None => Ok(Catalog::default()),
         Some(c) => {
-            let dsn = secret(&ctx, "catalog", "dsn", c.dsn, c.dsn_env)?;
+            let dsn = secret(ctx, "catalog", "dsn", c.dsn, c.dsn_env)?;
             if c.source == CatalogSource::Postgres && dsn.is_none() {
                 return Err(ctx.err(
                     None,
@@ -706,20 +325,12 @@ pub fn build_snapshot(file: ConfigFile, text: &str, path: &Path) -> Result<Snaps
                     "source = \"postgres\" needs dsn (or dsn_env)".into(),
                 ));
             }
-            Catalog {
+            Ok(Catalog {
                 source: c.source,
                 dsn,
-            }
+            })
         }
-    };
-    let peering = match file.peering {
-        None => None,
-        Some(p) => Some(peering(&ctx, p, &catalog)?),
-    };
-    let mut snapshot = Snapshot::new(path.to_owned(), listen, pool, admin, shards, tenants);
-    snapshot.catalog = catalog;
-    snapshot.peering = peering;
-    Ok(snapshot)
+    }
 }
 
 #[cfg(test)]
