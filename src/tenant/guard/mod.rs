@@ -9,6 +9,7 @@
 //! lexer cannot read is refused. Dedicated placements skip the tenant checks but keep the
 //! read-only and statement-timeout rules.
 
+mod advisory;
 mod effects;
 pub mod lexer;
 mod policy;

@@ -1,0 +1,135 @@
+use super::*;
+
+fn idents(sql: &str) -> Vec<String> {
+    lex(sql.as_bytes(), true)
+        .unwrap()
+        .iter()
+        .filter_map(|t| t.ident().map(str::to_owned))
+        .collect()
+}
+
+#[test]
+fn identifiers_fold_and_quoted_ones_keep_case() {
+    assert_eq!(
+        idents("SELECT Foo, \"Bar\", \"a\"\"b\""),
+        ["select", "foo", "Bar", "a\"b"]
+    );
+}
+
+#[test]
+fn unicode_identifiers_decode() {
+    assert_eq!(idents(r#"U&"s\0065t_config""#), ["set_config"]);
+    assert_eq!(idents(r#"U&"s!0065t_config" UESCAPE '!'"#), ["set_config"]);
+    assert_eq!(idents(r#"u&"\+000073et""#), ["set"]);
+    assert!(lex(br#"U&"\00zz""#, true).is_err());
+    assert!(lex(br#"U&"x" UESCAPE 'a'"#, true).is_err());
+}
+
+#[test]
+fn strings_hide_their_content() {
+    assert_eq!(
+        idents("SELECT 'set_config(' , E'\\'set_config', $$set_config$$, $a$ x $a$"),
+        ["select"]
+    );
+    let t = lex(b"'it''s'", true).unwrap();
+    assert_eq!(
+        t[0].kind,
+        Kind::Str {
+            value: Some("it's".into())
+        }
+    );
+}
+
+#[test]
+fn backslashes_follow_standard_conforming_strings() {
+    // With standard_conforming_strings off, \' does not end the string.
+    assert_eq!(
+        idents(r"SELECT 'a\' , set_config"),
+        ["select", "set_config"]
+    );
+    assert_eq!(
+        lex(br"SELECT 'a\' , set_config", false).unwrap_err(),
+        LexError::UnterminatedString
+    );
+    assert_eq!(
+        lex(br"SELECT 'a\', set_config', x", false)
+            .unwrap()
+            .iter()
+            .filter_map(|t| t.ident().map(str::to_owned))
+            .collect::<Vec<_>>(),
+        ["select", "x"]
+    );
+}
+
+#[test]
+fn comments_nest_and_are_skipped() {
+    assert_eq!(
+        idents("SELECT /* a /* set_config */ b */ x -- set_config\n, y"),
+        ["select", "x", "y"]
+    );
+    assert_eq!(
+        lex(b"SELECT /* /* */", true).unwrap_err(),
+        LexError::UnterminatedComment
+    );
+}
+
+#[test]
+fn dollar_signs_inside_identifiers_do_not_open_quotes() {
+    assert_eq!(idents("SELECT a$$b"), ["select", "a$$b"]);
+    assert_eq!(idents("SELECT $1, $x$ y $x$"), ["select"]);
+    assert_eq!(
+        lex(b"SELECT $a$ open", true).unwrap_err(),
+        LexError::UnterminatedDollarQuote
+    );
+}
+
+#[test]
+fn numbers_split_like_postgres_15() {
+    assert_eq!(idents("SELECT 1set_config"), ["select", "set_config"]);
+    assert_eq!(idents("SELECT 1.5e3abc, .5x"), ["select", "abc", "x"]);
+}
+
+#[test]
+fn operators_stop_at_comment_starts() {
+    let t = lex(b"SELECT 1 +/* c */ 2", true).unwrap();
+    assert!(t.iter().any(|t| t.kind == Kind::Op(b"+")));
+    assert_eq!(idents("SELECT 1 --set_config\n"), ["select"]);
+}
+
+#[test]
+fn bit_strings_end_at_the_first_quote() {
+    // The guard once read x'''...' as one string with an escaped quote; PostgreSQL reads
+    // x'' and then code (found by tests/guard_differential.rs).
+    let sql = b"SELECT x''; SELECT set_config('a', 'b', false) --'";
+    let tokens = lex(sql, true).unwrap();
+    assert!(tokens.iter().any(|t| t.ident() == Some("set_config")));
+    assert_eq!(tokens.iter().filter(|t| t.is_punct(b';')).count(), 1);
+    let tokens = lex(b"SELECT B'01'\n'10'", true).unwrap();
+    assert_eq!(tokens.len(), 2, "a continued bit string is one token");
+}
+
+#[test]
+fn string_continuation_needs_a_newline() {
+    let t = lex(b"SELECT 'a'\n'b'", true).unwrap();
+    assert_eq!(t.len(), 2);
+    assert_eq!(
+        t[1].kind,
+        Kind::Str {
+            value: Some("ab".into())
+        }
+    );
+    assert!(lex(b"SELECT 'a' 'b'", true).unwrap().len() == 3);
+}
+
+#[test]
+fn unterminated_things_are_errors() {
+    for bad in [
+        &b"SELECT 'x"[..],
+        b"SELECT \"x",
+        b"SELECT \"\"",
+        b"SELECT E'\\",
+        b"SELECT U&'x' UESCAPE",
+    ] {
+        assert!(lex(bad, true).is_err(), "{}", String::from_utf8_lossy(bad));
+    }
+}
