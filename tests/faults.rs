@@ -139,6 +139,7 @@ async fn until_served(f: &Faults, tenant: &str) -> Duration {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shards_that_fail() {
+    common::use_cluster_template();
     let (a, b) = tokio::task::spawn_blocking(|| {
         let a = Cluster::start(&[]).unwrap();
         let b = Cluster::start(&[]).unwrap();

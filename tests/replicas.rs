@@ -35,6 +35,7 @@ async fn in_recovery(client: &tokio_postgres::Client) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_go_to_the_replica_and_fall_back_to_the_primary() {
+    common::use_cluster_template();
     let (a, b, fixture, mut standby) = tokio::task::spawn_blocking(|| {
         let a = Cluster::start(&[]).unwrap();
         let b = Cluster::start(&[]).unwrap();

@@ -222,6 +222,7 @@ async fn direct_tls_needs_the_postgresql_alpn() {
 
 #[tokio::test]
 async fn shards_can_require_verified_tls() {
+    common::use_cluster_template();
     let ca = TestCa::new();
     let (cert, key) = ca.issue("pg", &["localhost"]);
     let (cert_pem, key_pem) = (
@@ -312,6 +313,7 @@ scram = "{verifier}"
 /// Server logins other than SCRAM: md5 and trust, as a shard's pg_hba.conf may require.
 #[tokio::test]
 async fn shards_may_use_md5_or_trust_logins() {
+    common::use_cluster_template();
     // Read by the server at start; kept until the test ends.
     let dir = common::TempDir::new("hba");
     let hba = dir.join("pg_hba.conf");

@@ -26,9 +26,16 @@ pub struct World {
 static WORLD: OnceLock<World> = OnceLock::new();
 static NEXT: AtomicUsize = AtomicUsize::new(0);
 
+/// New clusters are copies of one made once for the whole suite, kept in cargo's directory
+/// for test files (not the system's temporary directory).
+pub fn use_cluster_template() {
+    pgtenant::localpg::use_template_dir(Path::new(env!("CARGO_TARGET_TMPDIR")));
+}
+
 /// Starts the clusters on first use.
 pub fn world() -> &'static World {
     WORLD.get_or_init(|| {
+        use_cluster_template();
         let a = Cluster::start(&[]).expect("start cluster A");
         let b = Cluster::start(&[]).expect("start cluster B");
         demo::create_roles(&a, &b).expect("create roles");
