@@ -21,6 +21,7 @@ pub mod domain;
 pub mod error;
 pub mod localpg;
 pub mod net;
+pub mod own_sql;
 pub mod pool;
 pub mod protocol;
 pub mod quota;

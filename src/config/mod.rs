@@ -5,6 +5,7 @@
 //! of keys are a contract: add keys, never rename them. Semantic errors (an unknown shard, a
 //! duplicate tenant) name the file, the line and the offending tenant or shard.
 
+mod ctx;
 mod duration;
 mod edit;
 mod schema;

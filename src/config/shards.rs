@@ -6,8 +6,8 @@ use std::sync::Arc;
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 
+use super::ctx::{Ctx, secret, valid_name};
 use super::snapshot::*;
-use super::validate::{Ctx, secret, valid_name};
 use super::*;
 use toml::Spanned;
 

@@ -5,8 +5,8 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
+use super::ctx::{Ctx, secret, valid_name};
 use super::snapshot::*;
-use super::validate::{Ctx, secret, valid_name};
 use super::*;
 use crate::domain::TenantId;
 use crate::domain::verifier::ScramVerifier;

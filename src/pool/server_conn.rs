@@ -390,7 +390,7 @@ impl ServerConn {
     pub async fn reset(&mut self, patience: Duration) -> Result<(), ServerError> {
         self.bound = None;
         self.pooled = PooledState::default();
-        tokio::time::timeout(patience, self.run_own("DISCARD ALL"))
+        tokio::time::timeout(patience, self.run_own(crate::own_sql::RESET))
             .await
             .map_err(|_| ServerError::Timeout)?
     }

@@ -118,16 +118,7 @@ pub fn set_configs(pairs: &[(&str, &str)], out: &mut BytesMut) -> &'static [u8] 
     if pairs.is_empty() {
         return &[];
     }
-    let calls: Vec<String> = (0..pairs.len())
-        .map(|i| {
-            format!(
-                "pg_catalog.set_config(${}, ${}, false)",
-                2 * i + 1,
-                2 * i + 2
-            )
-        })
-        .collect();
-    let sql = format!("SELECT {}", calls.join(", "));
+    let sql = crate::own_sql::set_configs(pairs.len());
     let mut msgs = BytesMut::new();
     let values = pairs.iter().flat_map(|(k, v)| [*k, *v]);
     let encoded = frontend::parse(OWN_STATEMENT, &sql, std::iter::empty::<u32>(), &mut msgs)

@@ -20,7 +20,6 @@ use super::connect::{self, Login};
 use crate::config::Shard;
 use crate::protocol::frame::{FrameScanner, Piece, TagSet};
 use crate::protocol::{encode, tag, take_cstr};
-use crate::tenant::quote_ident;
 
 /// Notifications waiting for one client, at most. A client that lets more pile up (it does not
 /// read, or stays in one transaction while they arrive) is told and disconnected through its
@@ -286,11 +285,11 @@ impl Hub {
                 set.remove(&channel);
                 let wanted = self.subscribers.contains_key(&channel);
                 if wanted && !self.listening.contains(&channel) {
-                    sql.push(format!("LISTEN {}", quote_ident(&channel)));
+                    sql.push(crate::own_sql::listen(&channel));
                     self.listening.insert(channel.clone());
                     listened.push(channel);
                 } else if !wanted && self.listening.remove(&channel) {
-                    sql.push(format!("UNLISTEN {}", quote_ident(&channel)));
+                    sql.push(crate::own_sql::unlisten(&channel));
                 } else if wanted {
                     // Listening already (a LISTEN in flight is handled when it completes).
                     for done in self.waiters.remove(&channel).unwrap_or_default() {

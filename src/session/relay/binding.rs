@@ -80,28 +80,7 @@ pub struct Binding {
 
 impl Binding {
     pub(super) fn statement(&self) -> (&'static str, &'static str) {
-        match (self.verified, &self.search_path) {
-            (false, None) => (
-                "pgt_bind1",
-                "SELECT pg_catalog.set_config('app.current_tenant_id', $1, false)",
-            ),
-            (false, Some(_)) => (
-                "pgt_bind2",
-                "SELECT pg_catalog.set_config('app.current_tenant_id', $1, false), \
-                 pg_catalog.set_config('search_path', $2, false)",
-            ),
-            (true, None) => (
-                "pgt_bind3",
-                "SELECT pg_catalog.set_config('app.current_tenant_id', $1, false), \
-                 pg_catalog.set_config('pgtenant.context', $2, false)",
-            ),
-            (true, Some(_)) => (
-                "pgt_bind4",
-                "SELECT pg_catalog.set_config('app.current_tenant_id', $1, false), \
-                 pg_catalog.set_config('pgtenant.context', $2, false), \
-                 pg_catalog.set_config('search_path', $3, false)",
-            ),
-        }
+        crate::own_sql::binding_statement(self.verified, self.search_path.is_some())
     }
 
     /// The parameters of [`Binding::statement`]. A verified binding without a token binds

@@ -156,7 +156,7 @@ impl Relay {
         if pooled.settings_of.as_deref() == Some(&*mine) {
             return None;
         }
-        let sql = format!("RESET ALL; {}", self.rules.rebind_sql);
+        let sql = crate::own_sql::reset_settings_then(&self.rules.rebind_sql);
         let mut pairs: Vec<(String, String)> = self.rules.startup_settings.clone();
         for (_, replay) in &self.session.settings {
             pairs.extend(replay.iter().cloned());
@@ -817,7 +817,7 @@ impl Relay {
         let listened: Vec<String> = effects
             .iter()
             .filter_map(|e| match e {
-                Effect::Listen(c) => Some(format!("UNLISTEN {}", quote_ident(c))),
+                Effect::Listen(c) => Some(crate::own_sql::unlisten(c)),
                 _ => None,
             })
             .collect();
