@@ -385,7 +385,7 @@ async fn a_client_that_stops_reading_blocks_the_server_not_the_proxy() {
     let env = start().await;
     let t = env.tenant("acme");
     let mut raw = Raw::connect(env.addr(), &[("user", "app@acme")], &t.password).await;
-    let before = rss_kib();
+    let before = common::rss_kib();
     raw.query("SELECT 'marker-backpressure', repeat('x', 10000) FROM generate_series(1, 200000)")
         .await;
     // Do not read. The server backend must end up waiting to write to its client (pgtenant),
@@ -404,7 +404,7 @@ async fn a_client_that_stops_reading_blocks_the_server_not_the_proxy() {
     // This process (pgtenant and the test client) holds a bounded part of the 2 GB result:
     // what the pump buffers plus the sockets, not the result.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let grown = rss_kib().saturating_sub(before);
+    let grown = common::rss_kib().saturating_sub(before);
     eprintln!("a client not reading a 2 GB result: pgtenant's process grew by {grown} KiB");
     assert!(grown < 64 * 1024, "memory grew by {grown} KiB");
     drop(raw);
@@ -462,14 +462,4 @@ async fn a_malformed_message_ends_only_that_session_with_08p01() {
         .simple_query("SELECT 1")
         .await
         .unwrap();
-}
-
-/// This process's resident memory (KiB).
-fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
 }

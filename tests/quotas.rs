@@ -437,7 +437,7 @@ async fn thousands_of_queued_clients_hold_bounded_memory_and_are_all_served() {
     assert_eq!(code(&err), "53300");
 
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let before = rss_kib();
+    let before = common::rss_kib();
     // Each client's statement, and 64 KiB more pipelined behind it.
     let filler = format!("SELECT length('{}')", "x".repeat(64 * 1024));
     let mut out = bytes::BytesMut::new();
@@ -464,7 +464,7 @@ async fn thousands_of_queued_clients_hold_bounded_memory_and_are_all_served() {
     })
     .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let grown = rss_kib().saturating_sub(before);
+    let grown = common::rss_kib().saturating_sub(before);
     eprintln!(
         "{n} queued clients: this process grew by {grown} KiB ({:.1} KiB per client)",
         grown as f64 / n as f64
@@ -497,14 +497,4 @@ fn open_file_limit() -> usize {
         .and_then(|l| l.split_whitespace().nth(3))
         .and_then(|n| n.parse().ok())
         .unwrap_or(1024)
-}
-
-/// This process's resident memory (KiB).
-fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
 }

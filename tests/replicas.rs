@@ -145,19 +145,7 @@ async fn reads_go_to_the_replica_and_fall_back_to_the_primary() {
         "INSERT INTO items (name) VALUES ('replica attack')",
         "COMMIT",
     ] {
-        frontend::parse("", sql, [], &mut out).unwrap();
-        frontend::bind(
-            "",
-            "",
-            [],
-            [] as [Option<i32>; 0],
-            |_, _| Ok(postgres_protocol::IsNull::No),
-            [],
-            &mut out,
-        )
-        .map_err(|_| ())
-        .unwrap();
-        frontend::execute("", 0, &mut out).unwrap();
+        Raw::put_parse_bind_execute(&mut out, sql);
     }
     frontend::sync(&mut out);
     raw.send(&out).await;

@@ -362,3 +362,13 @@ pub async fn until(what: &str, patience: Duration, mut check: impl FnMut() -> bo
     }
     started.elapsed()
 }
+
+/// This process's resident memory (KiB).
+pub fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
