@@ -259,7 +259,8 @@ impl Cluster {
         run(initdb, "initdb").map(drop)
     }
 
-    /// The template under `dir` for these server binaries, made on first use: its directory
+    /// The template under `dir` for these server binaries (their path and the server
+    /// binary's size and time), made on first use: its directory
     /// and its superuser password. Built aside and renamed into place, so a concurrent test
     /// process sees either none or a whole one (the loser of a race discards its own).
     fn template(&self, dir: &Path) -> Result<(PathBuf, String), LocalPgError> {
@@ -267,6 +268,11 @@ impl Cluster {
         let mut h = std::collections::hash_map::DefaultHasher::new();
         self.bindir.hash(&mut h);
         self.as_postgres.is_some().hash(&mut h);
+        // Another server binary at the same path (an upgrade) gets a template of its own.
+        if let Ok(meta) = fs::metadata(self.bindir.join("postgres")) {
+            meta.len().hash(&mut h);
+            meta.modified().ok().hash(&mut h);
+        }
         let path = dir.join(format!("pg-template-{:016x}", h.finish()));
         let read = |path: &Path| -> Option<(PathBuf, String)> {
             let password = fs::read_to_string(path.join("password")).ok()?;
