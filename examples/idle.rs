@@ -129,7 +129,6 @@ async fn main() {
         },
     );
     let theirs = storm(port, "app", &acme.password, n, bouncer.0.id()).await;
-    report("pgtenant", n, &ours);
     report("pgbouncer", n, &theirs);
     println!(
         "pgtenant / PgBouncer: connect rate {:.2}x, CPU per login {:.2}x",

@@ -113,8 +113,8 @@ async fn reads_go_to_the_replica_and_fall_back_to_the_primary() {
     assert_eq!(in_recovery(&app).await, "f");
 
     // A transaction routed to the replica cannot be turned into a write: the standby refuses
-    // every write (25006), and the switch back to read-write (0A000, 25001), whatever the client sends
-    // after BEGIN READ ONLY.
+    // every write (25006), and the switch back to read-write (0A000, 25001), whatever the
+    // client sends after BEGIN READ ONLY.
     for attack in [
         "BEGIN READ ONLY; INSERT INTO items (name) VALUES ('replica attack')",
         "BEGIN READ ONLY; SET TRANSACTION READ WRITE",
