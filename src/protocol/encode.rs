@@ -99,6 +99,17 @@ pub fn notification(pid: i32, channel: &str, payload: &str, out: &mut BytesMut) 
     raw(tag::NOTIFICATION_RESPONSE, &body, out);
 }
 
+/// A message of type `tag` whose body `body` writes straight into `out` (its length is
+/// filled in after).
+pub fn message(tag: u8, out: &mut BytesMut, body: impl FnOnce(&mut BytesMut)) {
+    out.put_u8(tag);
+    let at = out.len();
+    out.put_u32(0);
+    body(out);
+    let len = u32::try_from(out.len() - at).unwrap_or(u32::MAX);
+    out[at..at + 4].copy_from_slice(&len.to_be_bytes());
+}
+
 pub fn raw(tag: u8, body: &[u8], out: &mut BytesMut) {
     out.put_u8(tag);
     out.put_u32((body.len() + 4) as u32);

@@ -590,7 +590,8 @@ async fn forward_pooled(
             }
             // Read-only work may go to a replica; if it cannot have a connection there, to
             // the primary.
-            let read_only = a.role == UserRole::Readonly || starts_read_only(pump.pending_client());
+            let read_only = !a.replicas.is_empty()
+                && (a.role == UserRole::Readonly || starts_read_only(pump.pending_client()));
             checkout_routed(a, relay, read_only).await
         };
         let started = Instant::now();
@@ -798,20 +799,25 @@ fn starts_read_only(pending: &[u8]) -> bool {
         .position(|&c| c == 0 || c == b';')
         .unwrap_or(sql.len())
         .min(256);
-    let Ok(text) = std::str::from_utf8(&sql[..end]) else {
-        return false;
-    };
-    let words: Vec<String> = text
-        .split(|c: char| c.is_ascii_whitespace() || c == ',')
-        .filter(|w| !w.is_empty())
-        .map(str::to_ascii_uppercase)
-        .collect();
-    let opens = match words.first().map(String::as_str) {
-        Some("BEGIN") => true,
-        Some("START") => words.get(1).is_some_and(|w| w == "TRANSACTION"),
+    let mut words = sql[..end]
+        .split(|&c| c.is_ascii_whitespace() || c == b',')
+        .filter(|w| !w.is_empty());
+    let opens = match words.next() {
+        Some(w) if w.eq_ignore_ascii_case(b"BEGIN") => true,
+        Some(w) if w.eq_ignore_ascii_case(b"START") => words
+            .next()
+            .is_some_and(|w| w.eq_ignore_ascii_case(b"TRANSACTION")),
         _ => false,
     };
-    opens && words.windows(2).any(|w| w[0] == "READ" && w[1] == "ONLY")
+    if !opens {
+        return false;
+    }
+    let mut read = false;
+    words.any(|w| {
+        let only = read && w.eq_ignore_ascii_case(b"ONLY");
+        read = w.eq_ignore_ascii_case(b"READ");
+        only
+    })
 }
 
 /// Points the session at the tenant's placement in force: its next transactions take server

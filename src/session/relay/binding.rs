@@ -65,7 +65,7 @@ pub(super) struct InBand {
 }
 
 /// What the tenant binding needs.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Binding {
     /// `SET` statement(s) binding the context, as pgtenant's own constant text (the tenant's
     /// id and schema, never client text).
@@ -85,15 +85,10 @@ impl Binding {
 
     /// The parameters of [`Binding::statement`]. A verified binding without a token binds
     /// an empty one: the shard then shows no rows (fail closed).
-    pub(super) fn values<'a>(&'a self, token: Option<&'a str>) -> Vec<&'a str> {
-        let mut values = vec![self.tenant_id.as_str()];
-        if self.verified {
-            values.push(token.unwrap_or(""));
-        }
-        if let Some(path) = &self.search_path {
-            values.push(path);
-        }
-        values
+    pub(super) fn values<'a>(&'a self, token: Option<&'a str>) -> impl Iterator<Item = &'a str> {
+        std::iter::once(self.tenant_id.as_str())
+            .chain(self.verified.then(|| token.unwrap_or("")))
+            .chain(self.search_path.as_deref())
     }
 
     /// The binding as `(setting, value)` pairs for pgtenant's own `set_config` statement.
@@ -168,17 +163,21 @@ impl Relay {
         tracker: &mut ConnTracker,
         pooled: &mut PooledState,
     ) {
-        let binding = self.rules.binding.clone();
         let epoch = self.next_epoch;
+        let binding = &self.rules.binding;
         let (name, sql) = binding.statement();
-        let mut msgs = BytesMut::new();
         let created = !pooled.prepared.contains(name);
-        if created && frontend::parse(name, sql, std::iter::empty::<u32>(), &mut msgs).is_err() {
-            self.inject_binding(out, tracker, pooled);
-            return;
-        }
-        let values = binding.values(pooled.token_for(&binding.tenant_id));
-        if !encode::bind_execute(name, values, &mut msgs) {
+        // Written straight into `out`; taken back if it cannot be encoded.
+        let mark = out.len();
+        let encoded = (!created
+            || frontend::parse(name, sql, std::iter::empty::<u32>(), out).is_ok())
+            && encode::bind_execute(
+                name,
+                binding.values(pooled.token_for(&binding.tenant_id)),
+                out,
+            );
+        if !encoded {
+            out.truncate(mark);
             self.inject_binding(out, tracker, pooled);
             return;
         }
@@ -193,7 +192,6 @@ impl Relay {
         }
         tracker.client_message(tag::BIND);
         tracker.client_message(tag::EXECUTE);
-        out.extend_from_slice(&msgs);
         self.in_band = Some(InBand {
             epoch,
             expect: b"2DC",
@@ -201,14 +199,14 @@ impl Relay {
         });
     }
 
-    /// The Query `text` (as it will be sent) with the binding in front of it.
-    pub(super) fn bind_prefix(&mut self, text: &[u8]) -> BytesMut {
+    /// Writes to `q` the Query `text` (as it will be sent) with the binding in front of it.
+    pub(super) fn bind_prefix(&mut self, text: &[u8], q: &mut BytesMut) {
         let binding = &self.rules.binding;
         let prefix = binding.sql.as_bytes();
         let text = text.strip_suffix(&[0]).unwrap_or(text);
         // Written in place: this runs for every pooled transaction that starts with a Query.
         let body_len = prefix.len() + 2 + text.len() + 1;
-        let mut q = BytesMut::with_capacity(5 + body_len);
+        q.reserve(5 + body_len);
         q.put_u8(tag::QUERY);
         q.put_u32(u32::try_from(body_len + 4).unwrap_or(u32::MAX));
         q.put_slice(prefix);
@@ -224,7 +222,6 @@ impl Relay {
             },
             shift: prefix.len() + 2,
         });
-        q
     }
 
     /// A separate binding statement before the message about to be sent.
@@ -247,7 +244,8 @@ impl Relay {
         tracker: &mut ConnTracker,
         pooled: &PooledState,
     ) {
-        let binding = self.rules.binding.clone();
+        // Lent out while pgtenant's statements are written (no copy of it per binding).
+        let binding = std::mem::take(&mut self.rules.binding);
         if binding.verified {
             self.inject_set_configs(
                 out,
@@ -258,6 +256,7 @@ impl Relay {
             self.inject_query(out, tracker, &binding.sql);
             self.last_is_binding();
         }
+        self.rules.binding = binding;
     }
 
     /// Whether a server message starting now is an in-band binding reply to consume.

@@ -171,6 +171,11 @@ pub struct Relay {
     flushed: RelayCounters,
     /// The tenant's query-duration histogram (Query or Sync to ReadyForQuery).
     pub query_seconds: Option<metrics::Histogram>,
+    /// The guard's token buffer, kept between statements.
+    tokens: crate::tenant::guard::lexer::TokenBuf,
+    /// Emptied buffers for the messages pgtenant writes in place of or ahead of a client's,
+    /// kept so that a steady transaction allocates none.
+    spare: Vec<BytesMut>,
 }
 
 impl Relay {
@@ -202,6 +207,23 @@ impl Relay {
             counters: RelayCounters::default(),
             flushed: RelayCounters::default(),
             query_seconds: None,
+            tokens: Default::default(),
+            spare: Vec::new(),
+        }
+    }
+
+    /// An empty buffer for a message pgtenant writes (a kept one when there is one).
+    fn out_buf(&mut self) -> BytesMut {
+        let mut b = self.spare.pop().unwrap_or_default();
+        b.clear();
+        b
+    }
+
+    /// Keeps `b` for [`Relay::out_buf`]: a few small ones (a large one goes, so an odd big
+    /// message does not stay with the session).
+    fn recycle(&mut self, b: BytesMut) {
+        if b.capacity() > 0 && b.capacity() <= SPARE_MAX && self.spare.len() < SPARES {
+            self.spare.push(b);
         }
     }
 
@@ -457,7 +479,7 @@ impl Relay {
             let message = &input[run..run + len];
             let body = &message[5..];
             let mut effects = Vec::new();
-            let mut before = BytesMut::new();
+            let mut before = self.out_buf();
             let mut prefix = false;
             if self.binding_due && t != tag::TERMINATE {
                 match self.binding_plan(t, body) {
@@ -563,32 +585,39 @@ impl Relay {
                 }
                 _ => None,
             };
-            let mut replacement = replacement;
             // A refused statement needs no binding; the next one gets it.
             let refused = self
                 .refusals
                 .back()
                 .is_some_and(|(e, _)| *e == self.next_epoch);
-            if prefix && !refused {
+            let prefixed = prefix && !refused;
+            let sent_tag = if prefixed {
                 self.binding_due = false;
-                let q = match &replacement {
-                    Some((_, bytes)) => self.bind_prefix(bytes.get(5..).unwrap_or_default()),
-                    None => self.bind_prefix(body),
-                };
-                replacement = Some((tag::QUERY, q));
-            }
-            let sent_tag = replacement.as_ref().map(|(t, _)| *t).unwrap_or(t);
-            if replacement.is_none() && before.is_empty() {
+                tag::QUERY
+            } else {
+                replacement.as_ref().map(|(t, _)| *t).unwrap_or(t)
+            };
+            if replacement.is_none() && before.is_empty() && !prefixed {
                 run += len;
             } else {
                 move_run(input, run, to_server);
                 to_server.extend_from_slice(&before);
-                match replacement {
-                    Some((_, bytes)) => to_server.extend_from_slice(&bytes),
-                    None => to_server.extend_from_slice(&input[..len]),
+                let sent: &[u8] = match &replacement {
+                    Some((_, bytes)) => bytes,
+                    None => &input[..len],
+                };
+                if prefixed {
+                    // Written straight into the output: no copy of the query per transaction.
+                    self.bind_prefix(sent.get(5..).unwrap_or_default(), to_server);
+                } else {
+                    to_server.extend_from_slice(sent);
                 }
                 input.advance(len);
                 run = 0;
+            }
+            self.recycle(before);
+            if let Some((_, bytes)) = replacement {
+                self.recycle(bytes);
             }
             if sent_tag == tag::SYNC {
                 // The effects of the statements this batch executed.
@@ -603,7 +632,7 @@ impl Relay {
                 tag::QUERY | tag::SYNC | tag::FUNCTION_CALL => {
                     let epoch = self.next_epoch;
                     self.open_epoch(Owner::Client, tracker, sent_tag);
-                    let mut after = BytesMut::new();
+                    let mut after = self.out_buf();
                     if !effects.is_empty() {
                         self.after_query(epoch, effects, &mut after, tracker);
                     }
@@ -615,6 +644,7 @@ impl Relay {
                         run = 0;
                         to_server.extend_from_slice(&after);
                     }
+                    self.recycle(after);
                 }
                 other => tracker.client_message(other),
             }
@@ -808,7 +838,10 @@ impl Relay {
     /// `name`: a named statement that reads `pg_prepared_statements` sees itself there, as
     /// on PostgreSQL, so it gets a server name of its own, known before its text is written.
     fn check_text_naming(&mut self, text: &[u8], name: &[u8]) -> crate::tenant::guard::Verdict {
-        let verdict = self.rules.policy.check(text, self.standard_conforming);
+        let verdict =
+            self.rules
+                .policy
+                .check_reusing(text, self.standard_conforming, &mut self.tokens);
         if !verdict.wants_prepared_view {
             return verdict;
         }
@@ -1139,6 +1172,10 @@ pub(super) fn replace_statement_name(t: u8, prefix: &[u8], rest: &[u8]) -> Bytes
     encode::raw(t, &b, &mut out);
     out
 }
+
+/// How many emptied message buffers a session keeps, and the largest it keeps.
+const SPARES: usize = 3;
+const SPARE_MAX: usize = 4096;
 
 /// A statement name no client can have (reserved prefix) and pgtenant never creates.
 pub(super) const NO_STATEMENT: &[u8] = b"pgtenant_no_statement\0";

@@ -13,7 +13,7 @@ use std::collections::{HashMap, VecDeque};
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
-use bytes::BytesMut;
+use bytes::{BufMut, BytesMut};
 
 use super::Relay;
 use crate::pool::cache::{PooledState, settings_key};
@@ -134,11 +134,11 @@ fn server_statement_name(definition: &[u8]) -> String {
 }
 
 fn encode_parse(name: &str, definition: &[u8], out: &mut BytesMut) {
-    let mut body = Vec::with_capacity(name.len() + 1 + definition.len());
-    body.extend_from_slice(name.as_bytes());
-    body.push(0);
-    body.extend_from_slice(definition);
-    encode::raw(tag::PARSE, &body, out);
+    encode::message(tag::PARSE, out, |b| {
+        b.extend_from_slice(name.as_bytes());
+        b.put_u8(0);
+        b.extend_from_slice(definition);
+    });
 }
 
 impl Relay {
@@ -264,7 +264,11 @@ impl Relay {
                     self.session.unnamed_effects = effects;
                     let s = &mut self.session;
                     s.unnamed_generation += 1;
-                    s.unnamed = Some((definition.to_vec(), s.unnamed_generation));
+                    // The previous unnamed statement's buffer holds the new text.
+                    let mut text = s.unnamed.take().map(|(t, _)| t).unwrap_or_default();
+                    text.clear();
+                    text.extend_from_slice(definition);
+                    s.unnamed = Some((text, s.unnamed_generation));
                     s.unnamed_unconfirmed
                         .push_back((epoch, s.unnamed_generation));
                     s.unnamed_dropped = false;
@@ -289,11 +293,12 @@ impl Relay {
                 if let Some(old) = replaced {
                     self.session.statement_bytes -= old.definition.len();
                 }
-                let mut out = BytesMut::new();
+                let mut out = self.out_buf();
                 if pooled.prepared.contains(&server_name) {
-                    let mut close = vec![b'S'];
-                    close.extend_from_slice(NO_STATEMENT);
-                    encode::raw(tag::CLOSE, &close, &mut out);
+                    encode::message(tag::CLOSE, &mut out, |b| {
+                        b.put_u8(b'S');
+                        b.extend_from_slice(NO_STATEMENT);
+                    });
                     self.session.closes.push_back((epoch, Reply::AsParse));
                 } else {
                     encode_parse(&server_name, definition, &mut out);
@@ -322,7 +327,6 @@ impl Relay {
                     let effects = effects.to_vec();
                     self.session.pending_effects.extend(effects);
                 }
-                let mut out = BytesMut::new();
                 if name.is_empty() {
                     let prefix = &body[..portal.len() + 1];
                     return self.unnamed_message(t, body, pooled, prefix, params);
@@ -330,14 +334,16 @@ impl Relay {
                 if self.unknown_statement(name) {
                     return Some(replace_statement_name(t, &body[..portal.len() + 1], params));
                 }
-                let server_name = self.ensure_statement(name, pooled, &mut out)?;
-                let mut b = Vec::with_capacity(body.len() + 32);
-                b.extend_from_slice(portal);
-                b.push(0);
-                b.extend_from_slice(server_name.as_bytes());
-                b.push(0);
-                b.extend_from_slice(params);
-                encode::raw(tag::BIND, &b, &mut out);
+                let mut out = self.out_buf();
+                self.ensure_statement(name, pooled, &mut out, |server_name, out| {
+                    encode::message(tag::BIND, out, |b| {
+                        b.extend_from_slice(portal);
+                        b.put_u8(0);
+                        b.extend_from_slice(server_name.as_bytes());
+                        b.put_u8(0);
+                        b.extend_from_slice(params);
+                    });
+                })?;
                 Some(out)
             }
             tag::DESCRIBE | tag::CLOSE => {
@@ -359,7 +365,6 @@ impl Relay {
                     let after = rest.get(name.len()..).unwrap_or_default();
                     return self.unnamed_message(t, body, pooled, b"S", after);
                 }
-                let mut out = BytesMut::new();
                 if t == tag::DESCRIBE && self.unknown_statement(name) {
                     return Some(replace_statement_name(
                         t,
@@ -376,16 +381,21 @@ impl Relay {
                     {
                         self.session.statement_bytes -= old.definition.len();
                     }
-                    let mut close = vec![b'S'];
-                    close.extend_from_slice(NO_STATEMENT);
-                    encode::raw(tag::CLOSE, &close, &mut out);
+                    let mut out = self.out_buf();
+                    encode::message(tag::CLOSE, &mut out, |b| {
+                        b.put_u8(b'S');
+                        b.extend_from_slice(NO_STATEMENT);
+                    });
                     return Some(out);
                 }
-                let server_name = self.ensure_statement(name, pooled, &mut out)?;
-                let mut d = vec![b'S'];
-                d.extend_from_slice(server_name.as_bytes());
-                d.push(0);
-                encode::raw(tag::DESCRIBE, &d, &mut out);
+                let mut out = self.out_buf();
+                self.ensure_statement(name, pooled, &mut out, |server_name, out| {
+                    encode::message(tag::DESCRIBE, out, |b| {
+                        b.put_u8(b'S');
+                        b.extend_from_slice(server_name.as_bytes());
+                        b.put_u8(0);
+                    });
+                })?;
                 Some(out)
             }
             _ => None,
@@ -407,24 +417,26 @@ impl Relay {
     ) -> Option<BytesMut> {
         let me = self.rules.client_id;
         self.settle_unnamed(pooled);
-        let mut out = BytesMut::new();
         match &self.session.unnamed {
+            // The connection holds it already: the message goes as it is.
+            Some((_, generation)) if pooled.unnamed == Some((me, *generation)) => None,
             Some((definition, generation)) => {
-                if pooled.unnamed != Some((me, *generation)) {
-                    encode_parse("", definition, &mut out);
-                    self.session
-                        .parses
-                        .push_back((self.next_epoch, Reply::Proxy, None));
-                    pooled.unnamed = Some((me, *generation));
-                }
+                let generation = *generation;
+                let mut out = self.spare.pop().unwrap_or_default();
+                out.clear();
+                encode_parse("", definition, &mut out);
+                self.session
+                    .parses
+                    .push_back((self.next_epoch, Reply::Proxy, None));
+                pooled.unnamed = Some((me, generation));
+                encode::raw(t, body, &mut out);
+                Some(out)
             }
             // No unnamed statement of the client's: the server may answer for its own only
             // when the connection holds no other client's.
-            None if pooled.unnamed.is_none_or(|(client, _)| client == me) => {}
-            None => return self.no_unnamed(t, prefix, rest),
+            None if pooled.unnamed.is_none_or(|(client, _)| client == me) => None,
+            None => self.no_unnamed(t, prefix, rest),
         }
-        encode::raw(t, body, &mut out);
-        Some(out)
     }
 
     /// The client's Bind or Describe of an unnamed statement it does not have, on a
@@ -580,28 +592,26 @@ impl Relay {
         name: &[u8],
         pooled: &mut PooledState,
         out: &mut BytesMut,
-    ) -> Option<String> {
+        then: impl FnOnce(&str, &mut BytesMut),
+    ) -> Option<()> {
         if name.is_empty() {
             return None;
         }
-        let statement = self
-            .session
+        let epoch = self.next_epoch;
+        let session = &mut self.session;
+        let statement = session
             .statements
-            .get(String::from_utf8_lossy(name).as_ref())?
-            .clone();
+            .get(String::from_utf8_lossy(name).as_ref())?;
         if !pooled.prepared.contains(&statement.server_name) {
             encode_parse(&statement.server_name, &statement.definition, out);
-            self.session.parses.push_back((
-                self.next_epoch,
-                Reply::Proxy,
-                Some(statement.server_name.clone()),
-            ));
+            session
+                .parses
+                .push_back((epoch, Reply::Proxy, Some(statement.server_name.clone())));
             pooled.prepared.insert(&statement.server_name);
-            self.session
-                .created
-                .push((self.next_epoch, statement.server_name.clone()));
+            session.created.push((epoch, statement.server_name.clone()));
         }
-        Some(statement.server_name)
+        then(&statement.server_name, out);
+        Some(())
     }
 
     /// What `pg_prepared_statements` becomes for this client: the server's view joined to the
@@ -679,7 +689,7 @@ impl Relay {
     ) {
         let names: Vec<String> = self.session.statements.keys().cloned().collect();
         for name in names {
-            self.ensure_statement(name.as_bytes(), pooled, out);
+            self.ensure_statement(name.as_bytes(), pooled, out, |_, _| {});
         }
         let missing: Vec<(String, String)> = self
             .session

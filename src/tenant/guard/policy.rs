@@ -5,7 +5,7 @@ use std::ops::Range;
 
 use super::advisory::{ADVISORY_FUNCTIONS, namespace_lock_keys};
 use super::effects;
-use super::lexer::{Kind, Token, lex_at};
+use super::lexer::{Kind, Token, TokenBuf};
 use super::types::{Policy, Refusal, Scope, SetConfigCall, Verdict};
 use crate::error::sqlstate;
 use crate::tenant::{quote_ident, quote_literal};
@@ -145,26 +145,44 @@ impl Policy {
     /// Decides about `sql`. `standard_conforming` is the session's current
     /// `standard_conforming_strings`.
     pub fn check(&self, sql: &[u8], standard_conforming: bool) -> Verdict {
-        let tokens = match lex_at(sql, standard_conforming) {
-            Ok(t) => t,
+        self.check_reusing(sql, standard_conforming, &mut TokenBuf::default())
+    }
+
+    /// Like [`Policy::check`], lexing into `buf` (a session keeps one, so that checking a
+    /// statement allocates nothing).
+    pub fn check_reusing(
+        &self,
+        sql: &[u8],
+        standard_conforming: bool,
+        buf: &mut TokenBuf,
+    ) -> Verdict {
+        match buf.lex(sql, standard_conforming) {
+            Ok(tokens) => {
+                let verdict = self.check_tokens(sql, &tokens);
+                buf.keep(tokens);
+                verdict
+            }
             // Malformed text: PostgreSQL's own syntax error (the text is not forwarded).
             Err((e, at)) => {
                 let (message, position) = super::lexer::postgres_syntax_error(sql, &e, at);
-                return Verdict {
+                Verdict {
                     refusal: Some(Box::new(Refusal {
                         sqlstate: sqlstate::SYNTAX_ERROR,
                         message,
                         position: Some(position),
                     })),
                     ..Verdict::default()
-                };
+                }
             }
-        };
+        }
+    }
+
+    fn check_tokens(&self, sql: &[u8], tokens: &[Token<'_>]) -> Verdict {
         let mut edits: Vec<(Range<usize>, String)> = Vec::new();
         let mut verdict = Verdict::default();
         if !self.unchecked
             && let Err(v) =
-                self.check_identifiers(sql, &tokens, &mut edits, &mut verdict.bound_settings)
+                self.check_identifiers(sql, tokens, &mut edits, &mut verdict.bound_settings)
         {
             return v;
         }
@@ -185,7 +203,7 @@ impl Policy {
                 Err(v) => return v,
             }
         }
-        if self.prepared_prefix.is_some() && self.prepared_view_edits(&tokens, &mut edits) {
+        if self.prepared_prefix.is_some() && self.prepared_view_edits(tokens, &mut edits) {
             verdict.wants_prepared_view = true;
             return verdict;
         }

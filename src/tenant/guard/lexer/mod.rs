@@ -178,14 +178,27 @@ pub fn lex(sql: &[u8], standard_conforming: bool) -> Result<Vec<Token<'_>>, LexE
 
 /// Like [`lex`], with the byte offset of the token a failure is reported at.
 pub fn lex_at(sql: &[u8], standard_conforming: bool) -> Result<Vec<Token<'_>>, (LexError, usize)> {
+    // About one token per five bytes of typical SQL: one allocation, rarely a second.
+    lex_into(
+        sql,
+        standard_conforming,
+        Vec::with_capacity(sql.len() / 5 + 4),
+    )
+}
+
+/// Lexes into `out` (emptied first), so a caller can keep one buffer for many statements.
+fn lex_into<'a>(
+    sql: &'a [u8],
+    standard_conforming: bool,
+    mut out: Vec<Token<'a>>,
+) -> Result<Vec<Token<'a>>, (LexError, usize)> {
+    out.clear();
     let mut lx = Lexer {
         src: sql,
         pos: 0,
         standard_conforming,
         token_start: 0,
     };
-    // About one token per five bytes of typical SQL: one allocation, rarely a second.
-    let mut out = Vec::with_capacity(sql.len() / 5 + 4);
     loop {
         match lx.next() {
             Ok(Some(t)) => out.push(t),
@@ -193,6 +206,43 @@ pub fn lex_at(sql: &[u8], standard_conforming: bool) -> Result<Vec<Token<'_>>, (
             Err(e) => return Err((e, lx.token_start)),
         }
     }
+}
+
+/// One token buffer kept for a session's statements: lexing a statement then allocates
+/// nothing once the buffer has grown to the session's longest statement.
+#[derive(Debug, Default)]
+pub struct TokenBuf(Vec<Token<'static>>);
+
+impl TokenBuf {
+    /// Lexes `sql` into the kept buffer; hand the tokens back with [`TokenBuf::keep`].
+    pub fn lex<'a>(
+        &mut self,
+        sql: &'a [u8],
+        standard_conforming: bool,
+    ) -> Result<Vec<Token<'a>>, (LexError, usize)> {
+        lex_into(
+            sql,
+            standard_conforming,
+            recycle(std::mem::take(&mut self.0)),
+        )
+    }
+
+    /// Takes the buffer back (its tokens dropped, its capacity kept).
+    pub fn keep(&mut self, tokens: Vec<Token<'_>>) {
+        self.0 = recycle(tokens);
+    }
+}
+
+/// The same allocation as a buffer of tokens of another lifetime: emptied, then collected in
+/// place (the standard library reuses a vector's allocation when the element layout is the
+/// same, which it is: only the lifetime differs). The closure never runs.
+#[allow(clippy::unnecessary_filter_map)] // `filter` cannot change the lifetime.
+fn recycle<'b>(mut tokens: Vec<Token<'_>>) -> Vec<Token<'b>> {
+    tokens.clear();
+    tokens
+        .into_iter()
+        .filter_map(|_| None::<Token<'b>>)
+        .collect()
 }
 
 impl<'a> Lexer<'a> {

@@ -133,3 +133,19 @@ fn unterminated_things_are_errors() {
         assert!(lex(bad, true).is_err(), "{}", String::from_utf8_lossy(bad));
     }
 }
+
+#[test]
+fn a_kept_token_buffer_lexes_like_lex_and_keeps_its_allocation() {
+    let mut buf = TokenBuf::default();
+    let first = b"SELECT a, b FROM t WHERE c = 'x' AND d = $1";
+    let tokens = buf.lex(first, true).unwrap();
+    assert_eq!(tokens, lex(first, true).unwrap());
+    let at = tokens.as_ptr() as usize;
+    buf.keep(tokens);
+    let second = b"UPDATE t SET a = 1";
+    let tokens = buf.lex(second, true).unwrap();
+    assert_eq!(tokens, lex(second, true).unwrap());
+    assert_eq!(tokens.as_ptr() as usize, at, "the same allocation, reused");
+    buf.keep(tokens);
+    assert!(buf.lex(b"SELECT 'unterminated", true).is_err());
+}
