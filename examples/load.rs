@@ -458,7 +458,7 @@ fn main() {
         "\npgbench -S, {} pooling, {SERVER_CONNECTIONS} server connections per proxy, pgtenant threads: {}, {} s per run, {} rounds, medians (scale 10, {} cores)",
         opts.pool_mode,
         opts.proxy_threads
-            .map_or_else(|| "one per core".to_owned(), |n| n.to_string()),
+            .map_or_else(|| "default".to_owned(), |n| n.to_string()),
         opts.seconds,
         opts.rounds,
         std::thread::available_parallelism()

@@ -14,7 +14,7 @@ pub struct Cli {
     pub config: Option<PathBuf>,
     /// Threads serving connections when running the proxy. 1 runs everything on one thread,
     /// as PgBouncer does: the least CPU per transaction, best on small machines. Default: one
-    /// per CPU core.
+    /// on a machine of two cores or fewer, else one per CPU core.
     #[arg(long, global = true, env = "PGTENANT_THREADS")]
     pub threads: Option<usize>,
     /// Log line format on standard error: `text` (colours only when it is a terminal) or

@@ -19,7 +19,7 @@ use super::Relay;
 use crate::pool::cache::{PooledState, settings_key};
 use crate::protocol::tracker::ConnTracker;
 use crate::protocol::{TxStatus, encode, tag, take_cstr};
-use crate::tenant::guard::Effect;
+use crate::tenant::guard::{Effect, Scope};
 use crate::tenant::{quote_ident, quote_if_needed, quote_literal};
 
 use super::{NO_STATEMENT, replace_statement_name};
@@ -199,7 +199,11 @@ impl Relay {
         }
         self.settle_unnamed(pooled);
         pooled.last_client = Some(self.rules.client_id);
-        self.binding_due = !bound_now;
+        // Shared and schema placements bind the context at the start of every transaction
+        // (the security contract's S1). A dedicated placement's connections serve its tenant
+        // only: the binding its setup ran stays (the guard refuses changing it, and a RESET
+        // or DISCARD rebinds at once), so its transactions carry no SET.
+        self.binding_due = !bound_now && self.rules.policy.scope == Scope::Tenant;
     }
 
     /// Records on this connection that pgtenant's own simple Query, just queued, drops its
