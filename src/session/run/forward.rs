@@ -1,0 +1,265 @@
+//! Forwarding one server connection's traffic with the plan's timeouts enforced, and telling
+//! the client how its session ended.
+
+use super::*;
+
+/// The next tick of `tick`; never, without one.
+pub(super) async fn next_tick(tick: &mut Option<tokio::time::Interval>) {
+    match tick {
+        Some(t) => {
+            t.tick().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// pgtenant's own statement timeout fires this long after the plan's limit: the server's
+/// `statement_timeout` (set to the same limit) ends the statement first, so pgtenant's cancel
+/// is sent only when the client lifted the server's limit.
+pub(super) const OWN_TIMEOUT_GRACE: Duration = Duration::from_millis(250);
+
+/// How often the session checks its timeouts while forwarding.
+pub(super) const TIMER_TICK: Duration = Duration::from_millis(100);
+
+/// What a session creates once and every transaction's forwarding uses: pgtenant's
+/// shutdown, and the timer of the plan's timeouts (none when the plan has none). In session
+/// mode also the signal that the tenant was removed or moved: the session then ends at its
+/// next transaction boundary.
+pub(super) struct Waits<'a, 'b> {
+    pub(super) shutdown: std::pin::Pin<&'a mut tokio_util::sync::WaitForCancellationFuture<'b>>,
+    pub(super) tick: Option<tokio::time::Interval>,
+    pub(super) leave: Option<(
+        std::pin::Pin<&'a mut tokio_util::sync::WaitForCancellationFuture<'b>>,
+        &'a crate::quota::TenantState,
+    )>,
+    /// The leave signal fired: end at the next transaction boundary.
+    pub(super) leaving: bool,
+}
+
+impl<'a, 'b> Waits<'a, 'b> {
+    pub(super) fn new(
+        shutdown: std::pin::Pin<&'a mut tokio_util::sync::WaitForCancellationFuture<'b>>,
+        limits: &PlanConfig,
+    ) -> Self {
+        let timers = [limits.statement_timeout, limits.idle_in_transaction_timeout]
+            .iter()
+            .any(|d| d.is_some_and(|d| !d.is_zero()));
+        Waits {
+            shutdown,
+            tick: timers.then(timer),
+            leave: None,
+            leaving: false,
+        }
+    }
+}
+
+pub(super) fn timer() -> tokio::time::Interval {
+    let mut tick = tokio::time::interval(TIMER_TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    tick
+}
+
+/// Forwards until the session ends, pgtenant shuts down, or a timeout ends it.
+pub(super) async fn forward(
+    waits: &mut Waits<'_, '_>,
+    limits: &PlanConfig,
+    relay: &mut Relay,
+    pump: &mut Pump,
+    stream: &mut ClientStream,
+    pooled: &mut PooledConn,
+) -> SessionEnd {
+    let statement_timeout = limits.statement_timeout.filter(|d| !d.is_zero());
+    let idle_timeout = limits.idle_in_transaction_timeout.filter(|d| !d.is_zero());
+    let cancel_target = pooled.conn.cancel_target();
+    let mut side = ServerSide::of(&mut pooled.conn);
+    let mut timers = waits.tick.is_some();
+    let mut cancelled_for = None;
+    loop {
+        if waits.leaving && relay.between_transactions(side.tracker) {
+            return match &waits.leave {
+                Some((_, tenant)) if tenant.removed() => SessionEnd::Removed,
+                _ => SessionEnd::Moved,
+            };
+        }
+        let watch_leave = waits.leave.is_some() && !waits.leaving;
+        tokio::select! {
+            end = pump.run(relay, stream, &mut side) => return SessionEnd::Pump(end),
+            _ = waits.shutdown.as_mut() => return SessionEnd::Shutdown,
+            _ = async {
+                match waits.leave.as_mut() {
+                    Some((leave, _)) => leave.as_mut().await,
+                    None => std::future::pending().await,
+                }
+            }, if watch_leave => {
+                // Checked at the top of the loop, and at every tick until the transaction
+                // in progress ends.
+                waits.leaving = true;
+                if waits.tick.is_none() {
+                    waits.tick = Some(timer());
+                }
+                timers = true;
+            }
+            _ = next_tick(&mut waits.tick), if timers => {
+                if let (Some(limit), Some(since)) = (statement_timeout, relay.busy_since())
+                    && since.elapsed() >= limit + OWN_TIMEOUT_GRACE
+                    && cancelled_for != Some(since)
+                {
+                    cancelled_for = Some(since);
+                    relay.explain_next_error(ClientError::error(
+                        sqlstate::QUERY_CANCELED,
+                        format!(
+                            "canceling statement due to statement timeout (this tenant's limit is {})",
+                            crate::config::format_duration(limit)
+                        ),
+                    ));
+                    // Counted on the connection now: it is not handed over before the
+                    // cancel is delivered.
+                    let pending = cancel_target.begin();
+                    tokio::spawn(async move {
+                        if let Err(e) = pending.send(CANCEL_PATIENCE).await {
+                            tracing::warn!(error = %e, "statement timeout: cancel failed");
+                        }
+                    });
+                }
+                if let (Some(limit), Some(since)) = (idle_timeout, relay.ready_since())
+                    && side.tracker.in_transaction()
+                    && since.elapsed() >= limit
+                {
+                    return SessionEnd::IdleInTransaction(limit);
+                }
+            }
+        }
+    }
+}
+
+/// Tells the client how the session ended, when it is still there to hear it.
+pub(super) async fn finish(
+    end: SessionEnd,
+    stream: &mut ClientStream,
+    pump: &mut Pump,
+    pooled: Option<&PooledConn>,
+) -> &'static str {
+    let (label, notice) = match &end {
+        SessionEnd::Shutdown => (
+            "shutdown",
+            Some(ClientError::fatal(
+                sqlstate::ADMIN_SHUTDOWN,
+                "terminating connection because pgtenant is shutting down",
+            )),
+        ),
+        SessionEnd::Killed => (
+            "killed",
+            Some(ClientError::fatal(
+                sqlstate::ADMIN_SHUTDOWN,
+                "terminating connection due to administrator command",
+            )),
+        ),
+        SessionEnd::Moved => (
+            "tenant_moved",
+            Some(ClientError::fatal(
+                sqlstate::ADMIN_SHUTDOWN,
+                "terminating connection: this tenant's placement changed and this session cannot follow it; reconnect",
+            )),
+        ),
+        SessionEnd::Removed => (
+            "tenant_removed",
+            Some(ClientError::fatal(
+                sqlstate::ADMIN_SHUTDOWN,
+                "terminating connection: this tenant was removed from pgtenant's configuration",
+            )),
+        ),
+        SessionEnd::IdleInTransaction(limit) => (
+            "idle_in_transaction_timeout",
+            Some(ClientError::fatal(
+                sqlstate::IDLE_IN_TRANSACTION_TIMEOUT,
+                format!(
+                    "terminating connection due to idle-in-transaction timeout (this tenant's limit is {})",
+                    crate::config::format_duration(*limit)
+                ),
+            )),
+        ),
+        SessionEnd::Pump(PumpEnd::ServerGone(_)) | SessionEnd::Pump(PumpEnd::ServerProtocol(_)) => {
+            (
+                "server_gone",
+                Some(ClientError::fatal(
+                    sqlstate::CONNECTION_FAILURE,
+                    "the connection to the tenant's database was lost",
+                )),
+            )
+        }
+        SessionEnd::Pump(PumpEnd::ClientProtocol(FrameError::TooLarge { tag, len, limit })) => {
+            tracing::info!(%tag, len, limit, "client message over the size limit");
+            (
+                "message_too_large",
+                Some(
+                    ClientError::fatal(
+                        sqlstate::PROGRAM_LIMIT_EXCEEDED,
+                        format!(
+                            "a '{tag}' message of {len} bytes exceeds the limit of {limit} bytes through pgtenant"
+                        ),
+                    )
+                    .with_hint("send large values in smaller statements, or with COPY"),
+                ),
+            )
+        }
+        SessionEnd::Pump(PumpEnd::ClientProtocol(e)) => {
+            tracing::info!(error = %e, "client broke the protocol");
+            (
+                "client_protocol",
+                Some(ClientError::fatal(
+                    sqlstate::PROTOCOL_VIOLATION,
+                    e.to_string(),
+                )),
+            )
+        }
+        SessionEnd::Checkout(e) => {
+            tracing::info!(kind = e.kind().as_str(), error = %e, "no server connection");
+            ("checkout", e.client_error())
+        }
+        SessionEnd::Setup(e) => {
+            tracing::warn!(error = %e, "no server connection could be reset and bound");
+            ("setup", e.client_error())
+        }
+        SessionEnd::NotifyOverflow => (
+            "notify_overflow",
+            Some(
+                ClientError::fatal(
+                    sqlstate::CONFIGURATION_LIMIT_EXCEEDED,
+                    format!(
+                        "terminating connection: more than {} notifications waited for this client",
+                        notify::CLIENT_QUEUE
+                    ),
+                )
+                .with_hint("read notifications promptly, and do not stay in one transaction while many arrive"),
+            ),
+        ),
+        SessionEnd::Pump(PumpEnd::Terminated)
+        | SessionEnd::Pump(PumpEnd::Released)
+        | SessionEnd::Pump(PumpEnd::Listening) => {
+            ("terminate", None)
+        }
+        SessionEnd::Pump(PumpEnd::ClientGone(_)) => ("client_gone", None),
+        SessionEnd::Pump(PumpEnd::ClientStalled(limit)) => {
+            tracing::info!(
+                "client took nothing of its results for {}; disconnecting it and freeing its server connection",
+                crate::config::format_duration(*limit)
+            );
+            // It does not read: nothing more is written to it.
+            ("client_write_timeout", None)
+        }
+    };
+    tracing::info!(end = label, "session ended");
+    let Some(notice) = notice else { return label };
+    let mut out = pump.take_to_client();
+    // An error may only follow whole messages.
+    if pooled.is_some_and(|p| !p.conn.scanner.at_boundary()) {
+        out.clear();
+    }
+    notice.encode(&mut out);
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        let _ = stream.write_all(&out).await;
+        let _ = stream.flush().await;
+    })
+    .await;
+    label
+}
