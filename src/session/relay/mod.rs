@@ -533,6 +533,5 @@ fn move_run(input: &mut BytesMut, run: usize, out: &mut BytesMut) {
     }
 }
 
-
 #[cfg(test)]
 mod tests;

@@ -1,0 +1,496 @@
+//! Transaction pooling: the client's prepared statements (named and unnamed) renamed into
+//! pgtenant's names and re-created on whichever server connection the client holds.
+
+use super::*;
+
+impl Relay {
+    /// The query text of the client's statement `name`, if it prepared one.
+    pub(in crate::session::relay) fn statement_text(&self, name: &[u8]) -> Option<&[u8]> {
+        let statement = self
+            .session
+            .statements
+            .get(String::from_utf8_lossy(name).as_ref())?;
+        take_cstr(&statement.definition).map(|(text, _)| text)
+    }
+
+    /// Transaction pooling: a Parse, Bind, Describe or Close, renamed into pgtenant's
+    /// statement names. Returns the bytes to send instead, if any (possibly preceded by a
+    /// Parse creating the statement on this connection).
+    pub(in crate::session::relay) fn pooled_message(
+        &mut self,
+        t: u8,
+        body: &[u8],
+        pooled: &mut PooledState,
+        effects: Vec<Effect>,
+    ) -> Option<BytesMut> {
+        if !self.pooled() {
+            return None;
+        }
+        let epoch = self.next_epoch;
+        match t {
+            tag::PARSE => {
+                let (name, definition) = take_cstr(body)?;
+                if name.is_empty() {
+                    self.session.parses.push_back((epoch, Reply::Client, None));
+                    self.session.unnamed_effects = effects;
+                    let s = &mut self.session;
+                    s.unnamed_generation += 1;
+                    // The previous unnamed statement's buffer holds the new text.
+                    let mut text = s.unnamed.take().map(|(t, _)| t).unwrap_or_default();
+                    text.clear();
+                    text.extend_from_slice(definition);
+                    s.unnamed = Some((text, s.unnamed_generation));
+                    s.unnamed_unconfirmed
+                        .push_back((epoch, s.unnamed_generation));
+                    s.unnamed_dropped = false;
+                    pooled.unnamed = Some((self.rules.client_id, s.unnamed_generation));
+                    return None;
+                }
+                let name = String::from_utf8_lossy(name).into_owned();
+                let server_name = self
+                    .session
+                    .next_server_name
+                    .take()
+                    .unwrap_or_else(|| server_statement_name(definition));
+                self.session.statement_bytes += definition.len();
+                let replaced = self.session.statements.insert(
+                    name,
+                    Statement {
+                        server_name: server_name.clone(),
+                        definition: definition.to_vec(),
+                        effects,
+                    },
+                );
+                if let Some(old) = replaced {
+                    self.session.statement_bytes -= old.definition.len();
+                }
+                let mut out = self.out_buf();
+                if pooled.prepared.contains(&server_name) {
+                    encode::message(tag::CLOSE, &mut out, |b| {
+                        b.put_u8(b'S');
+                        b.extend_from_slice(NO_STATEMENT);
+                    });
+                    self.session.closes.push_back((epoch, Reply::AsParse));
+                } else {
+                    encode_parse(&server_name, definition, &mut out);
+                    self.session.parses.push_back((
+                        epoch,
+                        Reply::Client,
+                        Some(server_name.clone()),
+                    ));
+                    pooled.prepared.insert(&server_name);
+                    self.session.created.push((epoch, server_name));
+                }
+                Some(out)
+            }
+            tag::BIND => {
+                let (portal, rest) = take_cstr(body)?;
+                let (name, params) = take_cstr(rest)?;
+                let effects = if name.is_empty() {
+                    &self.session.unnamed_effects
+                } else {
+                    self.session
+                        .statements
+                        .get(String::from_utf8_lossy(name).as_ref())
+                        .map_or(&[][..], |s| &s.effects[..])
+                };
+                if !effects.is_empty() {
+                    let effects = effects.to_vec();
+                    self.session.pending_effects.extend(effects);
+                }
+                if name.is_empty() {
+                    let prefix = &body[..portal.len() + 1];
+                    return self.unnamed_message(t, body, pooled, prefix, params);
+                }
+                if self.unknown_statement(name) {
+                    return Some(replace_statement_name(t, &body[..portal.len() + 1], params));
+                }
+                let mut out = self.out_buf();
+                self.ensure_statement(name, pooled, &mut out, |server_name, out| {
+                    encode::message(tag::BIND, out, |b| {
+                        b.extend_from_slice(portal);
+                        b.put_u8(0);
+                        b.extend_from_slice(server_name.as_bytes());
+                        b.put_u8(0);
+                        b.extend_from_slice(params);
+                    });
+                })?;
+                Some(out)
+            }
+            tag::DESCRIBE | tag::CLOSE => {
+                let (&kind, rest) = body.split_first()?;
+                if t == tag::CLOSE {
+                    self.session.closes.push_back((epoch, Reply::Client));
+                }
+                if kind != b'S' {
+                    return None;
+                }
+                let (name, _) = take_cstr(rest)?;
+                if name.is_empty() {
+                    if t == tag::CLOSE {
+                        // Closing the unnamed statement: the client has none any more.
+                        self.session.unnamed = None;
+                        pooled.unnamed = None;
+                        return None;
+                    }
+                    let after = rest.get(name.len()..).unwrap_or_default();
+                    return self.unnamed_message(t, body, pooled, b"S", after);
+                }
+                if t == tag::DESCRIBE && self.unknown_statement(name) {
+                    return Some(replace_statement_name(
+                        t,
+                        b"S",
+                        rest.get(name.len()..).unwrap_or_default(),
+                    ));
+                }
+                if t == tag::CLOSE {
+                    // The server statement stays in the connection's cache for others.
+                    if let Some(old) = self
+                        .session
+                        .statements
+                        .remove(String::from_utf8_lossy(name).as_ref())
+                    {
+                        self.session.statement_bytes -= old.definition.len();
+                    }
+                    let mut out = self.out_buf();
+                    encode::message(tag::CLOSE, &mut out, |b| {
+                        b.put_u8(b'S');
+                        b.extend_from_slice(NO_STATEMENT);
+                    });
+                    return Some(out);
+                }
+                let mut out = self.out_buf();
+                self.ensure_statement(name, pooled, &mut out, |server_name, out| {
+                    encode::message(tag::DESCRIBE, out, |b| {
+                        b.put_u8(b'S');
+                        b.extend_from_slice(server_name.as_bytes());
+                        b.put_u8(0);
+                    });
+                })?;
+                Some(out)
+            }
+            _ => None,
+        }
+    }
+
+    /// A Bind or Describe (`t`, `body`) of the unnamed statement. When the client has one
+    /// and this connection holds another (or none), a Parse re-creating it goes first (its
+    /// reply consumed). When the client has none and the connection holds another client's,
+    /// the message is replaced (`prefix`, `rest`: see [`replace_statement_name`]) and
+    /// answered as PostgreSQL does.
+    pub(in crate::session::relay) fn unnamed_message(
+        &mut self,
+        t: u8,
+        body: &[u8],
+        pooled: &mut PooledState,
+        prefix: &[u8],
+        rest: &[u8],
+    ) -> Option<BytesMut> {
+        let me = self.rules.client_id;
+        self.settle_unnamed(pooled);
+        match &self.session.unnamed {
+            // The connection holds it already: the message goes as it is.
+            Some((_, generation)) if pooled.unnamed == Some((me, *generation)) => None,
+            Some((definition, generation)) => {
+                let generation = *generation;
+                let mut out = self.spare.pop().unwrap_or_default();
+                out.clear();
+                encode_parse("", definition, &mut out);
+                self.session
+                    .parses
+                    .push_back((self.next_epoch, Reply::Proxy, None));
+                pooled.unnamed = Some((me, generation));
+                encode::raw(t, body, &mut out);
+                Some(out)
+            }
+            // No unnamed statement of the client's: the server may answer for its own only
+            // when the connection holds no other client's.
+            None if pooled.unnamed.is_none_or(|(client, _)| client == me) => None,
+            None => self.no_unnamed(t, prefix, rest),
+        }
+    }
+
+    /// The client's Bind or Describe of an unnamed statement it does not have, on a
+    /// connection holding another client's: answered as PostgreSQL does, never reaching it.
+    pub(in crate::session::relay) fn no_unnamed(
+        &mut self,
+        t: u8,
+        prefix: &[u8],
+        rest: &[u8],
+    ) -> Option<BytesMut> {
+        self.counters.refused += 1;
+        self.refuse(
+            self.next_epoch,
+            crate::error::ClientError::error(
+                crate::error::sqlstate::INVALID_SQL_STATEMENT_NAME,
+                "unnamed prepared statement does not exist",
+            ),
+        );
+        Some(replace_statement_name(t, prefix, rest))
+    }
+
+    /// The client's Parse-prepared statement that SQL names `server_name` (its name in the
+    /// client's SQL namespace).
+    pub(super) fn protocol_statement(&self, server_name: &str) -> Option<&Statement> {
+        let prefix = self.rules.policy.prepared_prefix.as_deref()?;
+        self.session
+            .statements
+            .get(server_name.strip_prefix(prefix)?)
+    }
+
+    /// A simple Query reached the connection: PostgreSQL drops the unnamed statement.
+    pub(in crate::session::relay) fn query_sent(
+        &mut self,
+        pooled: &mut PooledState,
+        by_client: bool,
+    ) {
+        if by_client {
+            self.session.unnamed = None;
+        }
+        pooled.unnamed = None;
+    }
+
+    /// Transaction pooling: the refusal for a Parse of `name` with `definition` (after the
+    /// name) that would take the client's statements past their bounds.
+    pub(in crate::session::relay) fn statement_over_limit(
+        &self,
+        name: &[u8],
+        definition: &[u8],
+    ) -> Option<String> {
+        if !self.pooled() || name.is_empty() {
+            return None;
+        }
+        let s = &self.session;
+        let existing = s.statements.get(String::from_utf8_lossy(name).as_ref());
+        let freed = existing.map_or(0, |old| old.definition.len());
+        if existing.is_none() && s.statements.len() >= MAX_STATEMENTS {
+            return Some(format!(
+                "this session holds {MAX_STATEMENTS} prepared statements, the limit through pgtenant; close some first"
+            ));
+        }
+        if s.statement_bytes - freed + definition.len() > MAX_STATEMENT_BYTES {
+            return Some(format!(
+                "this session's prepared statements would exceed {} MiB of text, the limit through pgtenant; close some first",
+                MAX_STATEMENT_BYTES >> 20
+            ));
+        }
+        None
+    }
+
+    /// Transaction pooling: the refusal for a Query whose effects would take the client's
+    /// SQL prepared statements or recorded settings past their bounds.
+    pub(in crate::session::relay) fn effects_over_limit(
+        &self,
+        effects: &[Effect],
+    ) -> Option<String> {
+        if !self.pooled() {
+            return None;
+        }
+        let s = &self.session;
+        let prepares = effects
+            .iter()
+            .filter(|e| matches!(e, Effect::Prepare { server_name, .. } if !s.sql_prepared.contains_key(server_name)))
+            .count();
+        if prepares > 0 && s.sql_prepared.len() + prepares > MAX_SQL_PREPARED {
+            return Some(format!(
+                "this session holds {MAX_SQL_PREPARED} SQL prepared statements, the limit through pgtenant; DEALLOCATE some first"
+            ));
+        }
+        let channels = effects
+            .iter()
+            .filter(|e| matches!(e, Effect::Listen(c) if !s.channels.contains(c)))
+            .count();
+        if channels > 0 && s.channels.len() + channels > MAX_CHANNELS {
+            return Some(format!(
+                "this session listens on {MAX_CHANNELS} channels, the limit through pgtenant; UNLISTEN some first"
+            ));
+        }
+        if channels > 0 && self.rules.tenant.channels() + channels > MAX_TENANT_CHANNELS {
+            return Some(format!(
+                "this tenant's sessions listen on {MAX_TENANT_CHANNELS} channels together, the limit through pgtenant; UNLISTEN some first"
+            ));
+        }
+        let settings = effects
+            .iter()
+            .filter(|e| matches!(e, Effect::Set { key, .. } if !s.settings.iter().any(|(k, _)| k == key)))
+            .count();
+        if settings > 0 && s.settings.len() + settings > MAX_SETTINGS {
+            return Some(format!(
+                "this session has set {MAX_SETTINGS} settings, the limit through pgtenant"
+            ));
+        }
+        None
+    }
+
+    /// Whether `name` (non-empty) is a statement the client never prepared: if so the
+    /// message is answered with PostgreSQL's 26000, and never reaches a statement of
+    /// pgtenant's or of another client.
+    pub(in crate::session::relay) fn unknown_statement(&mut self, name: &[u8]) -> bool {
+        if name.is_empty()
+            || self
+                .session
+                .statements
+                .contains_key(String::from_utf8_lossy(name).as_ref())
+        {
+            return false;
+        }
+        self.counters.refused += 1;
+        let shown = String::from_utf8_lossy(name).into_owned();
+        self.refuse(
+            self.next_epoch,
+            crate::error::ClientError::error(
+                crate::error::sqlstate::INVALID_SQL_STATEMENT_NAME,
+                format!("prepared statement \"{shown}\" does not exist"),
+            ),
+        );
+        true
+    }
+
+    /// Transaction pooling: the client name of an `EXECUTE` in `effects` that names no
+    /// statement the client prepared (earlier, or in the same text before it).
+    pub(in crate::session::relay) fn unknown_execute(&self, effects: &[Effect]) -> Option<String> {
+        let prefix = self.rules.policy.prepared_prefix.as_deref()?;
+        let mut prepared_here = Vec::new();
+        for effect in effects {
+            match effect {
+                Effect::Prepare { server_name, .. } => prepared_here.push(server_name.as_str()),
+                Effect::Execute(server_name)
+                    if !self.session.sql_prepared.contains_key(server_name)
+                        && !prepared_here.contains(&server_name.as_str()) =>
+                {
+                    return Some(
+                        server_name
+                            .strip_prefix(prefix)
+                            .unwrap_or(server_name)
+                            .to_owned(),
+                    );
+                }
+                _ => {}
+            }
+        }
+        None
+    }
+
+    /// The server name of the client's statement `name`, creating it on this connection
+    /// first (into `out`) when needed. `None` for names the client never prepared (the
+    /// server reports them).
+    pub(in crate::session::relay) fn ensure_statement(
+        &mut self,
+        name: &[u8],
+        pooled: &mut PooledState,
+        out: &mut BytesMut,
+        then: impl FnOnce(&str, &mut BytesMut),
+    ) -> Option<()> {
+        if name.is_empty() {
+            return None;
+        }
+        let epoch = self.next_epoch;
+        let session = &mut self.session;
+        let statement = session
+            .statements
+            .get(String::from_utf8_lossy(name).as_ref())?;
+        if !pooled.prepared.contains(&statement.server_name) {
+            encode_parse(&statement.server_name, &statement.definition, out);
+            session
+                .parses
+                .push_back((epoch, Reply::Proxy, Some(statement.server_name.clone())));
+            pooled.prepared.insert(&statement.server_name);
+            session.created.push((epoch, statement.server_name.clone()));
+        }
+        then(&statement.server_name, out);
+        Some(())
+    }
+
+    /// What `pg_prepared_statements` becomes for this client: the server's view joined to the
+    /// client's own statements, under the client's names (never another client's statements
+    /// or pgtenant's own). SQL-prepared ones show their PREPARE statement with the client's
+    /// name (PostgreSQL shows the whole query string that carried it).
+    /// `itself`: the statement being prepared, `(name, server name)`, which is in the view.
+    pub(in crate::session::relay) fn prepared_view_sql(
+        &self,
+        itself: Option<&(String, String)>,
+    ) -> String {
+        let prefix = self
+            .rules
+            .policy
+            .prepared_prefix
+            .as_deref()
+            .unwrap_or_default();
+        let mut rows: Vec<String> = Vec::new();
+        if let Some((name, server_name)) = itself {
+            rows.push(format!(
+                "({}, {}, NULL)",
+                quote_literal(name),
+                quote_literal(server_name)
+            ));
+        }
+        for (name, statement) in &self.session.statements {
+            if itself.is_some_and(|(n, _)| n == name) {
+                // Replaced by the statement being prepared.
+                continue;
+            }
+            rows.push(format!(
+                "({}, {}, NULL)",
+                quote_literal(name),
+                quote_literal(&statement.server_name)
+            ));
+        }
+        for (server_name, sql) in &self.session.sql_prepared {
+            // The PREPARE as the client wrote it (the server's copy is pgtenant's text).
+            let name = server_name.strip_prefix(prefix).unwrap_or(server_name);
+            let shown = sql.replacen(&quote_ident(server_name), &quote_if_needed(name), 1);
+            rows.push(format!(
+                "({}, {}, {})",
+                quote_literal(name),
+                quote_literal(server_name),
+                quote_literal(&shown)
+            ));
+        }
+        if rows.is_empty() {
+            return "(SELECT NULL::pg_catalog.text AS name, NULL::pg_catalog.text AS statement, \
+                    NULL::pg_catalog.timestamptz AS prepare_time, \
+                    NULL::pg_catalog.regtype[] AS parameter_types, NULL::pg_catalog.bool AS from_sql, \
+                    NULL::pg_catalog.int8 AS generic_plans, NULL::pg_catalog.int8 AS custom_plans \
+                    WHERE false)"
+                .into();
+        }
+        format!(
+            "(SELECT m.name, COALESCE(m.shown, p.statement) AS statement, \
+                  p.prepare_time, p.parameter_types, p.from_sql, p.generic_plans, p.custom_plans \
+             FROM pg_catalog.pg_prepared_statements p \
+             JOIN (VALUES {}) AS m(name, server_name, shown) ON p.name OPERATOR(pg_catalog.=) m.server_name)",
+            rows.join(", ")
+        )
+    }
+
+    /// A server statement name for this client alone (`pgt_v<client>_<n>`).
+    pub(in crate::session::relay) fn own_server_name(&mut self) -> String {
+        self.session.own_names += 1;
+        format!("pgt_v{}_{}", self.rules.client_id, self.session.own_names)
+    }
+
+    /// Creates every statement of the client's on this connection (for its view of
+    /// `pg_prepared_statements`).
+    pub(in crate::session::relay) fn create_all_statements(
+        &mut self,
+        out: &mut BytesMut,
+        tracker: &mut ConnTracker,
+        pooled: &mut PooledState,
+    ) {
+        let names: Vec<String> = self.session.statements.keys().cloned().collect();
+        for name in names {
+            self.ensure_statement(name.as_bytes(), pooled, out, |_, _| {});
+        }
+        let missing: Vec<(String, String)> = self
+            .session
+            .sql_prepared
+            .iter()
+            .filter(|(server_name, _)| !pooled.prepared.contains(server_name))
+            .map(|(n, sql)| (n.clone(), sql.clone()))
+            .collect();
+        for (server_name, sql) in missing {
+            self.inject_query(out, tracker, &sql);
+            pooled.prepared.insert(&server_name);
+        }
+    }
+}
