@@ -4,6 +4,9 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "support/mod.rs"]
+mod support;
+
 use std::collections::BTreeMap;
 use std::hint::black_box;
 use std::path::Path;
@@ -26,14 +29,7 @@ use pgtenant::tenant::guard::Policy;
 fn server_stream() -> BytesMut {
     let mut out = BytesMut::new();
     while out.len() < 64 * 1024 {
-        encode::raw(
-            b'T',
-            b"\0\x01abalance\0\0\0\0\0\0\0\0\0\0\x17\0\x04\xff\xff\xff\xff\0\0",
-            &mut out,
-        );
-        encode::raw(b'D', b"\0\x01\0\0\0\x041234", &mut out);
-        encode::raw(b'C', b"SELECT 1\0", &mut out);
-        encode::raw(b'Z', b"I", &mut out);
+        support::pgbench_select_reply(&mut out);
     }
     out
 }

@@ -8,6 +8,9 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "support/mod.rs"]
+mod support;
+
 use std::collections::BTreeMap;
 
 use bytes::BytesMut;
@@ -60,14 +63,7 @@ struct Engine {
 fn server_reply() -> BytesMut {
     let mut out = BytesMut::new();
     encode::raw(b'C', b"SET\0", &mut out);
-    encode::raw(
-        b'T',
-        b"\0\x01abalance\0\0\0\0\0\0\0\0\0\0\x17\0\x04\xff\xff\xff\xff\0\0",
-        &mut out,
-    );
-    encode::raw(b'D', b"\0\x01\0\0\0\x041234", &mut out);
-    encode::raw(b'C', b"SELECT 1\0", &mut out);
-    encode::raw(b'Z', b"I", &mut out);
+    support::pgbench_select_reply(&mut out);
     out
 }
 
