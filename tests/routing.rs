@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{code, psql, start};
+use common::{code, psql, start, start_with};
 use pgtenant::demo::{ACME_ID, GLOBEX_ID, INITECH_ID, UMBRELLA_ID};
 
 async fn names(client: &tokio_postgres::Client, sql: &str) -> Vec<String> {
@@ -81,6 +81,47 @@ async fn the_tenant_context_is_the_tenants_id() {
             .unwrap();
         assert_eq!(row.get::<_, String>(0), id, "{tenant}");
     }
+}
+
+/// A dedicated placement's connections are bound when they are set up for the tenant, not at
+/// every transaction: the context must hold over many transactions, over the client's RESET
+/// ALL and DISCARD ALL, and for every client that gets the connection next.
+#[tokio::test]
+async fn a_dedicated_tenant_keeps_its_context_without_a_binding_per_transaction() {
+    let env = start_with("", |t| {
+        t.replace("max_connections = 20", "max_connections = 1")
+    })
+    .await;
+    let first = env.connect("initech").await;
+    let second = env.connect("initech").await;
+    let context = "SELECT current_setting('app.current_tenant_id', true)";
+    for round in 0..20 {
+        let client = if round % 2 == 0 { &first } else { &second };
+        if round == 7 {
+            client.batch_execute("RESET ALL").await.unwrap();
+        }
+        if round == 13 {
+            client.batch_execute("DISCARD ALL").await.unwrap();
+        }
+        let row = client.query_one(context, &[]).await.unwrap();
+        assert_eq!(row.get::<_, String>(0), INITECH_ID, "round {round}");
+        // Within an explicit transaction too.
+        let tx = client
+            .simple_query(&format!("BEGIN; {context}; COMMIT"))
+            .await
+            .unwrap();
+        assert_eq!(
+            common::first_value(&tx),
+            INITECH_ID,
+            "round {round} in a transaction"
+        );
+    }
+    // Changing it stays refused.
+    let err = first
+        .batch_execute("SET app.current_tenant_id = '00000000-0000-0000-0000-000000000000'")
+        .await
+        .unwrap_err();
+    assert_eq!(code(&err), "42501");
 }
 
 #[tokio::test]
