@@ -188,26 +188,26 @@ impl Relay {
     ) -> Option<BytesMut> {
         let me = self.rules.client_id;
         self.settle_unnamed(pooled);
-        match &self.session.unnamed {
+        let generation = match &self.session.unnamed {
             // The connection holds it already: the message goes as it is.
-            Some((_, generation)) if pooled.unnamed == Some((me, *generation)) => None,
-            Some((definition, generation)) => {
-                let generation = *generation;
-                let mut out = self.spare.pop().unwrap_or_default();
-                out.clear();
-                encode_parse("", definition, &mut out);
-                self.session
-                    .parses
-                    .push_back((self.next_epoch, Reply::Proxy, None));
-                pooled.unnamed = Some((me, generation));
-                encode::raw(t, body, &mut out);
-                Some(out)
-            }
+            Some((_, generation)) if pooled.unnamed == Some((me, *generation)) => return None,
+            Some((_, generation)) => *generation,
             // No unnamed statement of the client's: the server may answer for its own only
             // when the connection holds no other client's.
-            None if pooled.unnamed.is_none_or(|(client, _)| client == me) => None,
-            None => self.no_unnamed(t, prefix, rest),
+            None if pooled.unnamed.is_none_or(|(client, _)| client == me) => return None,
+            None => return self.no_unnamed(t, prefix, rest),
+        };
+        // The client's unnamed statement is re-created on this connection ahead of the message.
+        let mut out = self.out_buf();
+        if let Some((definition, _)) = &self.session.unnamed {
+            encode_parse("", definition, &mut out);
         }
+        self.session
+            .parses
+            .push_back((self.next_epoch, Reply::Proxy, None));
+        pooled.unnamed = Some((me, generation));
+        encode::raw(t, body, &mut out);
+        Some(out)
     }
 
     /// The client's Bind or Describe of an unnamed statement it does not have, on a

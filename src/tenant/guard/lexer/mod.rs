@@ -178,12 +178,7 @@ pub fn lex(sql: &[u8], standard_conforming: bool) -> Result<Vec<Token<'_>>, LexE
 
 /// Like [`lex`], with the byte offset of the token a failure is reported at.
 pub fn lex_at(sql: &[u8], standard_conforming: bool) -> Result<Vec<Token<'_>>, (LexError, usize)> {
-    // About one token per five bytes of typical SQL: one allocation, rarely a second.
-    lex_into(
-        sql,
-        standard_conforming,
-        Vec::with_capacity(sql.len() / 5 + 4),
-    )
+    lex_into(sql, standard_conforming, Vec::new())
 }
 
 /// Lexes into `out` (emptied first), so a caller can keep one buffer for many statements.
@@ -193,6 +188,9 @@ fn lex_into<'a>(
     mut out: Vec<Token<'a>>,
 ) -> Result<Vec<Token<'a>>, (LexError, usize)> {
     out.clear();
+    // About one token per five bytes of typical SQL: one allocation for a new buffer, rarely
+    // a second; none for a kept one that has grown already.
+    out.reserve(sql.len() / 5 + 4);
     let mut lx = Lexer {
         src: sql,
         pos: 0,
