@@ -116,12 +116,16 @@ async fn a_dedicated_tenant_keeps_its_context_without_a_binding_per_transaction(
             "round {round} in a transaction"
         );
     }
-    // Changing it stays refused.
-    let err = first
-        .batch_execute("SET app.current_tenant_id = '00000000-0000-0000-0000-000000000000'")
-        .await
-        .unwrap_err();
-    assert_eq!(code(&err), "42501");
+    // Changing it stays refused, by SET and by set_config.
+    for attack in [
+        "SET app.current_tenant_id = '00000000-0000-0000-0000-000000000000'",
+        "SELECT set_config('app.current_tenant_id', '00000000-0000-0000-0000-000000000000', false)",
+    ] {
+        let err = first.batch_execute(attack).await.unwrap_err();
+        assert_eq!(code(&err), "42501", "{attack}");
+    }
+    let row = second.query_one(context, &[]).await.unwrap();
+    assert_eq!(row.get::<_, String>(0), INITECH_ID, "after the attempts");
 }
 
 #[tokio::test]
