@@ -320,7 +320,11 @@ impl<'a> Lexer<'a> {
                 }
                 let raw = &self.src[start..self.pos];
                 let name = if !raw.iter().any(|c| c.is_ascii_uppercase()) {
-                    String::from_utf8_lossy(raw)
+                    // Valid UTF-8 nearly always: checked without `from_utf8_lossy`'s walk.
+                    match std::str::from_utf8(raw) {
+                        Ok(s) => Cow::Borrowed(s),
+                        Err(_) => String::from_utf8_lossy(raw),
+                    }
                 } else if let Some(k) = common_keyword(raw) {
                     Cow::Borrowed(k)
                 } else {
