@@ -179,6 +179,7 @@ async fn shards_that_fail() {
         relay,
     };
 
+    a_probe_keeps_its_login(&f).await;
     a_shard_down_fails_fast_and_comes_back(&mut f).await;
     a_backend_terminated_mid_query(&f).await;
     a_backend_killed(&f).await;
@@ -260,6 +261,62 @@ async fn a_shard_down_fails_fast_and_comes_back(f: &mut Faults) {
 
 /// pg_terminate_backend on the backend running a tenant's query: that client gets the
 /// server's error; pgtenant and the other tenants go on, and the tenant reconnects.
+/// The health probe's backends on shard A (pids).
+fn probe_backends(f: &Faults) -> Vec<String> {
+    let text =
+        f.a.psql(
+            "postgres",
+            "SELECT pid FROM pg_stat_activity WHERE application_name = 'pgtenant health check' \
+             ORDER BY pid",
+        )
+        .unwrap();
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Until the probe of shard A has a backend other than `not`; its pid.
+async fn probe_backend_other_than(f: &Faults, not: Option<&str>) -> String {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let pids = probe_backends(f);
+        if let [pid] = pids.as_slice()
+            && Some(pid.as_str()) != not
+        {
+            return pid.clone();
+        }
+        assert!(Instant::now() < deadline, "no probe backend: {pids:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Each probe (every 500 ms) runs on the connection the last one kept: one login, not one
+/// per probe. A kept connection that dies is not an outage: the next probe logs in again and
+/// the shard's tenants never see it marked down.
+async fn a_probe_keeps_its_login(f: &Faults) {
+    let first = probe_backend_other_than(f, None).await;
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    assert_eq!(
+        probe_backends(f),
+        vec![first.clone()],
+        "the probes logged in again"
+    );
+    let killed =
+        f.a.psql("postgres", &format!("SELECT pg_terminate_backend({first})"))
+            .unwrap();
+    assert_eq!(killed.trim(), "t");
+    let acme = f.connect("acme").await;
+    let since = Instant::now();
+    while since.elapsed() < Duration::from_millis(1500) {
+        let (code, _) = attempt(&acme, "SELECT count(*) FROM items").await;
+        assert_eq!(code, "", "the shard was taken for down");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    probe_backend_other_than(f, Some(&first)).await;
+}
+
 async fn a_backend_terminated_mid_query(f: &Faults) {
     let acme = f.connect("acme").await;
     let globex = f.connect("globex").await;

@@ -4,6 +4,11 @@
 //! probe logs in again. While it is down, checkouts fail at once with `08001` instead of
 //! waiting for a connect timeout each; and every server connection opened before it went
 //! down is stale and never handed out again (its generation is older).
+//!
+//! While a shard is up, its probe connection is kept and the next probe runs its query on it
+//! (a login per probe costs the server a backend start and a SCRAM exchange each second). A
+//! kept connection that fails is not the verdict: a new login is, as it is for a shard that
+//! is down.
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -11,8 +16,8 @@ use std::time::{Duration, Instant};
 
 use std::sync::Arc;
 
-use super::ServerError;
 use super::connect::{self, Login};
+use super::{ServerConn, ServerError};
 use crate::config::{Shard, Snapshot};
 use crate::error::sqlstate;
 use crate::net::tls;
@@ -30,6 +35,8 @@ pub struct Health {
     last_probe: Mutex<Option<Instant>>,
     /// Replicas: replay lag found by the last probe, in milliseconds (-1: unknown).
     lag_ms: std::sync::atomic::AtomicI64,
+    /// The last probe's connection, for the next probe, and the shard it logged in to.
+    kept: Mutex<Option<(Arc<Shard>, ServerConn)>>,
 }
 
 impl Default for Health {
@@ -41,6 +48,7 @@ impl Default for Health {
             probing: AtomicBool::new(false),
             last_probe: Mutex::new(None),
             lag_ms: std::sync::atomic::AtomicI64::new(-1),
+            kept: Mutex::default(),
         }
     }
 }
@@ -121,9 +129,71 @@ const REPLICA_LAG_SQL: &str = "SELECT CASE \
     ELSE COALESCE((EXTRACT(EPOCH FROM now() - pg_last_xact_replay_timestamp()) * 1000)::bigint, -1) \
     END";
 
-/// Logs in to `shard` as its login role and runs `SELECT 1` (a replica: measures its lag),
-/// within `timeout`. Returns the lag in milliseconds (-1: unknown or not a replica).
-async fn probe(shard: &Shard, timeout: Duration) -> Result<i64, ServerError> {
+impl Health {
+    /// Takes the kept probe connection, if it was opened to `shard` as it is configured now
+    /// and the shard is up (a shard that is down comes back up with a new login only). One
+    /// that is not taken is closed.
+    fn take_kept(&self, shard: &Arc<Shard>, patience: Duration) -> Option<ServerConn> {
+        let (was, mut conn) = self.kept.lock().unwrap_or_else(|p| p.into_inner()).take()?;
+        if Arc::ptr_eq(&was, shard) && !self.is_down() {
+            return Some(conn);
+        }
+        tokio::spawn(async move { conn.close_and_wait(true, patience).await });
+        None
+    }
+
+    fn keep(&self, shard: Arc<Shard>, conn: ServerConn) {
+        *self.kept.lock().unwrap_or_else(|p| p.into_inner()) = Some((shard, conn));
+    }
+
+    /// Closes the kept probe connection, if any (the shard was removed, or pgtenant stops).
+    pub async fn close_kept(&self, patience: Duration) {
+        let kept = self.kept.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some((_, mut conn)) = kept {
+            conn.close_and_wait(true, patience).await;
+        }
+    }
+}
+
+/// Runs the probe's query on `conn`: `SELECT 1`, or on a replica its lag in milliseconds.
+async fn probe_query(conn: &mut ServerConn, replica: bool) -> Result<i64, ServerError> {
+    if replica {
+        let rows = conn.query_rows(REPLICA_LAG_SQL).await?;
+        Ok(rows
+            .first()
+            .and_then(|r| r.first().cloned().flatten())
+            .and_then(|v| v.parse::<i64>().ok())
+            .unwrap_or(-1))
+    } else {
+        conn.run_own("SELECT 1").await?;
+        Ok(-1)
+    }
+}
+
+/// Probes `shard` within `timeout`: on the connection the last probe kept if it still
+/// answers, else with a new login as the shard's login role. Returns the lag in milliseconds
+/// (-1: unknown or not a replica); the connection is kept for the next probe.
+async fn probe(shard: &Arc<Shard>, health: &Health, timeout: Duration) -> Result<i64, ServerError> {
+    if let Some(mut conn) = health.take_kept(shard, timeout) {
+        let checked =
+            tokio::time::timeout(timeout, probe_query(&mut conn, shard.is_replica())).await;
+        if let Ok(Ok(lag)) = checked {
+            health.keep(Arc::clone(shard), conn);
+            return Ok(lag);
+        }
+        // Closed by the server, or stuck: a new login decides.
+        drop(conn);
+    }
+    let mut conn = login(shard, timeout).await?;
+    let lag = tokio::time::timeout(timeout, probe_query(&mut conn, shard.is_replica()))
+        .await
+        .map_err(|_| ServerError::Timeout)??;
+    health.keep(Arc::clone(shard), conn);
+    Ok(lag)
+}
+
+/// Logs in to `shard` as its login role, within `timeout`.
+async fn login(shard: &Shard, timeout: Duration) -> Result<ServerConn, ServerError> {
     let tls = match tls::server_tls(shard).map_err(|e| ServerError::Tls(e.to_string()))? {
         None => None,
         Some(config) => Some((
@@ -135,28 +205,13 @@ async fn probe(shard: &Shard, timeout: Duration) -> Result<i64, ServerError> {
         user: shard.user.clone(),
         password: shard.password.clone(),
     };
-    let work = async {
-        let mut conn = connect::open_named(
-            shard,
-            &login,
-            tls.as_ref(),
-            timeout,
-            connect::HEALTH_CHECK_NAME,
-        )
-        .await?;
-        let lag = if shard.is_replica() {
-            let rows = conn.query_rows(REPLICA_LAG_SQL).await?;
-            rows.first()
-                .and_then(|r| r.first().cloned().flatten())
-                .and_then(|v| v.parse::<i64>().ok())
-                .unwrap_or(-1)
-        } else {
-            conn.run_own("SELECT 1").await?;
-            -1
-        };
-        conn.close_and_wait(true, timeout).await;
-        Ok(lag)
-    };
+    let work = connect::open_named(
+        shard,
+        &login,
+        tls.as_ref(),
+        timeout,
+        connect::HEALTH_CHECK_NAME,
+    );
     tokio::time::timeout(timeout, work)
         .await
         .map_err(|_| ServerError::Timeout)?
@@ -198,7 +253,7 @@ pub async fn check_shards(
                 }
                 let shard = Arc::clone(shard);
                 tokio::spawn(async move {
-                    match probe(&shard, timeout).await {
+                    match probe(&shard, &health, timeout).await {
                         Ok(lag) => {
                             health.lag_ms.store(lag, Ordering::Relaxed);
                             health.mark_up(&shard.name);
@@ -217,10 +272,24 @@ pub async fn check_shards(
                 });
             }
         }
+        // A shard no longer configured (or probes turned off) keeps no connection.
+        for (name, health) in pools.healths() {
+            let probed = !interval.is_zero()
+                && snapshot
+                    .shards
+                    .values()
+                    .any(|s| s.name == name || s.replicas.iter().any(|r| r.name == name));
+            if !probed {
+                health.close_kept(timeout).await;
+            }
+        }
         tokio::select! {
             _ = tokio::time::sleep(DOWN_PROBE_EVERY / 5) => {}
-            _ = stop.cancelled() => return,
+            _ = stop.cancelled() => break,
         }
+    }
+    for (_, health) in pools.healths() {
+        health.close_kept(Duration::from_secs(1)).await;
     }
 }
 

@@ -483,6 +483,14 @@ impl Pools {
         Arc::clone(map.entry(name.to_owned()).or_default())
     }
 
+    /// Every shard's health, by name.
+    pub fn healths(&self) -> Vec<(String, Arc<health::Health>)> {
+        let map = self.health.lock().unwrap_or_else(|p| p.into_inner());
+        map.iter()
+            .map(|(k, v)| (k.clone(), Arc::clone(v)))
+            .collect()
+    }
+
     fn map(&self) -> std::sync::MutexGuard<'_, HashMap<PoolKey, Arc<Pool>>> {
         self.pools.lock().unwrap_or_else(|p| p.into_inner())
     }
