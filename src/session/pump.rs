@@ -28,26 +28,38 @@ pub const HIGH_WATER: usize = 256 * 1024;
 const READ_CHUNK: usize = 64 * 1024;
 
 /// Why the pump stopped.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum PumpEnd {
     /// The client sent Terminate.
+    #[error("the client sent Terminate")]
     Terminated,
     /// The client closed its connection (or it failed).
+    #[error("the client closed its connection{}", io_detail(.0))]
     ClientGone(Option<io::Error>),
     /// The client broke the framing.
+    #[error("the client broke the protocol: {0}")]
     ClientProtocol(FrameError),
     /// The server closed its connection (or it failed).
+    #[error("the server closed its connection{}", io_detail(.0))]
     ServerGone(Option<io::Error>),
     /// The server sent something malformed.
+    #[error("the server broke the protocol: {0}")]
     ServerProtocol(ServerProtocolError),
     /// Transaction pooling: the transaction is over and the server connection may go back
     /// to its pool.
+    #[error("the transaction is over")]
     Released,
     /// The client took none of the bytes pgtenant had for it for the client write timeout.
+    #[error("the client took nothing of its results for {}", crate::config::format_duration(*.0))]
     ClientStalled(std::time::Duration),
     /// Transaction pooling: the client's transaction ended with a LISTEN and it keeps its
     /// server connection (pinned): its ReadyForQuery waits until the hub listens too.
+    #[error("the client listens")]
     Listening,
+}
+
+fn io_detail(e: &Option<io::Error>) -> String {
+    e.as_ref().map(|e| format!(": {e}")).unwrap_or_default()
 }
 
 /// The server connection's parts the pump drives.

@@ -27,11 +27,13 @@ use crate::tenant::params::ClientSettings;
 use crate::tenant::route::route;
 use crate::tenant::{binding_sql, quote_ident, quote_literal};
 
+mod end;
 mod forward;
 mod listen;
 mod pooled;
 
-use forward::{Waits, finish, forward};
+use end::{SessionEnd, finish};
+use forward::{Waits, forward};
 use pooled::{Attached, forward_pooled, replica_pools};
 
 /// The guard policy for `tenant`'s user `role`.
@@ -85,25 +87,6 @@ fn check_startup_settings(settings: &ClientSettings, policy: &Policy) -> Result<
         }
     }
     Ok(())
-}
-
-/// How forwarding ended.
-enum SessionEnd {
-    Pump(PumpEnd),
-    Shutdown,
-    /// The admin console ended the tenant's sessions (`KILL`).
-    Killed,
-    /// A reload removed the tenant from the configuration.
-    Removed,
-    /// The tenant's placement changed in a way the session cannot follow.
-    Moved,
-    IdleInTransaction(Duration),
-    /// Transaction pooling: no server connection for the next transaction.
-    Checkout(PoolError),
-    /// No server connection could be reset and bound for the next transaction.
-    Setup(crate::pool::ServerError),
-    /// More notifications waited for the client than its queue holds.
-    NotifyOverflow,
 }
 
 pub(super) async fn run_session(
