@@ -32,14 +32,16 @@ async fn guessing_slows_down_failing_attempts_only() {
     // After five failures the sixth failure waits 1.6 s before its answer.
     assert!(last >= Duration::from_millis(1500), "{last:?}");
 
-    // Another tenant's good login from the same address (a shared NAT) is not slowed.
+    // Another tenant's good login from the same address (a shared NAT) is not slowed: it is
+    // answered sooner than the last failure, whose answer waited 1.6 s (a slowed one would
+    // wait 3.2 s).
     let (ok, took) = attempt(&env, "127.0.0.1", "app@globex", &globex).await;
     assert!(ok);
-    assert!(took < Duration::from_millis(1000), "{took:?}");
+    assert!(took < last, "{took:?}, the last failure {last:?}");
     // Nor is the guessed user's own correct password, from anywhere: only failures wait.
     let (ok, took) = attempt(&env, "127.0.0.3", "app@acme", &good).await;
     assert!(ok);
-    assert!(took < Duration::from_millis(1000), "{took:?}");
+    assert!(took < last, "{took:?}, the last failure {last:?}");
 }
 
 #[tokio::test]
@@ -47,7 +49,9 @@ async fn a_good_login_is_fast_during_a_parallel_brute_force_from_its_address() {
     let env = start().await;
     let globex = env.tenant("globex").password.clone();
     // Twenty guesses in parallel: their answers come one at a time, ever slower (the last
-    // ones are cut off by the startup timeout), while the other tenant logs in.
+    // ones are cut off by the startup timeout), while the other tenant logs in. A login
+    // queued behind them would wait the sum of their delays (0.1 s doubling up to 5 s each:
+    // tens of seconds); one that is not waits for nothing but its own SCRAM exchange.
     let guesses: Vec<_> = (0..20)
         .map(|_| {
             let addr = env.addr();
@@ -61,7 +65,7 @@ async fn a_good_login_is_fast_during_a_parallel_brute_force_from_its_address() {
     for _ in 0..3 {
         let (ok, took) = attempt(&env, "127.0.0.1", "app@globex", &globex).await;
         assert!(ok);
-        assert!(took < Duration::from_millis(500), "{took:?}");
+        assert!(took < Duration::from_secs(5), "{took:?}");
     }
     for g in guesses {
         g.abort();
@@ -117,9 +121,11 @@ async fn half_open_floods_do_not_lock_out_legitimate_clients() {
             ("127.0.0.10", "app@acme", &acme),
             ("127.0.0.99", "app@globex", &globex),
         ] {
+            // Locked out, it would wait for the oldest half-open connections' startup
+            // timeout (10 s).
             let (ok, took) = attempt(&env, source, user, password).await;
             assert!(ok, "round {round}: {user} from {source}");
-            assert!(took < Duration::from_secs(1), "round {round}: {took:?}");
+            assert!(took < Duration::from_secs(5), "round {round}: {took:?}");
         }
         drop(flood);
     }
@@ -136,9 +142,7 @@ async fn a_startup_timeout_is_reported() {
     let mut raw = Raw::startup(env.addr(), &[("user", "app@acme")]).await;
     let sasl = raw.recv().await;
     assert_eq!(sasl.tag, b'R', "the authentication request");
-    let started = Instant::now();
     let m = raw.recv().await;
     assert_eq!(m.tag, b'E');
     assert_eq!(m.sqlstate().as_deref(), Some("08P01"));
-    assert!(started.elapsed() < Duration::from_secs(3));
 }

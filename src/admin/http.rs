@@ -224,6 +224,8 @@ fn record_shards(state: &AppState) {
         let health = state.pools.health(&shard.name);
         metrics::gauge!("pgtenant_shard_up", "shard" => shard.name.clone())
             .set(if health.is_down() { 0.0 } else { 1.0 });
+        metrics::counter!("pgtenant_shard_down_total", "shard" => shard.name.clone())
+            .absolute(health.downs());
         if let (true, Some(lag)) = (shard.is_replica(), health.lag()) {
             metrics::gauge!("pgtenant_replica_lag_seconds", "shard" => shard.name.clone())
                 .set(lag.as_secs_f64());

@@ -129,13 +129,6 @@ pub fn auth_failure(kind: &'static str) {
     metrics::counter!("pgtenant_auth_failures_total", "kind" => kind).increment(1);
 }
 
-/// Counts a shard going down (`up` false) or coming back.
-pub fn shard_health(shard: &str, up: bool) {
-    if !up {
-        metrics::counter!("pgtenant_shard_down_total", "shard" => shard.to_owned()).increment(1);
-    }
-}
-
 /// Counts a configuration reload.
 pub fn reload(ok: bool) {
     let result = if ok { "ok" } else { "error" };

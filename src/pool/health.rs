@@ -37,6 +37,8 @@ pub struct Health {
     lag_ms: std::sync::atomic::AtomicI64,
     /// The last probe's connection, for the next probe, and the shard it logged in to.
     kept: Mutex<Option<(Arc<Shard>, ServerConn)>>,
+    /// Times the shard went down (the metrics read it when scraped).
+    downs: AtomicU64,
 }
 
 impl Default for Health {
@@ -49,6 +51,7 @@ impl Default for Health {
             last_probe: Mutex::new(None),
             lag_ms: std::sync::atomic::AtomicI64::new(-1),
             kept: Mutex::default(),
+            downs: AtomicU64::new(0),
         }
     }
 }
@@ -76,6 +79,11 @@ impl Health {
         !self.is_down() && self.lag().is_some_and(|lag| lag <= max)
     }
 
+    /// How many times the shard went down.
+    pub fn downs(&self) -> u64 {
+        self.downs.load(Ordering::Relaxed)
+    }
+
     /// Why and since when the shard is down.
     pub fn down_since(&self) -> Option<(Instant, String)> {
         self.down_since
@@ -93,12 +101,12 @@ impl Health {
             return false;
         }
         *since = Some((Instant::now(), why.to_owned()));
+        self.downs.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(
             shard,
             reason = why,
             "shard marked down: its tenants' new transactions fail at once until a probe succeeds"
         );
-        crate::admin::metrics::shard_health(shard, false);
         true
     }
 
@@ -114,7 +122,6 @@ impl Health {
             down_ms = down_for.as_millis() as u64,
             "shard back up"
         );
-        crate::admin::metrics::shard_health(shard, true);
         true
     }
 }
@@ -348,6 +355,7 @@ mod tests {
         let before = h.generation();
         assert!(h.mark_down("s", "refused") && h.is_down());
         assert!(!h.mark_down("s", "refused again"), "already down");
+        assert_eq!(h.downs(), 1, "one time down");
         assert!(h.generation() > before);
         assert!(h.down_since().is_some());
         assert!(h.mark_up("s") && !h.is_down() && h.down_since().is_none());
