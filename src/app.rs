@@ -56,10 +56,10 @@ pub async fn start(snapshot: Snapshot) -> anyhow::Result<Running> {
         .with_context(|| format!("cannot listen on {}", snapshot.listen.addr))?;
     let addr = listener.local_addr()?;
     let audit = match &snapshot.admin.audit {
-        Some(path) => crate::admin::audit::Audit::open(path.clone())
+        Some(path) => crate::telemetry::audit::Audit::open(path.clone())
             .await
             .with_context(|| format!("cannot open the audit log {}", path.display()))?,
-        None => crate::admin::audit::Audit::default(),
+        None => crate::telemetry::audit::Audit::default(),
     };
     let state = AppState::new(snapshot, audit)?;
     let stop_accepting = CancellationToken::new();
@@ -107,7 +107,7 @@ pub async fn start(snapshot: Snapshot) -> anyhow::Result<Running> {
             .with_context(|| format!("cannot listen on admin.http {http}"))?;
         admin_addr = Some(listener.local_addr()?);
         tracing::info!(addr = %listener.local_addr()?, "admin http listening (/metrics, /healthz, /readyz)");
-        crate::admin::metrics::recorder();
+        crate::telemetry::metrics::recorder();
         background.spawn(crate::admin::http::serve(
             listener,
             Arc::clone(&state),

@@ -35,13 +35,13 @@ pub struct AppState {
     /// boundary (those between transactions at once), admin sessions at once.
     pub draining: CancellationToken,
     /// The audit log (disabled without `[audit]`).
-    pub audit: crate::admin::audit::Audit,
+    pub audit: crate::telemetry::audit::Audit,
     /// Per-tenant metric labels and what the last scrape saw.
-    pub metrics: crate::admin::metrics::Metrics,
+    pub metrics: crate::telemetry::metrics::Metrics,
     /// Connected clients (admin console).
-    pub clients: Arc<crate::admin::registry::Clients>,
+    pub clients: Arc<crate::registry::Clients>,
     /// Paused tenants (admin console).
-    pub pauses: crate::admin::registry::Pauses,
+    pub pauses: crate::registry::Pauses,
     /// Fires when the admin console asks the process to shut down.
     pub(crate) shutdown_requested: CancellationToken,
     process_secret: [u8; 32],
@@ -87,7 +87,10 @@ fn write_replacing(path: &std::path::Path, text: &str) -> std::io::Result<()> {
 
 impl AppState {
     /// State for `snapshot`.
-    pub fn new(snapshot: Snapshot, audit: crate::admin::audit::Audit) -> anyhow::Result<Arc<Self>> {
+    pub fn new(
+        snapshot: Snapshot,
+        audit: crate::telemetry::audit::Audit,
+    ) -> anyhow::Result<Arc<Self>> {
         let tls = client_tls(&snapshot)?;
         let tenant_labels = snapshot.admin.tenant_labels;
         let catalog = match (&snapshot.catalog.source, &snapshot.catalog.dsn) {
@@ -106,7 +109,7 @@ impl AppState {
             handshakes: Arc::default(),
             shutdown: CancellationToken::new(),
             draining: CancellationToken::new(),
-            metrics: crate::admin::metrics::Metrics::new(tenant_labels),
+            metrics: crate::telemetry::metrics::Metrics::new(tenant_labels),
             audit,
             clients: Arc::default(),
             pauses: Default::default(),
@@ -160,7 +163,7 @@ impl AppState {
                 .map_err(anyhow::Error::from)
                 .and_then(|s| self.reload(s))
         };
-        crate::admin::metrics::reload(result.is_ok());
+        crate::telemetry::metrics::reload(result.is_ok());
         match &result {
             Ok(()) => tracing::info!(path = %path.display(), "configuration reloaded"),
             Err(e) => {

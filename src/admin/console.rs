@@ -11,11 +11,11 @@ use std::time::Duration;
 use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
 
-use super::registry::ClientEntry;
 use crate::error::{ClientError, sqlstate};
 use crate::net::stream::ClientStream;
 use crate::protocol::{TxStatus, encode, tag};
 use crate::quota::TenantStats;
+use crate::registry::ClientEntry;
 use crate::state::AppState;
 
 /// The database name that reaches the console.
@@ -50,7 +50,7 @@ fn error(code: &'static str, message: impl Into<String>) -> Reply {
 }
 
 /// Serves an authenticated admin `user` until it leaves.
-pub async fn serve(state: &AppState, mut stream: ClientStream, who: &super::audit::Who) {
+pub async fn serve(state: &AppState, mut stream: ClientStream, who: &crate::telemetry::audit::Who) {
     let user = who.user.as_deref().unwrap_or_default();
     tracing::info!(user, "admin console session");
     let mut out = BytesMut::new();
@@ -97,7 +97,7 @@ pub async fn serve(state: &AppState, mut stream: ClientStream, who: &super::audi
                     state.audit.event(
                         "admin_command",
                         who,
-                        &[("command", super::audit::str_value(command))],
+                        &[("command", crate::telemetry::audit::str_value(command))],
                     );
                     match run(state, command).await {
                         Reply::Rows { columns, rows, tag } => {

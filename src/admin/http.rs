@@ -10,8 +10,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
-use super::audit::json_string;
 use crate::state::AppState;
+use crate::telemetry::audit::json_string;
 
 /// Largest request head read.
 const MAX_HEAD: usize = 8 * 1024;

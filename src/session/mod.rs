@@ -112,9 +112,14 @@ async fn send_error<W: AsyncWrite + Unpin>(stream: &mut W, error: &ClientError) 
 
 /// Records a refused login in the audit log: the user name as sent and why (never the
 /// password).
-fn audit_failure(state: &AppState, who: &crate::admin::audit::Who, user: &str, e: &SessionError) {
-    use crate::admin::audit::str_value;
-    let who = crate::admin::audit::Who {
+fn audit_failure(
+    state: &AppState,
+    who: &crate::telemetry::audit::Who,
+    user: &str,
+    e: &SessionError,
+) {
+    use crate::telemetry::audit::str_value;
+    let who = crate::telemetry::audit::Who {
         user: Some(user.to_owned()),
         ..who.clone()
     };
@@ -163,7 +168,7 @@ pub async fn serve(state: Arc<AppState>, tcp: TcpStream, peer: SocketAddr) {
             snapshot.listen.max_unauthenticated_per_source,
         );
         let deadline = tokio::time::Instant::now() + snapshot.listen.startup_timeout;
-        let who = crate::admin::audit::Who {
+        let who = crate::telemetry::audit::Who {
             session: id,
             peer: Some(peer),
             ..Default::default()
@@ -184,7 +189,7 @@ pub async fn serve(state: Arc<AppState>, tcp: TcpStream, peer: SocketAddr) {
             Some(Opened::Tenant(client)) => {
                 tracing::Span::current().record("tenant", client.tenant.name.as_str());
                 tracing::info!(tenant = %client.tenant.name, user = %client.user, "authenticated");
-                let who = crate::admin::audit::Who {
+                let who = crate::telemetry::audit::Who {
                     tenant: Some(client.tenant.name.clone()),
                     user: Some(client.user.clone()),
                     ..who
@@ -193,7 +198,7 @@ pub async fn serve(state: Arc<AppState>, tcp: TcpStream, peer: SocketAddr) {
                 run::run_session(&state, &snapshot, client, who).await;
             }
             Some(Opened::Admin(stream, user)) => {
-                let who = crate::admin::audit::Who {
+                let who = crate::telemetry::audit::Who {
                     user: Some(user.clone()),
                     ..who
                 };
@@ -221,7 +226,7 @@ async fn open(
     tcp: TcpStream,
     peer: SocketAddr,
     deadline: tokio::time::Instant,
-    who: &crate::admin::audit::Who,
+    who: &crate::telemetry::audit::Who,
 ) -> Option<Opened> {
     let _ = tcp.set_nodelay(true);
     let tls = state.client_tls();
@@ -291,7 +296,7 @@ async fn open(
                 None
             }
             Err(_) => {
-                crate::admin::metrics::auth_failure("timeout");
+                crate::telemetry::metrics::auth_failure("timeout");
                 None
             }
         };
@@ -302,7 +307,7 @@ async fn open(
     )
     .await;
     let Ok(authenticated) = authenticated else {
-        crate::admin::metrics::auth_failure("timeout");
+        crate::telemetry::metrics::auth_failure("timeout");
         tracing::info!("startup timed out during authentication");
         let e = SessionError::Refused(
             ClientError::fatal(
@@ -378,7 +383,7 @@ async fn authenticate_admin(
             Ok(())
         }
         Ok(()) | Err(AuthError::Failed(_)) => {
-            crate::admin::metrics::auth_failure(if real { "password" } else { "unknown_user" });
+            crate::telemetry::metrics::auth_failure(if real { "password" } else { "unknown_user" });
             state.logins.hold_failure(peer.ip(), &login_key).await;
             Err(AuthError::Failed(user.to_owned()).into())
         }
@@ -422,7 +427,7 @@ async fn authenticate(
             database: startup.get("database"),
         },
     )
-    .inspect_err(|_| crate::admin::metrics::auth_failure("identity"))?;
+    .inspect_err(|_| crate::telemetry::metrics::auth_failure("identity"))?;
     let account = identity
         .tenant
         .as_ref()
@@ -437,7 +442,7 @@ async fn authenticate(
     match auth::authenticate(stream, &identity.user, verifier, real, channel_binding).await {
         Ok(()) => state.logins.succeeded(peer.ip(), &login_key),
         Err(AuthError::Failed(_)) => {
-            crate::admin::metrics::auth_failure(if real { "password" } else { "unknown_user" });
+            crate::telemetry::metrics::auth_failure(if real { "password" } else { "unknown_user" });
             // Only failures wait (a correct password is never slowed), and the answer names
             // the user exactly as sent, for known and unknown tenants alike.
             state.logins.hold_failure(peer.ip(), &login_key).await;
@@ -445,7 +450,7 @@ async fn authenticate(
         }
         Err(e) => {
             if matches!(e, AuthError::Protocol(_)) {
-                crate::admin::metrics::auth_failure("protocol");
+                crate::telemetry::metrics::auth_failure("protocol");
             }
             return Err(e.into());
         }

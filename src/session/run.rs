@@ -93,7 +93,7 @@ pub(super) async fn run_session(
     state: &AppState,
     snapshot: &Snapshot,
     client: Authenticated,
-    who: crate::admin::audit::Who,
+    who: crate::telemetry::audit::Who,
 ) {
     let role = client.account().map(|u| u.role).unwrap_or_default();
     let Authenticated {
@@ -139,7 +139,7 @@ pub(super) async fn run_session(
     let leave_token = tokio_util::sync::CancellationToken::new();
     let _registered = state.clients.register(
         client_id,
-        crate::admin::registry::ClientEntry {
+        crate::registry::ClientEntry {
             tenant: tenant.name.clone(),
             user: user.clone(),
             peer,
@@ -164,7 +164,7 @@ pub(super) async fn run_session(
         }
     };
     {
-        use crate::admin::audit::str_value;
+        use crate::telemetry::audit::str_value;
         state.audit.event(
             "route",
             &who,
@@ -352,7 +352,7 @@ pub(super) async fn run_session(
         "disconnect",
         &who,
         &[
-            ("end", crate::admin::audit::str_value(label)),
+            ("end", crate::telemetry::audit::str_value(label)),
             ("queries", counters.queries.to_string()),
             ("refused", counters.refused.to_string()),
             ("throttled", counters.throttled.to_string()),

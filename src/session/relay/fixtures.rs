@@ -33,8 +33,8 @@ impl RelayRules {
             tenant: crate::quota::Quotas::default().tenant("acme"),
             queries_per_second,
             notify_prefix: Some("acme.".into()),
-            audit: crate::admin::audit::Audit::default(),
-            who: crate::admin::audit::Who::default(),
+            audit: crate::telemetry::audit::Audit::default(),
+            who: crate::telemetry::audit::Who::default(),
         }
     }
 }

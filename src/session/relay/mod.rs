@@ -106,8 +106,8 @@ pub struct RelayRules {
     /// The prefix of the tenant's notification channels.
     pub notify_prefix: Option<String>,
     /// The audit log, and who this session is in it.
-    pub audit: crate::admin::audit::Audit,
-    pub who: crate::admin::audit::Who,
+    pub audit: crate::telemetry::audit::Audit,
+    pub who: crate::telemetry::audit::Who,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -337,7 +337,7 @@ impl Relay {
     /// (42501 messages name what was refused, never values); other messages may quote the
     /// statement, so they are left out.
     fn audit_refusal(&self, error: &ClientError) {
-        use crate::admin::audit::str_value;
+        use crate::telemetry::audit::str_value;
         let code = error.sqlstate.as_ref();
         let kind = if code.starts_with("53") {
             "quota_refusal"
@@ -356,7 +356,7 @@ impl Relay {
         self.rules.audit.event(
             "pin",
             &self.rules.who,
-            &[("reason", crate::admin::audit::str_value(reason))],
+            &[("reason", crate::telemetry::audit::str_value(reason))],
         );
     }
 

@@ -21,7 +21,7 @@ pub(super) struct Attached<'a> {
     pub(super) role: UserRole,
     pub(super) client_id: u64,
     pub(super) tenant_cap: Option<(usize, Arc<tokio::sync::Semaphore>)>,
-    pub(super) metrics: crate::admin::metrics::SessionMetrics,
+    pub(super) metrics: crate::telemetry::metrics::SessionMetrics,
     pub(super) tenant: &'a crate::quota::TenantState,
 }
 
