@@ -31,6 +31,7 @@ mod end;
 mod forward;
 mod listen;
 mod pooled;
+mod woken;
 
 use end::{SessionEnd, finish};
 use forward::{Waits, forward};
@@ -312,12 +313,10 @@ pub(super) async fn run_session(
         let mut pooled = pooled;
         cancel.set_target(Some(pooled.conn.cancel_target()));
         relay.set_own_backend(pooled.conn.backend_pid());
-        let shutdown = end_token.cancelled();
-        tokio::pin!(shutdown);
-        let leave = leave_token.cancelled();
-        tokio::pin!(leave);
-        let mut waits = Waits::new(shutdown, &tenant.limits);
-        waits.leave = Some((leave, &tenant_state));
+        let shutdown = std::pin::pin!(end_token.cancelled());
+        let leave = std::pin::pin!(leave_token.cancelled());
+        let mut waits = Waits::new(woken::Woken::new(shutdown), &tenant.limits);
+        waits.leave = Some((woken::Woken::new(leave), &tenant_state));
         let end = forward(
             &mut waits,
             &tenant.limits,

@@ -1,5 +1,6 @@
 //! Forwarding one server connection's traffic with the plan's timeouts enforced.
 
+use super::woken::Woken;
 use super::*;
 
 /// The next tick of `tick`; never, without one.
@@ -20,26 +21,23 @@ pub(super) const OWN_TIMEOUT_GRACE: Duration = Duration::from_millis(250);
 /// How often the session checks its timeouts while forwarding.
 pub(super) const TIMER_TICK: Duration = Duration::from_millis(100);
 
+/// A session's end signal (a cancellation token's), polled only after it woke.
+pub(super) type Signal<'a, 'b> = Woken<'a, tokio_util::sync::WaitForCancellationFuture<'b>>;
+
 /// What a session creates once and every transaction's forwarding uses: pgtenant's
 /// shutdown, and the timer of the plan's timeouts (none when the plan has none). In session
 /// mode also the signal that the tenant was removed or moved: the session then ends at its
 /// next transaction boundary.
 pub(super) struct Waits<'a, 'b> {
-    pub(super) shutdown: std::pin::Pin<&'a mut tokio_util::sync::WaitForCancellationFuture<'b>>,
+    pub(super) shutdown: Signal<'a, 'b>,
     pub(super) tick: Option<tokio::time::Interval>,
-    pub(super) leave: Option<(
-        std::pin::Pin<&'a mut tokio_util::sync::WaitForCancellationFuture<'b>>,
-        &'a crate::quota::TenantState,
-    )>,
+    pub(super) leave: Option<(Signal<'a, 'b>, &'a crate::quota::TenantState)>,
     /// The leave signal fired: end at the next transaction boundary.
     pub(super) leaving: bool,
 }
 
 impl<'a, 'b> Waits<'a, 'b> {
-    pub(super) fn new(
-        shutdown: std::pin::Pin<&'a mut tokio_util::sync::WaitForCancellationFuture<'b>>,
-        limits: &PlanConfig,
-    ) -> Self {
+    pub(super) fn new(shutdown: Signal<'a, 'b>, limits: &PlanConfig) -> Self {
         let timers = [limits.statement_timeout, limits.idle_in_transaction_timeout]
             .iter()
             .any(|d| d.is_some_and(|d| !d.is_zero()));
@@ -82,11 +80,12 @@ pub(super) async fn forward(
         }
         let watch_leave = waits.leave.is_some() && !waits.leaving;
         tokio::select! {
-            end = pump.run(relay, stream, &mut side) => return SessionEnd::Pump(end),
-            _ = waits.shutdown.as_mut() => return SessionEnd::Shutdown,
+            // In this order: an end signal first, so a busy client cannot starve it.
+            biased;
+            _ = &mut waits.shutdown => return SessionEnd::Shutdown,
             _ = async {
                 match waits.leave.as_mut() {
-                    Some((leave, _)) => leave.as_mut().await,
+                    Some((leave, _)) => leave.await,
                     None => std::future::pending().await,
                 }
             }, if watch_leave => {
@@ -127,6 +126,7 @@ pub(super) async fn forward(
                     return SessionEnd::IdleInTransaction(limit);
                 }
             }
+            end = pump.run(relay, stream, &mut side) => return SessionEnd::Pump(end),
         }
     }
 }

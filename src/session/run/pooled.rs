@@ -45,19 +45,27 @@ pub(super) async fn forward_pooled(
     let mut notify_tx: Option<notify::Subscriber> = None;
     let mut notify_rx: Option<tokio::sync::mpsc::Receiver<notify::Notification>> = None;
     let prefix = relay.notify_prefix().unwrap_or_default().to_owned();
-    let shutdown = end_token.cancelled();
-    tokio::pin!(shutdown);
-    let drain = drain_token.cancelled();
-    tokio::pin!(drain);
+    let shutdown = std::pin::pin!(end_token.cancelled());
+    let drain = std::pin::pin!(drain_token.cancelled());
+    let mut drain = super::woken::Woken::new(drain);
     // Armed once the session has run a transaction: one that connected just as shutdown began
     // (it was accepted, so it is served) runs its first transaction before it is ended.
     let mut drain_armed = false;
-    let mut waits = Waits::new(shutdown, &a.prepare.tenant.limits);
+    let mut waits = Waits::new(super::woken::Woken::new(shutdown), &a.prepare.tenant.limits);
     let mut listening = false;
     // The backend this session last recorded itself on (see `Pool::note_owner`).
     let mut noted = None;
     let result = loop {
         let waited = tokio::select! {
+            // In this order: the end signals first (a client that keeps sending cannot starve
+            // them; each costs an atomic load until it fires).
+            biased;
+            _ = &mut waits.shutdown => break (SessionEnd::Shutdown, None),
+            // Between transactions when shutdown begins: nothing is lost by ending now.
+            _ = &mut drain, if drain_armed => break (SessionEnd::Shutdown, None),
+            _ = overflowed(&notify_tx), if listening => {
+                break (SessionEnd::NotifyOverflow, None);
+            }
             r = pump.wait_for_client(stream) => r,
             // Only a client that ever listened has notifications to wait for; a client that
             // does not read them stops taking more (its queue fills: see below).
@@ -65,12 +73,6 @@ pub(super) async fn forward_pooled(
                 // Notifications reach the client between its transactions, as on PostgreSQL.
                 push_notification(relay, pump, &prefix, &n);
                 continue;
-            }
-            _ = waits.shutdown.as_mut() => break (SessionEnd::Shutdown, None),
-            // Between transactions when shutdown begins: nothing is lost by ending now.
-            _ = drain.as_mut(), if drain_armed => break (SessionEnd::Shutdown, None),
-            _ = overflowed(&notify_tx), if listening => {
-                break (SessionEnd::NotifyOverflow, None);
             }
         };
         if let Err(end) = waited {
@@ -90,8 +92,8 @@ pub(super) async fn forward_pooled(
                 // until RESUME, or until the session is ended.
                 tokio::select! {
                     _ = state.pauses.wait(&a.prepare.tenant.name) => {}
-                    _ = waits.shutdown.as_mut() => break (SessionEnd::Shutdown, None),
-                    _ = drain.as_mut(), if drain_armed => break (SessionEnd::Shutdown, None),
+                    _ = &mut waits.shutdown => break (SessionEnd::Shutdown, None),
+                    _ = &mut drain, if drain_armed => break (SessionEnd::Shutdown, None),
                 }
             }
             // A MOVE TENANT (or a reload) changed where the tenant lives: this transaction
@@ -171,6 +173,7 @@ pub(super) async fn forward_pooled(
                 // The forwarding state lives in the pump: leaving `forward` for a
                 // notification loses nothing.
                 tokio::select! {
+                    biased;
                     end = forward(
                         &mut waits,
                         &a.prepare.tenant.limits,
