@@ -4,7 +4,10 @@
 # e.g. scripts/bench.sh --seconds 10 --rounds 3 --clients 1,16 --modes simple,extended
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo build --release --bin pgtenant --example load
+# Two builds: built together, the binary would get the dev-dependencies' features (tokio's
+# `process`, whose orphan reaping runs at every runtime park) and not be the one users run.
+cargo build --release --bin pgtenant
+cargo build --release --example load
 if [ ! -x /usr/sbin/pgbouncer ] && command -v apt-get >/dev/null; then
   apt-get install -y pgbouncer >/dev/null || echo "pgbouncer not installed; comparing with direct only" >&2
 fi

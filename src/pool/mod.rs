@@ -211,13 +211,16 @@ impl Pool {
             return Err(PoolError::ShardDown(self.shard.name.clone()));
         }
         let timeout = self.settings.checkout_timeout;
-        let started = tokio::time::Instant::now();
+        // Read only when the transaction waits for its tenant's permit (the fast path reads
+        // no clock).
+        let mut waited_since = None;
         let tenant_permit = match tenant_cap {
             None => None,
             // A free permit is taken at once; only a wait needs the timer.
             Some((n, sem)) => Some(match Arc::clone(&sem).try_acquire_owned() {
                 Ok(p) => p,
                 Err(_) => {
+                    waited_since = Some(tokio::time::Instant::now());
                     let _waiting = Waiting::on(&self.waiters);
                     tokio::time::timeout(timeout, sem.acquire_owned())
                         .await
@@ -230,7 +233,8 @@ impl Pool {
             Ok(p) => p,
             Err(_) => {
                 let _waiting = Waiting::on(&self.waiters);
-                let timeout = timeout.saturating_sub(started.elapsed());
+                let waited = waited_since.map(|t| t.elapsed()).unwrap_or_default();
+                let timeout = timeout.saturating_sub(waited);
                 tokio::time::timeout(timeout, Arc::clone(&self.permits).acquire_owned())
                     .await
                     .map_err(|_| PoolError::Timeout(self.settings.checkout_timeout))?

@@ -3,7 +3,8 @@
 //! A session's select polls its end signals (shutdown, drain, the tenant leaving) at every
 //! wake-up, twice or more per transaction, and polling a `CancellationToken`'s future takes
 //! the token's lock and the notifier's. Wrapped in [`Woken`], the inner future is polled once
-//! to register, and then only when it called its waker; every other poll is an atomic load.
+//! to register, and then only when it called its waker; every other poll is an atomic load
+//! and a waker comparison.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -35,6 +36,8 @@ pub(super) struct Woken<'a, F> {
     inner: Pin<&'a mut F>,
     flag: Arc<Flag>,
     waker: Waker,
+    /// The task waker held by `flag.task`, until a wake takes it.
+    registered: Option<Waker>,
 }
 
 impl<'a, F: Future> Woken<'a, F> {
@@ -48,6 +51,7 @@ impl<'a, F: Future> Woken<'a, F> {
             inner,
             waker: Waker::from(Arc::clone(&flag)),
             flag,
+            registered: None,
         }
     }
 }
@@ -57,8 +61,25 @@ impl<F: Future> Future for Woken<'_, F> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let this = self.get_mut();
+        // Not woken, and the same task waker still registered (only a wake, which sets the
+        // flag first, takes it away): nothing to do, not even an atomic write.
+        if !this.flag.woke.load(Ordering::Acquire)
+            && this
+                .registered
+                .as_ref()
+                .is_some_and(|w| w.will_wake(cx.waker()))
+        {
+            return Poll::Pending;
+        }
         // Registered before the flag is read: a wake after the read wakes this task.
         this.flag.task.register(cx.waker());
+        if !this
+            .registered
+            .as_ref()
+            .is_some_and(|w| w.will_wake(cx.waker()))
+        {
+            this.registered = Some(cx.waker().clone());
+        }
         if !this.flag.woke.swap(false, Ordering::AcqRel) {
             return Poll::Pending;
         }
@@ -106,5 +127,51 @@ mod tests {
         assert!(poll_once(&mut w).is_pending());
         parent.cancel();
         assert!(poll_once(&mut w).is_ready());
+    }
+
+    struct Count(std::sync::atomic::AtomicUsize);
+    impl Wake for Count {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn the_task_waker_polled_last_is_the_one_woken() {
+        let token = CancellationToken::new();
+        let fut = std::pin::pin!(token.cancelled());
+        let mut w = Woken::new(fut);
+        let (a, b) = (
+            Arc::new(Count(Default::default())),
+            Arc::new(Count(Default::default())),
+        );
+        let (wa, wb) = (Waker::from(Arc::clone(&a)), Waker::from(Arc::clone(&b)));
+        assert!(
+            Pin::new(&mut w)
+                .poll(&mut Context::from_waker(&wa))
+                .is_pending()
+        );
+        assert!(
+            Pin::new(&mut w)
+                .poll(&mut Context::from_waker(&wb))
+                .is_pending()
+        );
+        assert!(
+            Pin::new(&mut w)
+                .poll(&mut Context::from_waker(&wb))
+                .is_pending()
+        );
+        token.cancel();
+        assert_eq!(
+            b.0.load(Ordering::SeqCst),
+            1,
+            "the last task waker was woken"
+        );
+        assert_eq!(a.0.load(Ordering::SeqCst), 0);
+        assert!(
+            Pin::new(&mut w)
+                .poll(&mut Context::from_waker(&wb))
+                .is_ready()
+        );
     }
 }
