@@ -61,23 +61,18 @@ impl<F: Future> Future for Woken<'_, F> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let this = self.get_mut();
+        let same = this
+            .registered
+            .as_ref()
+            .is_some_and(|w| w.will_wake(cx.waker()));
         // Not woken, and the same task waker still registered (only a wake, which sets the
         // flag first, takes it away): nothing to do, not even an atomic write.
-        if !this.flag.woke.load(Ordering::Acquire)
-            && this
-                .registered
-                .as_ref()
-                .is_some_and(|w| w.will_wake(cx.waker()))
-        {
+        if same && !this.flag.woke.load(Ordering::Acquire) {
             return Poll::Pending;
         }
         // Registered before the flag is read: a wake after the read wakes this task.
         this.flag.task.register(cx.waker());
-        if !this
-            .registered
-            .as_ref()
-            .is_some_and(|w| w.will_wake(cx.waker()))
-        {
+        if !same {
             this.registered = Some(cx.waker().clone());
         }
         if !this.flag.woke.swap(false, Ordering::AcqRel) {
