@@ -24,6 +24,7 @@ use pgtenant::protocol::startup::parse_initial;
 use pgtenant::protocol::tracker::ConnTracker;
 use pgtenant::session::relay::{Relay, RelayRules};
 use pgtenant::tenant::guard::Policy;
+use pgtenant::tenant::guard::lexer::TokenBuf;
 
 /// 64 KiB of what pgbench -S gets back: RowDescription, DataRow, CommandComplete, ReadyForQuery.
 fn server_stream() -> BytesMut {
@@ -77,8 +78,10 @@ fn guard(c: &mut Criterion) {
         ),
     ] {
         g.throughput(Throughput::Bytes(sql.len() as u64));
+        // As a session checks: with its kept token buffer.
+        let mut buf = TokenBuf::default();
         g.bench_function(name, |b| {
-            b.iter(|| black_box(p.check(black_box(sql.as_bytes()), true)))
+            b.iter(|| black_box(p.check_reusing(black_box(sql.as_bytes()), true, &mut buf)))
         });
     }
     g.finish();

@@ -206,7 +206,7 @@ fn guard_shape(sql: &str) -> Option<Shape> {
                     let Kind::Ident { name, .. } = &name.kind else {
                         return None;
                     };
-                    cols.push((name.to_string(), v.clone()));
+                    cols.push((name.to_string(), v.as_deref().map(str::to_owned)));
                 }
                 _ => return None,
             }

@@ -204,7 +204,7 @@ pub(super) fn collect(
                 let payload = match (stmt.get(2), stmt.get(3), stmt.len()) {
                     (None, _, _) => Some(String::new()),
                     (Some(comma), Some(t), 4) if comma.is_punct(b',') => match &t.kind {
-                        Kind::Str { value: Some(v) } => Some(v.clone()),
+                        Kind::Str { value: Some(v) } => Some(v.to_string()),
                         _ => None,
                     },
                     _ => None,
@@ -278,7 +278,7 @@ fn replay_value(name: &str, value: &[Token<'_>]) -> Option<String> {
         let text = match item {
             [t] => match &t.kind {
                 Kind::Str { value } => {
-                    let v = value.clone()?;
+                    let v = value.as_deref()?.to_owned();
                     if list_quote { quote_if_needed(&v) } else { v }
                 }
                 Kind::Ident { name, .. } => {

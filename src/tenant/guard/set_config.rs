@@ -102,7 +102,7 @@ fn arg(sql: &[u8], tokens: &[Token<'_>]) -> Arg {
     };
     match tokens {
         [t] => match &t.kind {
-            Kind::Str { value: Some(v) } => Arg::Text(v.clone()),
+            Kind::Str { value: Some(v) } => Arg::Text(v.to_string()),
             Kind::Param => param(t).filter(|n| *n > 0).map_or(Arg::Other, Arg::Param),
             _ if t.is_keyword("null") => Arg::Null,
             _ if t.is_keyword("true") => Arg::Bool(true),

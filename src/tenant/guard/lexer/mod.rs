@@ -32,8 +32,9 @@ pub enum LexError {
 pub enum Kind<'a> {
     /// An identifier or keyword, case-folded (unquoted) or exact (quoted).
     Ident { name: Cow<'a, str>, quoted: bool },
-    /// A string constant; `value` is its decoded content when decoding is certain.
-    Str { value: Option<String> },
+    /// A string constant; `value` is its decoded content when decoding is certain (borrowed
+    /// from the text unless decoding changed it: `''` or a continuation).
+    Str { value: Option<Cow<'a, str>> },
     /// A numeric constant, as written.
     Number(&'a [u8]),
     /// A positional parameter `$n`.
@@ -103,72 +104,112 @@ struct Lexer<'a> {
 /// Keywords applications write in upper case often enough that folding them without an
 /// allocation pays (the folded name of any other identifier is allocated).
 const COMMON_KEYWORDS: &[&str] = &[
-    "select",
-    "from",
-    "where",
+    "all",
     "and",
-    "or",
-    "not",
-    "null",
-    "is",
-    "in",
     "as",
-    "on",
-    "join",
-    "left",
-    "inner",
-    "order",
-    "by",
-    "group",
-    "limit",
-    "offset",
-    "insert",
-    "into",
-    "values",
-    "update",
-    "set",
-    "delete",
-    "returning",
+    "asc",
     "begin",
-    "commit",
-    "rollback",
-    "true",
-    "false",
-    "with",
-    "distinct",
+    "between",
+    "by",
     "case",
-    "when",
-    "then",
+    "commit",
+    "count",
+    "default",
+    "delete",
+    "desc",
+    "distinct",
     "else",
     "end",
-    "like",
     "exists",
-    "asc",
-    "desc",
-    "count",
+    "false",
     "for",
+    "from",
+    "group",
     "having",
-    "union",
-    "all",
-    "between",
-    "default",
+    "in",
+    "inner",
+    "insert",
+    "into",
+    "is",
+    "isolation",
+    "join",
+    "left",
+    "level",
+    "like",
+    "limit",
+    "not",
+    "null",
+    "offset",
+    "on",
+    "only",
+    "or",
+    "order",
+    "read",
+    "release",
+    "returning",
+    "rollback",
+    "savepoint",
+    "select",
+    "set",
     "show",
     "start",
+    "then",
     "transaction",
-    "isolation",
-    "level",
-    "read",
+    "true",
+    "union",
+    "update",
+    "values",
+    "when",
+    "where",
+    "with",
     "write",
-    "only",
-    "savepoint",
-    "release",
 ];
 
+/// The longest of [`COMMON_KEYWORDS`].
+const LONGEST_KEYWORD: usize = 11;
+
+/// `raw` folded to lower case and packed into one integer (big-endian; at most 16 bytes).
+/// Identifier bytes are never zero, so names of different lengths pack differently.
+const fn fold_code(raw: &[u8]) -> u128 {
+    let mut code = 0u128;
+    let mut i = 0;
+    while i < raw.len() {
+        code = (code << 8) | raw[i].to_ascii_lowercase() as u128;
+        i += 1;
+    }
+    code
+}
+
+/// [`COMMON_KEYWORDS`]' codes (see [`fold_code`]) with their index, sorted by code.
+const KEYWORD_CODES: [(u128, usize); COMMON_KEYWORDS.len()] = {
+    let mut codes = [(0u128, 0usize); COMMON_KEYWORDS.len()];
+    let mut i = 0;
+    while i < codes.len() {
+        codes[i] = (fold_code(COMMON_KEYWORDS[i].as_bytes()), i);
+        // Insertion sort, at compile time.
+        let mut j = i;
+        while j > 0 && codes[j - 1].0 > codes[j].0 {
+            let t = codes[j];
+            codes[j] = codes[j - 1];
+            codes[j - 1] = t;
+            j -= 1;
+        }
+        i += 1;
+    }
+    codes
+};
+
+/// `raw` folded to lower case, if it is one of [`COMMON_KEYWORDS`]: a binary search over
+/// integers (no copy, no byte-string compares).
 fn common_keyword(raw: &[u8]) -> Option<&'static str> {
-    COMMON_KEYWORDS
-        .iter()
-        .find(|k| k.len() == raw.len() && k.as_bytes().eq_ignore_ascii_case(raw))
-        .copied()
+    if raw.len() > LONGEST_KEYWORD {
+        return None;
+    }
+    let code = fold_code(raw);
+    KEYWORD_CODES
+        .binary_search_by_key(&code, |&(c, _)| c)
+        .ok()
+        .map(|i| COMMON_KEYWORDS[KEYWORD_CODES[i].1])
 }
 
 /// Lexes `sql`. `standard_conforming` is the session's `standard_conforming_strings`.
@@ -396,6 +437,25 @@ impl<'a> Lexer<'a> {
     /// decoded).
     fn string(&mut self, escapes: bool, unicode: bool) -> Result<Kind<'a>, LexError> {
         let backslash = escapes || (!self.standard_conforming && !unicode);
+        // Most literals hold no quote, no escape and no continuation: their value is the text
+        // between the quotes, borrowed.
+        let open = self.pos;
+        let body = &self.src[open + 1..];
+        if let Some(n) = body.iter().position(|&c| c == b'\'')
+            && self.src.get(open + n + 2) != Some(&b'\'')
+            && !(backslash && body[..n].contains(&b'\\'))
+        {
+            self.pos = open + n + 2;
+            if !self.continues() {
+                if unicode {
+                    self.skip_uescape()?;
+                    return Ok(Kind::Str { value: None });
+                }
+                let value = std::str::from_utf8(&body[..n]).ok().map(Cow::Borrowed);
+                return Ok(Kind::Str { value });
+            }
+            self.pos = open;
+        }
         let mut value: Option<Vec<u8>> = Some(Vec::new());
         loop {
             // self.pos is at an opening quote.
@@ -439,7 +499,7 @@ impl<'a> Lexer<'a> {
             value = None;
         }
         Ok(Kind::Str {
-            value: value.and_then(|v| String::from_utf8(v).ok()),
+            value: value.and_then(|v| String::from_utf8(v).ok().map(Cow::Owned)),
         })
     }
 
@@ -467,7 +527,7 @@ impl<'a> Lexer<'a> {
             }
         }
         Ok(Kind::Str {
-            value: String::from_utf8(value).ok(),
+            value: String::from_utf8(value).ok().map(Cow::Owned),
         })
     }
 
@@ -494,6 +554,20 @@ impl<'a> Lexer<'a> {
     /// A `"…"` identifier at the opening quote; `unicode` for `U&"…"`.
     fn quoted_ident(&mut self, unicode: bool) -> Result<Kind<'a>, LexError> {
         self.pos += 1;
+        // Most quoted names (an ORM quotes every one) hold no `""`: borrowed.
+        let body = self.rest();
+        if !unicode
+            && let Some(n) = body.iter().position(|&c| c == b'"')
+            && n > 0
+            && body.get(n + 1) != Some(&b'"')
+            && let Ok(name) = std::str::from_utf8(&body[..n])
+        {
+            self.pos += n + 1;
+            return Ok(Kind::Ident {
+                name: Cow::Borrowed(name),
+                quoted: true,
+            });
+        }
         let mut raw = Vec::new();
         loop {
             let Some(c) = self.peek(0) else {
@@ -578,7 +652,7 @@ impl<'a> Lexer<'a> {
             .ok_or(LexError::UnterminatedDollarQuote)?;
         self.pos = body_start + close + tag.len();
         Ok(Kind::Str {
-            value: String::from_utf8(body[..close].to_vec()).ok(),
+            value: std::str::from_utf8(&body[..close]).ok().map(Cow::Borrowed),
         })
     }
 }

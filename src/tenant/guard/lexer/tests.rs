@@ -149,3 +149,58 @@ fn a_kept_token_buffer_lexes_like_lex_and_keeps_its_allocation() {
     buf.keep(tokens);
     assert!(buf.lex(b"SELECT 'unterminated", true).is_err());
 }
+
+#[test]
+fn plain_literals_and_quoted_names_are_borrowed_and_the_rest_decoded() {
+    let value = |sql: &[u8], conforming: bool| match lex(sql, conforming).unwrap().remove(0).kind {
+        Kind::Str { value } => value.map(|v| (matches!(v, Cow::Borrowed(_)), v.into_owned())),
+        other => panic!("{other:?}"),
+    };
+    // The text between the quotes: borrowed.
+    for (sql, want) in [
+        (&b"'abc'"[..], "abc"),
+        (b"E'abc'", "abc"),
+        (b"N'abc'", "abc"),
+        (b"''", ""),
+        (b"$$a'b$$", "a'b"),
+        (b"$t$x$t$", "x"),
+        (b"'a' 'b'", "a"),
+    ] {
+        assert_eq!(value(sql, true), Some((true, want.into())), "{sql:?}");
+    }
+    // Decoded: a doubled quote, a continuation.
+    assert_eq!(value(b"'it''s'", true), Some((false, "it's".into())));
+    assert_eq!(value(b"'a'\n'b'", true), Some((false, "ab".into())));
+    // Not certain: escapes, U&, bytes that are not UTF-8.
+    assert_eq!(value(br"E'a\nb'", true), None);
+    assert_eq!(value(br"'a\b'", false), None);
+    assert_eq!(value(br"'a\b'", true), Some((true, r"a\b".into())));
+    assert_eq!(value(b"U&'abc'", true), None);
+    assert_eq!(value(b"'\xff'", true), None);
+    // Quoted names: borrowed unless they hold `""` or need decoding.
+    let name = |sql: &[u8]| match lex(sql, true).unwrap().remove(0).kind {
+        Kind::Ident { name, quoted } => {
+            (quoted, matches!(name, Cow::Borrowed(_)), name.into_owned())
+        }
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(name(b"\"Items\""), (true, true, "Items".into()));
+    assert_eq!(name(b"\"a\"\"b\""), (true, false, "a\"b".into()));
+    assert_eq!(name(b"\"\xff\""), (true, false, "\u{fffd}".into()));
+    assert_eq!(name(br#"U&"\0061""#), (true, false, "a".into()));
+    // Upper-case common keywords fold without allocating; other names fold allocated.
+    assert_eq!(name(b"SELECT"), (false, true, "select".into()));
+    assert_eq!(name(b"TRANSACTION"), (false, true, "transaction".into()));
+    assert_eq!(name(b"Items"), (false, false, "items".into()));
+    assert!(COMMON_KEYWORDS.iter().all(|k| k.len() <= LONGEST_KEYWORD));
+    for k in COMMON_KEYWORDS {
+        assert_eq!(common_keyword(k.to_ascii_uppercase().as_bytes()), Some(*k));
+    }
+    assert!(
+        KEYWORD_CODES.windows(2).all(|w| w[0].0 < w[1].0),
+        "sorted, distinct"
+    );
+    for miss in ["selects", "selec", "x", "returningx", "transactions"] {
+        assert_eq!(common_keyword(miss.as_bytes()), None, "{miss}");
+    }
+}
