@@ -199,12 +199,14 @@ impl Pool {
 
     /// Takes a connection for `tenant`: an idle one (preferring one bound to the tenant) or a
     /// new one, waiting at most `checkout_timeout` for the tenant's own cap (`tenant_cap`:
-    /// its size and semaphore), then for the shard's.
+    /// its size and semaphore), then for the shard's. `now` is the caller's clock reading (read
+    /// again only after a wait).
     pub async fn checkout(
         &self,
         tenant: TenantId,
         client: u64,
         tenant_cap: Option<(usize, Arc<Semaphore>)>,
+        now: Instant,
     ) -> Result<PooledConn, PoolError> {
         // A shard marked down fails at once; the prober brings it back.
         if self.health.is_down() {
@@ -232,6 +234,7 @@ impl Pool {
         let permit = match Arc::clone(&self.permits).try_acquire_owned() {
             Ok(p) => p,
             Err(_) => {
+                waited_since.get_or_insert_with(tokio::time::Instant::now);
                 let _waiting = Waiting::on(&self.waiters);
                 let waited = waited_since.map(|t| t.elapsed()).unwrap_or_default();
                 let timeout = timeout.saturating_sub(waited);
@@ -240,6 +243,11 @@ impl Pool {
                     .map_err(|_| PoolError::Timeout(self.settings.checkout_timeout))?
                     .map_err(|_| PoolError::Timeout(self.settings.checkout_timeout))?
             }
+        };
+        let now = if waited_since.is_some() {
+            Instant::now()
+        } else {
+            now
         };
         loop {
             let candidate = {
@@ -255,7 +263,8 @@ impl Pool {
             // Stale: opened before the shard last went down, idle too long, or closed by the
             // server (a readiness check, no system call while nothing arrived).
             if conn.generation == self.health.generation()
-                && conn.idle_since.elapsed() < self.settings.server_idle_timeout
+                && now.saturating_duration_since(conn.idle_since)
+                    < self.settings.server_idle_timeout
                 && !conn.looks_closed()
             {
                 return Ok(PooledConn {
@@ -318,13 +327,16 @@ impl Pool {
     /// Like [`Pool::checkin`], it first waits for any cancel still on its way to the
     /// connection (the caller has stopped new ones: see `cancel`), so that no late cancel
     /// reaches the next client's statement.
-    pub async fn release(&self, mut pooled: PooledConn) {
+    ///
+    /// `ended` is when the transaction ended (the connection is idle since then): the caller
+    /// read the clock already.
+    pub async fn release(&self, mut pooled: PooledConn, ended: Instant) {
         if !pooled.conn.cancel.settled(CANCEL_PATIENCE).await {
             self.retire(pooled, true, "a cancel was still in flight");
             return;
         }
         if pooled.conn.tracker.is_idle() && pooled.conn.scanner.at_boundary() {
-            pooled.conn.idle_since = Instant::now();
+            pooled.conn.idle_since = ended;
             self.idle().push(pooled.conn);
         } else {
             // Boxed, as the slow path (see `checkout`).

@@ -286,8 +286,9 @@ impl Pump {
                     if self.to_client.is_empty() {
                         self.park();
                     }
-                    let mut first = [0u8; 512];
-                    let mut buf = tokio::io::ReadBuf::new(&mut first);
+                    // Not zeroed: the read fills what it reports (`ReadBuf` tracks it).
+                    let mut first = [std::mem::MaybeUninit::<u8>::uninit(); 512];
+                    let mut buf = tokio::io::ReadBuf::uninit(&mut first);
                     match Pin::new(&mut *client).poll_read(cx, &mut buf) {
                         Poll::Ready(Ok(())) => {
                             let n = buf.filled().len();

@@ -233,15 +233,21 @@ pub(super) async fn run_session(
             .map_err(SessionError::Refused)?;
         check_startup_settings(&settings, &policy)?;
         let pool = state.pools.for_tenant(&shard, &tenant, role)?;
-        let (pooled, _) = checkout_prepared(&pool, &ctx, &mut relay, client_id, tenant_cap.clone())
-            .await
-            .map_err(|e| match e {
-                Failed::Checkout(e) => SessionError::from(e),
-                Failed::Server(e) => SessionError::from(e),
-                Failed::Client(f) => {
-                    SessionError::Refused(ClientError::fatal_from_server(&f.code, &f.message))
-                }
-            })?;
+        let (pooled, _) = checkout_prepared(
+            &pool,
+            &ctx,
+            &mut relay,
+            (client_id, Instant::now()),
+            tenant_cap.clone(),
+        )
+        .await
+        .map_err(|e| match e {
+            Failed::Checkout(e) => SessionError::from(e),
+            Failed::Server(e) => SessionError::from(e),
+            Failed::Client(f) => {
+                SessionError::Refused(ClientError::fatal_from_server(&f.code, &f.message))
+            }
+        })?;
         Ok::<_, SessionError>((pool, pooled))
     };
     let (pool, pooled) = match setup.await {
@@ -276,7 +282,7 @@ pub(super) async fn run_session(
     let mut pump = Pump::with_write_timeout(snapshot.pool.client_write_timeout);
     let mut pool = pool;
     let (end, attached) = if pooling {
-        pool.release(pooled).await;
+        pool.release(pooled, Instant::now()).await;
         let mut attached = Attached {
             replicas: replica_pools(state, &shard, &tenant, role),
             held: Arc::clone(&pool),
@@ -373,7 +379,7 @@ pub(super) async fn run_session(
             "the tenant context could not be bound",
         );
     } else if pooling && relay.client_at_boundary() && !relay.pinned() {
-        pool.release(pooled).await;
+        pool.release(pooled, Instant::now()).await;
     } else {
         pool.checkin(pooled, relay.client_at_boundary()).await;
     }
@@ -417,13 +423,13 @@ async fn checkout_prepared(
     pool: &Arc<Pool>,
     p: &Prepare,
     relay: &mut Relay,
-    client_id: u64,
+    (client_id, now): (u64, Instant),
     tenant_cap: Option<(usize, Arc<tokio::sync::Semaphore>)>,
 ) -> Result<(PooledConn, bool), Failed> {
     let mut last = None;
     for _ in 0..PREPARE_ATTEMPTS {
         let mut pooled = pool
-            .checkout(p.tenant.id, client_id, tenant_cap.clone())
+            .checkout(p.tenant.id, client_id, tenant_cap.clone(), now)
             .await
             .map_err(Failed::Checkout)?;
         match prepare(&mut pooled, p, relay).await {

@@ -107,7 +107,7 @@ pub(super) async fn forward_pooled(
             // the primary.
             let read_only = !a.replicas.is_empty()
                 && (a.role == UserRole::Readonly || starts_read_only(pump.pending_client()));
-            checkout_routed(a, relay, read_only).await
+            checkout_routed(a, relay, read_only, wanted).await
         };
         let started = Instant::now();
         a.metrics
@@ -122,7 +122,7 @@ pub(super) async fn forward_pooled(
                     || a.tenant.placement_epoch() != a.epoch =>
             {
                 drop(active);
-                a.held.release(p).await;
+                a.held.release(p, Instant::now()).await;
                 continue;
             }
             Ok((p, bound_now)) => (p, bound_now),
@@ -219,9 +219,16 @@ pub(super) async fn forward_pooled(
                 // No new cancel can reach the connection now; release waits for one still
                 // on its way.
                 cancel.set_target(None);
-                a.held.release(pooled).await;
+                // The transaction ended with its last ReadyForQuery: the clock read then.
+                let ended = relay
+                    .ready_since()
+                    .filter(|t| *t >= started)
+                    .unwrap_or_else(Instant::now);
+                a.held.release(pooled, ended).await;
                 drop(active);
-                a.metrics.transaction_seconds.record(started.elapsed());
+                a.metrics
+                    .transaction_seconds
+                    .record(ended.saturating_duration_since(started));
                 flush_bytes(pump, a.tenant);
                 for n in held.drain(..) {
                     push_notification(relay, pump, &prefix, &n);
@@ -255,11 +262,12 @@ pub(super) async fn checkout_routed(
     a: &mut Attached<'_>,
     relay: &mut Relay,
     read_only: bool,
+    now: Instant,
 ) -> Result<(PooledConn, bool), Failed> {
     if let Some(replica) = pick_replica(&a.replicas, read_only) {
         a.held = replica;
         let cap = a.tenant_cap.clone();
-        match checkout_prepared(&a.held, &a.prepare, relay, a.client_id, cap).await {
+        match checkout_prepared(&a.held, &a.prepare, relay, (a.client_id, now), cap).await {
             // The replica could not serve it: the primary does.
             Err(Failed::Checkout(_) | Failed::Server(_)) => {}
             done => return done,
@@ -267,7 +275,7 @@ pub(super) async fn checkout_routed(
     }
     a.held = Arc::clone(&a.pool);
     let cap = a.tenant_cap.clone();
-    checkout_prepared(&a.held, &a.prepare, relay, a.client_id, cap).await
+    checkout_prepared(&a.held, &a.prepare, relay, (a.client_id, now), cap).await
 }
 
 /// The pools of `shard`'s replicas for this tenant's user.
