@@ -400,10 +400,12 @@ impl Relay {
         text: &[u8],
         name: &[u8],
     ) -> crate::tenant::guard::Verdict {
-        let verdict =
-            self.rules
-                .policy
-                .check_reusing(text, self.standard_conforming, &mut self.tokens);
+        let verdict = self.rules.policy.check_remembering(
+            text,
+            self.standard_conforming,
+            &mut self.tokens,
+            &mut self.passed,
+        );
         if !verdict.wants_prepared_view {
             return verdict;
         }

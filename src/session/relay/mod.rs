@@ -177,6 +177,8 @@ pub struct Relay {
     pub query_seconds: Option<metrics::Histogram>,
     /// The guard's token buffer, kept between statements.
     tokens: crate::tenant::guard::lexer::TokenBuf,
+    /// Texts the guard let through untouched, not checked again (bounded; see the type).
+    passed: crate::tenant::guard::PassedTexts,
     /// Emptied buffers for the messages pgtenant writes in place of or ahead of a client's,
     /// kept so that a steady transaction allocates none.
     spare: Vec<BytesMut>,
@@ -212,6 +214,7 @@ impl Relay {
             flushed: RelayCounters::default(),
             query_seconds: None,
             tokens: Default::default(),
+            passed: Default::default(),
             spare: Vec::new(),
         }
     }

@@ -12,6 +12,7 @@
 mod advisory;
 mod effects;
 pub mod lexer;
+mod memo;
 mod policy;
 mod set_config;
 mod settings;
@@ -20,6 +21,7 @@ mod tests;
 mod types;
 
 pub use effects::executed_names;
+pub use memo::PassedTexts;
 pub use policy::{is_reserved_name, unknown_statement};
 pub use set_config::{Bound, parse_bool};
 pub use settings::is_settable;
