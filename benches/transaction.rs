@@ -139,17 +139,29 @@ fn transaction(c: &mut Criterion) {
         .build()
         .unwrap();
     let reply = server_reply();
-    let mut query = BytesMut::new();
-    encode::raw(
-        b'Q',
-        b"SELECT abalance FROM pgbench_accounts WHERE aid = 48213;\0",
-        &mut query,
-    );
+    // As pgbench -S sends them: the same statement with another literal each time (the
+    // guard checks every one), and the same text again (as an unnamed Parse per transaction
+    // is: the guard remembers it passed).
+    let queries: Vec<BytesMut> = (0..1000)
+        .map(|i| {
+            let mut query = BytesMut::new();
+            let sql = format!(
+                "SELECT abalance FROM pgbench_accounts WHERE aid = {};\0",
+                48213 + i * 37
+            );
+            encode::raw(b'Q', sql.as_bytes(), &mut query);
+            query
+        })
+        .collect();
     let mut engine = Engine::new();
     // Warm-up outside the measurement: buffers grown, the first reply in flight.
-    rt.block_on(engine.transaction(&query, &reply));
+    rt.block_on(engine.transaction(&queries[0], &reply));
+    let mut next = queries.iter().cycle();
     c.bench_function("pooled_transaction_shared_tenant", |b| {
-        b.iter(|| rt.block_on(engine.transaction(&query, &reply)))
+        b.iter(|| rt.block_on(engine.transaction(next.next().unwrap(), &reply)))
+    });
+    c.bench_function("pooled_transaction_shared_tenant_repeated_text", |b| {
+        b.iter(|| rt.block_on(engine.transaction(&queries[0], &reply)))
     });
 }
 
