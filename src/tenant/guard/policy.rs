@@ -468,13 +468,14 @@ impl Policy {
     /// Writes to `pg_settings` change settings without SET or set_config (a rule on the view
     /// calls set_config): refused in every scope, whatever the statement's shape.
     fn check_system_writes(&self, stmt: &[Token<'_>]) -> Result<(), Verdict> {
-        let names_settings = stmt.iter().any(|t| t.ident() == Some("pg_settings"));
-        let writes = stmt.iter().any(|t| {
-            ["update", "insert", "delete", "merge"]
-                .iter()
-                .any(|k| t.is_keyword(k))
-        });
-        if names_settings && writes {
+        let names_settings = || stmt.iter().any(|t| t.ident() == Some("pg_settings"));
+        let writes = || {
+            stmt.iter().any(|t| {
+                matches!(&t.kind, Kind::Ident { name, quoted: false }
+                    if matches!(&**name, "update" | "insert" | "delete" | "merge"))
+            })
+        };
+        if writes() && names_settings() {
             return Err(Verdict::refuse(
                 "writing to pg_settings is not allowed through pgtenant; use SET",
             ));
@@ -487,16 +488,18 @@ impl Policy {
     /// client's namespace (`effects`).
     fn check_statement_names(&self, stmt: &[Token<'_>]) -> Result<(), Verdict> {
         for (i, t) in stmt.iter().enumerate() {
-            let at = if t.is_keyword("execute") || t.is_keyword("prepare") {
-                i + 1
-            } else if t.is_keyword("deallocate") {
-                if stmt.get(i + 1).is_some_and(|n| n.is_keyword("prepare")) {
-                    i + 2
-                } else {
-                    i + 1
-                }
-            } else {
+            let Kind::Ident {
+                name,
+                quoted: false,
+            } = &t.kind
+            else {
                 continue;
+            };
+            let at = match &**name {
+                "execute" | "prepare" => i + 1,
+                "deallocate" if stmt.get(i + 1).is_some_and(|n| n.is_keyword("prepare")) => i + 2,
+                "deallocate" => i + 1,
+                _ => continue,
             };
             if let Some(name) = stmt.get(at).and_then(Token::ident)
                 && is_reserved_name(name.as_bytes())

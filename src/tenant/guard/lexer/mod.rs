@@ -69,7 +69,7 @@ impl Token<'_> {
 
     /// True for the punctuation byte `p`.
     pub fn is_punct(&self, p: u8) -> bool {
-        self.kind == Kind::Punct(p)
+        matches!(self.kind, Kind::Punct(c) if c == p)
     }
 }
 
