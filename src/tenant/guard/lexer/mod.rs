@@ -239,9 +239,9 @@ fn lex_into<'a>(
         token_start: 0,
     };
     loop {
-        match lx.next() {
-            Ok(Some(t)) => out.push(t),
-            Ok(None) => return Ok(out),
+        match lx.next_into(&mut out) {
+            Ok(true) => {}
+            Ok(false) => return Ok(out),
             Err(e) => return Err((e, lx.token_start)),
         }
     }
@@ -298,12 +298,14 @@ impl<'a> Lexer<'a> {
         }
     }
 
-    fn next(&mut self) -> Result<Option<Token<'a>>, LexError> {
+    /// Pushes the next token onto `out` (built in place: returned through a `Result`, the
+    /// token was copied twice); false at the end of the text.
+    fn next_into(&mut self, out: &mut Vec<Token<'a>>) -> Result<bool, LexError> {
         self.skip_space_and_comments()?;
         let start = self.pos;
         self.token_start = start;
         let Some(b) = self.peek(0) else {
-            return Ok(None);
+            return Ok(false);
         };
         let next = self.peek(1);
         let kind = match b {
@@ -384,11 +386,12 @@ impl<'a> Lexer<'a> {
                 Kind::Op(&self.src[start..self.pos])
             }
         };
-        Ok(Some(Token {
+        out.push(Token {
             kind,
             start,
             end: self.pos,
-        }))
+        });
+        Ok(true)
     }
 
     fn operator(&mut self) -> Kind<'a> {
