@@ -380,6 +380,14 @@ impl Pump {
         )
     }
 
+    /// Writes what the client's socket takes now of the bytes waiting for it. A failure is
+    /// left for the next write, which meets it again.
+    fn try_flush_client<C: AsyncWrite + Unpin>(&mut self, cx: &mut Context<'_>, client: &mut C) {
+        let before = self.to_client.len();
+        let _ = poll_drain(cx, client, &mut self.to_client, &mut self.flush_client);
+        self.bytes_to_client += (before - self.to_client.len()) as u64;
+    }
+
     /// Forwards in both directions until one side ends.
     pub async fn run<C, S>(
         &mut self,
@@ -449,6 +457,12 @@ impl Pump {
                             return Poll::Ready(PumpEnd::ServerProtocol(e));
                         }
                         if self.to_server.is_empty() && relay.at_release_point(server.tracker) {
+                            // The client has its reply now, not after the release (what the
+                            // socket does not take now goes before the client's next read).
+                            // A ReadyForQuery owed after a LISTEN waits for the hub.
+                            if !relay.holds_client_output(server.tracker) {
+                                self.try_flush_client(cx, client);
+                            }
                             return Poll::Ready(PumpEnd::Released);
                         }
                         if relay.holds_client_output(server.tracker) {

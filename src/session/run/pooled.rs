@@ -170,6 +170,19 @@ pub(super) async fn forward_pooled(
                         push_notification(relay, pump, &prefix, &n);
                     }
                 }
+                // A session that never listened has nothing else to wait for (most of them:
+                // one select less per wake-up).
+                if !listening {
+                    break forward(
+                        &mut waits,
+                        &a.prepare.tenant.limits,
+                        relay,
+                        pump,
+                        stream,
+                        &mut pooled,
+                    )
+                    .await;
+                }
                 // The forwarding state lives in the pump: leaving `forward` for a
                 // notification loses nothing.
                 tokio::select! {
