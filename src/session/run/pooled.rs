@@ -170,31 +170,24 @@ pub(super) async fn forward_pooled(
                         push_notification(relay, pump, &prefix, &n);
                     }
                 }
+                let forwarding = forward(
+                    &mut waits,
+                    &a.prepare.tenant.limits,
+                    relay,
+                    pump,
+                    stream,
+                    &mut pooled,
+                );
                 // A session that never listened has nothing else to wait for (most of them:
                 // one select less per wake-up).
                 if !listening {
-                    break forward(
-                        &mut waits,
-                        &a.prepare.tenant.limits,
-                        relay,
-                        pump,
-                        stream,
-                        &mut pooled,
-                    )
-                    .await;
+                    break forwarding.await;
                 }
                 // The forwarding state lives in the pump: leaving `forward` for a
                 // notification loses nothing.
                 tokio::select! {
                     biased;
-                    end = forward(
-                        &mut waits,
-                        &a.prepare.tenant.limits,
-                        relay,
-                        pump,
-                        stream,
-                        &mut pooled,
-                    ) => break end,
+                    end = forwarding => break end,
                     Some(n) = next_notification(&mut notify_rx), if listening && held.len() < notify::CLIENT_QUEUE => {
                         held.push_back(n);
                     }
