@@ -1,6 +1,7 @@
-//! Shutdown and restart: a shutdown ends sessions between transactions at once, lets open
-//! transactions finish, then ends them with `57P01`; two instances sharing the port with
-//! `reuse_port` replace each other without a client seeing a failure.
+//! Shutdown, restart and reload: a shutdown ends sessions between transactions at once, lets
+//! open transactions finish, then ends them with `57P01`; two instances sharing the port with
+//! `reuse_port` replace each other without a client seeing a failure; reloads under load fail
+//! no query.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -278,4 +279,69 @@ async fn a_cancel_sent_to_the_other_instance_is_forwarded_to_the_one_holding_the
     }
     two.shutdown(Duration::from_secs(1)).await;
     one.shutdown(Duration::from_secs(1)).await;
+}
+
+/// Reloads under running load (plans changed, a tenant added and removed, an invalid file in
+/// between) fail no query of the tenants that stay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reloads_under_load_fail_no_query() {
+    let (env, path) = common::start_from_file("").await;
+    let original = std::fs::read_to_string(&path).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut loads = Vec::new();
+    for tenant in ["acme", "acme", "globex", "initech"] {
+        let client = env.connect(tenant).await;
+        let stop = stop.clone();
+        loads.push(tokio::spawn(async move {
+            let statement = client
+                .prepare("SELECT count(*) FROM items WHERE name <> $1")
+                .await
+                .unwrap();
+            let (mut done, mut failures) = (0u64, Vec::new());
+            while !stop.load(Ordering::Relaxed) {
+                let r = async {
+                    client.batch_execute("BEGIN").await?;
+                    client.query_one(&statement, &[&"x"]).await?;
+                    client.batch_execute("COMMIT").await
+                }
+                .await;
+                match r {
+                    Ok(()) => done += 1,
+                    Err(e) => failures.push(format!("{e:?}")),
+                }
+            }
+            (done, failures)
+        }));
+    }
+    let hooli = format!(
+        "\n[[tenants]]\nid = \"0b7e3c1a-5d2f-4e6a-9c8b-7a6d5e4f3c21\"\nname = \"hooli\"\n\
+         placement = {{ kind = \"shared\", shard = \"shared-a\" }}\n[[tenants.users]]\n\
+         name = \"app\"\nscram = \"{}\"\n",
+        pgtenant::auth::verifier::ScramVerifier::from_password(b"pw")
+    );
+    let mut ok = 0;
+    for round in 0..30 {
+        let text = match round % 3 {
+            0 => original.replace("statement_timeout = \"60s\"", "statement_timeout = \"61s\""),
+            1 => format!("{original}{hooli}"),
+            _ => "[listen\nnot toml".to_owned(),
+        };
+        std::fs::write(&path, &text).unwrap();
+        if env.proxy.state.reload_from_source().await.is_ok() {
+            ok += 1;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(30)).await;
+    }
+    assert_eq!(ok, 20, "the valid files applied, the invalid ones did not");
+    std::fs::write(&path, &original).unwrap();
+    env.proxy.state.reload_from_source().await.unwrap();
+    stop.store(true, Ordering::Relaxed);
+    let mut total = 0;
+    for l in loads {
+        let (done, failures) = l.await.unwrap();
+        assert!(failures.is_empty(), "{failures:#?}");
+        assert!(done > 0);
+        total += done;
+    }
+    eprintln!("{total} transactions across 30 reloads, none failed");
 }
