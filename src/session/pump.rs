@@ -262,10 +262,7 @@ impl Pump {
     {
         poll_fn(|cx| {
             loop {
-                let before = self.to_client.len();
-                let drained = poll_drain(cx, client, &mut self.to_client, &mut self.flush_client);
-                self.bytes_to_client += (before - self.to_client.len()) as u64;
-                let mut progress = match drained {
+                let mut progress = match self.drain_client(cx, client) {
                     Ok(p) => p,
                     Err(e) => return Poll::Ready(Err(PumpEnd::ClientGone(e))),
                 };
@@ -380,12 +377,17 @@ impl Pump {
         )
     }
 
-    /// Writes what the client's socket takes now of the bytes waiting for it. A failure is
-    /// left for the next write, which meets it again.
-    fn try_flush_client<C: AsyncWrite + Unpin>(&mut self, cx: &mut Context<'_>, client: &mut C) {
+    /// Writes what the client's socket takes now of the bytes waiting for it, counting them
+    /// (see [`poll_drain`]).
+    fn drain_client<C: AsyncWrite + Unpin>(
+        &mut self,
+        cx: &mut Context<'_>,
+        client: &mut C,
+    ) -> Result<bool, Option<io::Error>> {
         let before = self.to_client.len();
-        let _ = poll_drain(cx, client, &mut self.to_client, &mut self.flush_client);
+        let drained = poll_drain(cx, client, &mut self.to_client, &mut self.flush_client);
         self.bytes_to_client += (before - self.to_client.len()) as u64;
+        drained
     }
 
     /// Forwards in both directions until one side ends.
@@ -426,10 +428,7 @@ impl Pump {
                 Err(e) => return Poll::Ready(PumpEnd::ServerGone(e)),
             }
             if !relay.holds_client_output(server.tracker) {
-                let before = self.to_client.len();
-                let drained = poll_drain(cx, client, &mut self.to_client, &mut self.flush_client);
-                self.bytes_to_client += (before - self.to_client.len()) as u64;
-                match drained {
+                match self.drain_client(cx, client) {
                     Ok(p) => {
                         progress |= p;
                         if let Poll::Ready(limit) = self.poll_stall(cx, p) {
@@ -460,8 +459,9 @@ impl Pump {
                             // The client has its reply now, not after the release (what the
                             // socket does not take now goes before the client's next read).
                             // A ReadyForQuery owed after a LISTEN waits for the hub.
+                            // A failure is left for the next write, which meets it again.
                             if !relay.holds_client_output(server.tracker) {
-                                self.try_flush_client(cx, client);
+                                let _ = self.drain_client(cx, client);
                             }
                             return Poll::Ready(PumpEnd::Released);
                         }

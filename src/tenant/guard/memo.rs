@@ -18,6 +18,9 @@ pub const SLOTS: usize = 8;
 /// Longer texts are always checked in full.
 pub const MAX_TEXT: usize = 1024;
 
+/// What the texts were checked under: `standard_conforming_strings` and the advisory-lock salt.
+type Key = (bool, Option<u64>);
+
 /// The texts the guard passed untouched for one session.
 #[derive(Debug, Default)]
 pub struct PassedTexts {
@@ -25,16 +28,16 @@ pub struct PassedTexts {
     /// The slot the next text goes to (oldest first).
     next: usize,
     /// The policy values the texts were checked under.
-    key: Option<(bool, Option<u64>)>,
+    key: Option<Key>,
 }
 
 impl PassedTexts {
-    fn key(policy: &Policy, standard_conforming: bool) -> (bool, Option<u64>) {
+    fn key(policy: &Policy, standard_conforming: bool) -> Key {
         (standard_conforming, policy.lock_salt)
     }
 
     /// Whether `sql` was passed untouched under the same policy values.
-    fn contains(&mut self, sql: &[u8], key: (bool, Option<u64>)) -> bool {
+    fn contains(&mut self, sql: &[u8], key: Key) -> bool {
         if self.key != Some(key) {
             self.texts.iter_mut().for_each(Vec::clear);
             return false;
@@ -42,7 +45,7 @@ impl PassedTexts {
         self.texts.iter().any(|t| t.as_slice() == sql)
     }
 
-    fn remember(&mut self, sql: &[u8], key: (bool, Option<u64>)) {
+    fn remember(&mut self, sql: &[u8], key: Key) {
         if sql.len() > MAX_TEXT || sql.is_empty() {
             return;
         }
