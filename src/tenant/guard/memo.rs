@@ -25,6 +25,10 @@ type Key = (bool, Option<u64>);
 #[derive(Debug, Default)]
 pub struct PassedTexts {
     texts: Vec<Vec<u8>>,
+    /// Each text's [`fingerprint`], compared before its bytes: a text that differs from all
+    /// of them (another literal each time, as `pgbench -S` sends) costs one pass over its
+    /// bytes, not one comparison per slot.
+    prints: [u64; SLOTS],
     /// The slot the next text goes to (oldest first).
     next: usize,
     /// The policy values the texts were checked under.
@@ -37,15 +41,19 @@ impl PassedTexts {
     }
 
     /// Whether `sql` was passed untouched under the same policy values.
-    fn contains(&mut self, sql: &[u8], key: Key) -> bool {
+    fn contains(&mut self, sql: &[u8], print: u64, key: Key) -> bool {
         if self.key != Some(key) {
             self.texts.iter_mut().for_each(Vec::clear);
             return false;
         }
-        self.texts.iter().any(|t| t.as_slice() == sql)
+        // Equal prints decide nothing: the bytes are compared.
+        self.texts
+            .iter()
+            .zip(self.prints)
+            .any(|(t, p)| p == print && t.as_slice() == sql)
     }
 
-    fn remember(&mut self, sql: &[u8], key: Key) {
+    fn remember(&mut self, sql: &[u8], print: u64, key: Key) {
         if sql.len() > MAX_TEXT || sql.is_empty() {
             return;
         }
@@ -54,14 +62,32 @@ impl PassedTexts {
             // Room for the texts of a session's statements to vary a little in length.
             let mut t = Vec::with_capacity(sql.len().max(128).next_power_of_two());
             t.extend_from_slice(sql);
+            self.prints[self.texts.len()] = print;
             self.texts.push(t);
             return;
         }
         let slot = &mut self.texts[self.next];
         slot.clear();
         slot.extend_from_slice(sql);
+        self.prints[self.next] = print;
         self.next = (self.next + 1) % SLOTS;
     }
+}
+
+/// A hash of `sql` that tells most different texts apart in one pass (eight bytes at a
+/// time). Only a shortcut: texts with equal prints are still compared byte for byte.
+fn fingerprint(sql: &[u8]) -> u64 {
+    const K: u64 = 0x517c_c1b7_2722_0a95;
+    let mut h = sql.len() as u64;
+    let mut words = sql.chunks_exact(8);
+    for w in &mut words {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(w);
+        h = (h.rotate_left(5) ^ u64::from_le_bytes(b)).wrapping_mul(K);
+    }
+    let mut last = [0u8; 8];
+    last[..words.remainder().len()].copy_from_slice(words.remainder());
+    (h.rotate_left(5) ^ u64::from_le_bytes(last)).wrapping_mul(K)
 }
 
 impl Verdict {
@@ -98,12 +124,13 @@ impl Policy {
             return self.check_reusing(sql, standard_conforming, buf);
         }
         let key = PassedTexts::key(self, standard_conforming);
-        if passed.contains(sql, key) {
+        let print = fingerprint(sql);
+        if passed.contains(sql, print, key) {
             return Verdict::default();
         }
         let verdict = self.check_reusing(sql, standard_conforming, buf);
         if verdict.is_untouched() {
-            passed.remember(sql, key);
+            passed.remember(sql, print, key);
         }
         verdict
     }
@@ -113,6 +140,12 @@ impl Policy {
 mod tests {
     use super::*;
     use crate::session::relay::RelayRules;
+
+    impl PassedTexts {
+        fn holds(&mut self, sql: &[u8], key: Key) -> bool {
+            self.contains(sql, fingerprint(sql), key)
+        }
+    }
 
     fn check(p: &Policy, sql: &str, sc: bool, passed: &mut PassedTexts) -> Verdict {
         p.check_remembering(sql.as_bytes(), sc, &mut TokenBuf::default(), passed)
@@ -127,7 +160,7 @@ mod tests {
         // Untouched: remembered.
         let plain = "SELECT a FROM t WHERE id = $1";
         assert!(check(&p, plain, true, &mut passed).is_untouched());
-        assert!(passed.contains(plain.as_bytes(), (true, Some(7))));
+        assert!(passed.holds(plain.as_bytes(), (true, Some(7))));
         // Refused, rewritten or with effects: never remembered, and every time the same
         // verdict as the guard's.
         for sql in [
@@ -146,7 +179,7 @@ mod tests {
                 let v = check(&p, sql, true, &mut passed);
                 assert_eq!(format!("{v:?}"), format!("{full:?}"), "{sql}");
             }
-            assert!(!passed.contains(sql.as_bytes(), (true, Some(7))), "{sql}");
+            assert!(!passed.holds(sql.as_bytes(), (true, Some(7))), "{sql}");
         }
         // A refusal does not depend on what was remembered before.
         let bad = "SELECT pg_read_file('x')";
@@ -160,27 +193,34 @@ mod tests {
         let mut passed = PassedTexts::default();
         let sql = "SELECT 'a\\' , 1";
         check(&p, sql, true, &mut passed);
-        assert!(passed.contains(sql.as_bytes(), (true, p.lock_salt)));
+        assert!(passed.holds(sql.as_bytes(), (true, p.lock_salt)));
         // With standard_conforming_strings off the same bytes lex differently.
-        assert!(!passed.contains(sql.as_bytes(), (false, p.lock_salt)));
+        assert!(!passed.holds(sql.as_bytes(), (false, p.lock_salt)));
         assert!(
-            !passed.contains(sql.as_bytes(), (true, p.lock_salt)),
+            !passed.holds(sql.as_bytes(), (true, p.lock_salt)),
             "forgotten"
         );
         check(&p, sql, true, &mut passed);
-        assert!(!passed.contains(sql.as_bytes(), (true, Some(99))));
+        assert!(!passed.holds(sql.as_bytes(), (true, Some(99))));
         // Oldest first out; long texts never kept.
         for i in 0..SLOTS + 2 {
             check(&p, &format!("SELECT {i}"), true, &mut passed);
         }
         assert_eq!(passed.texts.len(), SLOTS);
-        assert!(!passed.contains(b"SELECT 0", (true, p.lock_salt)));
-        assert!(passed.contains(
+        assert!(!passed.holds(b"SELECT 0", (true, p.lock_salt)));
+        assert!(passed.holds(
             format!("SELECT {}", SLOTS + 1).as_bytes(),
             (true, p.lock_salt)
         ));
+        // A print is only a shortcut: another text under a remembered text's print is not
+        // remembered, and prints of texts that differ in one byte differ.
+        let kept = format!("SELECT {}", SLOTS + 1);
+        let print = fingerprint(kept.as_bytes());
+        assert!(!passed.contains(b"SELECT 99", print, (true, p.lock_salt)));
+        assert_ne!(print, fingerprint(format!("SELECT {}", SLOTS).as_bytes()));
+        assert_ne!(fingerprint(b"SELECT 1\0"), fingerprint(b"SELECT 1"));
         let long = format!("SELECT 1{}", " ".repeat(MAX_TEXT));
         check(&p, &long, true, &mut passed);
-        assert!(!passed.contains(long.as_bytes(), (true, p.lock_salt)));
+        assert!(!passed.holds(long.as_bytes(), (true, p.lock_salt)));
     }
 }
