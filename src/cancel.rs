@@ -86,11 +86,16 @@ impl CancelTarget {
         PendingCancel(Arc::clone(self))
     }
 
+    /// No cancel is in flight to this connection now.
+    pub fn is_settled(&self) -> bool {
+        self.in_flight.load(Ordering::Acquire) == 0
+    }
+
     /// Waits until no cancel is in flight to this connection; false if one still is after
     /// `patience` (the connection must then be closed, not handed to anyone else).
     pub async fn settled(&self, patience: Duration) -> bool {
         // The common case, at every release: nothing in flight, no timer, no wait.
-        if self.in_flight.load(Ordering::Acquire) == 0 {
+        if self.is_settled() {
             return true;
         }
         let wait = async {

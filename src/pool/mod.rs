@@ -249,31 +249,12 @@ impl Pool {
         } else {
             now
         };
-        loop {
-            let candidate = {
-                let mut idle = self.idle();
-                let pos = idle
-                    .iter()
-                    .rposition(|c| c.bound == Some(tenant) && c.pooled.last_client == Some(client))
-                    .or_else(|| idle.iter().rposition(|c| c.bound == Some(tenant)))
-                    .or_else(|| idle.len().checked_sub(1));
-                pos.map(|p| idle.remove(p))
-            };
-            let Some(mut conn) = candidate else { break };
-            // Stale: opened before the shard last went down, idle too long, or closed by the
-            // server (a readiness check, no system call while nothing arrived).
-            if conn.generation == self.health.generation()
-                && now.saturating_duration_since(conn.idle_since)
-                    < self.settings.server_idle_timeout
-                && !conn.looks_closed()
-            {
-                return Ok(PooledConn {
-                    conn,
-                    _permit: permit,
-                    _tenant_permit: tenant_permit,
-                });
-            }
-            tracing::debug!(shard = %self.shard.name, "dropping stale server connection");
+        if let Some(conn) = self.take_idle(tenant, client, now) {
+            return Ok(PooledConn {
+                conn,
+                _permit: permit,
+                _tenant_permit: tenant_permit,
+            });
         }
         let generation = self.health.generation();
         // Boxed: opening a connection (TLS, authentication) is the slow path, and its state
@@ -298,6 +279,59 @@ impl Pool {
             _permit: permit,
             _tenant_permit: tenant_permit,
         })
+    }
+
+    /// [`Pool::checkout`] when it can answer at once: both permits free and an idle
+    /// connection to take. `None` when it would wait, open a connection or fail (the caller
+    /// then takes the awaited path, which does and says so); nothing is taken then.
+    pub fn checkout_now(
+        &self,
+        tenant: TenantId,
+        client: u64,
+        tenant_cap: Option<&(usize, Arc<Semaphore>)>,
+        now: Instant,
+    ) -> Option<PooledConn> {
+        if self.health.is_down() {
+            return None;
+        }
+        let tenant_permit = match tenant_cap {
+            None => None,
+            Some((_, sem)) => Some(Arc::clone(sem).try_acquire_owned().ok()?),
+        };
+        let permit = Arc::clone(&self.permits).try_acquire_owned().ok()?;
+        let conn = self.take_idle(tenant, client, now)?;
+        Some(PooledConn {
+            conn,
+            _permit: permit,
+            _tenant_permit: tenant_permit,
+        })
+    }
+
+    /// An idle connection that is still good at `now`, preferring one bound to `tenant` and
+    /// last used by `client`, then one bound to `tenant`; stale ones met on the way are
+    /// closed.
+    fn take_idle(&self, tenant: TenantId, client: u64, now: Instant) -> Option<Box<ServerConn>> {
+        loop {
+            let mut conn = {
+                let mut idle = self.idle();
+                let pos = idle
+                    .iter()
+                    .rposition(|c| c.bound == Some(tenant) && c.pooled.last_client == Some(client))
+                    .or_else(|| idle.iter().rposition(|c| c.bound == Some(tenant)))
+                    .or_else(|| idle.len().checked_sub(1))?;
+                idle.remove(pos)
+            };
+            // Stale: opened before the shard last went down, idle too long, or closed by the
+            // server (a readiness check, no system call while nothing arrived).
+            if conn.generation == self.health.generation()
+                && now.saturating_duration_since(conn.idle_since)
+                    < self.settings.server_idle_timeout
+                && !conn.looks_closed()
+            {
+                return Some(conn);
+            }
+            tracing::debug!(shard = %self.shard.name, "dropping stale server connection");
+        }
     }
 
     /// A replica's pool that may take a read-only transaction now.
@@ -330,7 +364,10 @@ impl Pool {
     ///
     /// `ended` is when the transaction ended (the connection is idle since then): the caller
     /// read the clock already.
-    pub async fn release(&self, mut pooled: PooledConn, ended: Instant) {
+    pub async fn release(&self, pooled: PooledConn, ended: Instant) {
+        let Err(mut pooled) = self.release_now(pooled, ended) else {
+            return;
+        };
         if !pooled.conn.cancel.settled(CANCEL_PATIENCE).await {
             self.retire(pooled, true, "a cancel was still in flight");
             return;
@@ -342,6 +379,21 @@ impl Pool {
             // Boxed, as the slow path (see `checkout`).
             Box::pin(self.checkin(pooled, true)).await;
         }
+    }
+
+    /// [`Pool::release`] when it needs no wait: no cancel in flight to the connection and
+    /// the connection idle at a message boundary. Otherwise the connection comes back, for
+    /// [`Pool::release`].
+    pub fn release_now(&self, mut pooled: PooledConn, ended: Instant) -> Result<(), PooledConn> {
+        if !pooled.conn.cancel.is_settled()
+            || !pooled.conn.tracker.is_idle()
+            || !pooled.conn.scanner.at_boundary()
+        {
+            return Err(pooled);
+        }
+        pooled.conn.idle_since = ended;
+        self.idle().push(pooled.conn);
+        Ok(())
     }
 
     /// Returns a connection. `whole_messages` is false when the client stopped in the middle

@@ -260,7 +260,19 @@ impl Pump {
     where
         C: AsyncRead + AsyncWrite + Unpin,
     {
-        poll_fn(|cx| {
+        poll_fn(|cx| self.poll_wait_for_client(cx, client)).await
+    }
+
+    /// [`Pump::wait_for_client`] as a poll function, for a caller's own loop.
+    pub fn poll_wait_for_client<C>(
+        &mut self,
+        cx: &mut Context<'_>,
+        client: &mut C,
+    ) -> Poll<Result<(), PumpEnd>>
+    where
+        C: AsyncRead + AsyncWrite + Unpin,
+    {
+        {
             loop {
                 let mut progress = match self.drain_client(cx, client) {
                     Ok(p) => p,
@@ -317,8 +329,7 @@ impl Pump {
                     return Poll::Pending;
                 }
             }
-        })
-        .await
+        }
     }
 
     /// Between transactions, with nothing pending: the buffers go back to the thread's spares.
@@ -404,7 +415,8 @@ impl Pump {
         poll_fn(|cx| self.poll_run(cx, relay, client, server)).await
     }
 
-    fn poll_run<C, S>(
+    /// [`Pump::run`] as a poll function, for a caller's own loop.
+    pub fn poll_run<C, S>(
         &mut self,
         cx: &mut Context<'_>,
         relay: &mut Relay,

@@ -239,6 +239,7 @@ pub(super) async fn run_session(
             &mut relay,
             (client_id, Instant::now()),
             tenant_cap.clone(),
+            None,
         )
         .await
         .map_err(|e| match e {
@@ -419,19 +420,26 @@ const PREPARE_ATTEMPTS: usize = 3;
 /// of that is awaited before any client message is sent: a connection on which it fails is
 /// closed and another one tried, so the client's statements never run on one left in a
 /// previous tenant's state or unbound. Returns the connection and whether it is bound now.
+///
+/// `taken`: a connection of `pool` already taken (by [`prepared_now`]) that needs the
+/// awaited preparation.
 async fn checkout_prepared(
     pool: &Arc<Pool>,
     p: &Prepare,
     relay: &mut Relay,
     (client_id, now): (u64, Instant),
     tenant_cap: Option<(usize, Arc<tokio::sync::Semaphore>)>,
+    mut taken: Option<PooledConn>,
 ) -> Result<(PooledConn, bool), Failed> {
     let mut last = None;
     for _ in 0..PREPARE_ATTEMPTS {
-        let mut pooled = pool
-            .checkout(p.tenant.id, client_id, tenant_cap.clone(), now)
-            .await
-            .map_err(Failed::Checkout)?;
+        let mut pooled = match taken.take() {
+            Some(pooled) => pooled,
+            None => pool
+                .checkout(p.tenant.id, client_id, tenant_cap.clone(), now)
+                .await
+                .map_err(Failed::Checkout)?,
+        };
         match prepare(&mut pooled, p, relay).await {
             Ok(bound_now) => return Ok((pooled, bound_now)),
             // The server refused a value of the client's own (a startup setting): another
@@ -453,17 +461,35 @@ async fn checkout_prepared(
     ))
 }
 
-async fn prepare(
-    pooled: &mut PooledConn,
+/// The fast path of [`checkout_prepared`], with no wait: an idle connection of `pool`, taken
+/// at once, that needs neither a reset nor the client's setup (the same tenant and session
+/// state as the client's). `Err` when that cannot be had: with the connection taken, which
+/// [`checkout_prepared`] then prepares, or none (it checks one out, waiting if it must).
+fn prepared_now(
+    pool: &Pool,
     p: &Prepare,
     relay: &mut Relay,
-) -> Result<bool, crate::pool::ServerError> {
-    let conn = &mut pooled.conn;
-    // Bound to another tenant, or used at all since its last reset: reset before this
-    // tenant sees it.
-    if conn.bound != Some(p.tenant.id) && (conn.pooled.used || conn.bound.is_some()) {
-        conn.reset(RESET_PATIENCE).await?;
+    (client_id, now): (u64, Instant),
+    tenant_cap: Option<&(usize, Arc<tokio::sync::Semaphore>)>,
+) -> Result<PooledConn, Option<PooledConn>> {
+    let mut pooled = pool
+        .checkout_now(p.tenant.id, client_id, tenant_cap, now)
+        .ok_or(None)?;
+    if needs_reset(&pooled.conn, p) || relay.needs_setup(&pooled.conn.pooled) {
+        return Err(Some(pooled));
     }
+    bind_to(&mut pooled.conn, p);
+    Ok(pooled)
+}
+
+/// Bound to another tenant, or used at all since its last reset: the connection is reset
+/// before this tenant sees it.
+fn needs_reset(conn: &crate::pool::ServerConn, p: &Prepare) -> bool {
+    conn.bound != Some(p.tenant.id) && (conn.pooled.used || conn.bound.is_some())
+}
+
+/// Marks `conn` (reset if it had to be) as the tenant's, with its verified-context token.
+fn bind_to(conn: &mut crate::pool::ServerConn, p: &Prepare) {
     if let Some(key) = p.key.as_deref()
         && conn.pooled.token_for(&p.tenant_id).is_none()
     {
@@ -472,6 +498,18 @@ async fn prepare(
     }
     conn.bound = Some(p.tenant.id);
     conn.pooled.used = true;
+}
+
+async fn prepare(
+    pooled: &mut PooledConn,
+    p: &Prepare,
+    relay: &mut Relay,
+) -> Result<bool, crate::pool::ServerError> {
+    let conn = &mut pooled.conn;
+    if needs_reset(conn, p) {
+        conn.reset(RESET_PATIENCE).await?;
+    }
+    bind_to(conn, p);
     let setup = relay.setup_for(&conn.pooled);
     let bound_now = setup.is_some();
     if let Some((sql, pairs)) = setup {

@@ -1,17 +1,11 @@
 //! Forwarding one server connection's traffic with the plan's timeouts enforced.
 
+use std::future::Future as _;
+use std::pin::Pin;
+use std::task::Poll;
+
 use super::woken::Woken;
 use super::*;
-
-/// The next tick of `tick`; never, without one.
-pub(super) async fn next_tick(tick: &mut Option<tokio::time::Interval>) {
-    match tick {
-        Some(t) => {
-            t.tick().await;
-        }
-        None => std::future::pending().await,
-    }
-}
 
 /// pgtenant's own statement timeout fires this long after the plan's limit: the server's
 /// `statement_timeout` (set to the same limit) ends the statement first, so pgtenant's cancel
@@ -57,6 +51,9 @@ pub(super) fn timer() -> tokio::time::Interval {
 }
 
 /// Forwards until the session ends, pgtenant shuts down, or a timeout ends it.
+///
+/// One poll function, no `select!`: each wake-up looks at the end signals (an atomic load
+/// each until one fires), at the timer when the plan has one, and then moves bytes.
 pub(super) async fn forward(
     waits: &mut Waits<'_, '_>,
     limits: &PlanConfig,
@@ -71,24 +68,22 @@ pub(super) async fn forward(
     let mut side = ServerSide::of(&mut pooled.conn);
     let mut timers = waits.tick.is_some();
     let mut cancelled_for = None;
-    loop {
-        if waits.leaving && relay.between_transactions(side.tracker) {
-            return match &waits.leave {
-                Some((_, tenant)) if tenant.removed() => SessionEnd::Removed,
-                _ => SessionEnd::Moved,
-            };
-        }
-        let watch_leave = waits.leave.is_some() && !waits.leaving;
-        tokio::select! {
+    std::future::poll_fn(|cx| {
+        loop {
+            if waits.leaving && relay.between_transactions(side.tracker) {
+                return Poll::Ready(match &waits.leave {
+                    Some((_, tenant)) if tenant.removed() => SessionEnd::Removed,
+                    _ => SessionEnd::Moved,
+                });
+            }
             // In this order: an end signal first, so a busy client cannot starve it.
-            biased;
-            _ = &mut waits.shutdown => return SessionEnd::Shutdown,
-            _ = async {
-                match waits.leave.as_mut() {
-                    Some((leave, _)) => leave.await,
-                    None => std::future::pending().await,
-                }
-            }, if watch_leave => {
+            if Pin::new(&mut waits.shutdown).poll(cx).is_ready() {
+                return Poll::Ready(SessionEnd::Shutdown);
+            }
+            if !waits.leaving
+                && let Some((leave, _)) = waits.leave.as_mut()
+                && Pin::new(leave).poll(cx).is_ready()
+            {
                 // Checked at the top of the loop, and at every tick until the transaction
                 // in progress ends.
                 waits.leaving = true;
@@ -96,8 +91,12 @@ pub(super) async fn forward(
                     waits.tick = Some(timer());
                 }
                 timers = true;
+                continue;
             }
-            _ = next_tick(&mut waits.tick), if timers => {
+            if timers
+                && let Some(tick) = waits.tick.as_mut()
+                && tick.poll_tick(cx).is_ready()
+            {
                 if let (Some(limit), Some(since)) = (statement_timeout, relay.busy_since())
                     && since.elapsed() >= limit + OWN_TIMEOUT_GRACE
                     && cancelled_for != Some(since)
@@ -123,10 +122,14 @@ pub(super) async fn forward(
                     && side.tracker.in_transaction()
                     && since.elapsed() >= limit
                 {
-                    return SessionEnd::IdleInTransaction(limit);
+                    return Poll::Ready(SessionEnd::IdleInTransaction(limit));
                 }
+                continue;
             }
-            end = pump.run(relay, stream, &mut side) => return SessionEnd::Pump(end),
+            return pump
+                .poll_run(cx, relay, stream, &mut side)
+                .map(SessionEnd::Pump);
         }
-    }
+    })
+    .await
 }

@@ -1,6 +1,10 @@
 //! Transaction pooling: the loop that takes a server connection for each of the client's
 //! transactions, routes it (primary or replica, the tenant's placement in force) and returns it.
 
+use std::future::Future as _;
+use std::pin::Pin;
+use std::task::Poll;
+
 use super::forward::{Waits, forward};
 use super::listen::*;
 use super::*;
@@ -56,7 +60,25 @@ pub(super) async fn forward_pooled(
     // The backend this session last recorded itself on (see `Pool::note_owner`).
     let mut noted = None;
     let result = loop {
-        let waited = tokio::select! {
+        // A session that never listened waits for its client and its end signals only, in
+        // one poll function (the end signals first: each costs an atomic load until it
+        // fires).
+        let waited = if !listening {
+            let waited = std::future::poll_fn(|cx| {
+                if Pin::new(&mut waits.shutdown).poll(cx).is_ready()
+                    || (drain_armed && Pin::new(&mut drain).poll(cx).is_ready())
+                {
+                    return Poll::Ready(None);
+                }
+                pump.poll_wait_for_client(cx, stream).map(Some)
+            })
+            .await;
+            match waited {
+                Some(waited) => waited,
+                None => break (SessionEnd::Shutdown, None),
+            }
+        } else {
+            tokio::select! {
             // In this order: the end signals first (a client that keeps sending cannot starve
             // them; each costs an atomic load until it fires).
             biased;
@@ -73,6 +95,7 @@ pub(super) async fn forward_pooled(
                 // Notifications reach the client between its transactions, as on PostgreSQL.
                 push_notification(relay, pump, &prefix, &n);
                 continue;
+            }
             }
         };
         if let Err(end) = waited {
@@ -107,7 +130,10 @@ pub(super) async fn forward_pooled(
             // the primary.
             let read_only = !a.replicas.is_empty()
                 && (a.role == UserRole::Readonly || starts_read_only(pump.pending_client()));
-            checkout_routed(a, relay, read_only, wanted).await
+            match checkout_now(a, relay, read_only, wanted) {
+                Ok(pooled) => Ok((pooled, false)),
+                Err(taken) => checkout_routed(a, relay, read_only, wanted, taken).await,
+            }
         };
         let started = Instant::now();
         a.metrics
@@ -230,7 +256,9 @@ pub(super) async fn forward_pooled(
                     .ready_since()
                     .filter(|t| *t >= started)
                     .unwrap_or_else(Instant::now);
-                a.held.release(pooled, ended).await;
+                if let Err(pooled) = a.held.release_now(pooled, ended) {
+                    a.held.release(pooled, ended).await;
+                }
                 drop(active);
                 a.metrics
                     .transaction_seconds
@@ -241,10 +269,11 @@ pub(super) async fn forward_pooled(
                 }
                 // The ReadyForQuery is still unsent: the client learns LISTEN is done only
                 // when it is.
-                confirm_listens(listened).await;
-                if drain_token.is_cancelled() {
-                    break (SessionEnd::Shutdown, None);
+                if !listened.is_empty() {
+                    confirm_listens(listened).await;
                 }
+                // A drain that began meanwhile ends the session at the next turn's select,
+                // before the client's next message is read (its end signals go first).
                 drain_armed = true;
             }
             end => break (end, Some(pooled)),
@@ -264,16 +293,22 @@ pub(super) async fn forward_pooled(
 
 /// Takes the transaction's server connection: from a replica when it is read-only and one
 /// can take it, else (or when that fails) from the primary. `a.held` says which.
+///
+/// `taken`: a primary connection [`checkout_now`] took that needs the awaited preparation
+/// (the transaction then goes to the primary).
 pub(super) async fn checkout_routed(
     a: &mut Attached<'_>,
     relay: &mut Relay,
     read_only: bool,
     now: Instant,
+    taken: Option<PooledConn>,
 ) -> Result<(PooledConn, bool), Failed> {
-    if let Some(replica) = pick_replica(&a.replicas, read_only) {
+    if taken.is_none()
+        && let Some(replica) = pick_replica(&a.replicas, read_only)
+    {
         a.held = replica;
         let cap = a.tenant_cap.clone();
-        match checkout_prepared(&a.held, &a.prepare, relay, (a.client_id, now), cap).await {
+        match checkout_prepared(&a.held, &a.prepare, relay, (a.client_id, now), cap, None).await {
             // The replica could not serve it: the primary does.
             Err(Failed::Checkout(_) | Failed::Server(_)) => {}
             done => return done,
@@ -281,7 +316,31 @@ pub(super) async fn checkout_routed(
     }
     a.held = Arc::clone(&a.pool);
     let cap = a.tenant_cap.clone();
-    checkout_prepared(&a.held, &a.prepare, relay, (a.client_id, now), cap).await
+    checkout_prepared(&a.held, &a.prepare, relay, (a.client_id, now), cap, taken).await
+}
+
+/// [`checkout_routed`] when it needs no wait: a primary connection ready for the client
+/// (see [`prepared_now`]); never for work a replica may take. `Err` as [`prepared_now`]'s.
+pub(super) fn checkout_now(
+    a: &mut Attached<'_>,
+    relay: &mut Relay,
+    read_only: bool,
+    now: Instant,
+) -> Result<PooledConn, Option<PooledConn>> {
+    if read_only && a.replicas.iter().any(|p| p.serves_reads()) {
+        return Err(None);
+    }
+    let pooled = prepared_now(
+        &a.pool,
+        &a.prepare,
+        relay,
+        (a.client_id, now),
+        a.tenant_cap.as_ref(),
+    )?;
+    if !Arc::ptr_eq(&a.held, &a.pool) {
+        a.held = Arc::clone(&a.pool);
+    }
+    Ok(pooled)
 }
 
 /// The pools of `shard`'s replicas for this tenant's user.

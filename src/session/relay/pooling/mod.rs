@@ -155,8 +155,7 @@ impl Relay {
     /// parameters. The caller runs it and waits for it, so a failure never lets the client's
     /// statements run on a connection in the wrong state.
     pub fn setup_for(&mut self, pooled: &PooledState) -> Option<(String, Vec<(String, String)>)> {
-        let mine = self.settings_key();
-        if pooled.settings_of.as_deref() == Some(&*mine) {
+        if !self.needs_setup(pooled) {
             return None;
         }
         let sql = crate::own_sql::reset_settings_then(&self.rules.rebind_sql);
@@ -174,6 +173,16 @@ impl Relay {
             ));
         }
         Some((sql, pairs))
+    }
+
+    /// Whether the connection's session state is not the client's (see [`Relay::setup_for`]).
+    pub fn needs_setup(&mut self, pooled: &PooledState) -> bool {
+        let mine = self.settings_key_ref();
+        // Set up last by this session (the same key), or by another with the same settings.
+        !pooled
+            .settings_of
+            .as_ref()
+            .is_some_and(|of| Arc::ptr_eq(of, mine) || **of == **mine)
     }
 
     /// The setup from [`Relay::setup_for`] ran on the connection.
@@ -220,9 +229,14 @@ impl Relay {
 
     /// The key of the client's session state (see [`settings_key`]).
     pub fn settings_key(&mut self) -> Arc<str> {
+        Arc::clone(self.settings_key_ref())
+    }
+
+    /// [`Relay::settings_key`], borrowed (no reference count touched).
+    fn settings_key_ref(&mut self) -> &Arc<str> {
         let s = &mut self.session;
         let rules = &self.rules;
-        Arc::clone(s.key.get_or_insert_with(|| {
+        s.key.get_or_insert_with(|| {
             let startup = rules
                 .startup_settings
                 .iter()
@@ -237,7 +251,7 @@ impl Relay {
                 .flat_map(|(_, pairs)| pairs.iter().map(|(k, v)| format!("{}:{k}={v}", k.len())))
                 .collect();
             settings_key(&setup, replay.iter().map(String::as_str))
-        }))
+        })
     }
 
     /// How a server ParseComplete or CloseComplete is shown to the client: `None` to
