@@ -234,10 +234,16 @@ impl Pool {
         let permit = match Arc::clone(&self.permits).try_acquire_owned() {
             Ok(p) => p,
             Err(_) => {
-                waited_since.get_or_insert_with(tokio::time::Instant::now);
+                // What is left of the checkout timeout after any wait for the tenant's permit
+                // (one clock reading when there was none).
+                let timeout = match waited_since {
+                    Some(since) => timeout.saturating_sub(since.elapsed()),
+                    None => {
+                        waited_since = Some(tokio::time::Instant::now());
+                        timeout
+                    }
+                };
                 let _waiting = Waiting::on(&self.waiters);
-                let waited = waited_since.map(|t| t.elapsed()).unwrap_or_default();
-                let timeout = timeout.saturating_sub(waited);
                 tokio::time::timeout(timeout, Arc::clone(&self.permits).acquire_owned())
                     .await
                     .map_err(|_| PoolError::Timeout(self.settings.checkout_timeout))?

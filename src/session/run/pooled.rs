@@ -231,12 +231,17 @@ pub(super) async fn forward_pooled(
                     relay.take_committed_notes(),
                 );
             }
-            let listened = subscribe(
-                relay,
-                &a.pool,
-                a.client_id,
-                (&mut notify_tx, &mut notify_rx),
-            );
+            // Most transactions neither listen nor unlisten: no call.
+            let listened = if relay.listens.is_empty() && relay.unlistens.is_empty() {
+                Vec::new()
+            } else {
+                subscribe(
+                    relay,
+                    &a.pool,
+                    a.client_id,
+                    (&mut notify_tx, &mut notify_rx),
+                )
+            };
             listening |= !listened.is_empty();
             if matches!(end, SessionEnd::Pump(PumpEnd::Listening)) {
                 // The client keeps its (pinned) connection; its ReadyForQuery goes out once
