@@ -137,6 +137,8 @@ pub struct Pool {
     owners: notify::Owners,
     /// Checkouts waiting for a permit now.
     waiters: std::sync::atomic::AtomicUsize,
+    /// The shard is a replica (read from its name once: asked twice per transaction).
+    replica: bool,
 }
 
 /// Counts a checkout waiting for a permit while it lives.
@@ -179,6 +181,7 @@ impl Pool {
         };
         Ok(Pool {
             permits: Arc::new(Semaphore::new(shard.max_connections)),
+            replica: shard.is_replica(),
             shard,
             health,
             login,
@@ -347,7 +350,7 @@ impl Pool {
 
     /// Whether this pool's connections go to a replica.
     pub fn is_replica(&self) -> bool {
-        self.shard.is_replica()
+        self.replica
     }
 
     /// What the pool holds now.

@@ -121,23 +121,38 @@ mod spare {
         static SPARE: RefCell<Vec<BytesMut>> = const { RefCell::new(Vec::new()) };
     }
 
-    /// A buffer with room for a read.
-    pub(super) fn take() -> BytesMut {
-        SPARE
-            .with(|s| s.borrow_mut().pop())
-            .unwrap_or_else(|| BytesMut::with_capacity(READ_CHUNK))
-    }
-
-    /// Keeps `buf` (empty) for another session, or frees it.
-    pub(super) fn give(mut buf: BytesMut) {
-        if buf.capacity() < READ_CHUNK / 4 {
+    /// Gives each buffer without one (no capacity) a spare, in one visit to the spares.
+    pub(super) fn fill<const N: usize>(bufs: [&mut BytesMut; N]) {
+        if bufs.iter().all(|b| b.capacity() > 0) {
             return;
         }
-        buf.clear();
         SPARE.with(|s| {
             let mut s = s.borrow_mut();
-            if s.len() < KEEP {
-                s.push(buf);
+            for buf in bufs {
+                if buf.capacity() == 0 {
+                    *buf = s
+                        .pop()
+                        .unwrap_or_else(|| BytesMut::with_capacity(READ_CHUNK));
+                }
+            }
+        });
+    }
+
+    /// Keeps each empty buffer for another session (or frees it), leaving none in its place,
+    /// in one visit to the spares.
+    pub(super) fn give_empty<const N: usize>(bufs: [&mut BytesMut; N]) {
+        if !bufs.iter().any(|b| b.is_empty() && b.capacity() > 0) {
+            return;
+        }
+        SPARE.with(|s| {
+            let mut s = s.borrow_mut();
+            for buf in bufs {
+                if buf.is_empty() && buf.capacity() > 0 {
+                    let buf = std::mem::take(buf);
+                    if buf.capacity() >= READ_CHUNK / 4 && s.len() < KEEP {
+                        s.push(buf);
+                    }
+                }
             }
         });
     }
@@ -302,9 +317,7 @@ impl Pump {
                         Poll::Ready(Ok(())) => {
                             let n = buf.filled().len();
                             if n > 0 {
-                                if self.client_in.capacity() == 0 {
-                                    self.client_in = spare::take();
-                                }
+                                spare::fill([&mut self.client_in]);
                                 self.client_in.extend_from_slice(buf.filled());
                             }
                             Poll::Ready(Ok(n))
@@ -334,25 +347,17 @@ impl Pump {
 
     /// Between transactions, with nothing pending: the buffers go back to the thread's spares.
     fn park(&mut self) {
-        for buf in [
+        spare::give_empty([
             &mut self.client_in,
             &mut self.to_server,
             &mut self.to_client,
-        ] {
-            if buf.is_empty() && buf.capacity() > 0 {
-                spare::give(std::mem::take(buf));
-            }
-        }
+        ]);
     }
 
     /// A transaction starts: buffers to write into, from the spares (a transaction waiting
     /// for its server connection holds only what it read).
     fn unpark(&mut self) {
-        for buf in [&mut self.to_server, &mut self.to_client] {
-            if buf.capacity() == 0 {
-                *buf = spare::take();
-            }
-        }
+        spare::fill([&mut self.to_server, &mut self.to_client]);
     }
 
     /// Queues `bytes` (whole messages) for the client.

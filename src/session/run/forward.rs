@@ -24,7 +24,7 @@ pub(super) type Signal<'a, 'b> = Woken<'a, tokio_util::sync::WaitForCancellation
 /// next transaction boundary.
 pub(super) struct Waits<'a, 'b> {
     pub(super) shutdown: Signal<'a, 'b>,
-    pub(super) tick: Option<tokio::time::Interval>,
+    pub(super) tick: Option<Tick>,
     pub(super) leave: Option<(Signal<'a, 'b>, &'a crate::quota::TenantState)>,
     /// The leave signal fired: end at the next transaction boundary.
     pub(super) leaving: bool,
@@ -44,10 +44,38 @@ impl<'a, 'b> Waits<'a, 'b> {
     }
 }
 
-pub(super) fn timer() -> tokio::time::Interval {
-    let mut tick = tokio::time::interval(TIMER_TICK);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    tick
+pub(super) fn timer() -> Tick {
+    Tick {
+        sleep: Box::pin(tokio::time::sleep(TIMER_TICK)),
+        registered: false,
+    }
+}
+
+/// The session's timer: ready every [`TIMER_TICK`] (a tick missed while busy is skipped).
+/// Its sleep is polled only once it elapsed (and once to register): a wake-up before that
+/// costs a flag read, not a poll of the timer.
+pub(super) struct Tick {
+    sleep: Pin<Box<tokio::time::Sleep>>,
+    /// Polled since its last reset, so the timer wakes this task when it fires.
+    registered: bool,
+}
+
+impl Tick {
+    fn poll_tick(&mut self, cx: &mut std::task::Context<'_>) -> Poll<()> {
+        if self.registered && !self.sleep.is_elapsed() {
+            return Poll::Pending;
+        }
+        if self.sleep.as_mut().poll(cx).is_pending() {
+            self.registered = true;
+            return Poll::Pending;
+        }
+        self.sleep
+            .as_mut()
+            .reset(tokio::time::Instant::now() + TIMER_TICK);
+        // Registers this task for the next tick.
+        self.registered = self.sleep.as_mut().poll(cx).is_pending();
+        Poll::Ready(())
+    }
 }
 
 /// Forwards until the session ends, pgtenant shuts down, or a timeout ends it.

@@ -73,28 +73,13 @@ impl Token<'_> {
     }
 }
 
-fn is_ident_start(b: u8) -> bool {
-    b.is_ascii_alphabetic() || b == b'_' || b >= 0x80
-}
-
-fn is_ident_cont(b: u8) -> bool {
-    is_ident_start(b) || b.is_ascii_digit() || b == b'$'
-}
-
-fn is_dollar_tag_cont(b: u8) -> bool {
-    is_ident_start(b) || b.is_ascii_digit()
-}
-
-fn is_op_char(b: u8) -> bool {
-    b"+-*/<>=~!@#%^&|`?".contains(&b)
-}
-
-fn is_space(b: u8) -> bool {
-    matches!(b, b' ' | b'\t' | b'\n' | b'\r' | 0x0c | 0x0b)
-}
+mod class;
+use class::{is_dollar_tag_cont, is_ident_cont, is_ident_start, is_op_char, is_space};
 
 struct Lexer<'a> {
     src: &'a [u8],
+    /// `src` as text, when it is valid UTF-8 (checked once: names are slices of it).
+    text: Option<&'a str>,
     pos: usize,
     standard_conforming: bool,
     /// Where the token (or comment) being read started: where a lexing error is reported.
@@ -123,6 +108,7 @@ fn lex_into<'a>(
     out.reserve(sql.len() / 5 + 4);
     let mut lx = Lexer {
         src: sql,
+        text: std::str::from_utf8(sql).ok(),
         pos: 0,
         standard_conforming,
         token_start: 0,
@@ -247,15 +233,19 @@ impl<'a> Lexer<'a> {
                 self.quoted_ident(true)?
             }
             c if is_ident_start(c) => {
-                while self.peek(0).is_some_and(is_ident_cont) {
-                    self.pos += 1;
-                }
-                let raw = &self.src[start..self.pos];
+                let rest = &self.src[start..];
+                let len = rest
+                    .iter()
+                    .position(|&c| !is_ident_cont(c))
+                    .unwrap_or(rest.len());
+                self.pos = start + len;
+                let raw = &rest[..len];
                 let name = if !raw.iter().any(|c| c.is_ascii_uppercase()) {
-                    // Valid UTF-8 nearly always: checked without `from_utf8_lossy`'s walk.
-                    match std::str::from_utf8(raw) {
-                        Ok(s) => Cow::Borrowed(s),
-                        Err(_) => String::from_utf8_lossy(raw),
+                    // A token starts and ends next to ASCII bytes (or the text's ends), so in
+                    // valid text it is a slice of it; otherwise its bytes are decoded.
+                    match self.text.and_then(|t| t.get(start..self.pos)) {
+                        Some(s) => Cow::Borrowed(s),
+                        None => String::from_utf8_lossy(raw),
                     }
                 } else if let Some(k) = common_keyword(raw) {
                     Cow::Borrowed(k)
