@@ -425,8 +425,9 @@ async fn a_server_connection_that_dies_gives_the_client_an_error_and_others_carr
     let env = start().await;
     let c = env.connect("globex").await;
     let pid = backend_pid(&c).await;
-    env.admin_a(&format!("SELECT pg_terminate_backend({pid})"));
-    // Let the close arrive (pg_terminate_backend returns before the backend has exited).
+    // With a timeout, pg_terminate_backend waits until the backend has exited (a loaded
+    // machine can take a while); then its close has a moment to reach pgtenant.
+    env.admin_a(&format!("SELECT pg_terminate_backend({pid}, 10000)"));
     tokio::time::sleep(Duration::from_millis(200)).await;
     c.simple_query("SELECT 1").await.unwrap();
     assert_ne!(backend_pid(&c).await, pid, "a stale connection was used");

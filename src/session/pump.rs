@@ -289,10 +289,9 @@ impl Pump {
     {
         {
             loop {
-                let mut progress = match self.drain_client(cx, client) {
-                    Ok(p) => p,
-                    Err(e) => return Poll::Ready(Err(PumpEnd::ClientGone(e))),
-                };
+                if let Err(e) = self.drain_client(cx, client) {
+                    return Poll::Ready(Err(PumpEnd::ClientGone(e)));
+                }
                 if !self.client_in.is_empty() {
                     // A well-formed Terminate; a malformed one goes to the relay, which says so.
                     if self
@@ -331,15 +330,12 @@ impl Pump {
                 };
                 match read {
                     Poll::Ready(Ok(0)) => return Poll::Ready(Err(PumpEnd::ClientGone(None))),
-                    Poll::Ready(Ok(n)) => {
-                        self.bytes_from_client += n as u64;
-                        progress = true;
-                    }
+                    // Read more, or return once there is a message's header.
+                    Poll::Ready(Ok(n)) => self.bytes_from_client += n as u64,
                     Poll::Ready(Err(e)) => return Poll::Ready(Err(PumpEnd::ClientGone(Some(e)))),
-                    Poll::Pending => {}
-                }
-                if !progress {
-                    return Poll::Pending;
+                    // Registered for the client's next bytes; the drain above already wrote
+                    // all the socket took: trying again now finds nothing.
+                    Poll::Pending => return Poll::Pending,
                 }
             }
         }
@@ -432,6 +428,10 @@ impl Pump {
         C: AsyncRead + AsyncWrite + Unpin,
         S: AsyncRead + AsyncWrite + Unpin,
     {
+        // A read that returned Pending has registered this task for the socket's next
+        // readiness, which only the runtime's I/O driver sets: trying it again before this
+        // call returns finds nothing (each try cost a waker registration).
+        let (mut server_waits, mut client_waits) = (false, false);
         loop {
             let mut progress = false;
 
@@ -456,7 +456,7 @@ impl Pump {
                 }
             }
 
-            if self.to_client.len() < HIGH_WATER {
+            if !server_waits && self.to_client.len() < HIGH_WATER {
                 reserve(server.rbuf);
                 match poll_read_buf(Pin::new(&mut *server.stream), cx, server.rbuf) {
                     Poll::Ready(Ok(0)) => return Poll::Ready(PumpEnd::ServerGone(None)),
@@ -487,11 +487,11 @@ impl Pump {
                         }
                     }
                     Poll::Ready(Err(e)) => return Poll::Ready(PumpEnd::ServerGone(Some(e))),
-                    Poll::Pending => {}
+                    Poll::Pending => server_waits = true,
                 }
             }
 
-            if self.to_server.len() < HIGH_WATER {
+            if !client_waits && self.to_server.len() < HIGH_WATER {
                 reserve(&mut self.client_in);
                 match poll_read_buf(Pin::new(&mut *client), cx, &mut self.client_in) {
                     Poll::Ready(Ok(0)) => return Poll::Ready(PumpEnd::ClientGone(None)),
@@ -510,7 +510,7 @@ impl Pump {
                         }
                     }
                     Poll::Ready(Err(e)) => return Poll::Ready(PumpEnd::ClientGone(Some(e))),
-                    Poll::Pending => {}
+                    Poll::Pending => client_waits = true,
                 }
             }
 
