@@ -316,7 +316,8 @@ impl Metrics {
 /// A session's histogram handles (no lookup per transaction).
 pub struct SessionMetrics {
     tenant: String,
-    resolved: Instant,
+    /// When the handles are resolved again (a comparison per transaction, no arithmetic).
+    refresh_at: Instant,
     pub transaction_seconds: Histogram,
     pub query_seconds: Histogram,
     pub checkout_wait_seconds: Histogram,
@@ -330,14 +331,14 @@ impl SessionMetrics {
             query_seconds: metrics::histogram!("pgtenant_query_duration_seconds", l()),
             checkout_wait_seconds: metrics::histogram!("pgtenant_checkout_wait_seconds", l()),
             tenant: tenant.to_owned(),
-            resolved: Instant::now(),
+            refresh_at: Instant::now() + HANDLE_REFRESH,
         }
     }
 
     /// Resolves the handles again when they are old (`now` is the caller's clock read): an
     /// expired series would swallow what a stale handle records. True when they changed.
     pub fn refresh(&mut self, metrics: &Metrics, now: Instant) -> bool {
-        if now.saturating_duration_since(self.resolved) < HANDLE_REFRESH {
+        if now < self.refresh_at {
             return false;
         }
         let label = metrics.labels().label(&self.tenant, true, now);

@@ -131,10 +131,19 @@ impl<'a> Lexer<'a> {
         &self.src[self.pos..]
     }
 
+    #[inline]
     fn skip_space_and_comments(&mut self) -> Result<(), LexError> {
         loop {
+            // Most tokens follow one space or none: only a '-' or '/' can start a comment.
+            match self.peek(0) {
+                Some(b) if is_space(b) => {
+                    self.pos += 1;
+                    continue;
+                }
+                Some(b'-' | b'/') => {}
+                _ => return Ok(()),
+            }
             match (self.peek(0), self.peek(1)) {
-                (Some(b), _) if is_space(b) => self.pos += 1,
                 (Some(b'-'), Some(b'-')) => {
                     while let Some(b) = self.peek(0) {
                         self.pos += 1;
