@@ -287,56 +287,54 @@ impl Pump {
     where
         C: AsyncRead + AsyncWrite + Unpin,
     {
-        {
-            loop {
-                if let Err(e) = self.drain_client(cx, client) {
-                    return Poll::Ready(Err(PumpEnd::ClientGone(e)));
+        loop {
+            if let Err(e) = self.drain_client(cx, client) {
+                return Poll::Ready(Err(PumpEnd::ClientGone(e)));
+            }
+            if !self.client_in.is_empty() {
+                // A well-formed Terminate; a malformed one goes to the relay, which says so.
+                if self
+                    .client_in
+                    .starts_with(&[crate::protocol::tag::TERMINATE, 0, 0, 0, 4])
+                {
+                    return Poll::Ready(Err(PumpEnd::Terminated));
                 }
-                if !self.client_in.is_empty() {
-                    // A well-formed Terminate; a malformed one goes to the relay, which says so.
-                    if self
-                        .client_in
-                        .starts_with(&[crate::protocol::tag::TERMINATE, 0, 0, 0, 4])
-                    {
-                        return Poll::Ready(Err(PumpEnd::Terminated));
-                    }
-                    if self.client_in.len() >= 5 || !self.to_client.is_empty() {
-                        return Poll::Ready(Ok(()));
-                    }
+                if self.client_in.len() >= 5 || !self.to_client.is_empty() {
+                    return Poll::Ready(Ok(()));
                 }
-                let read = if self.client_in.is_empty() {
-                    // Idle: no buffer is held while waiting; the first bytes land on the stack.
-                    if self.to_client.is_empty() {
-                        self.park();
-                    }
-                    // Not zeroed: the read fills what it reports (`ReadBuf` tracks it).
-                    let mut first = [std::mem::MaybeUninit::<u8>::uninit(); 512];
-                    let mut buf = tokio::io::ReadBuf::uninit(&mut first);
-                    match Pin::new(&mut *client).poll_read(cx, &mut buf) {
-                        Poll::Ready(Ok(())) => {
-                            let n = buf.filled().len();
-                            if n > 0 {
-                                spare::fill([&mut self.client_in]);
-                                self.client_in.extend_from_slice(buf.filled());
-                            }
-                            Poll::Ready(Ok(n))
+            }
+            let read = if self.client_in.is_empty() {
+                // Idle: no buffer is held while waiting; the first bytes land on the stack.
+                if self.to_client.is_empty() {
+                    self.park();
+                }
+                // Not zeroed: the read fills what it reports (`ReadBuf` tracks it).
+                let mut first = [std::mem::MaybeUninit::<u8>::uninit(); 512];
+                let mut buf = tokio::io::ReadBuf::uninit(&mut first);
+                match Pin::new(&mut *client).poll_read(cx, &mut buf) {
+                    Poll::Ready(Ok(())) => {
+                        let n = buf.filled().len();
+                        if n > 0 {
+                            spare::fill([&mut self.client_in]);
+                            self.client_in.extend_from_slice(buf.filled());
                         }
-                        Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-                        Poll::Pending => Poll::Pending,
+                        Poll::Ready(Ok(n))
                     }
-                } else {
-                    reserve(&mut self.client_in);
-                    poll_read_buf(Pin::new(&mut *client), cx, &mut self.client_in)
-                };
-                match read {
-                    Poll::Ready(Ok(0)) => return Poll::Ready(Err(PumpEnd::ClientGone(None))),
-                    // Read more, or return once there is a message's header.
-                    Poll::Ready(Ok(n)) => self.bytes_from_client += n as u64,
-                    Poll::Ready(Err(e)) => return Poll::Ready(Err(PumpEnd::ClientGone(Some(e)))),
-                    // Registered for the client's next bytes; the drain above already wrote
-                    // all the socket took: trying again now finds nothing.
-                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+                    Poll::Pending => Poll::Pending,
                 }
+            } else {
+                reserve(&mut self.client_in);
+                poll_read_buf(Pin::new(&mut *client), cx, &mut self.client_in)
+            };
+            match read {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(PumpEnd::ClientGone(None))),
+                // Read more, or return once there is a message's header.
+                Poll::Ready(Ok(n)) => self.bytes_from_client += n as u64,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(PumpEnd::ClientGone(Some(e)))),
+                // Registered for the client's next bytes; the drain above already wrote
+                // all the socket took: trying again now finds nothing.
+                Poll::Pending => return Poll::Pending,
             }
         }
     }
