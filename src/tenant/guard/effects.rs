@@ -25,22 +25,22 @@ fn pin_reason(stmt: &[Token<'_>]) -> Option<&'static str> {
     let mut reason = None;
     let declare = stmt.first().is_some_and(|t| t.is_keyword("declare"));
     for (i, t) in stmt.iter().enumerate() {
+        // One match per name (the keywords only unquoted, the names either way).
+        let Kind::Ident { name, quoted } = &t.kind else {
+            continue;
+        };
+        let keyword = !quoted;
         let after = |words: &[&str]| i > 0 && words.iter().any(|w| stmt[i - 1].is_keyword(w));
-        if (t.is_keyword("temp") || t.is_keyword("temporary"))
-            && after(&["create", "global", "local", "replace", "into"])
-        {
-            reason = Some("a temporary table");
-        } else if let Some(name) = t.ident()
-            && (name == "pg_temp" || name.starts_with("pg_temp_"))
-        {
-            reason = Some("a temporary table");
-        } else if declare && t.is_keyword("hold") && after(&["with"]) {
-            reason = Some("a WITH HOLD cursor");
-        } else if t
-            .ident()
-            .is_some_and(|n| SESSION_LOCK_FUNCTIONS.contains(&n))
-        {
-            return Some("a session advisory lock");
+        match &**name {
+            "temp" | "temporary"
+                if keyword && after(&["create", "global", "local", "replace", "into"]) =>
+            {
+                reason = Some("a temporary table");
+            }
+            n if n == "pg_temp" || n.starts_with("pg_temp_") => reason = Some("a temporary table"),
+            "hold" if keyword && declare && after(&["with"]) => reason = Some("a WITH HOLD cursor"),
+            n if SESSION_LOCK_FUNCTIONS.contains(&n) => return Some("a session advisory lock"),
+            _ => {}
         }
     }
     reason

@@ -208,7 +208,8 @@ impl Policy {
             return verdict;
         }
         if self.prepared_prefix.is_some() {
-            for stmt in tokens.split(|t| t.is_punct(b';')) {
+            // An empty statement (after the last `;`) has no effect.
+            for stmt in tokens.split(|t| t.is_punct(b';')).filter(|s| !s.is_empty()) {
                 if let Err(v) = effects::collect(self, sql, stmt, &mut edits, &mut verdict.effects)
                 {
                     return v;
