@@ -350,6 +350,22 @@ async fn pg_prepared_statements_shows_the_clients_own_statements() {
             .iter()
             .any(|m| matches!(m, tokio_postgres::SimpleQueryMessage::Row(_)))
     );
+    // The view's name where pgtenant also renames a statement or a channel: one token, two
+    // rewrites. It ended the session (a panic while rewriting); now it is refused and the
+    // session goes on.
+    for sql in [
+        "LISTEN pg_prepared_statements",
+        "EXECUTE pg_prepared_statements",
+    ] {
+        let e = c.simple_query(sql).await.unwrap_err();
+        assert_eq!(e.code().map(|c| c.code()), Some("42501"), "{sql}: {e}");
+    }
+    let rows = c.simple_query("SELECT 1").await.unwrap();
+    assert!(
+        rows.iter().any(
+            |m| matches!(m, tokio_postgres::SimpleQueryMessage::Row(r) if r.get(0) == Some("1"))
+        )
+    );
 }
 
 /// A client whose connection is pinned (a temporary table) still gets its notifications

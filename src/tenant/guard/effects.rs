@@ -7,6 +7,7 @@
 use std::ops::Range;
 
 use super::lexer::{Kind, Token};
+use super::roles::{self, Roles};
 use super::types::{Effect, Policy, Verdict};
 use crate::tenant::{quote_ident, quote_if_needed};
 
@@ -62,6 +63,7 @@ pub(super) fn collect(
     policy: &Policy,
     sql: &[u8],
     stmt: &[Token<'_>],
+    roles: Roles,
     edits: &mut Vec<(Range<usize>, String)>,
     out: &mut Vec<Effect>,
 ) -> Result<(), Verdict> {
@@ -70,20 +72,33 @@ pub(super) fn collect(
         return Ok(());
     };
     let server_name = |t: &Token<'_>| t.ident().map(|n| format!("{prefix}{n}"));
-    if let Some(reason) = pin_reason(stmt) {
+    if roles.any(roles::PIN)
+        && let Some(reason) = pin_reason(stmt)
+    {
         out.push(Effect::Pin(reason));
     }
     // EXECUTE names a prepared statement wherever it stands: as a statement, and inside
     // EXPLAIN and CREATE TABLE ... AS EXECUTE. Every such name moves into the client's own
     // namespace, so no other statement on the connection can be reached.
-    for name_token in executed(stmt) {
+    // (Over no tokens when the text names no statement: see `roles.rs`.)
+    let named = if roles.any(roles::STATEMENT_NAME) {
+        stmt
+    } else {
+        &[]
+    };
+    for name_token in executed(named) {
         if let Some(server) = server_name(name_token) {
             edits.push((name_token.start..name_token.end, quote_ident(&server)));
             out.push(Effect::Execute(server));
         }
     }
     // set_config at session level is a SET; calls taking parameters count at Bind.
-    for (i, t) in stmt.iter().enumerate() {
+    let calls = if roles.any(roles::SET_CONFIG) {
+        stmt
+    } else {
+        &[]
+    };
+    for (i, t) in calls.iter().enumerate() {
         if t.ident() != Some("set_config") {
             continue;
         }
@@ -243,8 +258,11 @@ pub(super) fn collect(
                     (Some(a), Some(b)) => a.start..b.end,
                     _ => 0..0,
                 };
+                let Some(text) = apply(sql, edits, range) else {
+                    return Err(overlapping_rewrites());
+                };
                 out.push(Effect::Prepare {
-                    sql: String::from_utf8_lossy(&apply(sql, edits, range)).into_owned(),
+                    sql: String::from_utf8_lossy(&text).into_owned(),
                     server_name: server,
                 });
             }
@@ -354,8 +372,14 @@ fn characteristics(stmt: &[Token<'_>]) -> Option<Vec<(String, String)>> {
     (!pairs.is_empty()).then_some(pairs)
 }
 
-/// `sql[range]` with the `edits` that fall inside it applied.
-pub(super) fn apply(sql: &[u8], edits: &[(Range<usize>, String)], range: Range<usize>) -> Vec<u8> {
+/// `sql[range]` with the `edits` that fall inside it applied; `None` when two of them
+/// overlap (one token named twice, e.g. `LISTEN pg_prepared_statements` under transaction
+/// pooling: a channel and a relation): no single rewrite is right, and the caller refuses.
+pub(super) fn apply(
+    sql: &[u8],
+    edits: &[(Range<usize>, String)],
+    range: Range<usize>,
+) -> Option<Vec<u8>> {
     let mut inside: Vec<&(Range<usize>, String)> = edits
         .iter()
         .filter(|(r, _)| r.start >= range.start && r.end <= range.end)
@@ -364,12 +388,20 @@ pub(super) fn apply(sql: &[u8], edits: &[(Range<usize>, String)], range: Range<u
     let mut out = Vec::with_capacity(range.len() + 32 * inside.len());
     let mut at = range.start;
     for (r, text) in inside {
-        out.extend_from_slice(&sql[at..r.start]);
+        out.extend_from_slice(sql.get(at..r.start)?);
         out.extend_from_slice(text.as_bytes());
         at = r.end;
     }
-    out.extend_from_slice(&sql[at..range.end]);
-    out
+    out.extend_from_slice(sql.get(at..range.end)?);
+    Some(out)
+}
+
+/// The refusal for text whose rewrites overlap (see [`apply`]).
+pub(super) fn overlapping_rewrites() -> Verdict {
+    Verdict::refuse(
+        "statement refused: pgtenant would rewrite one of its names in two ways \
+         (rename the statement, channel or alias)",
+    )
 }
 
 /// The statement names SQL text runs with `EXECUTE` (none when it cannot be lexed: such

@@ -14,6 +14,7 @@ mod effects;
 pub mod lexer;
 mod memo;
 mod policy;
+mod roles;
 mod set_config;
 mod settings;
 #[cfg(test)]

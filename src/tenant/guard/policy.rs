@@ -6,6 +6,7 @@ use std::ops::Range;
 use super::advisory::{ADVISORY_FUNCTIONS, namespace_lock_keys};
 use super::effects;
 use super::lexer::{Kind, Token, TokenBuf};
+use super::roles::{self, Roles};
 use super::types::{Policy, Refusal, Scope, SetConfigCall, Verdict};
 use crate::error::sqlstate;
 use crate::tenant::{quote_ident, quote_literal};
@@ -178,22 +179,45 @@ impl Policy {
     }
 
     fn check_tokens(&self, sql: &[u8], tokens: &[Token<'_>]) -> Verdict {
+        self.check_tokens_gated(sql, tokens, Roles::of(tokens))
+    }
+
+    /// [`Policy::check_tokens`] with the passes that look for particular names run only
+    /// when `roles` says such a name is present (see `roles.rs`).
+    pub(super) fn check_tokens_gated(
+        &self,
+        sql: &[u8],
+        tokens: &[Token<'_>],
+        roles: Roles,
+    ) -> Verdict {
         let mut edits: Vec<(Range<usize>, String)> = Vec::new();
         let mut verdict = Verdict::default();
         if !self.unchecked
+            && roles.any(roles::DENIED | roles::ADVISORY | roles::SET_CONFIG | roles::NOTIFY)
             && let Err(v) =
                 self.check_identifiers(sql, tokens, &mut edits, &mut verdict.bound_settings)
         {
             return v;
         }
+        // Both a write and `pg_settings` in one statement.
+        let system_writes = roles.any(roles::WRITE) && roles.any(roles::SETTINGS);
         for stmt in tokens.split(|t| t.is_punct(b';')) {
             if stmt.is_empty() {
                 continue;
             }
             if !self.unchecked
-                && let Err(v) = self
-                    .check_system_writes(stmt)
-                    .and_then(|()| self.check_statement_names(stmt))
+                && let Err(v) = (if system_writes {
+                    self.check_system_writes(stmt)
+                } else {
+                    Ok(())
+                })
+                .and_then(|()| {
+                    if roles.any(roles::STATEMENT_NAME) {
+                        self.check_statement_names(stmt)
+                    } else {
+                        Ok(())
+                    }
+                })
             {
                 return v;
             }
@@ -203,21 +227,27 @@ impl Policy {
                 Err(v) => return v,
             }
         }
-        if self.prepared_prefix.is_some() && self.prepared_view_edits(tokens, &mut edits) {
+        if self.prepared_prefix.is_some()
+            && roles.any(roles::PREPARED_VIEW)
+            && self.prepared_view_edits(tokens, &mut edits)
+        {
             verdict.wants_prepared_view = true;
             return verdict;
         }
         if self.prepared_prefix.is_some() {
             // An empty statement (after the last `;`) has no effect.
             for stmt in tokens.split(|t| t.is_punct(b';')).filter(|s| !s.is_empty()) {
-                if let Err(v) = effects::collect(self, sql, stmt, &mut edits, &mut verdict.effects)
+                if let Err(v) =
+                    effects::collect(self, sql, stmt, roles, &mut edits, &mut verdict.effects)
                 {
                     return v;
                 }
             }
         }
         if !edits.is_empty() {
-            let out = effects::apply(sql, &edits, 0..sql.len());
+            let Some(out) = effects::apply(sql, &edits, 0..sql.len()) else {
+                return effects::overlapping_rewrites();
+            };
             match String::from_utf8(out) {
                 Ok(s) => verdict.rewritten = Some(s),
                 Err(_) => {

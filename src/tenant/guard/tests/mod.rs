@@ -76,6 +76,7 @@ fn pooled() -> Policy {
     }
 }
 
+mod gating;
 mod placements;
 mod pooling;
 mod statements;

@@ -269,6 +269,26 @@ fn pg_prepared_statements_is_replaced_by_the_clients_view() {
         assert!(!v.wants_prepared_view && v.refusal.is_none(), "{sql}");
         assert_eq!(v.rewritten.as_deref(), Some(rewritten), "{sql}");
     }
+    // One token rewritten two ways (a statement name or a channel that is also the view's
+    // name) panicked the session while the text was rewritten: it is refused.
+    for sql in [
+        "EXECUTE pg_prepared_statements",
+        "select execute pg_prepared_statements",
+        "PREPARE pg_prepared_statements AS SELECT 1",
+        "LISTEN pg_prepared_statements",
+        "NOTIFY pg_prepared_statements",
+    ] {
+        let r = p.check(sql.as_bytes(), true).refusal;
+        assert_eq!(r.map(|r| r.sqlstate), Some("42501"), "{sql}");
+    }
+    // Lock keys are rewritten at their parentheses only: a view inside one is no overlap.
+    let sql = "SELECT pg_advisory_xact_lock((SELECT count(*) FROM pg_prepared_statements))";
+    let v = p.check(sql.as_bytes(), true);
+    assert!(v.refusal.is_none(), "{v:?}");
+    assert!(
+        v.rewritten
+            .is_some_and(|s| s.contains("FROM (VIEW) AS pg_prepared_statements"))
+    );
 }
 
 /// `set_config` with query parameters passes the text check and is checked again with the

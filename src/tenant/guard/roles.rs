@@ -1,0 +1,135 @@
+//! What the identifiers of a text could set off, found in one pass over its tokens: the
+//! guard's passes that look for particular names (denied functions, `set_config`, writes to
+//! `pg_settings`, statement names, pinning words, ...) run only when such a name is present.
+//!
+//! Exact by construction: a role is set for every identifier a pass would act on (the test
+//! `gated_verdicts_equal_full_verdicts` checks the verdicts with and without the gate), and a
+//! pass skipped for a whole text would have found nothing in any of its statements.
+
+use super::advisory::ADVISORY_FUNCTIONS;
+use super::effects::SESSION_LOCK_FUNCTIONS;
+use super::lexer::{Kind, Token};
+use super::policy::is_denied;
+
+/// A set of roles (bits below).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Roles(u16);
+
+/// A denied function or view name (`is_denied`).
+pub(super) const DENIED: u16 = 1;
+/// An advisory-lock function (`ADVISORY_FUNCTIONS`).
+pub(super) const ADVISORY: u16 = 1 << 1;
+/// `set_config`.
+pub(super) const SET_CONFIG: u16 = 1 << 2;
+/// `pg_notify`.
+pub(super) const NOTIFY: u16 = 1 << 3;
+/// `pg_settings`.
+pub(super) const SETTINGS: u16 = 1 << 4;
+/// An unquoted `update`, `insert`, `delete` or `merge`.
+pub(super) const WRITE: u16 = 1 << 5;
+/// An unquoted `execute`, `prepare` or `deallocate` (a statement name follows).
+pub(super) const STATEMENT_NAME: u16 = 1 << 6;
+/// `pg_prepared_statements`.
+pub(super) const PREPARED_VIEW: u16 = 1 << 7;
+/// A word that may pin the connection: unquoted `temp`, `temporary`, `hold`; `pg_temp`,
+/// `pg_temp_*`; a session advisory-lock function.
+pub(super) const PIN: u16 = 1 << 8;
+
+impl Roles {
+    /// Every role: the gate open for every pass.
+    #[cfg(test)]
+    pub(super) const ALL: Roles = Roles(u16::MAX);
+
+    /// The roles of `tokens`' identifiers.
+    pub(super) fn of(tokens: &[Token<'_>]) -> Roles {
+        let mut roles = 0;
+        for t in tokens {
+            if let Kind::Ident { name, quoted } = &t.kind {
+                roles |= of_name(name, *quoted);
+            }
+        }
+        Roles(roles)
+    }
+
+    /// True when any of `roles` (bits) is present.
+    pub(super) fn any(self, roles: u16) -> bool {
+        self.0 & roles != 0
+    }
+}
+
+/// The roles of one identifier.
+fn of_name(name: &str, quoted: bool) -> u16 {
+    // Every name below starts with one of these bytes; most identifiers stop here.
+    let Some(&first) = name.as_bytes().first() else {
+        return 0;
+    };
+    if !matches!(
+        first,
+        b'c' | b'd' | b'e' | b'h' | b'i' | b'l' | b'm' | b'p' | b'q' | b's' | b't' | b'u'
+    ) {
+        return 0;
+    }
+    let mut roles = if is_denied(name) { DENIED } else { 0 };
+    let keyword = !quoted;
+    roles |= match name {
+        "set_config" => SET_CONFIG,
+        "pg_notify" => NOTIFY,
+        "pg_settings" => SETTINGS,
+        "pg_prepared_statements" => PREPARED_VIEW,
+        "update" | "insert" | "delete" | "merge" if keyword => WRITE,
+        "execute" | "prepare" | "deallocate" if keyword => STATEMENT_NAME,
+        "temp" | "temporary" | "hold" if keyword => PIN,
+        n if n == "pg_temp" || n.starts_with("pg_temp_") => PIN,
+        _ => 0,
+    };
+    if name.starts_with("pg_") && ADVISORY_FUNCTIONS.contains(&name) {
+        roles |= ADVISORY;
+        if SESSION_LOCK_FUNCTIONS.contains(&name) {
+            roles |= PIN;
+        }
+    }
+    roles
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_name_a_pass_acts_on_has_its_role() {
+        for name in super::super::policy::denied_names() {
+            assert!(of_name(name, false) & DENIED != 0, "{name}");
+            assert!(of_name(name, true) & DENIED != 0, "{name}");
+        }
+        for name in ADVISORY_FUNCTIONS {
+            assert!(of_name(name, true) & ADVISORY != 0, "{name}");
+        }
+        for name in SESSION_LOCK_FUNCTIONS {
+            assert!(of_name(name, true) & PIN != 0, "{name}");
+        }
+        for (name, role) in [
+            ("set_config", SET_CONFIG),
+            ("pg_notify", NOTIFY),
+            ("pg_settings", SETTINGS),
+            ("pg_prepared_statements", PREPARED_VIEW),
+            ("pg_temp", PIN),
+            ("pg_temp_3", PIN),
+        ] {
+            assert_eq!(of_name(name, true) & role, role, "{name}");
+        }
+        for (words, role) in [
+            (&["update", "insert", "delete", "merge"][..], WRITE),
+            (&["execute", "prepare", "deallocate"][..], STATEMENT_NAME),
+            (&["temp", "temporary", "hold"][..], PIN),
+        ] {
+            for w in words {
+                assert_eq!(of_name(w, false) & role, role, "{w}");
+                // Quoted, they are names, not keywords.
+                assert_eq!(of_name(w, true) & role, 0, "{w}");
+            }
+        }
+        for plain in ["select", "name", "from", "items", "where", "id", ""] {
+            assert_eq!(of_name(plain, false), 0, "{plain}");
+        }
+    }
+}
