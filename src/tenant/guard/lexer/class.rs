@@ -6,6 +6,8 @@ const IDENT_START: u8 = 2;
 const DIGIT: u8 = 4;
 const DOLLAR: u8 = 8;
 const OP: u8 = 16;
+/// ASCII upper case (also `IDENT_START`).
+const UPPER: u8 = 32;
 
 static OF: [u8; 256] = {
     let mut t = [0u8; 256];
@@ -18,6 +20,9 @@ static OF: [u8; 256] = {
         }
         if b.is_ascii_alphabetic() || b == b'_' || b >= 0x80 {
             c |= IDENT_START;
+        }
+        if b.is_ascii_uppercase() {
+            c |= UPPER;
         }
         if b.is_ascii_digit() {
             c |= DIGIT;
@@ -64,6 +69,21 @@ pub(super) fn is_ident_cont(b: u8) -> bool {
     in_class(b, IDENT_START | DIGIT | DOLLAR)
 }
 
+/// The length of the identifier `text` starts with (its first byte already known to start
+/// one), and whether it holds an ASCII upper-case letter: one table load per byte.
+#[inline]
+pub(super) fn ident_scan(text: &[u8]) -> (usize, bool) {
+    let mut upper = 0;
+    for (i, &b) in text.iter().enumerate() {
+        let c = OF[usize::from(b)];
+        if c & (IDENT_START | DIGIT | DOLLAR) == 0 {
+            return (i, upper != 0);
+        }
+        upper |= c & UPPER;
+    }
+    (text.len(), upper != 0)
+}
+
 pub(super) fn is_dollar_tag_cont(b: u8) -> bool {
     in_class(b, IDENT_START | DIGIT)
 }
@@ -92,6 +112,10 @@ mod tests {
                 "{b:#x}"
             );
             assert_eq!(is_dollar_tag_cont(b), start || b.is_ascii_digit(), "{b:#x}");
+            let cont = is_ident_cont(b);
+            let (len, upper) = ident_scan(&[b'a', b, b'-']);
+            assert_eq!(len, if cont { 2 } else { 1 }, "{b:#x}");
+            assert_eq!(upper, cont && b.is_ascii_uppercase(), "{b:#x}");
             assert_eq!(is_op_char(b), b"+-*/<>=~!@#%^&|`?".contains(&b), "{b:#x}");
             assert_eq!(
                 is_space(b),

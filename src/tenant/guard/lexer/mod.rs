@@ -74,7 +74,7 @@ impl Token<'_> {
 }
 
 mod class;
-use class::{is_dollar_tag_cont, is_ident_cont, is_ident_start, is_op_char, is_space};
+use class::{ident_scan, is_dollar_tag_cont, is_ident_cont, is_ident_start, is_op_char, is_space};
 
 struct Lexer<'a> {
     src: &'a [u8],
@@ -243,13 +243,10 @@ impl<'a> Lexer<'a> {
             }
             c if is_ident_start(c) => {
                 let rest = &self.src[start..];
-                let len = rest
-                    .iter()
-                    .position(|&c| !is_ident_cont(c))
-                    .unwrap_or(rest.len());
+                let (len, upper) = ident_scan(rest);
                 self.pos = start + len;
                 let raw = &rest[..len];
-                let name = if !raw.iter().any(|c| c.is_ascii_uppercase()) {
+                let name = if !upper {
                     // A token starts and ends next to ASCII bytes (or the text's ends), so in
                     // valid text it is a slice of it; otherwise its bytes are decoded.
                     match self.text.and_then(|t| t.get(start..self.pos)) {
