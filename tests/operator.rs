@@ -113,8 +113,21 @@ async fn metrics_count_what_tenants_do_and_health_answers() {
         m.contains("pgtenant_transaction_duration_seconds_bucket{tenant=\"acme\",le=\"0.1\"}"),
         "{m}"
     );
-    assert!(m.contains("pgtenant_query_duration_seconds_count{tenant=\"acme\"}"));
     assert!(m.contains("pgtenant_checkout_wait_seconds_sum{tenant=\"acme\"}"));
+    assert!(m.contains("# TYPE pgtenant_query_duration_seconds histogram"));
+    let histogram = |m: &str, name: &str, series: &str| {
+        value(m, &format!("pgtenant_{name}_seconds_{series}")).unwrap_or(-1.0)
+    };
+    let tx = histogram(&m, "transaction_duration", "count{tenant=\"acme\"}");
+    assert!(tx >= 6.0, "{m}");
+    for name in ["transaction_duration", "query_duration", "checkout_wait"] {
+        assert_eq!(
+            histogram(&m, name, "count{tenant=\"acme\"}"),
+            histogram(&m, name, "bucket{tenant=\"acme\",le=\"+Inf\"}"),
+            "{name}: {m}"
+        );
+    }
+    let query_count = histogram(&m, "query_duration", "count{tenant=\"acme\"}");
     assert!(
         value(
             &m,
@@ -136,6 +149,12 @@ async fn metrics_count_what_tenants_do_and_health_answers() {
     let (_, m2) = http(admin, "GET", "/metrics").await;
     let after = value(&m2, &format!("pgtenant_queries_total{acme_label}")).unwrap();
     assert_eq!(after, queries + 5.0);
+    // Histograms too: each scrape adds what happened since the last one, once.
+    assert_eq!(
+        histogram(&m2, "query_duration", "count{tenant=\"acme\"}"),
+        query_count + 5.0,
+        "{m2}"
+    );
     // A temporary table pins acme's server connection: one pinned on shared-a.
     acme.simple_query("CREATE TEMP TABLE scratch (x int)")
         .await

@@ -5,6 +5,7 @@
 //! Limits are read from the snapshot each time they are checked, so a reload applies them
 //! to new connections and queries without a restart.
 
+pub mod histogram;
 pub mod login;
 pub mod pending;
 
@@ -73,6 +74,12 @@ pub struct TenantStats {
     pub pinned: AtomicUsize,
     pub bytes_from_clients: AtomicU64,
     pub bytes_to_clients: AtomicU64,
+    /// Transaction mode: from a server connection's checkout to its release.
+    pub transaction_seconds: histogram::DurationHistogram,
+    /// From a Query or Sync to its ReadyForQuery.
+    pub query_seconds: histogram::DurationHistogram,
+    /// How long a transaction waited for a server connection.
+    pub checkout_wait_seconds: histogram::DurationHistogram,
 }
 
 impl TenantStats {

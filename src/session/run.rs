@@ -212,8 +212,6 @@ pub(super) async fn run_session(
             n.min(snapshot.listen.max_message_size)
         });
     let mut relay = Relay::new(max_message, rules);
-    let session_metrics = state.metrics.session(&tenant.name);
-    relay.query_seconds = Some(session_metrics.query_seconds.clone());
     let tenant_state = state.quotas.tenant(&tenant.name);
     // Read before the placement in force is compared with the session's: a MOVE that lands
     // after this is seen at the next transaction.
@@ -299,7 +297,6 @@ pub(super) async fn run_session(
             role,
             client_id,
             tenant_cap,
-            metrics: session_metrics,
             tenant: &tenant_state,
         };
         let forwarded = forward_pooled(

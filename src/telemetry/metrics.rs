@@ -2,35 +2,55 @@
 //!
 //! Nothing on the hot path takes a lock shared by all sessions: per-tenant counts are plain
 //! atomics of the tenant's own ([`crate::quota::TenantStats`]), turned into series when
-//! Prometheus scrapes; the duration histograms are handles a session resolves once (and
-//! again after a minute, so a handle never outlives its series) and records into without a
-//! lock. Per-tenant labels are capped by `metrics.tenant_labels`: `top:N` keeps a label for
+//! Prometheus scrapes. So are the duration histograms: fixed buckets of atomics in the
+//! tenant's stats ([`crate::quota::histogram`]), recorded without a clock read or an
+//! allocation and bounded in memory whether or not anyone scrapes; their changes are added
+//! to the series of the tenant's label at scrape time and rendered after the exporter's
+//! series. Per-tenant labels are capped by `metrics.tenant_labels`: `top:N` keeps a label for
 //! the N tenants active most recently (a tenant keeps its label while it is active; one idle
 //! for [`LABEL_IDLE`] gives it up), the rest count under `tenant="other"`.
 
 use std::collections::HashMap;
+use std::fmt::Write as _;
 use std::sync::atomic::Ordering;
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use metrics::{Histogram, Label};
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use metrics::Label;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use metrics_util::MetricKindMask;
 
 use crate::config::TenantLabels;
 use crate::quota::TenantStats;
+use crate::quota::histogram::{Counts, DurationHistogram};
 
 /// Series not updated for this long disappear (idle tenants, removed shards).
 pub const SERIES_IDLE: Duration = Duration::from_secs(10 * 60);
 /// A tenant inactive for this long gives its label up under `top:N`.
 pub const LABEL_IDLE: Duration = Duration::from_secs(10 * 60);
-/// Sessions resolve their histogram handles again after this long.
-const HANDLE_REFRESH: Duration = Duration::from_secs(60);
-/// Histogram buckets for durations, in seconds.
-const BUCKETS: &[f64] = &[
-    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-    5.0, 10.0, 30.0,
+
+/// Where a tenant's stats keep one of its histograms.
+type HistogramOf = fn(&TenantStats) -> &DurationHistogram;
+
+/// The per-tenant duration histograms: name, help, and where a tenant's stats keep it.
+const HISTOGRAMS: [(&str, &str, HistogramOf); 3] = [
+    (
+        "pgtenant_transaction_duration_seconds",
+        "Transaction mode: from a server connection's checkout to its release, by tenant",
+        |s| &s.transaction_seconds,
+    ),
+    (
+        "pgtenant_query_duration_seconds",
+        "From a Query or Sync to its ReadyForQuery, by tenant",
+        |s| &s.query_seconds,
+    ),
+    (
+        "pgtenant_checkout_wait_seconds",
+        "Time a transaction waited for a server connection, by tenant",
+        |s| &s.checkout_wait_seconds,
+    ),
 ];
+const HISTOGRAM_COUNT: usize = HISTOGRAMS.len();
 
 /// The process's Prometheus recorder (one per process: the `metrics` facade is global),
 /// installed on first use; `None` if another recorder was installed first.
@@ -40,8 +60,7 @@ pub fn recorder() -> Option<&'static PrometheusHandle> {
         .get_or_init(|| {
             let handle = PrometheusBuilder::new()
                 .idle_timeout(MetricKindMask::ALL, Some(SERIES_IDLE))
-                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), BUCKETS)
-                .and_then(|b| b.install_recorder());
+                .install_recorder();
             match handle {
                 Ok(h) => {
                     describe();
@@ -57,7 +76,7 @@ pub fn recorder() -> Option<&'static PrometheusHandle> {
 }
 
 fn describe() {
-    use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    use metrics::{Unit, describe_counter, describe_gauge};
     describe_gauge!(
         "pgtenant_client_connections",
         "Client connections by tenant and state (idle, active, waiting)"
@@ -107,21 +126,6 @@ fn describe() {
         "pgtenant_shard_down_total",
         "Times a shard was marked down (a probe or a new connection failed)"
     );
-    describe_histogram!(
-        "pgtenant_transaction_duration_seconds",
-        Unit::Seconds,
-        "Transaction mode: from a server connection's checkout to its release, by tenant"
-    );
-    describe_histogram!(
-        "pgtenant_query_duration_seconds",
-        Unit::Seconds,
-        "From a Query or Sync to its ReadyForQuery, by tenant"
-    );
-    describe_histogram!(
-        "pgtenant_checkout_wait_seconds",
-        Unit::Seconds,
-        "Time a transaction waited for a server connection, by tenant"
-    );
 }
 
 /// Counts a failed authentication (`kind` is a fixed word, never a user name).
@@ -144,8 +148,17 @@ struct Labels {
     policy: TenantLabels,
     /// Tenants holding a label of their own (`top:N`), with their last activity.
     slots: HashMap<String, Instant>,
-    /// Per tenant: the counters as the last scrape read them.
-    seen: HashMap<String, [u64; COUNTERS]>,
+    /// Per tenant: the counters and histograms as the last scrape read them.
+    seen: HashMap<String, Seen>,
+    /// The histograms' series, per label (`None`: no tenant label), and when each last
+    /// changed or had an active tenant.
+    histograms: HashMap<Option<String>, ([Counts; HISTOGRAM_COUNT], Instant)>,
+}
+
+#[derive(Default, PartialEq)]
+struct Seen {
+    counters: [u64; COUNTERS],
+    histograms: [Counts; HISTOGRAM_COUNT],
 }
 
 /// Labels besides `tenant`.
@@ -211,6 +224,44 @@ impl Labels {
     }
 }
 
+impl Labels {
+    /// Appends the histograms' series (those not idle for [`SERIES_IDLE`]) to `out`.
+    fn render_histograms(&mut self, out: &mut String, now: Instant) {
+        self.histograms
+            .retain(|_, (_, at)| now.saturating_duration_since(*at) < SERIES_IDLE);
+        let mut series: Vec<_> = self.histograms.iter().collect();
+        series.sort_by(|a, b| a.0.cmp(b.0));
+        for (i, (name, help, _)) in HISTOGRAMS.iter().enumerate() {
+            let mut counted = series
+                .iter()
+                .filter(|(_, (h, _))| !h[i].is_empty())
+                .peekable();
+            if counted.peek().is_none() {
+                continue;
+            }
+            if !out.is_empty() && !out.ends_with("\n\n") {
+                out.push('\n');
+            }
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+            for (label, (h, _)) in counted {
+                let labels = match label {
+                    Some(t) => format!("tenant=\"{}\",", escape_label(t)),
+                    None => String::new(),
+                };
+                h[i].render(out, name, &labels);
+            }
+        }
+    }
+}
+
+/// A label value as the text format writes it.
+fn escape_label(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
 fn labels_of(label: Option<&str>, extra: &[(&'static str, &'static str)]) -> Vec<Label> {
     let mut labels: Vec<Label> = extra.iter().map(|(k, v)| Label::new(*k, *v)).collect();
     if let Some(t) = label {
@@ -226,6 +277,7 @@ impl Metrics {
                 policy,
                 slots: HashMap::new(),
                 seen: HashMap::new(),
+                histograms: HashMap::new(),
             }),
         }
     }
@@ -242,12 +294,6 @@ impl Metrics {
             labels.policy = policy;
             labels.slots.clear();
         }
-    }
-
-    /// The histogram handles of a session of `tenant` (called at session start).
-    pub fn session(&self, tenant: &str) -> SessionMetrics {
-        let label = self.labels().label(tenant, true, Instant::now());
-        SessionMetrics::resolve(tenant, label)
     }
 
     /// Turns the tenants' counts into series, has `record_shards` record the shards' (their
@@ -277,14 +323,34 @@ impl Metrics {
                     TenantStats::get(&s.bytes_from_clients),
                     TenantStats::get(&s.bytes_to_clients),
                 ];
-                let before = labels.seen.insert(name.clone(), values).unwrap_or_default();
+                let now_seen = Seen {
+                    counters: values,
+                    histograms: HISTOGRAMS.map(|(_, _, of)| of(s).read()),
+                };
+                let before = labels.seen.remove(name).unwrap_or_default();
                 let clients = tenant.clients();
-                let changed = values != before;
+                let changed = now_seen != before;
+                let values = now_seen.counters;
+                let seen_histograms = now_seen.histograms;
+                labels.seen.insert(name.clone(), now_seen);
                 if !changed && clients == 0 {
                     // Idle: its series expire unless it comes back.
                     continue;
                 }
                 let label = labels.label(name, changed || clients > 0, now);
+                let series = labels
+                    .histograms
+                    .entry(label.clone())
+                    .or_insert_with(|| (Default::default(), now));
+                for (total, (seen, before)) in series
+                    .0
+                    .iter_mut()
+                    .zip(seen_histograms.iter().zip(&before.histograms))
+                {
+                    total.add(&seen.since(before));
+                }
+                series.1 = now;
+                let before = before.counters;
                 let delta = |i: usize| values[i].saturating_sub(before[i]);
                 for (i, (metric, extra)) in TENANT_COUNTERS.iter().enumerate() {
                     // Touch every series of an active tenant so none expires while it is.
@@ -309,41 +375,9 @@ impl Metrics {
         // The shards' series come from their pools, which the caller reads.
         record_shards();
         handle.run_upkeep();
-        handle.render()
-    }
-}
-
-/// A session's histogram handles (no lookup per transaction).
-pub struct SessionMetrics {
-    tenant: String,
-    /// When the handles are resolved again (a comparison per transaction, no arithmetic).
-    refresh_at: Instant,
-    pub transaction_seconds: Histogram,
-    pub query_seconds: Histogram,
-    pub checkout_wait_seconds: Histogram,
-}
-
-impl SessionMetrics {
-    fn resolve(tenant: &str, label: Option<String>) -> Self {
-        let l = || labels_of(label.as_deref(), &[]);
-        SessionMetrics {
-            transaction_seconds: metrics::histogram!("pgtenant_transaction_duration_seconds", l()),
-            query_seconds: metrics::histogram!("pgtenant_query_duration_seconds", l()),
-            checkout_wait_seconds: metrics::histogram!("pgtenant_checkout_wait_seconds", l()),
-            tenant: tenant.to_owned(),
-            refresh_at: Instant::now() + HANDLE_REFRESH,
-        }
-    }
-
-    /// Resolves the handles again when they are old (`now` is the caller's clock read): an
-    /// expired series would swallow what a stale handle records. True when they changed.
-    pub fn refresh(&mut self, metrics: &Metrics, now: Instant) -> bool {
-        if now < self.refresh_at {
-            return false;
-        }
-        let label = metrics.labels().label(&self.tenant, true, now);
-        *self = SessionMetrics::resolve(&self.tenant, label);
-        true
+        let mut text = handle.render();
+        self.labels().render_histograms(&mut text, now);
+        text
     }
 }
 
@@ -357,6 +391,7 @@ mod tests {
             policy: TenantLabels::Top(2),
             slots: HashMap::new(),
             seen: HashMap::new(),
+            histograms: HashMap::new(),
         };
         let t0 = Instant::now();
         assert_eq!(l.label("a", true, t0).as_deref(), Some("a"));

@@ -173,8 +173,6 @@ pub struct Relay {
     pub counters: RelayCounters,
     /// What of `counters` went to the tenant's metrics already.
     flushed: RelayCounters,
-    /// The tenant's query-duration histogram (Query or Sync to ReadyForQuery).
-    pub query_seconds: Option<metrics::Histogram>,
     /// The guard's token buffer, kept between statements.
     tokens: crate::tenant::guard::lexer::TokenBuf,
     /// Texts the guard let through untouched, not checked again (bounded; see the type).
@@ -212,7 +210,6 @@ impl Relay {
             unlistens: Vec::new(),
             counters: RelayCounters::default(),
             flushed: RelayCounters::default(),
-            query_seconds: None,
             tokens: Default::default(),
             passed: Default::default(),
             spare: Vec::new(),

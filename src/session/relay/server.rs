@@ -197,10 +197,12 @@ impl Relay {
     /// A client's epoch ended at `now` with the transaction status `status`: its duration
     /// and what it counted go to the tenant's metrics.
     pub(super) fn count_epoch(&mut self, now: Instant, status: TxStatus) {
-        if let (Some(h), Some(since)) = (&self.query_seconds, self.busy_since) {
-            h.record(now.saturating_duration_since(since));
-        }
         let stats = &self.rules.tenant.stats;
+        if let Some(since) = self.busy_since {
+            stats
+                .query_seconds
+                .record(now.saturating_duration_since(since));
+        }
         if status == TxStatus::Idle {
             TenantStats::add(&stats.transactions, 1);
         }

@@ -25,7 +25,6 @@ pub(super) struct Attached<'a> {
     pub(super) role: UserRole,
     pub(super) client_id: u64,
     pub(super) tenant_cap: Option<(usize, Arc<tokio::sync::Semaphore>)>,
-    pub(super) metrics: crate::telemetry::metrics::SessionMetrics,
     pub(super) tenant: &'a crate::quota::TenantState,
 }
 
@@ -105,9 +104,6 @@ pub(super) async fn forward_pooled(
             break (SessionEnd::Removed, None);
         }
         let wanted = Instant::now();
-        if a.metrics.refresh(&state.metrics, wanted) {
-            relay.query_seconds = Some(a.metrics.query_seconds.clone());
-        }
         let checkout = {
             let _waiting = TenantStats::hold(&a.tenant.stats.waiting);
             if state.pauses.is_paused(&a.prepare.tenant.name) {
@@ -136,7 +132,8 @@ pub(super) async fn forward_pooled(
             }
         };
         let started = Instant::now();
-        a.metrics
+        a.tenant
+            .stats
             .checkout_wait_seconds
             .record(started.saturating_duration_since(wanted));
         let active = TenantStats::hold(&a.tenant.stats.active);
@@ -265,7 +262,8 @@ pub(super) async fn forward_pooled(
                     a.held.release(pooled, ended).await;
                 }
                 drop(active);
-                a.metrics
+                a.tenant
+                    .stats
                     .transaction_seconds
                     .record(ended.saturating_duration_since(started));
                 flush_bytes(pump, a.tenant);
