@@ -71,21 +71,27 @@ fn of_name(name: &str, quoted: bool) -> u16 {
     }
     let mut roles = if is_denied(name) { DENIED } else { 0 };
     let keyword = !quoted;
-    roles |= match name {
-        "set_config" => SET_CONFIG,
-        "pg_notify" => NOTIFY,
-        "pg_settings" => SETTINGS,
-        "pg_prepared_statements" => PREPARED_VIEW,
-        "update" | "insert" | "delete" | "merge" if keyword => WRITE,
-        "execute" | "prepare" | "deallocate" if keyword => STATEMENT_NAME,
-        "temp" | "temporary" | "hold" if keyword => PIN,
-        n if n == "pg_temp" || n.starts_with("pg_temp_") => PIN,
+    // By length first: most identifiers are compared with a name or two, or none.
+    roles |= match (name.len(), name) {
+        (4, "temp" | "hold") | (9, "temporary") if keyword => PIN,
+        (5, "merge") | (6, "update" | "insert" | "delete") if keyword => WRITE,
+        (7, "execute" | "prepare") | (10, "deallocate") if keyword => STATEMENT_NAME,
+        (10, "set_config") => SET_CONFIG,
+        (9, "pg_notify") => NOTIFY,
+        (11, "pg_settings") => SETTINGS,
+        (22, "pg_prepared_statements") => PREPARED_VIEW,
+        (7, "pg_temp") => PIN,
         _ => 0,
     };
-    if name.starts_with("pg_") && ADVISORY_FUNCTIONS.contains(&name) {
-        roles |= ADVISORY;
-        if SESSION_LOCK_FUNCTIONS.contains(&name) {
+    if name.starts_with("pg_") {
+        if name.starts_with("pg_temp_") {
             roles |= PIN;
+        }
+        if ADVISORY_FUNCTIONS.contains(&name) {
+            roles |= ADVISORY;
+            if SESSION_LOCK_FUNCTIONS.contains(&name) {
+                roles |= PIN;
+            }
         }
     }
     roles

@@ -1,8 +1,26 @@
 //! Upper-case keywords folded to lower case without an allocation.
 
-/// Keywords applications write in upper case often enough that folding them without an
-/// allocation pays (the folded name of any other identifier is allocated).
-pub(super) const COMMON_KEYWORDS: &[&str] = &[
+/// Defines [`COMMON_KEYWORDS`] and the lookup of the packed ones by code.
+macro_rules! common_keywords {
+    ($($k:literal,)*) => {
+        /// Keywords applications write in upper case often enough that folding them without
+        /// an allocation pays (the folded name of any other identifier is allocated).
+        pub(super) const COMMON_KEYWORDS: &[&str] = &[$($k,)*];
+
+        /// The keyword of at most [`PACKED`] bytes whose code (see [`fold_code`]) is `code`:
+        /// comparisons with constants, which the compiler makes one switch.
+        fn packed_keyword(code: u64) -> Option<&'static str> {
+            $(
+                if $k.len() <= PACKED && code == const { fold_code($k.as_bytes()) } {
+                    return Some($k);
+                }
+            )*
+            None
+        }
+    };
+}
+
+common_keywords! {
     "all",
     "and",
     "as",
@@ -62,51 +80,39 @@ pub(super) const COMMON_KEYWORDS: &[&str] = &[
     "where",
     "with",
     "write",
-];
+}
 
 /// The longest of [`COMMON_KEYWORDS`].
 pub(super) const LONGEST_KEYWORD: usize = 11;
 
-/// `raw` folded to lower case and packed into one integer (big-endian; at most 16 bytes).
-/// Identifier bytes are never zero, so names of different lengths pack differently.
-const fn fold_code(raw: &[u8]) -> u128 {
-    let mut code = 0u128;
+/// Keywords up to this long are looked up by their code (see [`fold_code`]); the few longer
+/// ones are compared directly.
+const PACKED: usize = 8;
+
+/// `raw` (at most [`PACKED`] bytes) folded to lower case and packed into one integer
+/// (big-endian). Identifier bytes are never zero, so names of different lengths pack
+/// differently.
+const fn fold_code(raw: &[u8]) -> u64 {
+    let mut code = 0u64;
     let mut i = 0;
     while i < raw.len() {
-        code = (code << 8) | raw[i].to_ascii_lowercase() as u128;
+        code = (code << 8) | raw[i].to_ascii_lowercase() as u64;
         i += 1;
     }
     code
 }
 
-/// [`COMMON_KEYWORDS`]' codes (see [`fold_code`]) with their index, sorted by code.
-pub(super) const KEYWORD_CODES: [(u128, usize); COMMON_KEYWORDS.len()] = {
-    let mut codes = [(0u128, 0usize); COMMON_KEYWORDS.len()];
-    let mut i = 0;
-    while i < codes.len() {
-        codes[i] = (fold_code(COMMON_KEYWORDS[i].as_bytes()), i);
-        // Insertion sort, at compile time.
-        let mut j = i;
-        while j > 0 && codes[j - 1].0 > codes[j].0 {
-            let t = codes[j];
-            codes[j] = codes[j - 1];
-            codes[j - 1] = t;
-            j -= 1;
-        }
-        i += 1;
-    }
-    codes
-};
-
-/// `raw` folded to lower case, if it is one of [`COMMON_KEYWORDS`]: a binary search over
-/// integers (no copy, no byte-string compares).
+/// `raw` folded to lower case, if it is one of [`COMMON_KEYWORDS`]: its code compared with
+/// constants (no copy, no byte-string compares) for all but the longest few.
 pub(super) fn common_keyword(raw: &[u8]) -> Option<&'static str> {
-    if raw.len() > LONGEST_KEYWORD {
-        return None;
+    if raw.len() > PACKED {
+        if raw.len() > LONGEST_KEYWORD {
+            return None;
+        }
+        return COMMON_KEYWORDS
+            .iter()
+            .copied()
+            .find(|k| k.len() == raw.len() && k.as_bytes().eq_ignore_ascii_case(raw));
     }
-    let code = fold_code(raw);
-    KEYWORD_CODES
-        .binary_search_by_key(&code, |&(c, _)| c)
-        .ok()
-        .map(|i| COMMON_KEYWORDS[KEYWORD_CODES[i].1])
+    packed_keyword(fold_code(raw))
 }

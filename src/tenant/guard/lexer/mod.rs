@@ -550,7 +550,7 @@ mod text;
 
 use keywords::common_keyword;
 #[cfg(test)]
-use keywords::{COMMON_KEYWORDS, KEYWORD_CODES, LONGEST_KEYWORD};
+use keywords::{COMMON_KEYWORDS, LONGEST_KEYWORD};
 use text::decode_unicode_escapes;
 pub use text::postgres_syntax_error;
 
