@@ -242,6 +242,10 @@ async fn pg_settings_cannot_be_written() {
             "update \"pg_settings\" set setting = '0' where name = 'statement_timeout'",
             "WITH x AS (UPDATE pg_settings SET setting = 'public' WHERE name = 'search_path' RETURNING 1) SELECT * FROM x",
             "INSERT INTO pg_settings (name, setting) VALUES ('statement_timeout', '0')",
+            // Spellings the guard's name gate must see as the write and the view they are.
+            "UPDATE PG_SETTINGS SET setting = '0' WHERE name = 'statement_timeout'",
+            "UPDATE U&\"pg\\005fsettings\" SET setting = '0' WHERE name = 'statement_timeout'",
+            "SELECT 1; Update pg_settings SET setting = '0' WHERE name = 'statement_timeout'",
         ],
     )
     .await;

@@ -155,7 +155,7 @@ struct Labels {
     histograms: HashMap<Option<String>, ([Counts; HISTOGRAM_COUNT], Instant)>,
 }
 
-#[derive(Default, PartialEq)]
+#[derive(Clone, Copy, Default, PartialEq)]
 struct Seen {
     counters: [u64; COUNTERS],
     histograms: [Counts; HISTOGRAM_COUNT],
@@ -222,9 +222,7 @@ impl Labels {
             }
         }
     }
-}
 
-impl Labels {
     /// Appends the histograms' series (those not idle for [`SERIES_IDLE`]) to `out`.
     fn render_histograms(&mut self, out: &mut String, now: Instant) {
         self.histograms
@@ -323,16 +321,13 @@ impl Metrics {
                     TenantStats::get(&s.bytes_from_clients),
                     TenantStats::get(&s.bytes_to_clients),
                 ];
-                let now_seen = Seen {
+                let seen = Seen {
                     counters: values,
                     histograms: HISTOGRAMS.map(|(_, _, of)| of(s).read()),
                 };
-                let before = labels.seen.remove(name).unwrap_or_default();
+                let before = labels.seen.insert(name.clone(), seen).unwrap_or_default();
                 let clients = tenant.clients();
-                let changed = now_seen != before;
-                let values = now_seen.counters;
-                let seen_histograms = now_seen.histograms;
-                labels.seen.insert(name.clone(), now_seen);
+                let changed = seen != before;
                 if !changed && clients == 0 {
                     // Idle: its series expire unless it comes back.
                     continue;
@@ -342,16 +337,15 @@ impl Metrics {
                     .histograms
                     .entry(label.clone())
                     .or_insert_with(|| (Default::default(), now));
-                for (total, (seen, before)) in series
+                for (total, (now_h, before_h)) in series
                     .0
                     .iter_mut()
-                    .zip(seen_histograms.iter().zip(&before.histograms))
+                    .zip(seen.histograms.iter().zip(&before.histograms))
                 {
-                    total.add(&seen.since(before));
+                    total.add(&now_h.since(before_h));
                 }
                 series.1 = now;
-                let before = before.counters;
-                let delta = |i: usize| values[i].saturating_sub(before[i]);
+                let delta = |i: usize| values[i].saturating_sub(before.counters[i]);
                 for (i, (metric, extra)) in TENANT_COUNTERS.iter().enumerate() {
                     // Touch every series of an active tenant so none expires while it is.
                     metrics::counter!(*metric, labels_of(label.as_deref(), extra))

@@ -22,7 +22,10 @@ pub(super) const SESSION_LOCK_FUNCTIONS: &[&str] = &[
 /// Why `stmt` pins its server connection, if it does: temporary objects, `WITH HOLD`
 /// cursors and session advisory locks. Generous on purpose: a pin costs the client's tenant
 /// one server connection, a missed one lets another client meet the state.
-fn pin_reason(stmt: &[Token<'_>]) -> Option<&'static str> {
+fn pin_reason(stmt: &[Token<'_>], roles: Roles) -> Option<&'static str> {
+    if !roles.any(roles::PIN) {
+        return None;
+    }
     let mut reason = None;
     let declare = stmt.first().is_some_and(|t| t.is_keyword("declare"));
     for (i, t) in stmt.iter().enumerate() {
@@ -72,9 +75,7 @@ pub(super) fn collect(
         return Ok(());
     };
     let server_name = |t: &Token<'_>| t.ident().map(|n| format!("{prefix}{n}"));
-    if roles.any(roles::PIN)
-        && let Some(reason) = pin_reason(stmt)
-    {
+    if let Some(reason) = pin_reason(stmt, roles) {
         out.push(Effect::Pin(reason));
     }
     // EXECUTE names a prepared statement wherever it stands: as a statement, and inside
@@ -400,7 +401,7 @@ pub(super) fn apply(
 pub(super) fn overlapping_rewrites() -> Verdict {
     Verdict::refuse(
         "statement refused: pgtenant would rewrite one of its names in two ways \
-         (rename the statement, channel or alias)",
+         (rename the statement or channel)",
     )
 }
 

@@ -193,31 +193,19 @@ impl Policy {
         let mut edits: Vec<(Range<usize>, String)> = Vec::new();
         let mut verdict = Verdict::default();
         if !self.unchecked
-            && roles.any(roles::DENIED | roles::ADVISORY | roles::SET_CONFIG | roles::NOTIFY)
             && let Err(v) =
-                self.check_identifiers(sql, tokens, &mut edits, &mut verdict.bound_settings)
+                self.check_identifiers(sql, tokens, roles, &mut edits, &mut verdict.bound_settings)
         {
             return v;
         }
-        // Both a write and `pg_settings` in one statement.
-        let system_writes = roles.any(roles::WRITE) && roles.any(roles::SETTINGS);
         for stmt in tokens.split(|t| t.is_punct(b';')) {
             if stmt.is_empty() {
                 continue;
             }
             if !self.unchecked
-                && let Err(v) = (if system_writes {
-                    self.check_system_writes(stmt)
-                } else {
-                    Ok(())
-                })
-                .and_then(|()| {
-                    if roles.any(roles::STATEMENT_NAME) {
-                        self.check_statement_names(stmt)
-                    } else {
-                        Ok(())
-                    }
-                })
+                && let Err(v) = self
+                    .check_system_writes(stmt, roles)
+                    .and_then(|()| self.check_statement_names(stmt, roles))
             {
                 return v;
             }
@@ -227,10 +215,7 @@ impl Policy {
                 Err(v) => return v,
             }
         }
-        if self.prepared_prefix.is_some()
-            && roles.any(roles::PREPARED_VIEW)
-            && self.prepared_view_edits(tokens, &mut edits)
-        {
+        if self.prepared_prefix.is_some() && self.prepared_view_edits(tokens, roles, &mut edits) {
             verdict.wants_prepared_view = true;
             return verdict;
         }
@@ -267,9 +252,13 @@ impl Policy {
         &self,
         sql: &[u8],
         tokens: &[Token<'_>],
+        roles: Roles,
         edits: &mut Vec<(Range<usize>, String)>,
         bound: &mut Vec<SetConfigCall>,
     ) -> Result<(), Verdict> {
+        if !roles.any(roles::DENIED | roles::ADVISORY | roles::SET_CONFIG | roles::NOTIFY) {
+            return Ok(());
+        }
         let tenant = self.scope == Scope::Tenant;
         for (i, t) in tokens.iter().enumerate() {
             let Some(name) = t.ident() else { continue };
@@ -314,8 +303,12 @@ impl Policy {
     fn prepared_view_edits(
         &self,
         tokens: &[Token<'_>],
+        roles: Roles,
         edits: &mut Vec<(Range<usize>, String)>,
     ) -> bool {
+        if !roles.any(roles::PREPARED_VIEW) {
+            return false;
+        }
         for (i, t) in tokens.iter().enumerate() {
             if t.ident() != Some("pg_prepared_statements") {
                 continue;
@@ -498,7 +491,11 @@ impl Policy {
 
     /// Writes to `pg_settings` change settings without SET or set_config (a rule on the view
     /// calls set_config): refused in every scope, whatever the statement's shape.
-    fn check_system_writes(&self, stmt: &[Token<'_>]) -> Result<(), Verdict> {
+    fn check_system_writes(&self, stmt: &[Token<'_>], roles: Roles) -> Result<(), Verdict> {
+        // Both a write and `pg_settings` somewhere in the text, or not in this statement.
+        if !(roles.any(roles::WRITE) && roles.any(roles::SETTINGS)) {
+            return Ok(());
+        }
         let names_settings = || stmt.iter().any(|t| t.ident() == Some("pg_settings"));
         let writes = || {
             stmt.iter().any(|t| {
@@ -517,7 +514,10 @@ impl Policy {
     /// SQL-level statement names a client may not reach: pgtenant's own (see
     /// [`is_reserved_name`]); in transaction pooling every other name is moved into the
     /// client's namespace (`effects`).
-    fn check_statement_names(&self, stmt: &[Token<'_>]) -> Result<(), Verdict> {
+    fn check_statement_names(&self, stmt: &[Token<'_>], roles: Roles) -> Result<(), Verdict> {
+        if !roles.any(roles::STATEMENT_NAME) {
+            return Ok(());
+        }
         for (i, t) in stmt.iter().enumerate() {
             let Kind::Ident {
                 name,
