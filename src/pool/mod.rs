@@ -11,9 +11,9 @@ pub mod cache;
 pub mod connect;
 pub mod health;
 pub mod notify;
+mod pools;
 pub mod server_conn;
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -26,6 +26,7 @@ use crate::error::{ClientError, ErrorKind, Reportable, sqlstate};
 use crate::net::tls;
 use crate::tenant::TenantId;
 use connect::Login;
+pub use pools::Pools;
 pub use server_conn::{ServerConn, ServerError};
 
 /// How long pgtenant's own recovery and reset statements may take.
@@ -166,7 +167,7 @@ pub struct PooledConn {
 }
 
 impl Pool {
-    fn new(
+    pub(super) fn new(
         shard: Arc<Shard>,
         health: Arc<health::Health>,
         login: Login,
@@ -518,12 +519,6 @@ impl Pool {
     }
 }
 
-#[derive(Clone, PartialEq, Eq, Hash)]
-struct PoolKey {
-    shard: String,
-    user: String,
-}
-
 /// A pool's connections at one moment.
 #[derive(Debug, Clone)]
 pub struct PoolStats {
@@ -535,84 +530,4 @@ pub struct PoolStats {
     pub max: usize,
     /// Transactions waiting for a connection.
     pub waiters: usize,
-}
-
-/// All pools, created on first use.
-pub struct Pools {
-    settings: PoolSettings,
-    pools: Mutex<HashMap<PoolKey, Arc<Pool>>>,
-    health: Mutex<HashMap<String, Arc<health::Health>>>,
-}
-
-impl Pools {
-    /// An empty set of pools using `settings`.
-    pub fn new(settings: PoolSettings) -> Self {
-        Pools {
-            settings,
-            pools: Mutex::new(HashMap::new()),
-            health: Mutex::default(),
-        }
-    }
-
-    /// The health of shard `name` (shared by its pools of every login).
-    pub fn health(&self, name: &str) -> Arc<health::Health> {
-        let mut map = self.health.lock().unwrap_or_else(|p| p.into_inner());
-        Arc::clone(map.entry(name.to_owned()).or_default())
-    }
-
-    /// Every shard's health, by name.
-    pub fn healths(&self) -> Vec<(String, Arc<health::Health>)> {
-        let map = self.health.lock().unwrap_or_else(|p| p.into_inner());
-        map.iter()
-            .map(|(k, v)| (k.clone(), Arc::clone(v)))
-            .collect()
-    }
-
-    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<PoolKey, Arc<Pool>>> {
-        self.pools.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// The pool for `tenant` on `shard`. A shard whose definition changed gets a new pool;
-    /// the old one lives on until its last connection is returned.
-    pub fn for_tenant(
-        &self,
-        shard: &Arc<Shard>,
-        tenant: &Tenant,
-        role: UserRole,
-    ) -> Result<Arc<Pool>, PoolError> {
-        let login = login_for(shard, tenant, role);
-        let key = PoolKey {
-            shard: shard.name.clone(),
-            user: login.user.clone(),
-        };
-        let mut map = self.map();
-        if let Some(pool) = map.get(&key)
-            && Arc::ptr_eq(&pool.shard, shard)
-            && pool.login == login
-        {
-            return Ok(Arc::clone(pool));
-        }
-        let pool = Arc::new(Pool::new(
-            Arc::clone(shard),
-            self.health(&shard.name),
-            login,
-            self.settings.clone(),
-        )?);
-        map.insert(key, Arc::clone(&pool));
-        Ok(pool)
-    }
-
-    /// What each pool holds now (for the metrics and the admin console).
-    pub fn stats(&self) -> Vec<PoolStats> {
-        let pools: Vec<Arc<Pool>> = self.map().values().cloned().collect();
-        pools.iter().map(|p| p.stats()).collect()
-    }
-
-    /// Runs [`Pool::reap`] on every pool.
-    pub fn reap(&self) {
-        let pools: Vec<Arc<Pool>> = self.map().values().cloned().collect();
-        for pool in pools {
-            pool.reap();
-        }
-    }
 }
