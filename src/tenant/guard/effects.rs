@@ -7,17 +7,9 @@
 use std::ops::Range;
 
 use super::lexer::{Kind, Token};
-use super::roles::{self, Roles};
+use super::roles::{self, Roles, SESSION_LOCK_FUNCTIONS};
 use super::types::{Effect, Policy, Verdict};
 use crate::tenant::{quote_ident, quote_if_needed};
-
-/// Functions taking a session-level advisory lock (held past the transaction).
-pub(super) const SESSION_LOCK_FUNCTIONS: &[&str] = &[
-    "pg_advisory_lock",
-    "pg_advisory_lock_shared",
-    "pg_try_advisory_lock",
-    "pg_try_advisory_lock_shared",
-];
 
 /// Why `stmt` pins its server connection, if it does: temporary objects, `WITH HOLD`
 /// cursors and session advisory locks. Generous on purpose: a pin costs the client's tenant

@@ -6,7 +6,7 @@ use std::ops::Range;
 use super::advisory::{ADVISORY_FUNCTIONS, namespace_lock_keys};
 use super::effects;
 use super::lexer::{Kind, Token, TokenBuf};
-use super::roles::{self, Roles};
+use super::roles::{self, Roles, is_denied};
 use super::types::{Policy, Refusal, Scope, SetConfigCall, Verdict};
 use crate::error::sqlstate;
 use crate::tenant::{quote_ident, quote_literal};
@@ -24,66 +24,6 @@ pub fn unknown_statement(name: &str) -> Verdict {
         sqlstate::INVALID_SQL_STATEMENT_NAME,
         format!("prepared statement \"{name}\" does not exist"),
     )
-}
-
-/// Functions refused wherever their name appears as an identifier (Tenant scope).
-const DENIED_FUNCTIONS: &[&str] = &[
-    "pg_cancel_backend",
-    "pg_terminate_backend",
-    "pg_signal_backend",
-    "loread",
-    "lowrite",
-    "ts_stat",
-    "ts_rewrite",
-    "pg_stat_activity",
-    "pg_stat_get_activity",
-    "pg_locks",
-    "pg_blocking_pids",
-    "pg_safe_snapshot_blocking_pids",
-    "pg_read_file",
-    "pg_read_binary_file",
-    "pg_reload_conf",
-    "pg_prepared_xacts",
-    "pg_prepared_xact",
-    "pg_lock_status",
-    "pg_stat_ssl",
-    "pg_stat_gssapi",
-    "pg_stat_get_progress_info",
-    "cursor_to_xml",
-    "cursor_to_xmlschema",
-];
-/// Name prefixes refused the same way.
-const DENIED_PREFIXES: &[&str] = &[
-    "lo_",
-    "dblink",
-    // The *_to_xml functions read any relation or query by name, so they would reach the
-    // catalog views denied above.
-    "query_to_xml",
-    "table_to_xml",
-    "schema_to_xml",
-    "database_to_xml",
-    "pg_stat_progress_",
-    "pg_stat_get_backend",
-    "pg_stat_statements",
-    "pg_ls_",
-];
-
-/// The first two letters of every denied name: most identifiers are ruled out by them
-/// before the lists are searched (a unit test keeps the lists within them).
-const DENIED_STARTS: &[&[u8; 2]] = &[
-    b"pg", b"lo", b"ts", b"cu", b"db", b"qu", b"ta", b"sc", b"da",
-];
-
-/// Whether identifier `name` is a denied function or view (Tenant scope).
-pub(super) fn is_denied(name: &str) -> bool {
-    let start = name.as_bytes().first_chunk::<2>();
-    start.is_some_and(|s| DENIED_STARTS.contains(&s))
-        && (DENIED_FUNCTIONS.contains(&name) || DENIED_PREFIXES.iter().any(|p| name.starts_with(p)))
-}
-
-#[cfg(test)]
-pub(super) fn denied_names() -> impl Iterator<Item = &'static str> {
-    DENIED_FUNCTIONS.iter().chain(DENIED_PREFIXES).copied()
 }
 
 /// Keywords that may follow a table name and are not an alias.

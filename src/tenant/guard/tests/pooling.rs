@@ -518,8 +518,8 @@ fn session_level_set_config_is_replayed_in_transaction_mode() {
 /// The quick first-letters check never lets a denied name through.
 #[test]
 fn every_denied_name_is_caught() {
-    for name in super::policy::denied_names() {
-        assert!(super::policy::is_denied(name), "{name}");
+    for name in super::roles::denied_names() {
+        assert!(super::roles::is_denied(name), "{name}");
     }
-    assert!(!super::policy::is_denied("pgbench_accounts"));
+    assert!(!super::roles::is_denied("pgbench_accounts"));
 }
