@@ -1,5 +1,6 @@
-//! The guard's statement rules: the allow-list of statement kinds, denied functions, the
-//! LISTEN/NOTIFY namespace rewrite and read-only transaction modes (settings: `settings.rs`).
+//! The guard's statement rules: the allow-list of statement kinds, denied functions (their
+//! names: `roles.rs`), the LISTEN/NOTIFY namespace rewrite and read-only transaction modes
+//! (settings: `settings.rs`).
 
 use std::ops::Range;
 
