@@ -29,14 +29,43 @@ fn main() -> ExitCode {
 /// session id, client address and tenant.
 fn init_logging(format: LogFormat) {
     use std::io::IsTerminal;
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let (targets, env) = log_filter(std::env::var("RUST_LOG").ok().as_deref());
+    let registry = tracing_subscriber::registry().with(targets).with(env);
+    let layer = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     match format {
-        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
-        LogFormat::Json => builder.json().with_current_span(false).init(),
+        LogFormat::Text => registry
+            .with(layer.with_ansi(std::io::stderr().is_terminal()))
+            .init(),
+        LogFormat::Json => registry.with(layer.json().with_current_span(false)).init(),
+    }
+}
+
+/// The filter `RUST_LOG` asks for. Levels per target (`info`, `pgtenant::pool=debug,warn`)
+/// become a static `Targets` filter, decided once per call site: an `EnvFilter` also looks its
+/// span table up, behind a process-wide lock, every time a span is entered or left, which the
+/// session span is twice per transaction. Only directives `Targets` cannot express (span names,
+/// field values) take the `EnvFilter`. Unset or invalid: `info`.
+fn log_filter(
+    spec: Option<&str>,
+) -> (
+    Option<tracing_subscriber::filter::Targets>,
+    Option<tracing_subscriber::EnvFilter>,
+) {
+    let spec = spec
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .unwrap_or("info");
+    if let Ok(targets) = spec.parse() {
+        return (Some(targets), None);
+    }
+    match tracing_subscriber::EnvFilter::try_new(spec) {
+        Ok(env) => (None, Some(env)),
+        Err(_) => (
+            Some(tracing_subscriber::filter::Targets::new().with_default(tracing::Level::INFO)),
+            None,
+        ),
     }
 }
 
@@ -203,5 +232,32 @@ fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
             runtime()?.block_on(pgtenant::demo::run(port))?;
             Ok(ExitCode::SUCCESS)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::log_filter;
+
+    #[test]
+    fn plain_levels_take_the_static_filter_and_span_directives_the_env_filter() {
+        for spec in [
+            None,
+            Some(""),
+            Some("info"),
+            Some("pgtenant::pool=debug,warn"),
+        ] {
+            let (targets, env) = log_filter(spec);
+            assert!(targets.is_some() && env.is_none(), "{spec:?}");
+        }
+        let (targets, env) = log_filter(Some("[session{tenant=acme}]=debug,info"));
+        assert!(targets.is_none() && env.is_some());
+        let (targets, env) = log_filter(Some("[[[=="));
+        let targets = targets.expect("an invalid spec falls back to info");
+        assert!(env.is_none());
+        assert_eq!(
+            targets.default_level(),
+            Some(tracing::level_filters::LevelFilter::INFO)
+        );
     }
 }
