@@ -190,8 +190,10 @@ impl Relay {
         } else {
             self.busy_since = Some(now);
         }
-        let done = self.done_epoch;
-        self.refusals.retain(|(e, _)| *e >= done);
+        if !self.refusals.is_empty() {
+            let done = self.done_epoch;
+            self.refusals.retain(|(e, _)| *e >= done);
+        }
     }
 
     /// A client's epoch ended at `now` with the transaction status `status`: its duration

@@ -127,11 +127,17 @@ pub(super) async fn forward_pooled(
             let read_only = !a.replicas.is_empty()
                 && (a.role == UserRole::Readonly || starts_read_only(pump.pending_client()));
             match checkout_now(a, relay, read_only, wanted) {
-                Ok(pooled) => Ok((pooled, false)),
-                Err(taken) => checkout_routed(a, relay, read_only, wanted, taken).await,
+                // Nothing was awaited: no wait to count, and no second clock reading.
+                Ok(pooled) => Ok((pooled, false, wanted)),
+                Err(taken) => checkout_routed(a, relay, read_only, wanted, taken)
+                    .await
+                    .map(|(p, bound)| (p, bound, Instant::now())),
             }
         };
-        let started = Instant::now();
+        let started = match &checkout {
+            Ok((_, _, started)) => *started,
+            Err(_) => Instant::now(),
+        };
         a.tenant
             .stats
             .checkout_wait_seconds
@@ -140,7 +146,7 @@ pub(super) async fn forward_pooled(
         let (mut pooled, bound_now) = match checkout {
             // Counted active only now: a PAUSE (or MOVE) that began meanwhile saw no
             // transaction of this session, so the session waits (or routes again) first.
-            Ok((p, _))
+            Ok((p, _, _))
                 if state.pauses.is_paused(&a.prepare.tenant.name)
                     || a.tenant.placement_epoch() != a.epoch =>
             {
@@ -148,7 +154,7 @@ pub(super) async fn forward_pooled(
                 a.held.release(p, Instant::now()).await;
                 continue;
             }
-            Ok((p, bound_now)) => (p, bound_now),
+            Ok((p, bound_now, _)) => (p, bound_now),
             Err(Failed::Checkout(e)) => {
                 if matches!(e, PoolError::Timeout(_) | PoolError::TenantBusy(..)) {
                     TenantStats::add(&a.tenant.stats.server_cap_refusals, 1);
