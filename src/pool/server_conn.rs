@@ -434,6 +434,14 @@ impl ServerConn {
     /// Whether the server has closed the connection or sent something unsolicited while idle.
     pub fn looks_closed(&mut self) -> bool {
         let mut probe = [0u8; 1];
+        if let crate::net::stream::MaybeTls::Plain(tcp) = &self.stream {
+            // Answered from the readiness tokio caches, with no waker stored (a mutex in
+            // tokio's I/O registration); the read happens only when that says readable.
+            return !matches!(
+                tcp.try_read(&mut probe),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock
+            );
+        }
         let mut buf = tokio::io::ReadBuf::new(&mut probe);
         let waker = std::task::Waker::noop();
         let mut cx = std::task::Context::from_waker(waker);
