@@ -211,6 +211,24 @@ async fn sql_prepare_execute_and_deallocate_behave_as_on_postgres() {
         code(&a.simple_query("EXECUTE byid").await.unwrap_err()),
         "26000"
     );
+    // What pgtenant keeps of them (its text to create them again, and the client's for its
+    // view) counts against the session's 16 MiB of statement text; it was unbounded but for
+    // the count, so one client could make pgtenant hold 10,000 texts of 64 MiB.
+    let big = |n: u8| format!("PREPARE big{n} AS SELECT '{}'::text", "x".repeat(3 << 20));
+    a.simple_query(&big(1)).await.unwrap();
+    a.simple_query(&big(2)).await.unwrap();
+    let err = a.simple_query(&big(3)).await.unwrap_err();
+    assert_eq!(code(&err), "53400", "{err}");
+    let message = err.as_db_error().map(|e| e.message()).unwrap_or_default();
+    assert!(message.contains("16 MiB"), "{message}");
+    a.simple_query("DEALLOCATE big1").await.unwrap();
+    a.simple_query(&big(3)).await.unwrap();
+    let rows = a.simple_query("EXECUTE big3").await.unwrap();
+    let len = rows.iter().find_map(|m| match m {
+        tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::len),
+        _ => None,
+    });
+    assert_eq!(len, Some(3 << 20));
 }
 
 #[tokio::test]

@@ -321,6 +321,49 @@ async fn pg_prepared_statements_shows_the_clients_own_statements() {
         .unwrap();
     let n: i64 = a.query_one(&counting, &[]).await.unwrap().get(0);
     assert_eq!(n, 3, "two earlier statements and itself");
+    // So does one made with SQL PREPARE, run later or in the same text (it counted none of
+    // its own: its view was built before it existed).
+    a.batch_execute("PREPARE Mine AS SELECT count(*) FROM pg_prepared_statements WHERE name <> ''")
+        .await
+        .unwrap();
+    let first_value = |messages: Vec<tokio_postgres::SimpleQueryMessage>| {
+        messages.iter().find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
+            _ => None,
+        })
+    };
+    let n = first_value(a.simple_query("EXECUTE mine").await.unwrap());
+    assert_eq!(
+        n.as_deref(),
+        Some("4"),
+        "three earlier statements and itself"
+    );
+    let shown = first_value(
+        a.simple_query(
+            "PREPARE m2 AS SELECT statement FROM pg_prepared_statements WHERE name = 'm2'; \
+             EXECUTE m2",
+        )
+        .await
+        .unwrap(),
+    );
+    assert_eq!(
+        shown.as_deref(),
+        Some("PREPARE m2 AS SELECT statement FROM pg_prepared_statements WHERE name = 'm2'")
+    );
+    a.batch_execute("DEALLOCATE mine; DEALLOCATE m2")
+        .await
+        .unwrap();
+    // Each mention of the view gets a copy of it, which holds the client's statements: a
+    // short text naming it often made pgtenant build (and send) gigabytes. Now bounded.
+    let huge = format!("PREPARE huge AS SELECT '{}'::text", "x".repeat(2 << 20));
+    a.batch_execute(&huge).await.unwrap();
+    let many = format!(
+        "SELECT 1 FROM pg_prepared_statements{}",
+        ", pg_prepared_statements".repeat(39)
+    );
+    let err = a.simple_query(&many).await.unwrap_err();
+    assert_eq!(err.code().map(|c| c.code()), Some("54000"), "{err:?}");
+    a.batch_execute("DEALLOCATE huge").await.unwrap();
     // The extended protocol, with a parameter and the qualified name, as psycopg reads it.
     let row = b
         .query_one(

@@ -409,12 +409,24 @@ impl Relay {
         if !verdict.wants_prepared_view {
             return verdict;
         }
-        let itself = (self.pooled() && !name.is_empty()).then(|| {
+        // The statements this text creates, which see themselves in the view.
+        let mut own = Vec::new();
+        if self.pooled() && !name.is_empty() {
             let server_name = self.own_server_name();
-            (String::from_utf8_lossy(name).into_owned(), server_name)
-        });
-        self.rules.policy.prepared_view = Some(self.prepared_view_sql(itself.as_ref()));
-        self.session.next_server_name = itself.map(|(_, s)| s);
+            own.push(OwnStatement {
+                name: String::from_utf8_lossy(name).into_owned(),
+                server_name,
+                shown: None,
+            });
+        } else if self.pooled() {
+            own = self.sql_prepares(text);
+        }
+        self.rules.policy.prepared_view = Some(self.prepared_view_sql(&own));
+        self.session.next_server_name = if name.is_empty() {
+            None
+        } else {
+            own.pop().map(|s| s.server_name)
+        };
         let mut verdict = self.rules.policy.check(text, self.standard_conforming);
         self.rules.policy.prepared_view = None;
         if verdict.wants_prepared_view {

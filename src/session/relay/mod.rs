@@ -27,7 +27,7 @@ use crate::quota::{TenantState, TenantStats};
 use crate::tenant::guard::{Effect, Policy, Scope};
 pub use binding::Binding;
 use binding::InBand;
-use pooling::SessionState;
+use pooling::{OwnStatement, SessionState};
 
 mod binding;
 mod bound;

@@ -251,12 +251,13 @@ pub(super) fn collect(
                     (Some(a), Some(b)) => a.start..b.end,
                     _ => 0..0,
                 };
-                let Some(text) = apply(sql, edits, range) else {
+                let Some(text) = apply(sql, edits, range.clone()) else {
                     return Err(overlapping_rewrites());
                 };
                 out.push(Effect::Prepare {
                     sql: String::from_utf8_lossy(&text).into_owned(),
                     server_name: server,
+                    shown: String::from_utf8_lossy(sql.get(range).unwrap_or_default()).into_owned(),
                 });
             }
         }

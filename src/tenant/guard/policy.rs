@@ -28,6 +28,9 @@ pub fn unknown_statement(name: &str) -> Verdict {
 }
 
 /// Keywords that may follow a table name and are not an alias.
+/// What the copies of the client's view of `pg_prepared_statements` may add to one text.
+const MAX_VIEW_BYTES: usize = 64 << 20;
+
 const NOT_ALIASES: &[&str] = &[
     "where",
     "join",
@@ -156,9 +159,15 @@ impl Policy {
                 Err(v) => return v,
             }
         }
-        if self.prepared_prefix.is_some() && self.prepared_view_edits(tokens, roles, &mut edits) {
-            verdict.wants_prepared_view = true;
-            return verdict;
+        if self.prepared_prefix.is_some() {
+            match self.prepared_view_edits(tokens, roles, &mut edits) {
+                Ok(true) => {
+                    verdict.wants_prepared_view = true;
+                    return verdict;
+                }
+                Ok(false) => {}
+                Err(v) => return v,
+            }
         }
         if self.prepared_prefix.is_some() {
             // An empty statement (after the last `;`) has no effect.
@@ -246,10 +255,11 @@ impl Policy {
         tokens: &[Token<'_>],
         roles: Roles,
         edits: &mut Vec<(Range<usize>, String)>,
-    ) -> bool {
+    ) -> Result<bool, Verdict> {
         if !roles.any(roles::PREPARED_VIEW) {
-            return false;
+            return Ok(false);
         }
+        let mut inserted = 0usize;
         for (i, t) in tokens.iter().enumerate() {
             if t.ident() != Some("pg_prepared_statements") {
                 continue;
@@ -261,8 +271,20 @@ impl Policy {
                 continue;
             }
             let Some(view) = &self.prepared_view else {
-                return true;
+                return Ok(true);
             };
+            // Each mention gets a copy of the view, which holds the client's statements: a
+            // short text naming it many times must not make pgtenant build gigabytes.
+            inserted = inserted.saturating_add(view.len());
+            if inserted > MAX_VIEW_BYTES {
+                return Err(Verdict::refuse_as(
+                    sqlstate::PROGRAM_LIMIT_EXCEEDED,
+                    format!(
+                        "statement refused: pgtenant's view of pg_prepared_statements would take over {} MiB of this text; name it fewer times",
+                        MAX_VIEW_BYTES >> 20
+                    ),
+                ));
+            }
             let qualified = i >= 2
                 && tokens[i - 1].is_punct(b'.')
                 && tokens[i - 2].ident() == Some("pg_catalog");
@@ -283,7 +305,7 @@ impl Policy {
             };
             edits.push((start..t.end, text));
         }
-        false
+        Ok(false)
     }
 
     /// The namespaced channel for `name`.

@@ -114,8 +114,13 @@ pub enum Effect {
     Unlisten(String),
     /// `UNLISTEN *`.
     UnlistenAll,
-    /// `PREPARE`: the server-side name and the statement that creates it there.
-    Prepare { server_name: String, sql: String },
+    /// `PREPARE`: the server-side name, the statement that creates it there, and the
+    /// client's PREPARE statement as it wrote it.
+    Prepare {
+        server_name: String,
+        sql: String,
+        shown: String,
+    },
     /// `EXECUTE` of a server-side name.
     Execute(String),
     /// `DEALLOCATE` of a server-side name.

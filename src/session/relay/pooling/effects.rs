@@ -39,7 +39,12 @@ impl Relay {
                 | Effect::Deallocate(server_name)
                     if !pooled.prepared.contains(server_name) =>
                 {
-                    if let Some(sql) = self.session.sql_prepared.get(server_name).cloned() {
+                    if let Some(sql) = self
+                        .session
+                        .sql_prepared
+                        .get(server_name)
+                        .map(|p| p.sql.clone())
+                    {
                         self.inject_query(out, tracker, &sql);
                         pooled.prepared.insert(server_name);
                     } else if let Effect::Deallocate(_) = effect
@@ -362,13 +367,23 @@ impl Relay {
                     );
                 }
             }
-            Effect::Prepare { server_name, sql } => {
+            Effect::Prepare {
+                server_name,
+                sql,
+                shown,
+            } => {
                 pooled.prepared.insert(&server_name);
-                s.sql_prepared.insert(server_name, sql);
+                let prepared = SqlPrepared { sql, shown };
+                s.statement_bytes += prepared.bytes();
+                if let Some(old) = s.sql_prepared.insert(server_name, prepared) {
+                    s.statement_bytes -= old.bytes();
+                }
             }
             Effect::Deallocate(server_name) => {
                 pooled.prepared.remove(&server_name);
-                if s.sql_prepared.remove(&server_name).is_none() {
+                if let Some(old) = s.sql_prepared.remove(&server_name) {
+                    s.statement_bytes -= old.bytes();
+                } else {
                     // A statement prepared with Parse, deallocated with SQL.
                     let client_name = self
                         .rules

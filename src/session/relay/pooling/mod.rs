@@ -20,7 +20,7 @@ use crate::pool::cache::{PooledState, settings_key};
 use crate::protocol::tracker::ConnTracker;
 use crate::protocol::{TxStatus, encode, tag, take_cstr};
 use crate::tenant::guard::{Effect, Scope};
-use crate::tenant::{quote_ident, quote_if_needed, quote_literal};
+use crate::tenant::{quote_ident, quote_literal};
 
 use super::{NO_STATEMENT, replace_statement_name};
 
@@ -57,12 +57,12 @@ pub(super) struct SessionState {
     /// [`settings_key`] of the setup and `settings`, built when first needed after a change.
     key: Option<Arc<str>>,
     statements: HashMap<String, Statement>,
-    /// Bytes of the statements' definitions (bounded: [`MAX_STATEMENT_BYTES`]).
+    /// Bytes of the statements' definitions, of both kinds (bounded: [`MAX_STATEMENT_BYTES`]).
     statement_bytes: usize,
     /// Channels the client listens on (bounded: [`MAX_CHANNELS`]).
     channels: std::collections::HashSet<String>,
-    /// SQL-level prepared statements by server name: the PREPARE that recreates them.
-    sql_prepared: HashMap<String, String>,
+    /// SQL-level prepared statements by server name.
+    sql_prepared: HashMap<String, SqlPrepared>,
     /// Replies to ParseComplete, in the order the server will send them, with the epoch
     /// they belong to and the server statement the Parse creates (if pgtenant caches it).
     pub(super) parses: VecDeque<(u64, Reply, Option<String>)>,
@@ -119,6 +119,30 @@ pub(super) struct SessionState {
 /// Per-client bounds on the session state pgtenant keeps for transaction pooling (DESIGN.md
 /// §5 S5): named protocol statements, the bytes of their text, SQL-level prepared statements
 /// and recorded settings. Past them the statement is refused with 53400 and nothing is kept.
+/// A statement the client prepared with SQL: the PREPARE that creates it on a server
+/// connection (pgtenant's text) and the one the client wrote (shown in its view).
+#[derive(Debug)]
+pub(super) struct SqlPrepared {
+    pub(super) sql: String,
+    pub(super) shown: String,
+}
+
+impl SqlPrepared {
+    /// What it counts against the session's statement budget ([`MAX_STATEMENT_BYTES`]).
+    pub(super) fn bytes(&self) -> usize {
+        self.sql.len() + self.shown.len()
+    }
+}
+
+/// A statement the text being checked creates, which its own view of
+/// `pg_prepared_statements` shows (as PostgreSQL does when the statement runs).
+pub(super) struct OwnStatement {
+    pub(super) name: String,
+    pub(super) server_name: String,
+    /// The client's text of a SQL PREPARE; none for a protocol Parse (the server's text).
+    pub(super) shown: Option<String>,
+}
+
 pub(super) const MAX_STATEMENTS: usize = 10_000;
 pub(super) const MAX_STATEMENT_BYTES: usize = 16 << 20;
 pub(super) const MAX_SQL_PREPARED: usize = 10_000;

@@ -287,13 +287,29 @@ impl Relay {
             return None;
         }
         let s = &self.session;
-        let prepares = effects
-            .iter()
-            .filter(|e| matches!(e, Effect::Prepare { server_name, .. } if !s.sql_prepared.contains_key(server_name)))
-            .count();
+        let (mut prepares, mut bytes) = (0, 0);
+        for e in effects {
+            if let Effect::Prepare {
+                server_name,
+                sql,
+                shown,
+            } = e
+                && !s.sql_prepared.contains_key(server_name)
+            {
+                prepares += 1;
+                bytes += sql.len() + shown.len();
+            }
+        }
         if prepares > 0 && s.sql_prepared.len() + prepares > MAX_SQL_PREPARED {
             return Some(format!(
                 "this session holds {MAX_SQL_PREPARED} SQL prepared statements, the limit through pgtenant; DEALLOCATE some first"
+            ));
+        }
+        // One budget for both kinds: what pgtenant keeps to create them again elsewhere.
+        if s.statement_bytes + bytes > MAX_STATEMENT_BYTES {
+            return Some(format!(
+                "this session's prepared statements would exceed {} MiB of text, the limit through pgtenant; DEALLOCATE some first",
+                MAX_STATEMENT_BYTES >> 20
             ));
         }
         let channels = effects
@@ -405,11 +421,8 @@ impl Relay {
     /// client's own statements, under the client's names (never another client's statements
     /// or pgtenant's own). SQL-prepared ones show their PREPARE statement with the client's
     /// name (PostgreSQL shows the whole query string that carried it).
-    /// `itself`: the statement being prepared, `(name, server name)`, which is in the view.
-    pub(in crate::session::relay) fn prepared_view_sql(
-        &self,
-        itself: Option<&(String, String)>,
-    ) -> String {
+    /// `own`: the statements the text being checked creates, which are in the view.
+    pub(in crate::session::relay) fn prepared_view_sql(&self, own: &[OwnStatement]) -> String {
         let prefix = self
             .rules
             .policy
@@ -417,15 +430,16 @@ impl Relay {
             .as_deref()
             .unwrap_or_default();
         let mut rows: Vec<String> = Vec::new();
-        if let Some((name, server_name)) = itself {
+        for s in own {
             rows.push(format!(
-                "({}, {}, NULL)",
-                quote_literal(name),
-                quote_literal(server_name)
+                "({}, {}, {})",
+                quote_literal(&s.name),
+                quote_literal(&s.server_name),
+                s.shown.as_deref().map_or("NULL".into(), quote_literal)
             ));
         }
         for (name, statement) in &self.session.statements {
-            if itself.is_some_and(|(n, _)| n == name) {
+            if own.iter().any(|s| s.shown.is_none() && s.name == *name) {
                 // Replaced by the statement being prepared.
                 continue;
             }
@@ -435,15 +449,14 @@ impl Relay {
                 quote_literal(&statement.server_name)
             ));
         }
-        for (server_name, sql) in &self.session.sql_prepared {
+        for (server_name, prepared) in &self.session.sql_prepared {
             // The PREPARE as the client wrote it (the server's copy is pgtenant's text).
             let name = server_name.strip_prefix(prefix).unwrap_or(server_name);
-            let shown = sql.replacen(&quote_ident(server_name), &quote_if_needed(name), 1);
             rows.push(format!(
                 "({}, {}, {})",
                 quote_literal(name),
                 quote_literal(server_name),
-                quote_literal(&shown)
+                quote_literal(&prepared.shown)
             ));
         }
         if rows.is_empty() {
@@ -461,6 +474,40 @@ impl Relay {
              JOIN (VALUES {}) AS m(name, server_name, shown) ON p.name OPERATOR(pg_catalog.=) m.server_name)",
             rows.join(", ")
         )
+    }
+
+    /// The statements the SQL PREPAREs of `text` create, not already the client's: found by
+    /// checking `text` with a placeholder view (a PREPARE's server name does not depend on
+    /// the view). Their rows show the client's own PREPARE statement.
+    pub(in crate::session::relay) fn sql_prepares(&mut self, text: &[u8]) -> Vec<OwnStatement> {
+        self.rules.policy.prepared_view = Some(String::new());
+        let probe = self.rules.policy.check(text, self.standard_conforming);
+        self.rules.policy.prepared_view = None;
+        let prefix = self
+            .rules
+            .policy
+            .prepared_prefix
+            .as_deref()
+            .unwrap_or_default();
+        let mut own: Vec<OwnStatement> = Vec::new();
+        for e in probe.effects {
+            if let Effect::Prepare {
+                server_name, shown, ..
+            } = e
+                && !self.session.sql_prepared.contains_key(&server_name)
+                && !own.iter().any(|s| s.server_name == server_name)
+            {
+                own.push(OwnStatement {
+                    name: server_name
+                        .strip_prefix(prefix)
+                        .unwrap_or(&server_name)
+                        .to_owned(),
+                    shown: Some(shown),
+                    server_name,
+                });
+            }
+        }
+        own
     }
 
     /// A server statement name for this client alone (`pgt_v<client>_<n>`).
@@ -486,7 +533,7 @@ impl Relay {
             .sql_prepared
             .iter()
             .filter(|(server_name, _)| !pooled.prepared.contains(server_name))
-            .map(|(n, sql)| (n.clone(), sql.clone()))
+            .map(|(n, p)| (n.clone(), p.sql.clone()))
             .collect();
         for (server_name, sql) in missing {
             self.inject_query(out, tracker, &sql);

@@ -50,6 +50,7 @@ fn transaction_pooling_reports_session_effects() {
             vec![Effect::Prepare {
                 server_name: "pgt_c7_q".into(),
                 sql: "PREPARE \"pgt_c7_q\" (int) AS SELECT $1".into(),
+                shown: "PREPARE q (int) AS SELECT $1".into(),
             }],
             Some("PREPARE \"pgt_c7_q\" (int) AS SELECT $1"),
         ),
@@ -281,6 +282,25 @@ fn pg_prepared_statements_is_replaced_by_the_clients_view() {
         let r = p.check(sql.as_bytes(), true).refusal;
         assert_eq!(r.map(|r| r.sqlstate), Some("42501"), "{sql}");
     }
+    // Each mention gets a copy of the view: their total is bounded, not the text's length
+    // times the client's statements (a 230 kB text naming a 1 MiB view 10,000 times).
+    let big = Policy {
+        prepared_view: Some(format!("({})", "x".repeat(1 << 20))),
+        ..pooled()
+    };
+    let named = |n: usize| {
+        let mut sql = "SELECT 1 FROM pg_prepared_statements".to_owned();
+        sql.push_str(&", pg_prepared_statements".repeat(n - 1));
+        sql
+    };
+    let v = big.check(named(60).as_bytes(), true);
+    assert!(
+        v.refusal.is_none() && v.rewritten.is_some(),
+        "{:?}",
+        v.refusal
+    );
+    let r = big.check(named(100).as_bytes(), true).refusal;
+    assert_eq!(r.map(|r| r.sqlstate), Some("54000"));
     // Lock keys are rewritten at their parentheses only: a view inside one is no overlap.
     let sql = "SELECT pg_advisory_xact_lock((SELECT count(*) FROM pg_prepared_statements))";
     let v = p.check(sql.as_bytes(), true);
