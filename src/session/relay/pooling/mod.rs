@@ -147,6 +147,30 @@ pub(super) const MAX_STATEMENTS: usize = 10_000;
 pub(super) const MAX_STATEMENT_BYTES: usize = 16 << 20;
 pub(super) const MAX_SQL_PREPARED: usize = 10_000;
 pub(super) const MAX_SETTINGS: usize = 500;
+/// Bytes of the settings a client has made (names and values), replayed on every
+/// connection it moves to: custom `x.y` settings take any value.
+pub(super) const MAX_SETTING_BYTES: usize = 1 << 20;
+/// Changes a transaction holds until it ends (settings, notifications, savepoints), and their
+/// bytes: a transaction can be kept open for as long as the client likes.
+pub(super) const MAX_STAGED: usize = 10_000;
+pub(super) const MAX_STAGED_BYTES: usize = 16 << 20;
+
+/// What a change a transaction holds until it ends costs, for [`MAX_STAGED_BYTES`]; none
+/// for an effect that is not held.
+pub(super) fn staged_bytes(effect: &Effect) -> Option<usize> {
+    match effect {
+        Effect::Set { key, pairs } => Some(setting_bytes(key, pairs)),
+        Effect::Reset(key) | Effect::Savepoint(key) => Some(key.len()),
+        Effect::Notify { channel, payload } => Some(channel.len() + payload.len()),
+        Effect::ResetAll | Effect::DiscardAll => Some(0),
+        _ => None,
+    }
+}
+
+/// A recorded setting's bytes, for [`MAX_SETTING_BYTES`].
+pub(super) fn setting_bytes(key: &str, pairs: &[(String, String)]) -> usize {
+    key.len() + pairs.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()
+}
 /// LISTEN channels per client: each costs the shard's shared listening connection.
 pub(super) const MAX_CHANNELS: usize = 1_000;
 /// LISTEN subscriptions of all of one tenant's clients together.

@@ -335,6 +335,46 @@ impl Relay {
                 "this session has set {MAX_SETTINGS} settings, the limit through pgtenant"
             ));
         }
+        // Bytes, not only counts: names and values come from the client.
+        let new: Vec<(&str, usize)> = effects
+            .iter()
+            .filter_map(|e| match e {
+                Effect::Set { key, pairs } => Some((key.as_str(), setting_bytes(key, pairs))),
+                _ => None,
+            })
+            .collect();
+        if !new.is_empty() {
+            let new_bytes: usize = new.iter().map(|(_, b)| b).sum();
+            let kept: usize = s
+                .settings
+                .iter()
+                .filter(|(k, _)| !new.iter().any(|(key, _)| key == k))
+                .map(|(k, pairs)| setting_bytes(k, pairs))
+                .sum();
+            if kept + new_bytes > MAX_SETTING_BYTES {
+                return Some(format!(
+                    "this session's settings would exceed {} KiB of names and values, the limit through pgtenant; RESET some first",
+                    MAX_SETTING_BYTES >> 10
+                ));
+            }
+        }
+        let (mut staging, mut staging_bytes) = (0, 0);
+        for b in effects.iter().filter_map(staged_bytes) {
+            staging += 1;
+            staging_bytes += b;
+        }
+        if staging > 0 {
+            let held: usize = s.staged.iter().filter_map(staged_bytes).sum::<usize>()
+                + s.savepoints.iter().map(|(n, _)| n.len()).sum::<usize>();
+            if s.staged.len() + s.savepoints.len() + staging > MAX_STAGED
+                || held + staging_bytes > MAX_STAGED_BYTES
+            {
+                return Some(format!(
+                    "this transaction holds {MAX_STAGED} changes (settings, notifications, savepoints) or {} MiB of them, the limit through pgtenant; end it first",
+                    MAX_STAGED_BYTES >> 20
+                ));
+            }
+        }
         None
     }
 
