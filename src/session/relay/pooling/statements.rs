@@ -459,8 +459,8 @@ impl Relay {
 
     /// What `pg_prepared_statements` becomes for this client: the server's view joined to the
     /// client's own statements, under the client's names (never another client's statements
-    /// or pgtenant's own). SQL-prepared ones show their PREPARE statement with the client's
-    /// name (PostgreSQL shows the whole query string that carried it).
+    /// or pgtenant's own). SQL-prepared ones show their PREPARE statement as the client wrote
+    /// it (PostgreSQL shows the whole query string that carried it).
     /// `own`: the statements the text being checked creates, which are in the view.
     pub(in crate::session::relay) fn prepared_view_sql(&self, own: &[OwnStatement]) -> String {
         let prefix = self
