@@ -197,6 +197,16 @@ impl Relay {
         self.rules.policy.prepared_prefix.is_some()
     }
 
+    /// The client's name for the server-side statement name `server_name`.
+    pub(super) fn client_statement_name<'a>(&self, server_name: &'a str) -> &'a str {
+        self.rules
+            .policy
+            .prepared_prefix
+            .as_deref()
+            .and_then(|p| server_name.strip_prefix(p))
+            .unwrap_or(server_name)
+    }
+
     /// What a server connection needs before the client's next transaction may run on it,
     /// when its session state is not the client's: pgtenant's constant setup SQL (after
     /// `RESET ALL`) and the client's settings, and the verified token, as `(setting, value)`

@@ -463,12 +463,6 @@ impl Relay {
     /// it (PostgreSQL shows the whole query string that carried it).
     /// `own`: the statements the text being checked creates, which are in the view.
     pub(in crate::session::relay) fn prepared_view_sql(&self, own: &[OwnStatement]) -> String {
-        let prefix = self
-            .rules
-            .policy
-            .prepared_prefix
-            .as_deref()
-            .unwrap_or_default();
         let mut rows: Vec<String> = Vec::new();
         for s in own {
             rows.push(format!(
@@ -491,7 +485,7 @@ impl Relay {
         }
         for (server_name, prepared) in &self.session.sql_prepared {
             // The PREPARE as the client wrote it (the server's copy is pgtenant's text).
-            let name = server_name.strip_prefix(prefix).unwrap_or(server_name);
+            let name = self.client_statement_name(server_name);
             rows.push(format!(
                 "({}, {}, {})",
                 quote_literal(name),
@@ -523,12 +517,6 @@ impl Relay {
         self.rules.policy.prepared_view = Some(String::new());
         let probe = self.rules.policy.check(text, self.standard_conforming);
         self.rules.policy.prepared_view = None;
-        let prefix = self
-            .rules
-            .policy
-            .prepared_prefix
-            .as_deref()
-            .unwrap_or_default();
         let mut own: Vec<OwnStatement> = Vec::new();
         for e in probe.effects {
             if let Effect::Prepare {
@@ -538,10 +526,7 @@ impl Relay {
                 && !own.iter().any(|s| s.server_name == server_name)
             {
                 own.push(OwnStatement {
-                    name: server_name
-                        .strip_prefix(prefix)
-                        .unwrap_or(&server_name)
-                        .to_owned(),
+                    name: self.client_statement_name(&server_name).to_owned(),
                     shown: Some(shown),
                     server_name,
                 });
