@@ -107,6 +107,15 @@ async fn set_config_with_bind_parameters_is_checked_at_bind() {
         .await
         .unwrap();
     assert_eq!(row.get::<_, String>(0), "42");
+    // What the calls change is bounded as a Query's is (1 MiB of names and values): Binds
+    // added to it without a check.
+    let big = "x".repeat(600 << 10);
+    let set = "SELECT set_config($1, $2, false)";
+    acme.query(set, &[&"myapp.a", &big]).await.unwrap();
+    let err = acme.query(set, &[&"myapp.b", &big]).await.unwrap_err();
+    assert_eq!(code(&err), "53400");
+    acme.query(set, &[&"myapp.a", &"small"]).await.unwrap();
+    acme.query(set, &[&"myapp.b", &big]).await.unwrap();
     assert_isolation_intact(&env, &before, &acme).await;
 }
 

@@ -167,11 +167,20 @@ impl Relay {
                 })
                 .collect::<Result<Vec<_>, _>>(),
         };
+        // What the calls change is bounded as a Query's effects are (see effects_over_limit).
+        let verdict = verdict.and_then(|effects| {
+            let effects: Vec<_> = effects.into_iter().flatten().collect();
+            match self.effects_over_limit(&effects) {
+                Some(why) => Err(Verdict::refuse_as(
+                    sqlstate::CONFIGURATION_LIMIT_EXCEEDED,
+                    why,
+                )),
+                None => Ok(effects),
+            }
+        });
         match verdict {
             Ok(effects) => {
-                self.session
-                    .pending_effects
-                    .extend(effects.into_iter().flatten());
+                self.session.pending_effects.extend(effects);
                 None
             }
             Err(v) => {
