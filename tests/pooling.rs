@@ -231,44 +231,6 @@ async fn sql_prepare_execute_and_deallocate_behave_as_on_postgres() {
     assert_eq!(len, Some(3 << 20));
 }
 
-/// What a client makes pgtenant keep for it is bounded in bytes, not only in count: custom
-/// settings take values of any length (500 of 64 MiB each were accepted), and an open
-/// transaction holds its settings, notifications and savepoints until it ends.
-#[tokio::test]
-async fn what_a_session_makes_pgtenant_keep_is_bounded_in_bytes() {
-    let env = pooled(2).await;
-    let a = env.connect("acme").await;
-    let value = "x".repeat(600 << 10);
-    a.batch_execute(&format!("SET my.one = '{value}'"))
-        .await
-        .unwrap();
-    let err = a
-        .batch_execute(&format!("SET my.two = '{value}'"))
-        .await
-        .unwrap_err();
-    assert_eq!(code(&err), "53400");
-    // The same name again replaces what it had; a RESET frees it.
-    a.batch_execute(&format!("SET my.one = '{value}'"))
-        .await
-        .unwrap();
-    a.batch_execute("RESET my.one").await.unwrap();
-    a.batch_execute(&format!("SET my.two = '{value}'"))
-        .await
-        .unwrap();
-    a.batch_execute("BEGIN").await.unwrap();
-    let err = a
-        .batch_execute(&"SAVEPOINT s; ".repeat(10_001))
-        .await
-        .unwrap_err();
-    assert_eq!(code(&err), "53400");
-    a.batch_execute("ROLLBACK").await.unwrap();
-    let row = a
-        .query_one("SELECT length(current_setting('my.two'))", &[])
-        .await
-        .unwrap();
-    assert_eq!(row.get::<_, i32>(0), 600 << 10);
-}
-
 #[tokio::test]
 async fn a_tenant_switch_resets_the_server_connection() {
     let env = pooled(1).await;

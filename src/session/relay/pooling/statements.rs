@@ -2,6 +2,7 @@
 //! pgtenant's names and re-created on whichever server connection the client holds.
 
 use super::*;
+use crate::error::{ClientError, sqlstate};
 
 impl Relay {
     /// The query text of the client's statement `name`, if it prepared one.
@@ -95,8 +96,27 @@ impl Relay {
                         .map_or(&[][..], |s| &s.effects[..])
                 };
                 if !effects.is_empty() {
+                    // Each Bind runs the statement's effects again: bounded as a Query's are
+                    // (a statement prepared once and run 10,000 times in a transaction).
                     let effects = effects.to_vec();
-                    self.session.pending_effects.extend(effects);
+                    let mut pending = std::mem::take(&mut self.session.pending_effects);
+                    let before = pending.len();
+                    pending.extend(effects);
+                    let over = self.effects_over_limit(&pending);
+                    pending.truncate(if over.is_some() {
+                        before
+                    } else {
+                        pending.len()
+                    });
+                    self.session.pending_effects = pending;
+                    if let Some(why) = over {
+                        self.counters.refused += 1;
+                        self.refuse(
+                            self.next_epoch,
+                            ClientError::error(sqlstate::CONFIGURATION_LIMIT_EXCEEDED, why),
+                        );
+                        return Some(replace_statement_name(t, &body[..portal.len() + 1], params));
+                    }
                 }
                 if name.is_empty() {
                     let prefix = &body[..portal.len() + 1];
