@@ -116,9 +116,6 @@ pub(super) struct SessionState {
     pub(super) unnamed_dropped: bool,
 }
 
-/// Per-client bounds on the session state pgtenant keeps for transaction pooling (DESIGN.md
-/// §5 S5): named protocol statements, the bytes of their text, SQL-level prepared statements
-/// and recorded settings. Past them the statement is refused with 53400 and nothing is kept.
 /// A statement the client prepared with SQL: the PREPARE that creates it on a server
 /// connection (pgtenant's text) and the one the client wrote (shown in its view).
 #[derive(Debug)]
@@ -143,6 +140,10 @@ pub(super) struct OwnStatement {
     pub(super) shown: Option<String>,
 }
 
+/// Per-client bounds on the session state pgtenant keeps for transaction pooling (DESIGN.md
+/// §5 S5): named protocol statements, the bytes of their text, SQL-level prepared statements,
+/// recorded settings, and what an open transaction holds. Past them the statement is refused
+/// with 53400 and nothing is kept.
 pub(super) const MAX_STATEMENTS: usize = 10_000;
 pub(super) const MAX_STATEMENT_BYTES: usize = 16 << 20;
 pub(super) const MAX_SQL_PREPARED: usize = 10_000;
@@ -155,22 +156,6 @@ pub(super) const MAX_SETTING_BYTES: usize = 1 << 20;
 pub(super) const MAX_STAGED: usize = 10_000;
 pub(super) const MAX_STAGED_BYTES: usize = 16 << 20;
 
-/// What a change a transaction holds until it ends costs, for [`MAX_STAGED_BYTES`]; none
-/// for an effect that is not held.
-pub(super) fn staged_bytes(effect: &Effect) -> Option<usize> {
-    match effect {
-        Effect::Set { key, pairs } => Some(setting_bytes(key, pairs)),
-        Effect::Reset(key) | Effect::Savepoint(key) => Some(key.len()),
-        Effect::Notify { channel, payload } => Some(channel.len() + payload.len()),
-        Effect::ResetAll | Effect::DiscardAll => Some(0),
-        _ => None,
-    }
-}
-
-/// A recorded setting's bytes, for [`MAX_SETTING_BYTES`].
-pub(super) fn setting_bytes(key: &str, pairs: &[(String, String)]) -> usize {
-    key.len() + pairs.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()
-}
 /// LISTEN channels per client: each costs the shard's shared listening connection.
 pub(super) const MAX_CHANNELS: usize = 1_000;
 /// LISTEN subscriptions of all of one tenant's clients together.
@@ -190,6 +175,23 @@ fn encode_parse(name: &str, definition: &[u8], out: &mut BytesMut) {
         b.put_u8(0);
         b.extend_from_slice(definition);
     });
+}
+
+/// What a change a transaction holds until it ends costs, for [`MAX_STAGED_BYTES`]; none
+/// for an effect that is not held.
+pub(super) fn staged_bytes(effect: &Effect) -> Option<usize> {
+    match effect {
+        Effect::Set { key, pairs } => Some(setting_bytes(key, pairs)),
+        Effect::Reset(key) | Effect::Savepoint(key) => Some(key.len()),
+        Effect::Notify { channel, payload } => Some(channel.len() + payload.len()),
+        Effect::ResetAll | Effect::DiscardAll => Some(0),
+        _ => None,
+    }
+}
+
+/// A recorded setting's bytes, for [`MAX_SETTING_BYTES`].
+pub(super) fn setting_bytes(key: &str, pairs: &[(String, String)]) -> usize {
+    key.len() + pairs.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()
 }
 
 impl Relay {
