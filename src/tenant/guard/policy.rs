@@ -27,10 +27,10 @@ pub fn unknown_statement(name: &str) -> Verdict {
     )
 }
 
-/// Keywords that may follow a table name and are not an alias.
 /// What the copies of the client's view of `pg_prepared_statements` may add to one text.
 const MAX_VIEW_BYTES: usize = 64 << 20;
 
+/// Keywords that may follow a table name and are not an alias.
 const NOT_ALIASES: &[&str] = &[
     "where",
     "join",
