@@ -191,17 +191,26 @@ impl Relay {
                         position: None,
                     })
                 });
-                self.counters.refused += 1;
-                self.refuse(
-                    self.next_epoch,
+                Some(self.refuse_bind(
                     ClientError::error(r.sqlstate, r.message).with_position(r.position),
-                );
-                Some(replace_statement_name(
-                    crate::protocol::tag::BIND,
                     &body[..portal.len() + 1],
                     params,
                 ))
             }
         }
+    }
+
+    /// Refuses a Bind with `error`: the Bind to send instead names no statement, so the
+    /// server fails it and the client gets `error` in place of the server's.
+    /// `prefix`: the Bind's portal name with its NUL.
+    pub(super) fn refuse_bind(
+        &mut self,
+        error: ClientError,
+        prefix: &[u8],
+        params: &[u8],
+    ) -> BytesMut {
+        self.counters.refused += 1;
+        self.refuse(self.next_epoch, error);
+        replace_statement_name(crate::protocol::tag::BIND, prefix, params)
     }
 }

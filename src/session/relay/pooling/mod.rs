@@ -26,6 +26,7 @@ use super::{NO_STATEMENT, replace_statement_name};
 
 mod effects;
 mod statements;
+mod view;
 
 /// What a ParseComplete or CloseComplete from the server stands for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
