@@ -167,22 +167,13 @@ impl Relay {
                 })
                 .collect::<Result<Vec<_>, _>>(),
         };
-        // What the calls change is bounded as a Query's effects are (see effects_over_limit).
+        // Queued with this batch's earlier effects, within the session's bounds.
         let verdict = verdict.and_then(|effects| {
-            let effects: Vec<_> = effects.into_iter().flatten().collect();
-            match self.effects_over_limit(&effects) {
-                Some(why) => Err(Verdict::refuse_as(
-                    sqlstate::CONFIGURATION_LIMIT_EXCEEDED,
-                    why,
-                )),
-                None => Ok(effects),
-            }
+            self.queue_effects(effects.into_iter().flatten().collect())
+                .map_err(|why| Verdict::refuse_as(sqlstate::CONFIGURATION_LIMIT_EXCEEDED, why))
         });
         match verdict {
-            Ok(effects) => {
-                self.session.pending_effects.extend(effects);
-                None
-            }
+            Ok(()) => None,
             Err(v) => {
                 let r = v.refusal.unwrap_or_else(|| {
                     Box::new(crate::tenant::guard::Refusal {

@@ -98,18 +98,7 @@ impl Relay {
                 if !effects.is_empty() {
                     // Each Bind runs the statement's effects again: bounded as a Query's are
                     // (a statement prepared once and run 10,000 times in a transaction).
-                    let effects = effects.to_vec();
-                    let mut pending = std::mem::take(&mut self.session.pending_effects);
-                    let before = pending.len();
-                    pending.extend(effects);
-                    let over = self.effects_over_limit(&pending);
-                    pending.truncate(if over.is_some() {
-                        before
-                    } else {
-                        pending.len()
-                    });
-                    self.session.pending_effects = pending;
-                    if let Some(why) = over {
+                    if let Err(why) = self.queue_effects(effects.to_vec()) {
                         return Some(self.refuse_bind(
                             ClientError::error(sqlstate::CONFIGURATION_LIMIT_EXCEEDED, why),
                             &body[..portal.len() + 1],
@@ -294,6 +283,23 @@ impl Relay {
             ));
         }
         None
+    }
+
+    /// Queues what a Bind's run of a statement changes, with what this batch's earlier Binds
+    /// queued; `Err` (and nothing queued) when together they would pass the session's bounds.
+    pub(in crate::session::relay) fn queue_effects(
+        &mut self,
+        effects: Vec<Effect>,
+    ) -> Result<(), String> {
+        let mut pending = std::mem::take(&mut self.session.pending_effects);
+        let before = pending.len();
+        pending.extend(effects);
+        let over = self.effects_over_limit(&pending);
+        if over.is_some() {
+            pending.truncate(before);
+        }
+        self.session.pending_effects = pending;
+        over.map_or(Ok(()), Err)
     }
 
     /// Transaction pooling: the refusal for a Query whose effects would take the client's
