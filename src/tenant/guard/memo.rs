@@ -1,6 +1,8 @@
 //! Texts a session sent that the guard let through untouched, so that the same text sent
 //! again (an unnamed Parse per transaction, as most drivers send, or a repeated Query) is
-//! not lexed and checked again.
+//! not lexed and checked again; nor is a query that differs from one of them only in its
+//! numeric constants (`... WHERE id = 42` sent again with `id = 43`, as `pgbench -S` and
+//! drivers that bind parameters in the text send).
 //!
 //! Exact by construction: the guard's verdict is a function of the text, the session's
 //! `standard_conforming_strings` and the [`Policy`]. Only verdicts with nothing to do (no
@@ -9,14 +11,39 @@
 //! which a tenant move changes, and `standard_conforming_strings`); anything else is checked
 //! in full. Bounded: [`SLOTS`] texts of at most [`MAX_TEXT`] bytes per session, in buffers
 //! that are reused, so remembering allocates nothing once the slots have grown.
+//!
+//! Other numbers in the same places give the same verdict when three things hold:
+//! - *The same tokens.* The new text has the remembered text's bytes outside its numbers,
+//!   and where each number stood, one number that the lexer reads to its end
+//!   ([`lexer::number_end`]) and that begins as the old one did (with a `.`, or with a
+//!   digit). Lexing reads each token from its start and looks at the bytes after it, never
+//!   before, and no token that ends before a number looks past a `.` or a digit differently
+//!   for another `.` or digit (an identifier or a `$n` takes digits in, which is why a digit
+//!   must stay a digit). So the new text lexes to the same tokens, numbers aside.
+//! - *Numbers are not read.* The guard reads a number's value only for `SET` (its value and
+//!   the replay of it), so only texts whose every statement is a query or a write
+//!   ([`QUERY_WORDS`], or a parenthesised query) qualify.
+//! - *No name a pass acts on.* Texts naming anything but `insert`, `update`, `delete` or
+//!   `merge` (see `roles.rs`) never qualify, so no pass that looks at arguments runs.
+//!
+//! The test `numbers_in_the_same_places_give_the_same_tokens_and_verdict` checks the first
+//! against the lexer with random texts and numbers.
 
-use super::lexer::TokenBuf;
+use std::ops::Range;
+
+use super::lexer::{self, Kind, Token, TokenBuf};
+use super::roles::{self, Roles};
 use super::types::{Policy, Verdict};
 
 /// Texts remembered per session.
 pub const SLOTS: usize = 8;
 /// Longer texts are always checked in full.
 pub const MAX_TEXT: usize = 1024;
+
+/// The first words of the statements whose numbers the guard never reads.
+const QUERY_WORDS: &[&str] = &[
+    "select", "insert", "update", "delete", "merge", "with", "values", "table",
+];
 
 /// What the texts were checked under: `standard_conforming_strings` and the advisory-lock salt.
 type Key = (bool, Option<u64>);
@@ -29,6 +56,9 @@ pub struct PassedTexts {
     /// of them (another literal each time, as `pgbench -S` sends) costs one pass over its
     /// bytes, not one comparison per slot.
     prints: [u64; SLOTS],
+    /// Where each text's numeric constants stand, when other numbers there give the same
+    /// verdict (see the module); empty otherwise.
+    numbers: Vec<Vec<Range<usize>>>,
     /// The slot the next text goes to (oldest first).
     next: usize,
     /// The policy values the texts were checked under.
@@ -40,10 +70,12 @@ impl PassedTexts {
         (standard_conforming, policy.lock_salt)
     }
 
-    /// Whether `sql` was passed untouched under the same policy values.
+    /// Whether `sql` was passed untouched under the same policy values, or differs from such
+    /// a text only in numbers that do not change the verdict.
     fn contains(&mut self, sql: &[u8], print: u64, key: Key) -> bool {
         if self.key != Some(key) {
             self.texts.iter_mut().for_each(Vec::clear);
+            self.numbers.iter_mut().for_each(Vec::clear);
             return false;
         }
         // Equal prints decide nothing: the bytes are compared.
@@ -51,27 +83,88 @@ impl PassedTexts {
             .iter()
             .zip(self.prints)
             .any(|(t, p)| p == print && t.as_slice() == sql)
+            || self
+                .texts
+                .iter()
+                .zip(&self.numbers)
+                .any(|(t, numbers)| !numbers.is_empty() && same_but_numbers(t, numbers, sql))
     }
 
-    fn remember(&mut self, sql: &[u8], print: u64, key: Key) {
+    fn remember(&mut self, sql: &[u8], print: u64, key: Key, tokens: &[Token<'_>]) {
         if sql.len() > MAX_TEXT || sql.is_empty() {
             return;
         }
         self.key = Some(key);
-        if self.texts.len() < SLOTS {
+        let slot = if self.texts.len() < SLOTS {
             // Room for the texts of a session's statements to vary a little in length.
-            let mut t = Vec::with_capacity(sql.len().max(128).next_power_of_two());
-            t.extend_from_slice(sql);
-            self.prints[self.texts.len()] = print;
-            self.texts.push(t);
+            self.texts
+                .push(Vec::with_capacity(sql.len().max(128).next_power_of_two()));
+            self.numbers.push(Vec::new());
+            self.texts.len() - 1
+        } else {
+            let slot = self.next;
+            self.next = (self.next + 1) % SLOTS;
+            slot
+        };
+        let (Some(text), Some(numbers)) = (self.texts.get_mut(slot), self.numbers.get_mut(slot))
+        else {
             return;
+        };
+        text.clear();
+        text.extend_from_slice(sql);
+        self.prints[slot] = print;
+        numbers.clear();
+        if numbers_not_read(tokens) {
+            numbers.extend(
+                tokens
+                    .iter()
+                    .filter(|t| matches!(t.kind, Kind::Number(_)))
+                    .map(|t| t.start..t.end),
+            );
         }
-        let slot = &mut self.texts[self.next];
-        slot.clear();
-        slot.extend_from_slice(sql);
-        self.prints[self.next] = print;
-        self.next = (self.next + 1) % SLOTS;
     }
+}
+
+/// Whether the guard's verdict on `tokens` is the same whatever their numbers' values: every
+/// statement a query or a write, and no name a pass acts on other than a write's (see the
+/// module).
+pub(super) fn numbers_not_read(tokens: &[Token<'_>]) -> bool {
+    if Roles::of(tokens).any(!roles::WRITE) {
+        return false;
+    }
+    tokens
+        .split(|t| t.is_punct(b';'))
+        .all(|stmt| match stmt.first() {
+            None => true,
+            Some(t) => t.is_punct(b'(') || QUERY_WORDS.iter().any(|w| t.is_keyword(w)),
+        })
+}
+
+/// Whether `new` is `old` with other numbers where `numbers` (ascending, from lexing `old`)
+/// stand, each read by the lexer to its end and beginning as the old one did (see the
+/// module).
+pub(super) fn same_but_numbers(old: &[u8], numbers: &[Range<usize>], new: &[u8]) -> bool {
+    let (mut o, mut n) = (0, 0);
+    for number in numbers {
+        let (Some(same), Some(&first)) = (old.get(o..number.start), old.get(number.start)) else {
+            return false;
+        };
+        if new.get(n..n + same.len()) != Some(same) {
+            return false;
+        }
+        n += same.len();
+        let begins_alike = match new.get(n) {
+            Some(&c) if first == b'.' => c == b'.',
+            Some(c) => c.is_ascii_digit(),
+            None => false,
+        };
+        let Some(end) = lexer::number_end(new, n).filter(|_| begins_alike) else {
+            return false;
+        };
+        o = number.end;
+        n = end;
+    }
+    old.get(o..).is_some_and(|rest| new.get(n..) == Some(rest))
 }
 
 /// A hash of `sql` that tells most different texts apart in one pass (eight bytes at a
@@ -128,11 +221,17 @@ impl Policy {
         if passed.contains(sql, print, key) {
             return Verdict::default();
         }
-        let verdict = self.check_reusing(sql, standard_conforming, buf);
-        if verdict.is_untouched() {
-            passed.remember(sql, print, key);
+        match buf.lex(sql, standard_conforming) {
+            Ok(tokens) => {
+                let verdict = self.check_tokens(sql, &tokens);
+                if verdict.is_untouched() {
+                    passed.remember(sql, print, key, &tokens);
+                }
+                buf.keep(tokens);
+                verdict
+            }
+            Err((e, at)) => super::policy::syntax_error(sql, &e, at),
         }
-        verdict
     }
 }
 
@@ -202,25 +301,84 @@ mod tests {
         );
         check(&p, sql, true, &mut passed);
         assert!(!passed.holds(sql.as_bytes(), (true, Some(99))));
-        // Oldest first out; long texts never kept.
+        // Oldest first out; long texts never kept. (Names, not numbers: texts that differ
+        // only in numbers share a slot.)
         for i in 0..SLOTS + 2 {
-            check(&p, &format!("SELECT {i}"), true, &mut passed);
+            check(&p, &format!("SELECT c{i}"), true, &mut passed);
         }
         assert_eq!(passed.texts.len(), SLOTS);
-        assert!(!passed.holds(b"SELECT 0", (true, p.lock_salt)));
+        assert!(!passed.holds(b"SELECT c0", (true, p.lock_salt)));
         assert!(passed.holds(
-            format!("SELECT {}", SLOTS + 1).as_bytes(),
+            format!("SELECT c{}", SLOTS + 1).as_bytes(),
             (true, p.lock_salt)
         ));
         // A print is only a shortcut: another text under a remembered text's print is not
         // remembered, and prints of texts that differ in one byte differ.
-        let kept = format!("SELECT {}", SLOTS + 1);
+        let kept = format!("SELECT c{}", SLOTS + 1);
         let print = fingerprint(kept.as_bytes());
-        assert!(!passed.contains(b"SELECT 99", print, (true, p.lock_salt)));
-        assert_ne!(print, fingerprint(format!("SELECT {}", SLOTS).as_bytes()));
+        assert!(!passed.contains(b"SELECT c99", print, (true, p.lock_salt)));
+        assert_ne!(print, fingerprint(format!("SELECT c{}", SLOTS).as_bytes()));
         assert_ne!(fingerprint(b"SELECT 1\0"), fingerprint(b"SELECT 1"));
         let long = format!("SELECT 1{}", " ".repeat(MAX_TEXT));
         check(&p, &long, true, &mut passed);
         assert!(!passed.holds(long.as_bytes(), (true, p.lock_salt)));
+    }
+
+    #[test]
+    fn a_query_with_other_numbers_is_answered_without_lexing_and_nothing_else_is() {
+        let p = RelayRules::sample_shared(None).policy;
+        let key = (true, p.lock_salt);
+        let mut passed = PassedTexts::default();
+        let sql = "SELECT name FROM items WHERE id = 42 AND x > .5 LIMIT 10";
+        assert!(check(&p, sql, true, &mut passed).is_untouched());
+        assert_eq!(passed.numbers[0].len(), 3);
+        for same in [
+            "SELECT name FROM items WHERE id = 43 AND x > .25 LIMIT 1",
+            "SELECT name FROM items WHERE id = 4.5e3 AND x > .5e-2 LIMIT 99999999999999999999",
+        ] {
+            assert!(passed.holds(same.as_bytes(), key), "{same}");
+        }
+        for other in [
+            // Another word, or a number that does not end where a number ended.
+            "SELECT name FROM items WHERE id = 42 OR x > .5 LIMIT 10",
+            "SELECT name FROM items WHERE id = 42x AND x > .5 LIMIT 10",
+            "SELECT name FROM items WHERE id = 42 AND x > .5 LIMIT 10;",
+            "SELECT name FROM items WHERE id = 4 2 AND x > .5 LIMIT 10",
+            // A digit where a '.' began: `x.5` is a name and a number, `x5` one name.
+            "SELECT name FROM items WHERE id = 42 AND x > 5 LIMIT 10",
+            "SELECT name FROM items WHERE id = AND x > .5 LIMIT 10",
+        ] {
+            assert!(!passed.holds(other.as_bytes(), key), "{other}");
+        }
+        let mut passed = PassedTexts::default();
+        check(&p, "SELECT t.5, $1.5", true, &mut passed);
+        assert_eq!(passed.numbers[0].len(), 2);
+        assert!(passed.holds(b"SELECT t.7, $1.8", key));
+        assert!(!passed.holds(b"SELECT t55, $1.5", key));
+        assert!(!passed.holds(b"SELECT t.5, $15", key));
+        // Texts whose numbers the guard may read, or that name what a pass acts on, are
+        // remembered exactly only.
+        let mut passed = PassedTexts::default();
+        for sql in [
+            "SET statement_timeout = 5",
+            "SELECT 1; SET statement_timeout = 5",
+            "EXPLAIN SELECT 1",
+            "SELECT 1 FROM pg_settings",
+        ] {
+            let mut p = p.clone();
+            p.prepared_prefix = None;
+            if check(&p, sql, true, &mut passed).is_untouched() {
+                assert!(passed.holds(sql.as_bytes(), key), "{sql}");
+            }
+        }
+        assert!(passed.numbers.iter().all(Vec::is_empty));
+        // A write qualifies; another key forgets the numbers too.
+        check(&p, "UPDATE t SET a = a + 1 WHERE id = 7", true, &mut passed);
+        assert!(passed.holds(b"UPDATE t SET a = a + 9 WHERE id = 70", key));
+        assert!(!passed.holds(
+            b"UPDATE t SET a = a + 9 WHERE id = 70",
+            (false, p.lock_salt)
+        ));
+        assert!(passed.numbers.iter().all(Vec::is_empty));
     }
 }

@@ -107,22 +107,11 @@ impl Policy {
                 buf.keep(tokens);
                 verdict
             }
-            // Malformed text: PostgreSQL's own syntax error (the text is not forwarded).
-            Err((e, at)) => {
-                let (message, position) = super::lexer::postgres_syntax_error(sql, &e, at);
-                Verdict {
-                    refusal: Some(Box::new(Refusal {
-                        sqlstate: sqlstate::SYNTAX_ERROR,
-                        message,
-                        position: Some(position),
-                    })),
-                    ..Verdict::default()
-                }
-            }
+            Err((e, at)) => syntax_error(sql, &e, at),
         }
     }
 
-    fn check_tokens(&self, sql: &[u8], tokens: &[Token<'_>]) -> Verdict {
+    pub(super) fn check_tokens(&self, sql: &[u8], tokens: &[Token<'_>]) -> Verdict {
         self.check_tokens_gated(sql, tokens, Roles::of(tokens))
     }
 
@@ -552,5 +541,18 @@ impl Policy {
             ));
         }
         Ok(())
+    }
+}
+
+/// Malformed text: PostgreSQL's own syntax error (the text is not forwarded).
+pub(super) fn syntax_error(sql: &[u8], e: &super::lexer::LexError, at: usize) -> Verdict {
+    let (message, position) = super::lexer::postgres_syntax_error(sql, e, at);
+    Verdict {
+        refusal: Some(Box::new(Refusal {
+            sqlstate: sqlstate::SYNTAX_ERROR,
+            message,
+            position: Some(position),
+        })),
+        ..Verdict::default()
     }
 }

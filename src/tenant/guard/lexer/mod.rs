@@ -122,6 +122,29 @@ fn lex_into<'a>(
     }
 }
 
+/// Where the numeric constant that starts at `at` in `sql` ends, as [`lex`] reads it; `None`
+/// unless one starts there (a digit, or a `.` before a digit). Reading a number looks only
+/// at its own bytes and those after it, never at those before.
+pub fn number_end(sql: &[u8], at: usize) -> Option<usize> {
+    let starts = match sql.get(at)? {
+        b'0'..=b'9' => true,
+        b'.' => sql.get(at + 1).is_some_and(u8::is_ascii_digit),
+        _ => false,
+    };
+    if !starts {
+        return None;
+    }
+    let mut lx = Lexer {
+        src: sql,
+        text: None,
+        pos: at,
+        standard_conforming: true,
+        token_start: at,
+    };
+    lx.number();
+    Some(lx.pos)
+}
+
 impl<'a> Lexer<'a> {
     fn peek(&self, off: usize) -> Option<u8> {
         self.src.get(self.pos + off).copied()

@@ -92,7 +92,7 @@ const WORDS: &[&str] = &[
     "application_name",
 ];
 
-fn policies() -> Vec<Policy> {
+pub(super) fn policies() -> Vec<Policy> {
     vec![
         shared(),
         schema(),

@@ -77,6 +77,7 @@ fn pooled() -> Policy {
 }
 
 mod gating;
+mod numbers;
 mod placements;
 mod pooling;
 mod statements;
