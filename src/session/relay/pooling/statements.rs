@@ -4,6 +4,16 @@
 use super::*;
 use crate::error::{ClientError, sqlstate};
 
+/// What [`Relay::ensure_statement`] found for a statement name.
+pub(in crate::session::relay) enum Ensured {
+    /// Written into the output.
+    Done,
+    /// The client has no statement of that name: nothing written.
+    Unknown,
+    /// The statement has effects and only a plain one was asked for: nothing written.
+    HasEffects,
+}
+
 impl Relay {
     /// The query text of the client's statement `name`, if it prepared one.
     pub(in crate::session::relay) fn statement_text(&self, name: &[u8]) -> Option<&[u8]> {
@@ -87,34 +97,8 @@ impl Relay {
             tag::BIND => {
                 let (portal, rest) = take_cstr(body)?;
                 let (name, params) = take_cstr(rest)?;
-                let effects = if name.is_empty() {
-                    &self.session.unnamed_effects
-                } else {
-                    self.session
-                        .statements
-                        .get(String::from_utf8_lossy(name).as_ref())
-                        .map_or(&[][..], |s| &s.effects[..])
-                };
-                if !effects.is_empty() {
-                    // Each Bind runs the statement's effects again: bounded as a Query's are
-                    // (a statement prepared once and run 10,000 times in a transaction).
-                    if let Err(why) = self.queue_effects(effects.to_vec()) {
-                        return Some(self.refuse_bind(
-                            ClientError::error(sqlstate::CONFIGURATION_LIMIT_EXCEEDED, why),
-                            &body[..portal.len() + 1],
-                            params,
-                        ));
-                    }
-                }
-                if name.is_empty() {
-                    let prefix = &body[..portal.len() + 1];
-                    return self.unnamed_message(t, body, pooled, prefix, params);
-                }
-                if self.unknown_statement(name) {
-                    return Some(replace_statement_name(t, &body[..portal.len() + 1], params));
-                }
-                let mut out = self.out_buf();
-                self.ensure_statement(name, pooled, &mut out, |server_name, out| {
+                let prefix = &body[..portal.len() + 1];
+                let bind = |server_name: &str, out: &mut BytesMut| {
                     encode::message(tag::BIND, out, |b| {
                         b.extend_from_slice(portal);
                         b.put_u8(0);
@@ -122,8 +106,47 @@ impl Relay {
                         b.put_u8(0);
                         b.extend_from_slice(params);
                     });
-                })?;
-                Some(out)
+                };
+                let effects = if name.is_empty() {
+                    self.session.unnamed_effects.clone()
+                } else {
+                    // The common case, a statement without effects: one lookup.
+                    let mut out = self.out_buf();
+                    match self.ensure_statement(name, pooled, &mut out, true, bind) {
+                        Ensured::Done => return Some(out),
+                        Ensured::Unknown => {
+                            self.recycle(out);
+                            self.refuse_unknown_statement(name);
+                            return Some(replace_statement_name(t, prefix, params));
+                        }
+                        Ensured::HasEffects => {
+                            self.recycle(out);
+                            self.session
+                                .statements
+                                .get(String::from_utf8_lossy(name).as_ref())
+                                .map_or_else(Vec::new, |s| s.effects.clone())
+                        }
+                    }
+                };
+                if !effects.is_empty() {
+                    // Each Bind runs the statement's effects again: bounded as a Query's are
+                    // (a statement prepared once and run 10,000 times in a transaction).
+                    if let Err(why) = self.queue_effects(effects) {
+                        return Some(self.refuse_bind(
+                            ClientError::error(sqlstate::CONFIGURATION_LIMIT_EXCEEDED, why),
+                            prefix,
+                            params,
+                        ));
+                    }
+                }
+                if name.is_empty() {
+                    return self.unnamed_message(t, body, pooled, prefix, params);
+                }
+                let mut out = self.out_buf();
+                match self.ensure_statement(name, pooled, &mut out, false, bind) {
+                    Ensured::Unknown => None,
+                    Ensured::Done | Ensured::HasEffects => Some(out),
+                }
             }
             tag::DESCRIBE | tag::CLOSE => {
                 let (&kind, rest) = body.split_first()?;
@@ -144,13 +167,6 @@ impl Relay {
                     let after = rest.get(name.len()..).unwrap_or_default();
                     return self.unnamed_message(t, body, pooled, b"S", after);
                 }
-                if t == tag::DESCRIBE && self.unknown_statement(name) {
-                    return Some(replace_statement_name(
-                        t,
-                        b"S",
-                        rest.get(name.len()..).unwrap_or_default(),
-                    ));
-                }
                 if t == tag::CLOSE {
                     // The server statement stays in the connection's cache for others.
                     if let Some(old) = self
@@ -168,14 +184,25 @@ impl Relay {
                     return Some(out);
                 }
                 let mut out = self.out_buf();
-                self.ensure_statement(name, pooled, &mut out, |server_name, out| {
+                let describe = |server_name: &str, out: &mut BytesMut| {
                     encode::message(tag::DESCRIBE, out, |b| {
                         b.put_u8(b'S');
                         b.extend_from_slice(server_name.as_bytes());
                         b.put_u8(0);
                     });
-                })?;
-                Some(out)
+                };
+                match self.ensure_statement(name, pooled, &mut out, false, describe) {
+                    Ensured::Done | Ensured::HasEffects => Some(out),
+                    Ensured::Unknown => {
+                        self.recycle(out);
+                        self.refuse_unknown_statement(name);
+                        Some(replace_statement_name(
+                            t,
+                            b"S",
+                            rest.get(name.len()..).unwrap_or_default(),
+                        ))
+                    }
+                }
             }
             _ => None,
         }
@@ -403,18 +430,9 @@ impl Relay {
         None
     }
 
-    /// Whether `name` (non-empty) is a statement the client never prepared: if so the
-    /// message is answered with PostgreSQL's 26000, and never reaches a statement of
-    /// pgtenant's or of another client.
-    pub(in crate::session::relay) fn unknown_statement(&mut self, name: &[u8]) -> bool {
-        if name.is_empty()
-            || self
-                .session
-                .statements
-                .contains_key(String::from_utf8_lossy(name).as_ref())
-        {
-            return false;
-        }
+    /// `name` is a statement the client never prepared: the message is answered with
+    /// PostgreSQL's 26000, and never reaches a statement of pgtenant's or of another client.
+    pub(in crate::session::relay) fn refuse_unknown_statement(&mut self, name: &[u8]) {
         self.counters.refused += 1;
         let shown = String::from_utf8_lossy(name).into_owned();
         self.refuse(
@@ -424,7 +442,6 @@ impl Relay {
                 format!("prepared statement \"{shown}\" does not exist"),
             ),
         );
-        true
     }
 
     /// Transaction pooling: the client name of an `EXECUTE` in `effects` that names no
@@ -452,24 +469,32 @@ impl Relay {
         None
     }
 
-    /// The server name of the client's statement `name`, creating it on this connection
-    /// first (into `out`) when needed. `None` for names the client never prepared (the
-    /// server reports them).
+    /// Writes the client's statement `name` into `out` through `then` (given its server
+    /// name), creating it on this connection first when needed. Names the client never
+    /// prepared are `Unknown` (nothing written); with `plain_only`, a statement with effects
+    /// is `HasEffects` (nothing written: they are queued first). One lookup.
     pub(in crate::session::relay) fn ensure_statement(
         &mut self,
         name: &[u8],
         pooled: &mut PooledState,
         out: &mut BytesMut,
+        plain_only: bool,
         then: impl FnOnce(&str, &mut BytesMut),
-    ) -> Option<()> {
+    ) -> Ensured {
         if name.is_empty() {
-            return None;
+            return Ensured::Unknown;
         }
         let epoch = self.next_epoch;
         let session = &mut self.session;
-        let statement = session
+        let Some(statement) = session
             .statements
-            .get(String::from_utf8_lossy(name).as_ref())?;
+            .get(String::from_utf8_lossy(name).as_ref())
+        else {
+            return Ensured::Unknown;
+        };
+        if plain_only && !statement.effects.is_empty() {
+            return Ensured::HasEffects;
+        }
         if !pooled.prepared.contains(&statement.server_name) {
             encode_parse(&statement.server_name, &statement.definition, out);
             session
@@ -479,6 +504,6 @@ impl Relay {
             session.created.push((epoch, statement.server_name.clone()));
         }
         then(&statement.server_name, out);
-        Some(())
+        Ensured::Done
     }
 }

@@ -98,7 +98,7 @@ impl Relay {
     ) {
         let names: Vec<String> = self.session.statements.keys().cloned().collect();
         for name in names {
-            self.ensure_statement(name.as_bytes(), pooled, out, |_, _| {});
+            self.ensure_statement(name.as_bytes(), pooled, out, false, |_, _| {});
         }
         let missing: Vec<(String, String)> = self
             .session
