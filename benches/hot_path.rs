@@ -23,8 +23,8 @@ use pgtenant::protocol::frame::FrameScanner;
 use pgtenant::protocol::startup::parse_initial;
 use pgtenant::protocol::tracker::ConnTracker;
 use pgtenant::session::relay::{Relay, RelayRules};
-use pgtenant::tenant::guard::Policy;
 use pgtenant::tenant::guard::lexer::TokenBuf;
+use pgtenant::tenant::guard::{PassedTexts, Policy};
 
 /// 64 KiB of what pgbench -S gets back: RowDescription, DataRow, CommandComplete, ReadyForQuery.
 fn server_stream() -> BytesMut {
@@ -82,6 +82,33 @@ fn guard(c: &mut Criterion) {
         let mut buf = TokenBuf::default();
         g.bench_function(name, |b| {
             b.iter(|| black_box(p.check_reusing(black_box(sql.as_bytes()), true, &mut buf)))
+        });
+    }
+    // As a session's memo answers a text it passed before with other constants in it.
+    for (name, seen, sql) in [
+        (
+            "pgbench_select_other_constants",
+            "SELECT abalance FROM pgbench_accounts WHERE aid = 48213;",
+            "SELECT abalance FROM pgbench_accounts WHERE aid = 7;",
+        ),
+        (
+            "insert_returning_other_constants",
+            "INSERT INTO items (name, payload) VALUES ('x', '{\"a\": [1,2,3]}'::jsonb) RETURNING id",
+            "INSERT INTO items (name, payload) VALUES ('yz', '{\"b\": 4}'::jsonb) RETURNING id",
+        ),
+    ] {
+        g.throughput(Throughput::Bytes(sql.len() as u64));
+        let (mut buf, mut passed) = (TokenBuf::default(), PassedTexts::default());
+        p.check_remembering(seen.as_bytes(), true, &mut buf, &mut passed);
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                black_box(p.check_remembering(
+                    black_box(sql.as_bytes()),
+                    true,
+                    &mut buf,
+                    &mut passed,
+                ))
+            })
         });
     }
     g.finish();

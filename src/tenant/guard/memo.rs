@@ -1,8 +1,8 @@
 //! Texts a session sent that the guard let through untouched, so that the same text sent
 //! again (an unnamed Parse per transaction, as most drivers send, or a repeated Query) is
 //! not lexed and checked again; nor is a query that differs from one of them only in its
-//! numeric constants (`... WHERE id = 42` sent again with `id = 43`, as `pgbench -S` and
-//! drivers that bind parameters in the text send).
+//! constants (`... WHERE id = 42` sent again with `id = 43`, as `pgbench -S` sends, or
+//! `name = 'b'` after `name = 'a'`, as drivers that put parameters in the text send).
 //!
 //! Exact by construction: the guard's verdict is a function of the text, the session's
 //! `standard_conforming_strings` and the [`Policy`]. Only verdicts with nothing to do (no
@@ -12,26 +12,28 @@
 //! in full. Bounded: [`SLOTS`] texts of at most [`MAX_TEXT`] bytes per session, in buffers
 //! that are reused, so remembering allocates nothing once the slots have grown.
 //!
-//! Other numbers in the same places give the same verdict when three things hold:
-//! - *The same tokens.* The new text has the remembered text's bytes outside its numbers,
-//!   and where each number stood, one number that the lexer reads to its end
-//!   ([`lexer::number_end`]) and that begins as the old one did (with a `.`, or with a
-//!   digit). Lexing reads each token from its start and looks at the bytes after it, never
-//!   before, and no token that ends before a number looks past a `.` or a digit differently
-//!   for another `.` or digit (an identifier or a `$n` takes digits in, which is why a digit
-//!   must stay a digit). So the new text lexes to the same tokens, numbers aside.
-//! - *Numbers are not read.* The guard reads a number's value only for `SET` (its value and
-//!   the replay of it), so only texts whose every statement is a query or a write
-//!   ([`QUERY_WORDS`], or a parenthesised query) qualify.
+//! Other constants in the same places give the same verdict when three things hold:
+//! - *The same tokens.* The new text has the remembered text's bytes outside its constants,
+//!   and where each constant stood, one constant of the same kind (number or string) that
+//!   the lexer reads to its end ([`lexer::literal_end`]) and that begins with the same byte
+//!   (or, for a number, a digit where a digit was). Lexing reads each token from its start
+//!   and looks at the bytes after it, never before; a token that ends where a constant
+//!   begins looks at most at the constant's first bytes, which are alike (`$1` or a name
+//!   takes digits in, which is why a digit must stay a digit, and a string's prefix or
+//!   opening quote stays the same). So the new text lexes to the same tokens, constants
+//!   aside.
+//! - *Constants are not read.* The guard reads a number's or string's value only for `SET`,
+//!   `NOTIFY`, `set_config` and `pg_notify`, so only texts whose every statement is a query
+//!   or a write ([`QUERY_WORDS`], or a parenthesised query) qualify.
 //! - *No name a pass acts on.* Texts naming anything but `insert`, `update`, `delete` or
 //!   `merge` (see `roles.rs`) never qualify, so no pass that looks at arguments runs.
 //!
-//! The test `numbers_in_the_same_places_give_the_same_tokens_and_verdict` checks the first
-//! against the lexer with random texts and numbers.
+//! The test `constants_in_the_same_places_give_the_same_tokens_and_verdict` checks this
+//! against the lexer and the guard with random texts and constants.
 
 use std::ops::Range;
 
-use super::lexer::{self, Kind, Token, TokenBuf};
+use super::lexer::{self, Kind, Literal, Token, TokenBuf};
 use super::roles::{self, Roles};
 use super::types::{Policy, Verdict};
 
@@ -40,7 +42,7 @@ pub const SLOTS: usize = 8;
 /// Longer texts are always checked in full.
 pub const MAX_TEXT: usize = 1024;
 
-/// The first words of the statements whose numbers the guard never reads.
+/// The first words of the statements whose constants the guard never reads.
 const QUERY_WORDS: &[&str] = &[
     "select", "insert", "update", "delete", "merge", "with", "values", "table",
 ];
@@ -56,9 +58,9 @@ pub struct PassedTexts {
     /// of them (another literal each time, as `pgbench -S` sends) costs one pass over its
     /// bytes, not one comparison per slot.
     prints: [u64; SLOTS],
-    /// Where each text's numeric constants stand, when other numbers there give the same
-    /// verdict (see the module); empty otherwise.
-    numbers: Vec<Vec<Range<usize>>>,
+    /// Where each text's constants stand and what they are, when other constants there give
+    /// the same verdict (see the module); empty otherwise.
+    literals: Vec<Vec<(Range<usize>, Literal)>>,
     /// The slot the next text goes to (oldest first).
     next: usize,
     /// The policy values the texts were checked under.
@@ -71,11 +73,11 @@ impl PassedTexts {
     }
 
     /// Whether `sql` was passed untouched under the same policy values, or differs from such
-    /// a text only in numbers that do not change the verdict.
+    /// a text only in constants that do not change the verdict.
     fn contains(&mut self, sql: &[u8], print: u64, key: Key) -> bool {
         if self.key != Some(key) {
             self.texts.iter_mut().for_each(Vec::clear);
-            self.numbers.iter_mut().for_each(Vec::clear);
+            self.literals.iter_mut().for_each(Vec::clear);
             return false;
         }
         // Equal prints decide nothing: the bytes are compared.
@@ -83,11 +85,9 @@ impl PassedTexts {
             .iter()
             .zip(self.prints)
             .any(|(t, p)| p == print && t.as_slice() == sql)
-            || self
-                .texts
-                .iter()
-                .zip(&self.numbers)
-                .any(|(t, numbers)| !numbers.is_empty() && same_but_numbers(t, numbers, sql))
+            || self.texts.iter().zip(&self.literals).any(|(t, literals)| {
+                !literals.is_empty() && same_but_literals(t, literals, sql, key.0)
+            })
     }
 
     fn remember(&mut self, sql: &[u8], print: u64, key: Key, tokens: &[Token<'_>]) {
@@ -99,36 +99,35 @@ impl PassedTexts {
             // Room for the texts of a session's statements to vary a little in length.
             self.texts
                 .push(Vec::with_capacity(sql.len().max(128).next_power_of_two()));
-            self.numbers.push(Vec::new());
+            self.literals.push(Vec::new());
             self.texts.len() - 1
         } else {
             let slot = self.next;
             self.next = (self.next + 1) % SLOTS;
             slot
         };
-        let (Some(text), Some(numbers)) = (self.texts.get_mut(slot), self.numbers.get_mut(slot))
+        let (Some(text), Some(literals)) = (self.texts.get_mut(slot), self.literals.get_mut(slot))
         else {
             return;
         };
         text.clear();
         text.extend_from_slice(sql);
         self.prints[slot] = print;
-        numbers.clear();
-        if numbers_not_read(tokens) {
-            numbers.extend(
-                tokens
-                    .iter()
-                    .filter(|t| matches!(t.kind, Kind::Number(_)))
-                    .map(|t| t.start..t.end),
-            );
+        literals.clear();
+        if literals_not_read(tokens) {
+            literals.extend(tokens.iter().filter_map(|t| match t.kind {
+                Kind::Number(_) => Some((t.start..t.end, Literal::Number)),
+                Kind::Str { .. } => Some((t.start..t.end, Literal::Str)),
+                _ => None,
+            }));
         }
     }
 }
 
-/// Whether the guard's verdict on `tokens` is the same whatever their numbers' values: every
-/// statement a query or a write, and no name a pass acts on other than a write's (see the
-/// module).
-pub(super) fn numbers_not_read(tokens: &[Token<'_>]) -> bool {
+/// Whether the guard's verdict on `tokens` is the same whatever their constants' values:
+/// every statement a query or a write, and no name a pass acts on other than a write's (see
+/// the module).
+pub(super) fn literals_not_read(tokens: &[Token<'_>]) -> bool {
     if Roles::of(tokens).any(!roles::WRITE) {
         return false;
     }
@@ -140,29 +139,35 @@ pub(super) fn numbers_not_read(tokens: &[Token<'_>]) -> bool {
         })
 }
 
-/// Whether `new` is `old` with other numbers where `numbers` (ascending, from lexing `old`)
-/// stand, each read by the lexer to its end and beginning as the old one did (see the
-/// module).
-pub(super) fn same_but_numbers(old: &[u8], numbers: &[Range<usize>], new: &[u8]) -> bool {
+/// Whether `new` is `old` with other constants where `literals` (ascending, from lexing
+/// `old` with `standard_conforming`) stand, each of the same kind, read by the lexer to its
+/// end and beginning as the old one did (see the module).
+pub(super) fn same_but_literals(
+    old: &[u8],
+    literals: &[(Range<usize>, Literal)],
+    new: &[u8],
+    standard_conforming: bool,
+) -> bool {
     let (mut o, mut n) = (0, 0);
-    for number in numbers {
-        let (Some(same), Some(&first)) = (old.get(o..number.start), old.get(number.start)) else {
+    for (span, kind) in literals {
+        let (Some(same), Some(&first)) = (old.get(o..span.start), old.get(span.start)) else {
             return false;
         };
         if new.get(n..n + same.len()) != Some(same) {
             return false;
         }
         n += same.len();
-        let begins_alike = match new.get(n) {
-            Some(&c) if first == b'.' => c == b'.',
-            Some(c) => c.is_ascii_digit(),
-            None => false,
-        };
-        let Some(end) = lexer::number_end(new, n).filter(|_| begins_alike) else {
+        let begins_alike = new
+            .get(n)
+            .is_some_and(|&c| c == first || (c.is_ascii_digit() && first.is_ascii_digit()));
+        if !begins_alike {
             return false;
-        };
-        o = number.end;
-        n = end;
+        }
+        match lexer::literal_end(new, n, standard_conforming) {
+            Some((end, read)) if read == *kind => n = end,
+            _ => return false,
+        }
+        o = span.end;
     }
     old.get(o..).is_some_and(|rest| new.get(n..) == Some(rest))
 }
@@ -301,8 +306,8 @@ mod tests {
         );
         check(&p, sql, true, &mut passed);
         assert!(!passed.holds(sql.as_bytes(), (true, Some(99))));
-        // Oldest first out; long texts never kept. (Names, not numbers: texts that differ
-        // only in numbers share a slot.)
+        // Oldest first out; long texts never kept. (Names, not constants: texts that differ
+        // only in constants share a slot.)
         for i in 0..SLOTS + 2 {
             check(&p, &format!("SELECT c{i}"), true, &mut passed);
         }
@@ -325,45 +330,61 @@ mod tests {
     }
 
     #[test]
-    fn a_query_with_other_numbers_is_answered_without_lexing_and_nothing_else_is() {
+    fn a_query_with_other_constants_is_answered_without_lexing_and_nothing_else_is() {
         let p = RelayRules::sample_shared(None).policy;
         let key = (true, p.lock_salt);
         let mut passed = PassedTexts::default();
-        let sql = "SELECT name FROM items WHERE id = 42 AND x > .5 LIMIT 10";
+        let sql = "SELECT name FROM items WHERE id = 42 AND x > .5 AND n = 'a' LIMIT 10";
         assert!(check(&p, sql, true, &mut passed).is_untouched());
-        assert_eq!(passed.numbers[0].len(), 3);
+        assert_eq!(passed.literals[0].len(), 4);
         for same in [
-            "SELECT name FROM items WHERE id = 43 AND x > .25 LIMIT 1",
-            "SELECT name FROM items WHERE id = 4.5e3 AND x > .5e-2 LIMIT 99999999999999999999",
+            "SELECT name FROM items WHERE id = 43 AND x > .25 AND n = 'it''s' LIMIT 1",
+            "SELECT name FROM items WHERE id = 4.5e3 AND x > .5e-2 AND n = '' LIMIT 99999999999",
+            "SELECT name FROM items WHERE id = 42 AND x > .5 AND n = '\\' LIMIT 10",
+            "SELECT name FROM items WHERE id = 42 AND x > .5 AND n = 'a'\n'b' LIMIT 10",
         ] {
             assert!(passed.holds(same.as_bytes(), key), "{same}");
         }
         for other in [
-            // Another word, or a number that does not end where a number ended.
-            "SELECT name FROM items WHERE id = 42 OR x > .5 LIMIT 10",
-            "SELECT name FROM items WHERE id = 42x AND x > .5 LIMIT 10",
-            "SELECT name FROM items WHERE id = 42 AND x > .5 LIMIT 10;",
-            "SELECT name FROM items WHERE id = 4 2 AND x > .5 LIMIT 10",
+            // Another word, or a constant that does not end where a constant ended.
+            "SELECT name FROM items WHERE id = 42 OR x > .5 AND n = 'a' LIMIT 10",
+            "SELECT name FROM items WHERE id = 42x AND x > .5 AND n = 'a' LIMIT 10",
+            "SELECT name FROM items WHERE id = 42 AND x > .5 AND n = 'a' LIMIT 10;",
+            "SELECT name FROM items WHERE id = 4 2 AND x > .5 AND n = 'a' LIMIT 10",
+            "SELECT name FROM items WHERE id = 42 AND x > .5 AND n = 'a' 'b' LIMIT 10",
+            "SELECT name FROM items WHERE id = 42 AND x > .5 AND n = 'a'; DROP TABLE t; --' LIMIT 10",
+            // A string where a number was, another form of string, an open string.
+            "SELECT name FROM items WHERE id = '42' AND x > .5 AND n = 'a' LIMIT 10",
+            "SELECT name FROM items WHERE id = 42 AND x > .5 AND n = E'a' LIMIT 10",
+            "SELECT name FROM items WHERE id = 42 AND x > .5 AND n = $$a$$ LIMIT 10",
+            "SELECT name FROM items WHERE id = 42 AND x > .5 AND n = 'a LIMIT 10",
             // A digit where a '.' began: `x.5` is a name and a number, `x5` one name.
-            "SELECT name FROM items WHERE id = 42 AND x > 5 LIMIT 10",
-            "SELECT name FROM items WHERE id = AND x > .5 LIMIT 10",
+            "SELECT name FROM items WHERE id = 42 AND x > 5 AND n = 'a' LIMIT 10",
+            "SELECT name FROM items WHERE id = AND x > .5 AND n = 'a' LIMIT 10",
         ] {
             assert!(!passed.holds(other.as_bytes(), key), "{other}");
         }
+        // Under standard_conforming_strings off the same bytes are another key: never held.
+        assert!(!passed.holds(sql.as_bytes(), (false, p.lock_salt)));
         let mut passed = PassedTexts::default();
-        check(&p, "SELECT t.5, $1.5", true, &mut passed);
-        assert_eq!(passed.numbers[0].len(), 2);
-        assert!(passed.holds(b"SELECT t.7, $1.8", key));
-        assert!(!passed.holds(b"SELECT t55, $1.5", key));
-        assert!(!passed.holds(b"SELECT t.5, $15", key));
-        // Texts whose numbers the guard may read, or that name what a pass acts on, are
+        check(&p, "SELECT t.5, $1.5, x'1f', e'\\n'", true, &mut passed);
+        assert_eq!(passed.literals[0].len(), 4);
+        assert!(passed.holds(b"SELECT t.7, $1.8, x'00', e'\\t'", key));
+        assert!(!passed.holds(b"SELECT t55, $1.5, x'1f', e'\\n'", key));
+        assert!(!passed.holds(b"SELECT t.5, $15, x'1f', e'\\n'", key));
+        assert!(!passed.holds(b"SELECT t.5, $1.5, X'1f', e'\\n'", key));
+        assert!(!passed.holds(b"SELECT t.5, $1.5, x'1f', e'\\'", key));
+        // Texts whose constants the guard may read, or that name what a pass acts on, are
         // remembered exactly only.
         let mut passed = PassedTexts::default();
         for sql in [
             "SET statement_timeout = 5",
-            "SELECT 1; SET statement_timeout = 5",
+            "SET search_path = 'public'",
+            "SELECT 1; SET statement_timeout = '5s'",
             "EXPLAIN SELECT 1",
+            "NOTIFY c, 'x'",
             "SELECT 1 FROM pg_settings",
+            "SELECT set_config('application_name', 'x', false)",
         ] {
             let mut p = p.clone();
             p.prepared_prefix = None;
@@ -371,14 +392,11 @@ mod tests {
                 assert!(passed.holds(sql.as_bytes(), key), "{sql}");
             }
         }
-        assert!(passed.numbers.iter().all(Vec::is_empty));
-        // A write qualifies; another key forgets the numbers too.
-        check(&p, "UPDATE t SET a = a + 1 WHERE id = 7", true, &mut passed);
-        assert!(passed.holds(b"UPDATE t SET a = a + 9 WHERE id = 70", key));
-        assert!(!passed.holds(
-            b"UPDATE t SET a = a + 9 WHERE id = 70",
-            (false, p.lock_salt)
-        ));
-        assert!(passed.numbers.iter().all(Vec::is_empty));
+        assert!(passed.literals.iter().all(Vec::is_empty));
+        // A write qualifies; another key forgets the constants too.
+        check(&p, "UPDATE t SET a = 'x' WHERE id = 7", true, &mut passed);
+        assert!(passed.holds(b"UPDATE t SET a = 'yy' WHERE id = 70", key));
+        assert!(!passed.holds(b"UPDATE t SET a = 'yy' WHERE id = 70", (false, p.lock_salt)));
+        assert!(passed.literals.iter().all(Vec::is_empty));
     }
 }

@@ -74,7 +74,9 @@ impl Token<'_> {
 }
 
 mod class;
+mod literal;
 use class::{ident_scan, is_dollar_tag_cont, is_ident_cont, is_ident_start, is_op_char, is_space};
+pub use literal::{Literal, literal_end};
 
 struct Lexer<'a> {
     src: &'a [u8],
@@ -120,29 +122,6 @@ fn lex_into<'a>(
             Err(e) => return Err((e, lx.token_start)),
         }
     }
-}
-
-/// Where the numeric constant that starts at `at` in `sql` ends, as [`lex`] reads it; `None`
-/// unless one starts there (a digit, or a `.` before a digit). Reading a number looks only
-/// at its own bytes and those after it, never at those before.
-pub fn number_end(sql: &[u8], at: usize) -> Option<usize> {
-    let starts = match sql.get(at)? {
-        b'0'..=b'9' => true,
-        b'.' => sql.get(at + 1).is_some_and(u8::is_ascii_digit),
-        _ => false,
-    };
-    if !starts {
-        return None;
-    }
-    let mut lx = Lexer {
-        src: sql,
-        text: None,
-        pos: at,
-        standard_conforming: true,
-        token_start: at,
-    };
-    lx.number();
-    Some(lx.pos)
 }
 
 impl<'a> Lexer<'a> {
@@ -214,8 +193,22 @@ impl<'a> Lexer<'a> {
         let Some(b) = self.peek(0) else {
             return Ok(false);
         };
+        let kind = self.token(b)?;
+        out.push(Token {
+            kind,
+            start,
+            end: self.pos,
+        });
+        Ok(true)
+    }
+
+    /// The token that starts with `b` at `self.pos` (past any space and comment), read to its
+    /// end.
+    #[inline(always)]
+    fn token(&mut self, b: u8) -> Result<Kind<'a>, LexError> {
+        let start = self.pos;
         let next = self.peek(1);
-        let kind = match b {
+        Ok(match b {
             b'\'' => self.string(false, false)?,
             b'"' => self.quoted_ident(false)?,
             b'$' if next.is_some_and(|c| c.is_ascii_digit()) => {
@@ -293,13 +286,7 @@ impl<'a> Lexer<'a> {
                 self.pos += 1;
                 Kind::Op(&self.src[start..self.pos])
             }
-        };
-        out.push(Token {
-            kind,
-            start,
-            end: self.pos,
-        });
-        Ok(true)
+        })
     }
 
     fn operator(&mut self) -> Kind<'a> {

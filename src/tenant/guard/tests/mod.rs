@@ -77,7 +77,7 @@ fn pooled() -> Policy {
 }
 
 mod gating;
-mod numbers;
+mod literals;
 mod placements;
 mod pooling;
 mod statements;

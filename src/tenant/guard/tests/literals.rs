@@ -1,13 +1,14 @@
-//! The memo's claim (`memo.rs`): a text that is a remembered text with other numbers where
-//! its numbers stood, each read to its end and beginning as the old one did, lexes to the
-//! same tokens, numbers aside; and when the remembered text qualifies, the guard's verdict
-//! on it is the same, in every policy. Random texts over words that touch numbers on both
-//! sides (identifiers, `$n`, `.`, operators, comments, strings), with and without spaces.
+//! The memo's claim (`memo.rs`): a text that is a remembered text with other constants where
+//! its constants stood, each of the same kind, read to its end and beginning as the old one
+//! did, lexes to the same tokens, constants aside; and when the remembered text qualifies,
+//! the guard's verdict on it is the same, in every policy. Random texts over words that touch
+//! constants on both sides (identifiers, `$n`, `.`, operators, comments, every form of
+//! string), with and without spaces, in both `standard_conforming_strings` modes.
 
 use proptest::prelude::*;
 
-use super::super::lexer::{Kind, Token, lex};
-use super::super::memo::{numbers_not_read, same_but_numbers};
+use super::super::lexer::{Kind, Literal, Token, lex};
+use super::super::memo::{literals_not_read, same_but_literals};
 use super::gating::policies;
 
 const WORDS: &[&str] = &[
@@ -67,14 +68,30 @@ const WORDS: &[&str] = &[
     "b'1'",
     "set statement_timeout =",
     "select * from t where id =",
+    "'a\\'",
+    "E'\\''",
+    "'x'\n'y'",
+    "$a$ $ $a$",
+    "N'n'",
+    "X'ff'",
+    "U&'d' UESCAPE '!'",
+    "u&\"q\"",
+    "e",
+    "n",
+    "b",
+    "x",
+    "u&",
+    "notify c,",
+    "set search_path =",
 ];
 
-/// The tokens with every number's text left out.
+/// The tokens with every constant's text left out.
 fn shape<'a>(tokens: &'a [Token<'a>]) -> Vec<Kind<'a>> {
     tokens
         .iter()
         .map(|t| match t.kind {
             Kind::Number(_) => Kind::Number(b""),
+            Kind::Str { .. } => Kind::Str { value: None },
             ref k => k.clone(),
         })
         .collect()
@@ -90,70 +107,103 @@ fn words() -> impl Strategy<Value = Vec<(&'static str, &'static str)>> {
     )
 }
 
-fn numbers() -> impl Strategy<Value = Vec<String>> {
+/// Per constant: how to make the new one (0: a number, 1: the old one with another body
+/// between its quotes or dollar tags, 2: any bytes) and the text to use.
+fn literals() -> impl Strategy<Value = Vec<(u8, String, String)>> {
     proptest::collection::vec(
-        prop_oneof![
-            "[0-9]{1,3}(\\.[0-9]{0,2})?([eE][+-]?[0-9])?",
-            "\\.[0-9]{1,2}",
-            "[0-9.eE+a$-]{1,4}",
-        ],
+        (
+            0..3u8,
+            prop_oneof![
+                "[0-9]{1,3}(\\.[0-9]{0,2})?([eE][+-]?[0-9])?",
+                "\\.[0-9]{1,2}",
+                "[0-9.eE+a$-]{1,4}",
+            ],
+            prop_oneof![
+                "[a\\\\' \n;$-]{0,6}",
+                "[eEnNbBxXuU]?&?'[a\\\\' \n;-]{0,5}'( *\n? *'[a']{0,2}')?",
+                "\\$[a]?\\$[a$ ']{0,3}\\$[a]?\\$",
+                "[a' \\\\\n$\"]{1,5}",
+            ],
+        ),
         8,
     )
+}
+
+/// `old` (a string constant) with `body` between what opens and what closes it.
+fn reshape(old: &str, body: &str) -> String {
+    if let (Some(a), Some(b)) = (old.find('\''), old.rfind('\''))
+        && a < b
+    {
+        return format!("{}{body}{}", &old[..=a], &old[b..]);
+    }
+    if let Some(e) = old.strip_prefix('$').and_then(|rest| rest.find('$')) {
+        let tag = &old[..e + 2];
+        return format!("{tag}{body}{tag}");
+    }
+    body.to_owned()
 }
 
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(4000))]
     #[test]
-    fn numbers_in_the_same_places_give_the_same_tokens_and_verdict(
+    fn constants_in_the_same_places_give_the_same_tokens_and_verdict(
         first in prop::sample::select(&["select ", "update t set a =", "(", "set ", ""][..]),
         words in words(),
-        replacements in numbers(),
+        replacements in literals(),
+        standard_conforming in any::<bool>(),
     ) {
         let old: String = std::iter::once(first)
             .chain(words.iter().flat_map(|(w, sep)| [*w, *sep]))
             .collect();
-        let Ok(old_tokens) = lex(old.as_bytes(), true) else {
+        let Ok(old_tokens) = lex(old.as_bytes(), standard_conforming) else {
             return Ok(());
         };
         let spans: Vec<_> = old_tokens
             .iter()
-            .filter(|t| matches!(t.kind, Kind::Number(_)))
-            .map(|t| t.start..t.end)
+            .filter_map(|t| match t.kind {
+                Kind::Number(_) => Some((t.start..t.end, Literal::Number)),
+                Kind::Str { .. } => Some((t.start..t.end, Literal::Str)),
+                _ => None,
+            })
             .collect();
         if spans.is_empty() {
             return Ok(());
         }
         let mut new = String::new();
         let mut at = 0;
-        for (span, number) in spans.iter().zip(replacements.iter().cycle()) {
+        for ((span, _), (how, number, text)) in spans.iter().zip(replacements.iter().cycle()) {
             new.push_str(&old[at..span.start]);
-            new.push_str(number);
+            match how {
+                0 => new.push_str(number),
+                1 => new.push_str(&reshape(&old[span.clone()], text)),
+                _ => new.push_str(text),
+            }
             at = span.end;
         }
         new.push_str(&old[at..]);
-        if !same_but_numbers(old.as_bytes(), &spans, new.as_bytes()) {
+        if !same_but_literals(old.as_bytes(), &spans, new.as_bytes(), standard_conforming) {
             return Ok(());
         }
-        let new_tokens = lex(new.as_bytes(), true);
+        let new_tokens = lex(new.as_bytes(), standard_conforming);
         prop_assert!(new_tokens.is_ok(), "{:?} -> {:?}", old, new);
         let new_tokens = new_tokens.unwrap_or_default();
         prop_assert_eq!(shape(&old_tokens), shape(&new_tokens), "{:?} -> {:?}", old, new);
-        if !numbers_not_read(&old_tokens) {
+        if !literals_not_read(&old_tokens) {
             return Ok(());
         }
         for p in policies() {
-            if p.check(old.as_bytes(), true).is_untouched() {
-                let verdict = p.check(new.as_bytes(), true);
+            if p.check(old.as_bytes(), standard_conforming).is_untouched() {
+                let verdict = p.check(new.as_bytes(), standard_conforming);
                 prop_assert!(verdict.is_untouched(), "{:?} -> {:?}: {:?}", old, new, verdict);
             }
         }
     }
 }
 
-/// A number the guard reads: remembered untouched in session pooling with one value, the
+/// A constant the guard reads: remembered untouched in session pooling with one value, the
 /// same text with another value over the tenant's limit is still refused.
 #[test]
-fn a_set_value_is_checked_again_for_every_number() {
+fn a_set_value_is_checked_again_for_every_constant() {
     use super::super::lexer::TokenBuf;
     use super::super::memo::PassedTexts;
     for p in policies() {
