@@ -145,13 +145,13 @@ impl Relay {
                 .and_then(|(name, _)| self.statement_text(name)),
             _ => None,
         };
-        match text {
+        match text.is_some_and(in_band_safe) {
             // The prefix carries only the tenant id (never a verified token: that is bound
             // with the connection's setup and after RESET/DISCARD, as a parameter, and stays
             // on the backend between transactions).
-            Some(text) if in_band_safe(text) && t == tag::QUERY => Plan::Prefix,
-            Some(text) if in_band_safe(text) => Plan::Extended,
-            _ => Plan::Separate,
+            true if t == tag::QUERY => Plan::Prefix,
+            true => Plan::Extended,
+            false => Plan::Separate,
         }
     }
 
