@@ -140,17 +140,27 @@ fn transaction(c: &mut Criterion) {
         .unwrap();
     let reply = server_reply();
     // As pgbench -S sends them: the same statement with another literal each time (the
-    // guard checks every one), and the same text again (as an unnamed Parse per transaction
-    // is: the guard remembers it passed).
+    // guard's memo answers after one full check: only a constant differs), the same text
+    // again (as an unnamed Parse per transaction is), and a text with another name each time
+    // (the guard lexes and checks every one).
+    let query = |sql: String| {
+        let mut query = BytesMut::new();
+        encode::raw(b'Q', sql.as_bytes(), &mut query);
+        query
+    };
     let queries: Vec<BytesMut> = (0..1000)
         .map(|i| {
-            let mut query = BytesMut::new();
-            let sql = format!(
+            query(format!(
                 "SELECT abalance FROM pgbench_accounts WHERE aid = {};\0",
                 48213 + i * 37
-            );
-            encode::raw(b'Q', sql.as_bytes(), &mut query);
-            query
+            ))
+        })
+        .collect();
+    let new_texts: Vec<BytesMut> = (0..1000)
+        .map(|i| {
+            query(format!(
+                "SELECT abalance AS a{i} FROM pgbench_accounts WHERE aid = 48213;\0"
+            ))
         })
         .collect();
     let mut engine = Engine::new();
@@ -162,6 +172,10 @@ fn transaction(c: &mut Criterion) {
     });
     c.bench_function("pooled_transaction_shared_tenant_repeated_text", |b| {
         b.iter(|| rt.block_on(engine.transaction(&queries[0], &reply)))
+    });
+    let mut next = new_texts.iter().cycle();
+    c.bench_function("pooled_transaction_shared_tenant_new_text", |b| {
+        b.iter(|| rt.block_on(engine.transaction(next.next().unwrap(), &reply)))
     });
 }
 
