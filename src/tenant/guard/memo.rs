@@ -90,7 +90,7 @@ impl PassedTexts {
             })
     }
 
-    fn remember(&mut self, sql: &[u8], print: u64, key: Key, tokens: &[Token<'_>]) {
+    fn remember(&mut self, sql: &[u8], print: u64, key: Key, tokens: &[Token<'_>], named: Roles) {
         if sql.len() > MAX_TEXT || sql.is_empty() {
             return;
         }
@@ -114,7 +114,7 @@ impl PassedTexts {
         text.extend_from_slice(sql);
         self.prints[slot] = print;
         literals.clear();
-        if literals_not_read(tokens) {
+        if literals_not_read(tokens, named) {
             literals.extend(tokens.iter().filter_map(|t| match t.kind {
                 Kind::Number(_) => Some((t.start..t.end, Literal::Number)),
                 Kind::Str { .. } => Some((t.start..t.end, Literal::Str)),
@@ -124,11 +124,11 @@ impl PassedTexts {
     }
 }
 
-/// Whether the guard's verdict on `tokens` is the same whatever their constants' values:
-/// every statement a query or a write, and no name a pass acts on other than a write's (see
-/// the module).
-pub(super) fn literals_not_read(tokens: &[Token<'_>]) -> bool {
-    if Roles::of(tokens).any(!roles::WRITE) {
+/// Whether the guard's verdict on `tokens` (whose names have the roles `named`) is the same
+/// whatever their constants' values: every statement a query or a write, and no name a pass
+/// acts on other than a write's (see the module).
+pub(super) fn literals_not_read(tokens: &[Token<'_>], named: Roles) -> bool {
+    if named.any(!roles::WRITE) {
         return false;
     }
     tokens
@@ -228,9 +228,10 @@ impl Policy {
         }
         match buf.lex(sql, standard_conforming) {
             Ok(tokens) => {
-                let verdict = self.check_tokens(sql, &tokens);
+                let named = Roles::of(&tokens);
+                let verdict = self.check_tokens_gated(sql, &tokens, named);
                 if verdict.is_untouched() {
-                    passed.remember(sql, print, key, &tokens);
+                    passed.remember(sql, print, key, &tokens, named);
                 }
                 buf.keep(tokens);
                 verdict
