@@ -226,18 +226,11 @@ impl Policy {
         if passed.contains(sql, print, key) {
             return Verdict::default();
         }
-        match buf.lex(sql, standard_conforming) {
-            Ok(tokens) => {
-                let named = Roles::of(&tokens);
-                let verdict = self.check_tokens_gated(sql, &tokens, named);
-                if verdict.is_untouched() {
-                    passed.remember(sql, print, key, &tokens, named);
-                }
-                buf.keep(tokens);
-                verdict
+        self.check_then(sql, standard_conforming, buf, |tokens, named, verdict| {
+            if verdict.is_untouched() {
+                passed.remember(sql, print, key, tokens, named);
             }
-            Err((e, at)) => super::policy::syntax_error(sql, &e, at),
-        }
+        })
     }
 }
 

@@ -101,21 +101,42 @@ impl Policy {
         standard_conforming: bool,
         buf: &mut TokenBuf,
     ) -> Verdict {
+        self.check_then(sql, standard_conforming, buf, |_, _, _| {})
+    }
+
+    /// [`Policy::check_reusing`], handing the verdict with the text's tokens and the roles
+    /// of its names to `then` before the tokens go back to `buf` (the memo remembers from
+    /// them). Malformed text gets PostgreSQL's own syntax error (and is not forwarded).
+    pub(super) fn check_then(
+        &self,
+        sql: &[u8],
+        standard_conforming: bool,
+        buf: &mut TokenBuf,
+        then: impl FnOnce(&[Token<'_>], Roles, &Verdict),
+    ) -> Verdict {
         match buf.lex(sql, standard_conforming) {
             Ok(tokens) => {
-                let verdict = self.check_tokens(sql, &tokens);
+                let named = Roles::of(&tokens);
+                let verdict = self.check_tokens_gated(sql, &tokens, named);
+                then(&tokens, named, &verdict);
                 buf.keep(tokens);
                 verdict
             }
-            Err((e, at)) => syntax_error(sql, &e, at),
+            Err((e, at)) => {
+                let (message, position) = super::lexer::postgres_syntax_error(sql, &e, at);
+                Verdict {
+                    refusal: Some(Box::new(Refusal {
+                        sqlstate: sqlstate::SYNTAX_ERROR,
+                        message,
+                        position: Some(position),
+                    })),
+                    ..Verdict::default()
+                }
+            }
         }
     }
 
-    pub(super) fn check_tokens(&self, sql: &[u8], tokens: &[Token<'_>]) -> Verdict {
-        self.check_tokens_gated(sql, tokens, Roles::of(tokens))
-    }
-
-    /// [`Policy::check_tokens`] with the passes that look for particular names run only
+    /// The check of lexed `tokens`, with the passes that look for particular names run only
     /// when `roles` says such a name is present (see `roles.rs`).
     pub(super) fn check_tokens_gated(
         &self,
@@ -541,18 +562,5 @@ impl Policy {
             ));
         }
         Ok(())
-    }
-}
-
-/// Malformed text: PostgreSQL's own syntax error (the text is not forwarded).
-pub(super) fn syntax_error(sql: &[u8], e: &super::lexer::LexError, at: usize) -> Verdict {
-    let (message, position) = super::lexer::postgres_syntax_error(sql, e, at);
-    Verdict {
-        refusal: Some(Box::new(Refusal {
-            sqlstate: sqlstate::SYNTAX_ERROR,
-            message,
-            position: Some(position),
-        })),
-        ..Verdict::default()
     }
 }
