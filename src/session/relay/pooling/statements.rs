@@ -447,7 +447,9 @@ impl Relay {
     /// Transaction pooling: the client name of an `EXECUTE` in `effects` that names no
     /// statement the client prepared (earlier, or in the same text before it).
     pub(in crate::session::relay) fn unknown_execute(&self, effects: &[Effect]) -> Option<String> {
-        let prefix = self.rules.policy.prepared_prefix.as_deref()?;
+        if !self.pooled() {
+            return None;
+        }
         let mut prepared_here = Vec::new();
         for effect in effects {
             match effect {
@@ -456,12 +458,7 @@ impl Relay {
                     if !self.session.sql_prepared.contains_key(server_name)
                         && !prepared_here.contains(&server_name.as_str()) =>
                 {
-                    return Some(
-                        server_name
-                            .strip_prefix(prefix)
-                            .unwrap_or(server_name)
-                            .to_owned(),
-                    );
+                    return Some(self.client_statement_name(server_name).to_owned());
                 }
                 _ => {}
             }
