@@ -417,6 +417,9 @@ fn main() {
     let mut results: BTreeMap<Key, Vec<Run>> = BTreeMap::new();
     // CPU per transaction: (total, in user space).
     let mut cpu: BTreeMap<Key, Vec<(f64, f64)>> = BTreeMap::new();
+    // The whole machine's busy CPU per transaction (every process: pgbench, PostgreSQL and
+    // the proxy) and its idle share, from /proc/stat.
+    let mut machine: BTreeMap<Key, Vec<(f64, f64)>> = BTreeMap::new();
     for round in 0..opts.rounds {
         for (clients, mode, connect) in &scenarios {
             targets.rotate_left(1);
@@ -428,6 +431,7 @@ fn main() {
                     t.name
                 );
                 let before = t.pid.map(support::cpu_ticks);
+                let machine_before = support::machine_ticks();
                 let Some(run) = pgbench(
                     &cluster,
                     &t.url,
@@ -440,6 +444,15 @@ fn main() {
                     continue;
                 };
                 let key = (*clients, mode.clone(), *connect, t.name);
+                let (busy, idle) = support::machine_ticks();
+                let (busy, idle) = (
+                    busy.saturating_sub(machine_before.0) as f64,
+                    idle.saturating_sub(machine_before.1) as f64,
+                );
+                machine.entry(key.clone()).or_default().push((
+                    busy / ticks * 1e6 / run.transactions.max(1) as f64,
+                    100.0 * idle / (busy + idle).max(1.0),
+                ));
                 if let (Some(pid), Some(before)) = (t.pid, before) {
                     let (user, system) = support::cpu_ticks(pid);
                     let user = user.saturating_sub(before.0) as f64 / ticks;
@@ -466,8 +479,18 @@ fn main() {
             .unwrap_or(1)
     );
     println!(
-        "{:>10} {:>9} {:>10} {:>10} {:>7} {:>9} {:>11} {:>10} {:>9}",
-        "clients", "mode", "target", "tps", "ratio", "lat ms", "added us/q", "cpu us/tx", "(user)"
+        "{:>10} {:>9} {:>10} {:>10} {:>7} {:>9} {:>11} {:>10} {:>9} {:>11} {:>6}",
+        "clients",
+        "mode",
+        "target",
+        "tps",
+        "ratio",
+        "lat ms",
+        "added us/q",
+        "cpu us/tx",
+        "(user)",
+        "machine/tx",
+        "idle%"
     );
     for (clients, mode, connect) in &scenarios {
         let pick = |target: &'static str| -> Option<(f64, f64)> {
@@ -507,6 +530,14 @@ fn main() {
                     .unwrap_or_else(|| "-".into())
             };
             let (cpu_text, user_text) = (cpu_of(|c| c.0), cpu_of(|c| c.1));
+            let whole = machine.get(&(*clients, mode.clone(), *connect, name));
+            let machine_of = |part: fn(&(f64, f64)) -> f64| {
+                whole
+                    .and_then(|v| median(v.iter().map(part).collect()))
+                    .map(|v| format!("{v:.1}"))
+                    .unwrap_or_else(|| "-".into())
+            };
+            let (machine_text, idle_text) = (machine_of(|c| c.0), machine_of(|c| c.1));
             let (ratio, added) = match direct {
                 Some((d_tps, d_lat)) => (
                     format!("{:.2}", tps / d_tps),
@@ -515,7 +546,7 @@ fn main() {
                 None => ("-".into(), "-".into()),
             };
             println!(
-                "{label:>10} {mode:>9} {name:>10} {tps:>10.0} {ratio:>7} {lat:>9.3} {added:>11} {cpu_text:>10} {user_text:>9}",
+                "{label:>10} {mode:>9} {name:>10} {tps:>10.0} {ratio:>7} {lat:>9.3} {added:>11} {cpu_text:>10} {user_text:>9} {machine_text:>11} {idle_text:>6}",
             );
         }
     }

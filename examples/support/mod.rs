@@ -281,6 +281,23 @@ pub fn cpu_ticks(pid: u32) -> (u64, u64) {
     )
 }
 
+/// The machine's CPU ticks since boot: (busy, idle), all cores, from /proc/stat's first line
+/// (idle counts `idle` and `iowait`).
+pub fn machine_ticks() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").expect("read /proc/stat");
+    let fields: Vec<u64> = stat
+        .lines()
+        .next()
+        .expect("a cpu line")
+        .split_whitespace()
+        .skip(1)
+        .take(8)
+        .map(|f| f.parse().expect("a tick count"))
+        .collect();
+    let idle = fields[3] + fields[4];
+    (fields.iter().sum::<u64>() - idle, idle)
+}
+
 /// Clock ticks per second (`getconf CLK_TCK`).
 pub fn clock_ticks_per_second() -> f64 {
     Command::new("getconf")
