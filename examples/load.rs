@@ -522,22 +522,19 @@ fn main() {
                 }
                 continue;
             };
-            let samples = cpu.get(&(*clients, mode.clone(), *connect, name));
-            let cpu_of = |part: fn(&(f64, f64)) -> f64| {
-                samples
-                    .and_then(|v| median(v.iter().map(part).collect()))
+            let key = (*clients, mode.clone(), *connect, name);
+            // The median of one part of each run's pair, as text ("-" without samples).
+            let median_of = |pairs: &BTreeMap<Key, Vec<(f64, f64)>>, second: bool| {
+                pairs
+                    .get(&key)
+                    .and_then(|v| {
+                        median(v.iter().map(|p| if second { p.1 } else { p.0 }).collect())
+                    })
                     .map(|v| format!("{v:.1}"))
                     .unwrap_or_else(|| "-".into())
             };
-            let (cpu_text, user_text) = (cpu_of(|c| c.0), cpu_of(|c| c.1));
-            let whole = machine.get(&(*clients, mode.clone(), *connect, name));
-            let machine_of = |part: fn(&(f64, f64)) -> f64| {
-                whole
-                    .and_then(|v| median(v.iter().map(part).collect()))
-                    .map(|v| format!("{v:.1}"))
-                    .unwrap_or_else(|| "-".into())
-            };
-            let (machine_text, idle_text) = (machine_of(|c| c.0), machine_of(|c| c.1));
+            let (cpu_text, user_text) = (median_of(&cpu, false), median_of(&cpu, true));
+            let (machine_text, idle_text) = (median_of(&machine, false), median_of(&machine, true));
             let (ratio, added) = match direct {
                 Some((d_tps, d_lat)) => (
                     format!("{:.2}", tps / d_tps),
