@@ -1,7 +1,8 @@
 //! Load comparison: pgbench `-S` straight to PostgreSQL, through pgtenant and through
 //! PgBouncer, interleaved in one run (the order rotates each round), with medians, ratios to
 //! direct, the latency each proxy adds per query, and each proxy's own CPU time per
-//! transaction (from /proc; in total and the part in user space). Run it with
+//! transaction (from /proc; in total and the part in user space), and the whole machine's
+//! busy CPU per transaction and idle share (from /proc/stat). Run it with
 //! `scripts/bench.sh`, which builds the release binary and installs PgBouncer with apt if it
 //! is missing. Speed is measured here, never asserted in tests.
 //!
