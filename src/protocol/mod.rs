@@ -89,7 +89,7 @@ impl TxStatus {
 
 /// Reads a NUL-terminated string at the start of `buf`: `(string, rest)`.
 pub(crate) fn take_cstr(buf: &[u8]) -> Option<(&[u8], &[u8])> {
-    let nul = buf.iter().position(|&b| b == 0)?;
+    let nul = memchr::memchr(0, buf)?;
     Some((&buf[..nul], &buf[nul + 1..]))
 }
 

@@ -494,7 +494,7 @@ fn refused_query() -> BytesMut {
 
 /// The bytes of a NUL-terminated body up to the first NUL (the whole body if none).
 fn cstr_prefix(body: &[u8]) -> &[u8] {
-    match body.iter().position(|&b| b == 0) {
+    match memchr::memchr(0, body) {
         Some(n) => &body[..n],
         None => body,
     }

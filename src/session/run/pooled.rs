@@ -388,7 +388,7 @@ pub(super) fn starts_read_only(pending: &[u8]) -> bool {
         // Parse: the statement name, then the query.
         Some((&b'P', rest)) => rest
             .get(4..)
-            .and_then(|b| b.iter().position(|&c| c == 0).map(|n| &b[n + 1..])),
+            .and_then(|b| crate::protocol::take_cstr(b).map(|(_, rest)| rest)),
         _ => None,
     };
     let Some(sql) = sql else { return false };

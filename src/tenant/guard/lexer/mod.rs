@@ -339,7 +339,7 @@ impl<'a> Lexer<'a> {
         // between the quotes, borrowed.
         let open = self.pos;
         let body = &self.src[open + 1..];
-        if let Some(n) = body.iter().position(|&c| c == b'\'')
+        if let Some(n) = memchr::memchr(b'\'', body)
             && self.src.get(open + n + 2) != Some(&b'\'')
             && !(backslash && body[..n].contains(&b'\\'))
         {
@@ -455,7 +455,7 @@ impl<'a> Lexer<'a> {
         // Most quoted names (an ORM quotes every one) hold no `""`: borrowed.
         let body = self.rest();
         if !unicode
-            && let Some(n) = body.iter().position(|&c| c == b'"')
+            && let Some(n) = memchr::memchr(b'"', body)
             && n > 0
             && body.get(n + 1) != Some(&b'"')
             && let Ok(name) = std::str::from_utf8(&body[..n])
