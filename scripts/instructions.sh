@@ -4,7 +4,9 @@
 # hides most single changes). pgbench, one client, a `-S`-like query with a new key each time,
 # in the simple, extended and prepared protocols, through pgtenant (transaction pooling, guard
 # on) for the demo's dedicated tenant (initech) and a shared one on the verified context
-# (acme), and through PgBouncer (transaction mode, same server) when it is installed.
+# (acme), through two bare forwarders of one connection that show the floor under any relay
+# (examples/relay_floor.rs: a minimal tokio one and a bare epoll loop), and through PgBouncer
+# (transaction mode, same server) when it is installed.
 #
 #   scripts/instructions.sh [transactions]     (default 2000 per run)
 #
@@ -19,8 +21,12 @@ fi
 BIN=$(pg_config --bindir 2>/dev/null || echo /usr/lib/postgresql/15/bin)
 PGBENCH=$BIN/pgbench
 [ -x "$PGBENCH" ] || PGBENCH=$(ls /usr/lib/postgresql/*/bin/pgbench | tail -1)
+# Two builds: an example brings the dev-dependencies' features (tokio's `process`, whose
+# driver adds work to every park), which must not reach the binary measured.
 cargo build --release --bin pgtenant
+cargo build --release --example relay_floor
 PGTENANT=$PWD/target/release/pgtenant
+FLOOR=$PWD/target/release/examples/relay_floor
 
 WORK=$(mktemp -d /tmp/pgtenant-instructions.XXXXXX)
 chmod 755 "$WORK"
@@ -83,10 +89,29 @@ for tenant in initech acme; do
   printf '%-28s %10s %10s %10s\n' "pgtenant $tenant" "${row[@]}"
 done
 
+# The dedicated tenant's database, as the proxy's login reaches it.
+SHARD=$(awk '/^\[shards\.initech-db\]/{p=1} p&&/^port/{print $3; exit}' "$CONFIG")
+PASS=$(awk '/^\[shards\.initech-db\]/{p=1} p&&/^password/{gsub(/"/,"",$3); print $3; exit}' "$CONFIG")
+
+# The floor: bare forwarders of one connection (examples/relay_floor.rs), no pooling, no
+# parsing, the server's own login.
+for relay in tokio epoll; do
+  FPORT=$(free_port)
+  valgrind --tool=callgrind --callgrind-out-file="$WORK/cg.%p" "$FLOOR" "$relay" \
+    "127.0.0.1:$FPORT" "127.0.0.1:$SHARD" >"$WORK/floor-$relay.log" 2>&1 &
+  FPID=$!
+  PIDS+=("$FPID")
+  for _ in $(seq 60); do
+    python3 -c "import socket; socket.create_connection(('127.0.0.1', $FPORT)).close()" 2>/dev/null && break
+    sleep 1
+  done
+  url="postgresql://pgtenant_app:$PASS@127.0.0.1:$FPORT/initech"
+  row=()
+  for mode in simple extended prepared; do row+=("$(count "$FPID" root "$mode" "$url")"); done
+  printf '%-28s %10s %10s %10s\n' "bare $relay relay" "${row[@]}"
+done
+
 if [ -x /usr/sbin/pgbouncer ]; then
-  # The dedicated tenant's database, as the proxy's login reaches it.
-  SHARD=$(awk '/^\[shards\.initech-db\]/{p=1} p&&/^port/{print $3; exit}' "$CONFIG")
-  PASS=$(awk '/^\[shards\.initech-db\]/{p=1} p&&/^password/{gsub(/"/,"",$3); print $3; exit}' "$CONFIG")
   BPORT=$(free_port)
   cat >"$WORK/pgbouncer.ini" <<EOF
 [databases]
