@@ -23,18 +23,21 @@ fn main() {
     let listen: SocketAddr = listen.parse().expect("LISTEN_ADDR");
     let server: SocketAddr = server.parse().expect("SERVER_ADDR");
     match kind.as_str() {
-        "tokio" => with_tokio(listen, server),
+        "tokio" => with_tokio(listen, server, true),
+        "tokio-io" => with_tokio(listen, server, false),
         "epoll" => with_epoll(listen, server),
         other => panic!("unknown relay {other}: tokio or epoll"),
     }
 }
 
-fn with_tokio(listen: SocketAddr, server: SocketAddr) {
+fn with_tokio(listen: SocketAddr, server: SocketAddr, time: bool) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let mut builder = tokio::runtime::Builder::new_current_thread();
+    builder.enable_io();
+    if time {
+        builder.enable_time();
+    }
+    let runtime = builder.build().unwrap();
     runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind(listen).await.unwrap();
         loop {

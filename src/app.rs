@@ -36,16 +36,27 @@ impl Running {
         self.stop_accepting.cancel();
         self.state.draining.cancel();
         self.sessions.close();
-        if tokio::time::timeout(grace, self.sessions.wait())
+        if crate::timers::timeout(grace, self.sessions.wait())
             .await
             .is_err()
         {
             tracing::info!("ending remaining sessions");
         }
         self.state.shutdown.cancel();
-        let _ = tokio::time::timeout(Duration::from_secs(10), self.sessions.wait()).await;
+        let _ = crate::timers::timeout(Duration::from_secs(10), self.sessions.wait()).await;
         self.background.close();
         self.background.wait().await;
+    }
+}
+
+/// Dropped without [`Running::shutdown`] (a test's proxy, an error path): stops at once, as a
+/// shutdown does when its grace period is over. The listener closes, the background work stops
+/// and the remaining sessions end with `57P01`.
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.stop_accepting.cancel();
+        self.state.draining.cancel();
+        self.state.shutdown.cancel();
     }
 }
 
@@ -93,7 +104,7 @@ pub async fn start(snapshot: Snapshot) -> anyhow::Result<Running> {
                 Err(e) => {
                     // Typically EMFILE: wait for sessions to close descriptors.
                     tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(backoff).await;
+                    crate::timers::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(1));
                 }
             }
@@ -144,7 +155,7 @@ pub async fn start(snapshot: Snapshot) -> anyhow::Result<Running> {
     let reap_state = Arc::clone(&state);
     let reap_stop = stop_accepting.clone();
     background.spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_secs(10));
+        let mut tick = crate::timers::interval(Duration::from_secs(10));
         loop {
             tokio::select! {
                 _ = tick.tick() => reap_state.pools.reap(),
@@ -199,7 +210,7 @@ async fn start_peering(
                 Err(e) => tracing::warn!(error = %e, "peering: cannot refresh this instance in the catalog"),
             }
             tokio::select! {
-                _ = tokio::time::sleep(crate::catalog::HEARTBEAT) => {}
+                _ = crate::timers::sleep(crate::catalog::HEARTBEAT) => {}
                 _ = state.shutdown.cancelled() => break,
             }
         }

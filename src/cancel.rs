@@ -109,7 +109,7 @@ impl CancelTarget {
                 delivered.await;
             }
         };
-        tokio::time::timeout(patience, wait).await.is_ok()
+        crate::timers::timeout(patience, wait).await.is_ok()
     }
 
     /// Sends the CancelRequest on a new connection (the server answers nothing and closes).
@@ -150,7 +150,7 @@ async fn within(
     timeout: Duration,
     work: impl std::future::Future<Output = std::io::Result<()>>,
 ) -> std::io::Result<()> {
-    tokio::time::timeout(timeout, work)
+    crate::timers::timeout(timeout, work)
         .await
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "cancel timed out"))?
 }
@@ -345,7 +345,7 @@ mod tests {
             let t = Arc::clone(&t);
             tokio::spawn(async move { t.settled(Duration::from_secs(5)).await })
         };
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        crate::timers::sleep(Duration::from_millis(10)).await;
         drop(pending);
         assert!(waiter.await.unwrap(), "woken when it is delivered");
     }

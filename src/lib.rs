@@ -31,3 +31,4 @@ pub mod shard_init;
 pub mod state;
 pub mod telemetry;
 pub mod tenant;
+pub mod timers;

@@ -75,9 +75,18 @@ fn log_filter(
 /// transaction and less added latency: a second proxy thread only competes with PostgreSQL
 /// for the cores and adds cross-thread wake-ups. With more cores there is room for more
 /// threads.
-fn default_threads() -> Option<usize> {
+fn default_threads() -> usize {
     let cores = std::thread::available_parallelism().map_or(1, usize::from);
-    (cores <= 2).then_some(1)
+    if cores <= 2 { 1 } else { cores }
+}
+
+/// The runtime `run` and `demo` serve clients on: `--threads` (else [`default_threads`]),
+/// sockets only, its timers kept on a thread of their own (see `pgtenant::timers`).
+fn proxy_runtime(threads: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
+    match threads.unwrap_or_else(default_threads) {
+        0 => anyhow::bail!("--threads must be at least 1"),
+        n => Ok(pgtenant::timers::proxy_runtime(n)?),
+    }
 }
 
 fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -91,18 +100,7 @@ fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
             let path = cli
                 .config
                 .ok_or_else(|| anyhow::anyhow!("no configuration: pass --config FILE"))?;
-            let proxy_runtime = match cli.threads.or_else(default_threads) {
-                Some(0) => anyhow::bail!("--threads must be at least 1"),
-                Some(1) => tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()?,
-                Some(n) => tokio::runtime::Builder::new_multi_thread()
-                    .worker_threads(n)
-                    .enable_all()
-                    .build()?,
-                None => runtime()?,
-            };
-            proxy_runtime.block_on(pgtenant::app::run(path))?;
+            proxy_runtime(cli.threads)?.block_on(pgtenant::app::run(path))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Check { shards } => {
@@ -229,7 +227,9 @@ fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Demo { port } => {
-            runtime()?.block_on(pgtenant::demo::run(port))?;
+            // At least two threads: the demo blocks one while its clusters start and stop.
+            let threads = cli.threads.unwrap_or_else(default_threads).max(2);
+            proxy_runtime(Some(threads))?.block_on(pgtenant::demo::run(port))?;
             Ok(ExitCode::SUCCESS)
         }
     }

@@ -163,7 +163,7 @@ mod tests {
             let p = Arc::clone(&p);
             async move { p.wait("acme").await }
         });
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        crate::timers::sleep(std::time::Duration::from_millis(20)).await;
         assert!(!waiter.is_finished());
         p.resume(Some("acme"));
         waiter.await.unwrap();

@@ -289,7 +289,7 @@ impl AppState {
             if started.elapsed() >= timeout {
                 return Err(busy);
             }
-            tokio::time::sleep(Duration::from_millis(5)).await;
+            crate::timers::sleep(Duration::from_millis(5)).await;
         }
     }
 

@@ -72,8 +72,9 @@ fn a_steady_state_pooled_transaction_allocates_nothing() {
         snapshot.shards.values().any(|s| s.context_key.is_some()),
         "the verified context is on"
     );
+    // On the proxy's own runtime, as the binary runs it.
     let proxy = rt
-        .block_on(pgtenant::app::start(snapshot))
+        .block_on(common::start_proxy(snapshot))
         .expect("start proxy");
     let acme = fixture.tenant("acme").unwrap();
     let url = pgtenant::demo::tenant_url(acme, proxy.addr.port());

@@ -108,7 +108,7 @@ async fn two_instances_share_a_catalog_in_postgres() {
     assert!(ok && out.contains("4 tenants"), "{out}");
     let start = || async {
         let snapshot = pgtenant::catalog::load(&instance, None).await.unwrap();
-        pgtenant::app::start(snapshot).await.unwrap()
+        common::start_proxy(snapshot).await.unwrap()
     };
     let (one_proxy, two_proxy) = (start().await, start().await);
     for proxy in [&one_proxy, &two_proxy] {

@@ -301,7 +301,7 @@ async fn shard_init_installs_the_verified_context_idempotently() {
     .unwrap();
     // The proxy refuses to serve the shard until the key exists.
     let snapshot = pgtenant::config::load(&config).unwrap();
-    assert!(pgtenant::app::start(snapshot).await.is_err());
+    assert!(common::start_proxy(snapshot).await.is_err());
     let admin = w.a.url(&db);
     let run = |args: Vec<String>| {
         tokio::task::spawn_blocking(move || pgtenant().args(args).output().unwrap())
@@ -356,6 +356,6 @@ async fn shard_init_installs_the_verified_context_idempotently() {
     assert!(!wrong.status.success());
     assert!(String::from_utf8_lossy(&wrong.stderr).contains("shard's database"));
     let snapshot = pgtenant::config::load(&config).unwrap();
-    let running = pgtenant::app::start(snapshot).await.unwrap();
+    let running = common::start_proxy(snapshot).await.unwrap();
     running.shutdown(Duration::from_secs(1)).await;
 }

@@ -170,7 +170,7 @@ async fn shards_that_fail() {
         );
     assert!(text.contains(&format!("port = {}", relay.port)));
     let snapshot = pgtenant::config::load_str(&text, Path::new("faults.toml")).unwrap();
-    let proxy = pgtenant::app::start(snapshot).await.unwrap();
+    let proxy = common::start_proxy(snapshot).await.unwrap();
     let mut f = Faults {
         a,
         b,

@@ -162,7 +162,7 @@ async fn a_rolling_restart_with_reuse_port_refuses_no_connection() {
     // The replacement: same configuration, same address.
     let text = reuse(fixture.config(&addr.to_string(), ""));
     let snapshot = pgtenant::config::load_str(&text, Path::new("test.toml")).unwrap();
-    let second = pgtenant::app::start(snapshot)
+    let second = common::start_proxy(snapshot)
         .await
         .expect("a second instance shares the port");
     assert_eq!(second.addr, addr);
@@ -239,7 +239,7 @@ async fn a_cancel_sent_to_the_other_instance_is_forwarded_to_the_one_holding_the
         fixture.config("127.0.0.1:0", ""),
     );
     let two =
-        pgtenant::app::start(pgtenant::config::load_str(&two_text, Path::new("two.toml")).unwrap())
+        common::start_proxy(pgtenant::config::load_str(&two_text, Path::new("two.toml")).unwrap())
             .await
             .unwrap();
     // Instance one learns instance two's address by a reload.

@@ -63,7 +63,7 @@ async fn reads_go_to_the_replica_and_fall_back_to_the_primary() {
             1,
         );
     let snapshot = pgtenant::config::load_str(&text, Path::new("replicas.toml")).unwrap();
-    let proxy = pgtenant::app::start(snapshot).await.unwrap();
+    let proxy = common::start_proxy(snapshot).await.unwrap();
     let health = proxy.state.pools.health("shared-a#replica1");
     until("the replica checked", || {
         health.serves_reads(Duration::from_secs(1))

@@ -272,7 +272,7 @@ scram = "{verifier}"
     };
     let snapshot =
         pgtenant::config::load_str(&config("verify-full"), std::path::Path::new("t.toml")).unwrap();
-    let proxy = pgtenant::app::start(snapshot).await.unwrap();
+    let proxy = common::start_proxy(snapshot).await.unwrap();
     let mut c = tokio_postgres::Config::new();
     c.host("127.0.0.1")
         .port(proxy.addr.port())
@@ -299,7 +299,7 @@ scram = "{verifier}"
         )
         .replace("host = \"localhost\"", "host = \"127.0.0.1\"");
     let snapshot = pgtenant::config::load_str(&text, std::path::Path::new("t.toml")).unwrap();
-    let proxy = pgtenant::app::start(snapshot).await.unwrap();
+    let proxy = common::start_proxy(snapshot).await.unwrap();
     let mut c = tokio_postgres::Config::new();
     c.host("127.0.0.1")
         .port(proxy.addr.port())
@@ -363,7 +363,7 @@ scram = "{verifier}"
             port = cluster.port
         );
         let snapshot = pgtenant::config::load_str(&text, std::path::Path::new("t.toml")).unwrap();
-        let proxy = pgtenant::app::start(snapshot).await.unwrap();
+        let proxy = common::start_proxy(snapshot).await.unwrap();
         let mut c = tokio_postgres::Config::new();
         c.host("127.0.0.1")
             .port(proxy.addr.port())

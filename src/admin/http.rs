@@ -37,14 +37,14 @@ pub async fn serve(listener: TcpListener, state: Arc<AppState>, stop: Cancellati
             Ok((stream, _)) => {
                 let state = Arc::clone(&state);
                 tokio::spawn(async move {
-                    let _ =
-                        tokio::time::timeout(Duration::from_secs(30), handle(stream, &state)).await;
+                    let _ = crate::timers::timeout(Duration::from_secs(30), handle(stream, &state))
+                        .await;
                     drop(permit);
                 });
             }
             Err(e) => {
                 tracing::warn!(error = %e, "admin http: accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                crate::timers::sleep(Duration::from_millis(100)).await;
             }
         }
     }
@@ -68,7 +68,7 @@ async fn handle(mut stream: TcpStream, state: &AppState) -> std::io::Result<()> 
     let mut head = Vec::with_capacity(512);
     let mut buf = [0u8; 1024];
     let parsed = loop {
-        let n = match tokio::time::timeout(READ_TIMEOUT, stream.read(&mut buf)).await {
+        let n = match crate::timers::timeout(READ_TIMEOUT, stream.read(&mut buf)).await {
             Ok(Ok(0)) | Err(_) => return Ok(()),
             Ok(Ok(n)) => n,
             Ok(Err(e)) => return Err(e),
@@ -145,12 +145,12 @@ pub async fn probe_shards(state: &AppState) -> Vec<(String, Result<(), String>)>
         let shard = Arc::clone(shard);
         probes.spawn(async move {
             let target = (shard.host.as_str(), shard.port);
-            let result = match tokio::time::timeout(PROBE_TIMEOUT, TcpStream::connect(target)).await
-            {
-                Ok(Ok(_)) => Ok(()),
-                Ok(Err(e)) => Err(e.to_string()),
-                Err(_) => Err(format!("no answer within {PROBE_TIMEOUT:?}")),
-            };
+            let result =
+                match crate::timers::timeout(PROBE_TIMEOUT, TcpStream::connect(target)).await {
+                    Ok(Ok(_)) => Ok(()),
+                    Ok(Err(e)) => Err(e.to_string()),
+                    Err(_) => Err(format!("no answer within {PROBE_TIMEOUT:?}")),
+                };
             (shard.name.clone(), result)
         });
     }

@@ -75,7 +75,7 @@ pub fn start(
             // Let the burst of events settle.
             loop {
                 tokio::select! {
-                    _ = tokio::time::sleep(QUIET) => break,
+                    _ = crate::timers::sleep(QUIET) => break,
                     got = rx.recv() => if got.is_none() { return },
                 }
             }
@@ -112,10 +112,10 @@ mod tests {
         for _ in 0..3 {
             assert!(digest(&file).is_some());
         }
-        let quiet = tokio::time::timeout(Duration::from_millis(300), rx.recv()).await;
+        let quiet = crate::timers::timeout(Duration::from_millis(300), rx.recv()).await;
         assert!(quiet.is_err(), "a read was taken for a change");
         std::fs::write(&file, "b").unwrap();
-        let changed = tokio::time::timeout(Duration::from_secs(30), rx.recv()).await;
+        let changed = crate::timers::timeout(Duration::from_secs(30), rx.recv()).await;
         assert!(matches!(changed, Ok(Some(()))), "a write was missed");
     }
 }

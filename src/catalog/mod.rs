@@ -155,10 +155,13 @@ pub fn pool(dsn: &str) -> Result<Pool, CatalogError> {
         .map_err(|e| CatalogError::Dsn(e.to_string()))
 }
 
+/// Runs one piece of catalog work, bounded by `PATIENCE`. In the control runtime's context
+/// (`timers::in_control`): the PostgreSQL client and pool make timers of their own (connect,
+/// wait and create timeouts), which the proxy's runtime has no driver for.
 async fn within<T>(
     f: impl std::future::Future<Output = Result<T, CatalogError>>,
 ) -> Result<T, CatalogError> {
-    tokio::time::timeout(PATIENCE, f)
+    crate::timers::in_control(crate::timers::timeout(PATIENCE, f))
         .await
         .map_err(|_| CatalogError::Timeout(PATIENCE))?
 }
@@ -266,7 +269,7 @@ where
                 }
             }
             tokio::select! {
-                _ = tokio::time::sleep(backoff) => {}
+                _ = crate::timers::sleep(backoff) => {}
                 _ = stop.cancelled() => return,
             }
             backoff = (backoff * 2).min(Duration::from_secs(5));
@@ -305,7 +308,7 @@ where
     while rx.recv().await.is_some() {
         // Changes come in bursts (a transaction touching several tables notifies once per
         // table and statement): let it settle, then read the catalog once.
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        crate::timers::sleep(Duration::from_millis(50)).await;
         while rx.try_recv().is_ok() {}
         tracing::info!("catalog changed");
         reload().await;

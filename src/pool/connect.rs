@@ -52,7 +52,7 @@ pub async fn open_named(
     timeout: Duration,
     application_name: &str,
 ) -> Result<ServerConn, ServerError> {
-    let conn = tokio::time::timeout(timeout, open_inner(shard, login, tls, application_name))
+    let conn = crate::timers::timeout(timeout, open_inner(shard, login, tls, application_name))
         .await
         .map_err(|_| ServerError::Timeout)??;
     // The guard reads SQL text as the server does only with standard-conforming strings (the

@@ -183,7 +183,7 @@ async fn probe_query(conn: &mut ServerConn, replica: bool) -> Result<i64, Server
 async fn probe(shard: &Arc<Shard>, health: &Health, timeout: Duration) -> Result<i64, ServerError> {
     if let Some(mut conn) = health.take_kept(shard, timeout) {
         let checked =
-            tokio::time::timeout(timeout, probe_query(&mut conn, shard.is_replica())).await;
+            crate::timers::timeout(timeout, probe_query(&mut conn, shard.is_replica())).await;
         if let Ok(Ok(lag)) = checked {
             health.keep(Arc::clone(shard), conn);
             return Ok(lag);
@@ -192,7 +192,7 @@ async fn probe(shard: &Arc<Shard>, health: &Health, timeout: Duration) -> Result
         drop(conn);
     }
     let mut conn = login(shard, timeout).await?;
-    let lag = tokio::time::timeout(timeout, probe_query(&mut conn, shard.is_replica()))
+    let lag = crate::timers::timeout(timeout, probe_query(&mut conn, shard.is_replica()))
         .await
         .map_err(|_| ServerError::Timeout)??;
     health.keep(Arc::clone(shard), conn);
@@ -219,7 +219,7 @@ async fn login(shard: &Shard, timeout: Duration) -> Result<ServerConn, ServerErr
         timeout,
         connect::HEALTH_CHECK_NAME,
     );
-    tokio::time::timeout(timeout, work)
+    crate::timers::timeout(timeout, work)
         .await
         .map_err(|_| ServerError::Timeout)?
 }
@@ -291,7 +291,7 @@ pub async fn check_shards(
             }
         }
         tokio::select! {
-            _ = tokio::time::sleep(DOWN_PROBE_EVERY / 5) => {}
+            _ = crate::timers::sleep(DOWN_PROBE_EVERY / 5) => {}
             _ = stop.cancelled() => break,
         }
     }

@@ -228,7 +228,7 @@ impl Pool {
                 Err(_) => {
                     waited_since = Some(tokio::time::Instant::now());
                     let _waiting = Waiting::on(&self.waiters);
-                    tokio::time::timeout(timeout, sem.acquire_owned())
+                    crate::timers::timeout(timeout, sem.acquire_owned())
                         .await
                         .map_err(|_| PoolError::TenantBusy(n, timeout))?
                         .map_err(|_| PoolError::TenantBusy(n, timeout))?
@@ -248,7 +248,7 @@ impl Pool {
                     }
                 };
                 let _waiting = Waiting::on(&self.waiters);
-                tokio::time::timeout(timeout, Arc::clone(&self.permits).acquire_owned())
+                crate::timers::timeout(timeout, Arc::clone(&self.permits).acquire_owned())
                     .await
                     .map_err(|_| PoolError::Timeout(self.settings.checkout_timeout))?
                     .map_err(|_| PoolError::Timeout(self.settings.checkout_timeout))?

@@ -367,18 +367,18 @@ impl ServerConn {
         }
         if self.tracker.pending() > 0 {
             // Give a nearly finished request a moment before cancelling it.
-            if tokio::time::timeout(Duration::from_millis(100), self.drain())
+            if crate::timers::timeout(Duration::from_millis(100), self.drain())
                 .await
                 .is_err()
             {
                 self.cancel.begin().send(patience).await?;
-                tokio::time::timeout(patience, self.drain())
+                crate::timers::timeout(patience, self.drain())
                     .await
                     .map_err(|_| ServerError::Timeout)??;
             }
         }
         if self.tracker.status() != TxStatus::Idle {
-            tokio::time::timeout(patience, self.run_own("ROLLBACK"))
+            crate::timers::timeout(patience, self.run_own("ROLLBACK"))
                 .await
                 .map_err(|_| ServerError::Timeout)??;
         }
@@ -390,7 +390,7 @@ impl ServerConn {
     pub async fn reset(&mut self, patience: Duration) -> Result<(), ServerError> {
         self.bound = None;
         self.pooled = PooledState::default();
-        tokio::time::timeout(patience, self.run_own(crate::own_sql::RESET))
+        crate::timers::timeout(patience, self.run_own(crate::own_sql::RESET))
             .await
             .map_err(|_| ServerError::Timeout)?
     }
@@ -415,7 +415,8 @@ impl ServerConn {
             let _ = self.stream.shutdown().await;
             let mut sink = vec![0u8; 8192];
             loop {
-                match tokio::time::timeout(RETIRE_CANCEL_EVERY, self.stream.read(&mut sink)).await {
+                match crate::timers::timeout(RETIRE_CANCEL_EVERY, self.stream.read(&mut sink)).await
+                {
                     Ok(Ok(0)) | Ok(Err(_)) => return,
                     Ok(Ok(_)) => {}
                     Err(_) => {
@@ -428,7 +429,7 @@ impl ServerConn {
         if busy {
             let _ = self.cancel.begin().send(RETIRE_CANCEL_EVERY).await;
         }
-        tokio::time::timeout(patience, finished).await.is_ok()
+        crate::timers::timeout(patience, finished).await.is_ok()
     }
 
     /// Whether the server has closed the connection or sent something unsolicited while idle.

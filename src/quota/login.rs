@@ -153,7 +153,7 @@ impl LoginThrottle {
         };
         let delay = self.failure_delay(source, user, Instant::now());
         if !delay.is_zero() {
-            tokio::time::sleep(delay).await;
+            crate::timers::sleep(delay).await;
         }
         self.failed(source, user, Instant::now());
     }

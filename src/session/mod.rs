@@ -237,7 +237,7 @@ async fn open(
         .map(|t| t.mode)
         .unwrap_or(ClientTlsMode::Disable);
     let negotiated =
-        tokio::time::timeout_at(deadline, handshake::negotiate(tcp, tls.as_deref(), mode)).await;
+        crate::timers::timeout_at(deadline, handshake::negotiate(tcp, tls.as_deref(), mode)).await;
     let Ok(negotiated) = negotiated else {
         tracing::info!("startup timed out before the startup packet");
         return None;
@@ -282,7 +282,7 @@ async fn open(
     };
     if startup.get("database") == Some(crate::admin::console::DATABASE) {
         let user = startup.get("user").unwrap_or_default().to_owned();
-        let admitted = tokio::time::timeout_at(
+        let admitted = crate::timers::timeout_at(
             deadline,
             authenticate_admin(state, snapshot, &mut stream, &user, peer),
         )
@@ -301,7 +301,7 @@ async fn open(
             }
         };
     }
-    let authenticated = tokio::time::timeout_at(
+    let authenticated = crate::timers::timeout_at(
         deadline,
         authenticate(state, snapshot, &mut stream, &startup, peer),
     )

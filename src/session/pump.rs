@@ -219,7 +219,7 @@ impl Pump {
             let deadline = tokio::time::Instant::now() + limit;
             match &mut self.stall {
                 Some(sleep) => sleep.as_mut().reset(deadline),
-                None => self.stall = Some(Box::pin(tokio::time::sleep_until(deadline))),
+                None => self.stall = Some(Box::pin(crate::timers::sleep_until(deadline))),
             }
         }
         match &mut self.stall {
@@ -562,7 +562,7 @@ mod tests {
             params: &mut params,
             pooled: &mut pooled,
         };
-        let run = tokio::time::timeout(
+        let run = crate::timers::timeout(
             std::time::Duration::from_millis(500),
             pump.run(&mut relay, &mut client_near, &mut side),
         )

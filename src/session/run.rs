@@ -514,7 +514,7 @@ async fn prepare(
             .iter()
             .map(|(k, v)| (k.as_str(), v.as_str()))
             .collect();
-        tokio::time::timeout(RESET_PATIENCE, conn.run_setup(Some(&sql), &pairs))
+        crate::timers::timeout(RESET_PATIENCE, conn.run_setup(Some(&sql), &pairs))
             .await
             .map_err(|_| crate::pool::ServerError::Timeout)??;
         relay.setup_done(&mut conn.pooled);

@@ -179,12 +179,25 @@ pub async fn start_tweaked(
     let mut snapshot = pgtenant::config::load_str(&text, Path::new("test.toml"))
         .unwrap_or_else(|e| panic!("test config: {e}\n{text}"));
     tweak(&mut snapshot);
-    let proxy = app::start(snapshot).await.expect("start proxy");
+    let proxy = start_proxy(snapshot).await.expect("start proxy");
     Env {
         fixture,
         proxy,
         dir: None,
     }
+}
+
+/// Starts a proxy as the binary runs it: on pgtenant's own runtime (sockets only, its timers
+/// on a thread of their own: `pgtenant::timers`), one of two threads per test binary, shared by
+/// its tests. Dropping the `Running` stops that proxy.
+pub async fn start_proxy(snapshot: pgtenant::config::Snapshot) -> anyhow::Result<Running> {
+    static RUNTIME: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    let runtime =
+        RUNTIME.get_or_init(|| pgtenant::timers::proxy_runtime(2).expect("the proxy runtime"));
+    runtime
+        .spawn(app::start(snapshot))
+        .await
+        .expect("app::start panicked")
 }
 
 /// A fresh copy of the sample world (databases named for this test).
@@ -204,7 +217,7 @@ pub async fn start_from_file(extra: &str) -> (Env, std::path::PathBuf) {
     let path = dir.join("pgtenant.toml");
     std::fs::write(&path, fixture.config("127.0.0.1:0", extra)).unwrap();
     let snapshot = pgtenant::config::load(&path).expect("test config");
-    let proxy = app::start(snapshot).await.expect("start proxy");
+    let proxy = start_proxy(snapshot).await.expect("start proxy");
     (
         Env {
             fixture,

@@ -418,7 +418,7 @@ async fn run(
             Err(e) => {
                 tracing::warn!(shard = %shard.name, error = %e, "notification hub cannot connect; retrying");
                 hub.give_up_waiting();
-                tokio::time::sleep(backoff).await;
+                crate::timers::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(10));
                 continue;
             }

@@ -184,7 +184,7 @@ pub(super) async fn finish(
         out.clear();
     }
     notice.encode(&mut out);
-    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+    let _ = crate::timers::timeout(Duration::from_secs(5), async {
         let _ = stream.write_all(&out).await;
         let _ = stream.flush().await;
     })

@@ -46,7 +46,7 @@ impl<'a, 'b> Waits<'a, 'b> {
 
 pub(super) fn timer() -> Tick {
     Tick {
-        sleep: Box::pin(tokio::time::sleep(TIMER_TICK)),
+        sleep: Box::pin(crate::timers::sleep(TIMER_TICK)),
         registered: false,
     }
 }

@@ -88,7 +88,7 @@ pub(super) async fn confirm_listens(confirmations: Vec<tokio::sync::oneshot::Rec
             let _ = confirmed.await;
         }
     };
-    if tokio::time::timeout(LISTEN_CONFIRM, all).await.is_err() {
+    if crate::timers::timeout(LISTEN_CONFIRM, all).await.is_err() {
         tracing::warn!("the notification hub did not confirm LISTEN in time");
     }
 }

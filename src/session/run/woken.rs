@@ -107,7 +107,7 @@ mod tests {
         }
         let remote = after.clone();
         tokio::spawn(async move { remote.cancel() });
-        tokio::time::timeout(std::time::Duration::from_secs(30), w)
+        crate::timers::timeout(std::time::Duration::from_secs(30), w)
             .await
             .expect("the cancel woke the task");
     }
