@@ -4,11 +4,12 @@
 //! instructions they execute per transaction beside pgtenant's and PgBouncer's, to show what
 //! the async runtime costs and what the proxy's own work costs. Not a proxy: it unwraps.
 //!
-//!   relay_floor tokio|epoll LISTEN_ADDR SERVER_ADDR
+//!   relay_floor tokio|tokio-io|epoll LISTEN_ADDR SERVER_ADDR
 //!
 //! `tokio`: a current-thread runtime, one task per client, a `select!` over the two reads
-//! (the shape of a minimal tokio proxy). `epoll`: one mio loop, edge-triggered, no tasks, no
-//! timers.
+//! (the shape of a minimal tokio proxy). `tokio-io`: the same on a runtime without a time
+//! driver, as pgtenant's own (`pgtenant::timers`). `epoll`: one mio loop, edge-triggered, no
+//! tasks, no timers.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -18,7 +19,7 @@ use std::net::SocketAddr;
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let [kind, listen, server] = args.as_slice() else {
-        panic!("usage: relay_floor tokio|epoll LISTEN_ADDR SERVER_ADDR");
+        panic!("usage: relay_floor tokio|tokio-io|epoll LISTEN_ADDR SERVER_ADDR");
     };
     let listen: SocketAddr = listen.parse().expect("LISTEN_ADDR");
     let server: SocketAddr = server.parse().expect("SERVER_ADDR");
@@ -26,7 +27,7 @@ fn main() {
         "tokio" => with_tokio(listen, server, true),
         "tokio-io" => with_tokio(listen, server, false),
         "epoll" => with_epoll(listen, server),
-        other => panic!("unknown relay {other}: tokio or epoll"),
+        other => panic!("unknown relay {other}: tokio, tokio-io or epoll"),
     }
 }
 

@@ -4,9 +4,9 @@
 # hides most single changes). pgbench, one client, a `-S`-like query with a new key each time,
 # in the simple, extended and prepared protocols, through pgtenant (transaction pooling, guard
 # on) for the demo's dedicated tenant (initech) and a shared one on the verified context
-# (acme), through two bare forwarders of one connection that show the floor under any relay
-# (examples/relay_floor.rs: a minimal tokio one and a bare epoll loop), and through PgBouncer
-# (transaction mode, same server) when it is installed.
+# (acme), through bare forwarders of one connection that show the floor under any relay
+# (examples/relay_floor.rs: a minimal tokio one, the same without a time driver, and a bare
+# epoll loop), and through PgBouncer (transaction mode, same server) when it is installed.
 #
 #   scripts/instructions.sh [transactions]     (default 2000 per run)
 #
@@ -95,7 +95,7 @@ PASS=$(awk '/^\[shards\.initech-db\]/{p=1} p&&/^password/{gsub(/"/,"",$3); print
 
 # The floor: bare forwarders of one connection (examples/relay_floor.rs), no pooling, no
 # parsing, the server's own login.
-for relay in tokio epoll; do
+for relay in tokio tokio-io epoll; do
   FPORT=$(free_port)
   valgrind --tool=callgrind --callgrind-out-file="$WORK/cg.%p" "$FLOOR" "$relay" \
     "127.0.0.1:$FPORT" "127.0.0.1:$SHARD" >"$WORK/floor-$relay.log" 2>&1 &
