@@ -188,8 +188,8 @@ pub async fn start_tweaked(
 }
 
 /// Starts a proxy as the binary runs it: on pgtenant's own runtime (sockets only, its timers
-/// on a thread of their own: `pgtenant::timers`), one of two threads per test binary, shared by
-/// its tests. Dropping the `Running` stops that proxy.
+/// on a thread of their own: `pgtenant::timers`), one runtime of two threads per test binary,
+/// shared by its tests. Dropping the `Running` stops that proxy.
 pub async fn start_proxy(snapshot: pgtenant::config::Snapshot) -> anyhow::Result<Running> {
     static RUNTIME: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
     let runtime =
