@@ -154,19 +154,25 @@ impl Authenticated {
     }
 }
 
-/// Serves one accepted TCP connection to its end.
-pub async fn serve(state: Arc<AppState>, tcp: TcpStream, peer: SocketAddr) {
+/// Serves one accepted TCP connection to its end. Called as it is accepted: the connection is
+/// counted among the pending handshakes then, before its task first runs, so that "oldest"
+/// means first accepted however the runtime's threads order the tasks.
+pub fn serve(
+    state: Arc<AppState>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+) -> impl std::future::Future<Output = ()> + Send + 'static {
     let id = state.next_session_id();
     let span = tracing::info_span!("session", id, %peer, tenant = tracing::field::Empty);
+    let snapshot = state.snapshot();
+    // Counted until authenticated; dropped first when a cap is reached and it is the oldest
+    // pending handshake (of its address, or overall).
+    let pending = state.handshakes.admit(
+        peer.ip(),
+        snapshot.listen.max_unauthenticated,
+        snapshot.listen.max_unauthenticated_per_source,
+    );
     async move {
-        let snapshot = state.snapshot();
-        // Counted until authenticated; dropped first when a cap is reached and it is the
-        // oldest pending handshake (of its address, or overall).
-        let pending = state.handshakes.admit(
-            peer.ip(),
-            snapshot.listen.max_unauthenticated,
-            snapshot.listen.max_unauthenticated_per_source,
-        );
         let deadline = tokio::time::Instant::now() + snapshot.listen.startup_timeout;
         let who = crate::telemetry::audit::Who {
             session: id,
@@ -213,7 +219,6 @@ pub async fn serve(state: Arc<AppState>, tcp: TcpStream, peer: SocketAddr) {
         }
     }
     .instrument(span)
-    .await;
 }
 
 /// Handshake and authentication. Errors are reported to the client here.
