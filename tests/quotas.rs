@@ -193,6 +193,49 @@ async fn statements_over_the_limit_are_cancelled_even_when_the_server_allows_the
     acme.simple_query("SELECT 1").await.unwrap();
 }
 
+/// The session's timer follows its activity (its deadline moves later as statements come and
+/// go, and is set precisely when it fires): after seconds of short statements a long one is
+/// still cancelled at the limit by pgtenant's own timer, and a transaction left idle after a
+/// statement that outlasted the idle limit is still ended at that limit. Without the guard,
+/// so that the client can lift the server's own statement_timeout and only pgtenant's timer
+/// is left to enforce the plan's.
+#[tokio::test]
+async fn timeouts_hold_after_activity_moved_the_sessions_timer() {
+    let env = common::start_tweaked(
+        "",
+        acme_settings("statement_timeout = \"2s\", idle_in_transaction_timeout = \"1s\""),
+        |s| s.unguarded_for_tests = true,
+    )
+    .await;
+    let acme = env.connect("acme").await;
+    acme.simple_query("SET statement_timeout = 0")
+        .await
+        .unwrap();
+    let busy_until = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < busy_until {
+        acme.simple_query("SELECT 1").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let err = acme.simple_query("SELECT pg_sleep(60)").await.unwrap_err();
+    assert_eq!(code(&err), "57014");
+    assert!(
+        common::message(&err).contains("this tenant's limit is 2s"),
+        "{}",
+        common::message(&err)
+    );
+    // 1.5 s of work inside a transaction (within the statement limit, past the idle one),
+    // then silence.
+    acme.simple_query("BEGIN; SELECT pg_sleep(1.5)")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let err = acme.simple_query("SELECT 1").await.unwrap_err();
+    assert!(
+        err.code().map(|c| c.code()) == Some("25P03") || err.is_closed(),
+        "{err}"
+    );
+}
+
 #[tokio::test]
 async fn idle_in_transaction_sessions_are_ended_and_rolled_back() {
     let env = start_with("", acme_settings("idle_in_transaction_timeout = \"1s\"")).await;

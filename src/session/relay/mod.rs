@@ -294,6 +294,12 @@ impl Relay {
         self.busy_since
     }
 
+    /// The session's last activity: when its statement in progress was sent, else when the
+    /// server last became ready.
+    pub fn last_activity(&self) -> Instant {
+        self.busy_since.unwrap_or(self.ready_since)
+    }
+
     /// When the server last became ready for the client (nothing is owed since then).
     pub fn ready_since(&self) -> Option<Instant> {
         (self.owners.is_empty() && self.busy_since.is_none()).then_some(self.ready_since)

@@ -12,8 +12,12 @@ use super::*;
 /// is sent only when the client lifted the server's limit.
 pub(super) const OWN_TIMEOUT_GRACE: Duration = Duration::from_millis(250);
 
-/// How often the session checks its timeouts while forwarding.
-pub(super) const TIMER_TICK: Duration = Duration::from_millis(100);
+/// How often a session that is leaving (its tenant moved or removed, in session mode) looks
+/// for the end of its transaction.
+pub(super) const LEAVING_TICK: Duration = Duration::from_millis(100);
+
+/// The longest the session's timer waits without a look (plans may set limits of years).
+const MAX_HORIZON: Duration = Duration::from_secs(24 * 3600);
 
 /// A session's end signal (a cancellation token's), polled only after it woke.
 pub(super) type Signal<'a, 'b> = Woken<'a, tokio_util::sync::WaitForCancellationFuture<'b>>;
@@ -32,36 +36,58 @@ pub(super) struct Waits<'a, 'b> {
 
 impl<'a, 'b> Waits<'a, 'b> {
     pub(super) fn new(shutdown: Signal<'a, 'b>, limits: &PlanConfig) -> Self {
-        let timers = [limits.statement_timeout, limits.idle_in_transaction_timeout]
-            .iter()
-            .any(|d| d.is_some_and(|d| !d.is_zero()));
+        // The timer fires no later than the shortest of the plan's limits after the session's
+        // last activity.
+        let horizon = [
+            limits
+                .statement_timeout
+                .filter(|d| !d.is_zero())
+                .map(|d| d + OWN_TIMEOUT_GRACE),
+            limits.idle_in_transaction_timeout.filter(|d| !d.is_zero()),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+        .map(|h| h.min(MAX_HORIZON));
         Waits {
             shutdown,
-            tick: timers.then(timer),
+            tick: horizon.map(Tick::new),
             leave: None,
             leaving: false,
         }
     }
 }
 
-pub(super) fn timer() -> Tick {
-    Tick {
-        sleep: Box::pin(crate::timers::sleep(TIMER_TICK)),
-        registered: false,
-    }
-}
-
-/// The session's timer: ready every [`TIMER_TICK`] (a tick missed while busy is skipped).
-/// Its sleep is polled only once it elapsed (and once to register): a wake-up before that
-/// costs a flag read, not a poll of the timer.
+/// The session's one timer, for the plan's timeouts. It fires no later than `horizon` after
+/// the session's last activity (a statement sent or answered), which is no later than any
+/// limit can be reached, and is then set to the next moment one could be. While the session
+/// is busy its deadline only moves later, and only once per half horizon: extending a
+/// registered timer is an atomic store, where an earlier deadline takes the timer wheel's lock
+/// (on the timer thread's runtime, `crate::timers`). So a session whose statements end well
+/// within their limits never wakes for its timer, and one that goes idle wakes at most once.
 pub(super) struct Tick {
     sleep: Pin<Box<tokio::time::Sleep>>,
+    horizon: Duration,
+    /// Activity after this moment (half a horizon before the deadline) moves the deadline.
+    follow_after: Instant,
     /// Polled since its last reset, so the timer wakes this task when it fires.
     registered: bool,
 }
 
 impl Tick {
-    fn poll_tick(&mut self, cx: &mut std::task::Context<'_>) -> Poll<()> {
+    pub(super) fn new(horizon: Duration) -> Tick {
+        let deadline = Instant::now() + horizon;
+        Tick {
+            sleep: Box::pin(crate::timers::sleep_until(deadline.into())),
+            horizon,
+            follow_after: deadline.checked_sub(horizon / 2).unwrap_or(deadline),
+            registered: false,
+        }
+    }
+
+    /// Ready when the deadline passed (the caller then checks the limits and calls
+    /// [`Tick::rearm`]).
+    fn poll_due(&mut self, cx: &mut std::task::Context<'_>) -> Poll<()> {
         if self.registered && !self.sleep.is_elapsed() {
             return Poll::Pending;
         }
@@ -69,12 +95,28 @@ impl Tick {
             self.registered = true;
             return Poll::Pending;
         }
-        self.sleep
-            .as_mut()
-            .reset(tokio::time::Instant::now() + TIMER_TICK);
-        // Registers this task for the next tick.
-        self.registered = self.sleep.as_mut().poll(cx).is_pending();
         Poll::Ready(())
+    }
+
+    /// Sets the deadline to `at` (a check found nothing due before it).
+    fn rearm(&mut self, at: Instant, cx: &mut std::task::Context<'_>) {
+        self.follow_after = at.checked_sub(self.horizon / 2).unwrap_or(at);
+        self.sleep.as_mut().reset(at.into());
+        self.registered = self.sleep.as_mut().poll(cx).is_pending();
+    }
+
+    /// After the session's activity at `last`: keeps the deadline within the horizon of it,
+    /// moving it later when it fell into the first half.
+    fn follow(&mut self, last: Instant, cx: &mut std::task::Context<'_>) {
+        if last > self.follow_after {
+            self.rearm(last + self.horizon, cx);
+        }
+    }
+
+    /// A leaving session checks for the end of its transaction every [`LEAVING_TICK`].
+    fn leaving(&mut self, cx: &mut std::task::Context<'_>) {
+        self.horizon = self.horizon.min(LEAVING_TICK);
+        self.rearm(Instant::now() + self.horizon, cx);
     }
 }
 
@@ -115,48 +157,67 @@ pub(super) async fn forward(
                 // Checked at the top of the loop, and at every tick until the transaction
                 // in progress ends.
                 waits.leaving = true;
-                if waits.tick.is_none() {
-                    waits.tick = Some(timer());
-                }
+                waits
+                    .tick
+                    .get_or_insert_with(|| Tick::new(LEAVING_TICK))
+                    .leaving(cx);
                 timers = true;
                 continue;
             }
             if timers
                 && let Some(tick) = waits.tick.as_mut()
-                && tick.poll_tick(cx).is_ready()
+                && tick.poll_due(cx).is_ready()
             {
+                // The deadline passed: what is due now, and when the next limit could be.
+                let now = Instant::now();
+                let mut next = now + tick.horizon;
+                // (A limit too far to be reached is never due.)
                 if let (Some(limit), Some(since)) = (statement_timeout, relay.busy_since())
-                    && since.elapsed() >= limit + OWN_TIMEOUT_GRACE
-                    && cancelled_for != Some(since)
+                    && let Some(due) = since.checked_add(limit + OWN_TIMEOUT_GRACE)
                 {
-                    cancelled_for = Some(since);
-                    relay.explain_next_error(ClientError::error(
-                        sqlstate::QUERY_CANCELED,
-                        format!(
-                            "canceling statement due to statement timeout (this tenant's limit is {})",
-                            crate::config::format_duration(limit)
-                        ),
-                    ));
-                    // Counted on the connection now: it is not handed over before the
-                    // cancel is delivered.
-                    let pending = cancel_target.begin();
-                    tokio::spawn(async move {
-                        if let Err(e) = pending.send(CANCEL_PATIENCE).await {
-                            tracing::warn!(error = %e, "statement timeout: cancel failed");
-                        }
-                    });
+                    if now < due {
+                        next = next.min(due);
+                    } else if cancelled_for != Some(since) {
+                        cancelled_for = Some(since);
+                        relay.explain_next_error(ClientError::error(
+                            sqlstate::QUERY_CANCELED,
+                            format!(
+                                "canceling statement due to statement timeout (this tenant's limit is {})",
+                                crate::config::format_duration(limit)
+                            ),
+                        ));
+                        // Counted on the connection now: it is not handed over before the
+                        // cancel is delivered.
+                        let pending = cancel_target.begin();
+                        tokio::spawn(async move {
+                            if let Err(e) = pending.send(CANCEL_PATIENCE).await {
+                                tracing::warn!(error = %e, "statement timeout: cancel failed");
+                            }
+                        });
+                    }
                 }
                 if let (Some(limit), Some(since)) = (idle_timeout, relay.ready_since())
                     && side.tracker.in_transaction()
-                    && since.elapsed() >= limit
+                    && let Some(due) = since.checked_add(limit)
                 {
-                    return Poll::Ready(SessionEnd::IdleInTransaction(limit));
+                    if now >= due {
+                        return Poll::Ready(SessionEnd::IdleInTransaction(limit));
+                    }
+                    next = next.min(due);
                 }
+                // Not sooner than the timer's resolution (a millisecond): a deadline it
+                // rounds to now would fire again at once.
+                tick.rearm(next.max(now + Duration::from_millis(1)), cx);
                 continue;
             }
-            return pump
-                .poll_run(cx, relay, stream, &mut side)
-                .map(SessionEnd::Pump);
+            let run = pump.poll_run(cx, relay, stream, &mut side);
+            if run.is_pending()
+                && timers
+                && let Some(tick) = waits.tick.as_mut()
+            {
+                tick.follow(relay.last_activity(), cx);
+            }
+            return run.map(SessionEnd::Pump);
         }
     })
     .await
