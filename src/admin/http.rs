@@ -122,26 +122,24 @@ async fn handle(mut stream: TcpStream, state: &AppState) -> std::io::Result<()> 
 }
 
 /// Each shard of the snapshot in force, by name, and whether it is up: the health checks'
-/// verdict, or without them a TCP connection (concurrently; one that does not finish counts
-/// as down).
+/// verdict, or without them (or before their first verdict, just after a start or a reload)
+/// a TCP connection (concurrently; one that does not finish counts as down).
 pub async fn probe_shards(state: &AppState) -> Vec<(String, Result<(), String>)> {
     let snapshot = state.snapshot();
-    // With health checks on, their verdict (a login every interval) is the answer.
-    if !snapshot.pool.health_check_interval.is_zero() {
-        return snapshot
-            .shards
-            .keys()
-            .map(|name| {
-                let status = match state.pools.health(name).down_since() {
-                    Some((_, why)) => Err(why),
-                    None => Ok(()),
-                };
-                (name.clone(), status)
-            })
-            .collect();
-    }
+    let checks = !snapshot.pool.health_check_interval.is_zero();
+    let mut results = Vec::new();
     let mut probes = tokio::task::JoinSet::new();
     for shard in snapshot.shards.values() {
+        // With health checks on, their verdict (a login every interval) is the answer.
+        let health = state.pools.health(&shard.name);
+        if checks && health.checked() {
+            let status = match health.down_since() {
+                Some((_, why)) => Err(why),
+                None => Ok(()),
+            };
+            results.push((shard.name.clone(), status));
+            continue;
+        }
         let shard = Arc::clone(shard);
         probes.spawn(async move {
             let target = (shard.host.as_str(), shard.port);
@@ -154,7 +152,6 @@ pub async fn probe_shards(state: &AppState) -> Vec<(String, Result<(), String>)>
             (shard.name.clone(), result)
         });
     }
-    let mut results = Vec::new();
     while let Some(done) = probes.join_next().await {
         if let Ok(r) = done {
             results.push(r);

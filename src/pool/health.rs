@@ -25,6 +25,9 @@ use crate::net::tls;
 /// One shard's health.
 pub struct Health {
     down: AtomicBool,
+    /// A verdict was recorded (a probe finished, or a connection failed): until then the
+    /// shard is not known to be up.
+    checked: AtomicBool,
     /// Bumped each time the shard goes down: connections of an older generation are stale.
     generation: AtomicU64,
     /// Why it went down, and since when.
@@ -45,6 +48,7 @@ impl Default for Health {
     fn default() -> Self {
         Health {
             down: AtomicBool::new(false),
+            checked: AtomicBool::new(false),
             generation: AtomicU64::new(0),
             down_since: Mutex::new(None),
             probing: AtomicBool::new(false),
@@ -60,6 +64,11 @@ impl Health {
     /// Whether the shard is marked down.
     pub fn is_down(&self) -> bool {
         self.down.load(Ordering::Acquire)
+    }
+
+    /// Whether a verdict was recorded yet (`mark_up` or `mark_down`).
+    pub fn checked(&self) -> bool {
+        self.checked.load(Ordering::Acquire)
     }
 
     /// The generation server connections opened now belong to.
@@ -95,6 +104,7 @@ impl Health {
     /// Marks the shard down (`why` for the logs); true if it was up.
     pub fn mark_down(&self, shard: &str, why: &str) -> bool {
         let mut since = self.down_since.lock().unwrap_or_else(|p| p.into_inner());
+        self.checked.store(true, Ordering::Release);
         // Connections opened before this failure are all suspect, even if it was down.
         self.generation.fetch_add(1, Ordering::AcqRel);
         if self.down.swap(true, Ordering::AcqRel) {
@@ -113,6 +123,7 @@ impl Health {
     /// Marks the shard up; true if it was down.
     pub fn mark_up(&self, shard: &str) -> bool {
         let mut since = self.down_since.lock().unwrap_or_else(|p| p.into_inner());
+        self.checked.store(true, Ordering::Release);
         if !self.down.swap(false, Ordering::AcqRel) {
             return false;
         }
