@@ -97,6 +97,18 @@ pub(super) fn build(
                 "max_message_size must be at least 1024".into(),
             ));
         }
+        // Set on the tenant's server connections: PostgreSQL takes whole milliseconds up to
+        // INT_MAX, and refuses every login with a larger value.
+        if limits
+            .statement_timeout
+            .is_some_and(|d| d.as_millis() > i32::MAX as u128)
+        {
+            return Err(ctx.err(
+                here,
+                subject,
+                "statement_timeout must be at most 2147483647ms (about 24 days), PostgreSQL's largest".into(),
+            ));
+        }
 
         let pl = t.placement;
         let shard_name = pl.shard.get_ref().clone();

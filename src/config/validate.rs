@@ -294,6 +294,31 @@ settings = { statement_timeout = "10s" }"#
     }
 
     #[test]
+    fn a_statement_timeout_postgresql_would_refuse_is_refused() {
+        let placement = r#"placement = { kind = "shared", shard = "shard-a" }"#;
+        let ok = format!("{placement}\nsettings = {{ statement_timeout = \"596h\" }}");
+        assert!(load(&format!("{BASE}{}", tenant(&ok))).is_ok());
+        let e = load(&format!(
+            "{BASE}{}",
+            tenant(&format!(
+                "{placement}\nsettings = {{ statement_timeout = \"597h\" }}"
+            ))
+        ))
+        .unwrap_err();
+        assert!(e.message.contains("at most 2147483647ms"), "{e}");
+        let e = load(&format!(
+            "{}{}",
+            BASE.replace("\"30s\"", "\"99999999999h\""),
+            tenant(placement)
+        ))
+        .unwrap_err();
+        assert!(
+            e.message.contains("statement_timeout must be at most"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn unknown_keys_name_their_line() {
         let e = load(&format!("{BASE}\n[pool]\nmodee = \"session\"\n")).unwrap_err();
         assert_eq!(e.line, Some(line_of(BASE, BASE.len()) + 2));
