@@ -131,14 +131,16 @@ pub async fn probe_shards(state: &AppState) -> Vec<(String, Result<(), String>)>
     let mut probes = tokio::task::JoinSet::new();
     for shard in snapshot.shards.values() {
         // With health checks on, their verdict (a login every interval) is the answer.
-        let health = state.pools.health(&shard.name);
-        if checks && health.checked() {
-            let status = match health.down_since() {
-                Some((_, why)) => Err(why),
-                None => Ok(()),
-            };
-            results.push((shard.name.clone(), status));
-            continue;
+        if checks {
+            let health = state.pools.health(&shard.name);
+            if health.checked() {
+                let status = match health.down_since() {
+                    Some((_, why)) => Err(why),
+                    None => Ok(()),
+                };
+                results.push((shard.name.clone(), status));
+                continue;
+            }
         }
         let shard = Arc::clone(shard);
         probes.spawn(async move {

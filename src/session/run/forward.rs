@@ -80,7 +80,7 @@ impl Tick {
         Tick {
             sleep: Box::pin(crate::timers::sleep_until(deadline.into())),
             horizon,
-            follow_after: deadline.checked_sub(horizon / 2).unwrap_or(deadline),
+            follow_after: half_before(deadline, horizon),
             registered: false,
         }
     }
@@ -100,7 +100,7 @@ impl Tick {
 
     /// Sets the deadline to `at` (a check found nothing due before it).
     fn rearm(&mut self, at: Instant, cx: &mut std::task::Context<'_>) {
-        self.follow_after = at.checked_sub(self.horizon / 2).unwrap_or(at);
+        self.follow_after = half_before(at, self.horizon);
         self.sleep.as_mut().reset(at.into());
         self.registered = self.sleep.as_mut().poll(cx).is_pending();
     }
@@ -118,6 +118,11 @@ impl Tick {
         self.horizon = self.horizon.min(LEAVING_TICK);
         self.rearm(Instant::now() + self.horizon, cx);
     }
+}
+
+/// Half a horizon before a deadline: activity after it moves the deadline.
+fn half_before(deadline: Instant, horizon: Duration) -> Instant {
+    deadline.checked_sub(horizon / 2).unwrap_or(deadline)
 }
 
 /// Forwards until the session ends, pgtenant shuts down, or a timeout ends it.
