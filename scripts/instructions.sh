@@ -74,9 +74,12 @@ count() {
 }
 
 PORT=$(free_port)
-sed "0,/^addr = .*/s//addr = \"127.0.0.1:$PORT\"/" "$CONFIG" >"$WORK/pgtenant.toml"
+# The configuration in a directory of its own: pgtenant watches the file's directory, and a
+# write there (pgbench's log, callgrind's files) would wake it in the middle of a count.
+mkdir "$WORK/conf"
+sed "0,/^addr = .*/s//addr = \"127.0.0.1:$PORT\"/" "$CONFIG" >"$WORK/conf/pgtenant.toml"
 valgrind --tool=callgrind --callgrind-out-file="$WORK/cg.%p" "$PGTENANT" \
-  --config "$WORK/pgtenant.toml" >"$WORK/pgtenant.log" 2>&1 &
+  --config "$WORK/conf/pgtenant.toml" >"$WORK/pgtenant.log" 2>&1 &
 PGT=$!
 PIDS+=("$PGT")
 for _ in $(seq 120); do grep -q "pgtenant listening" "$WORK/pgtenant.log" && break; sleep 1; done
@@ -127,7 +130,7 @@ default_pool_size = 20
 logfile = $WORK/pgbouncer.log
 EOF
   echo '"bench" "benchpw"' >"$WORK/users.txt"
-  chmod 644 "$WORK"/*
+  find "$WORK" -maxdepth 1 -type f -exec chmod 644 {} +
   USER_=root
   RUN=()
   # PgBouncer does not run as root.
