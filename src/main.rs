@@ -32,13 +32,18 @@ fn init_logging(format: LogFormat) {
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
     let (targets, env) = log_filter(std::env::var("RUST_LOG").ok().as_deref());
+    use pgtenant::telemetry::session_span::SessionScoped;
     let registry = tracing_subscriber::registry().with(targets).with(env);
     let layer = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    // A session's span is entered only when one of its lines is written (see SessionScoped).
     match format {
-        LogFormat::Text => registry
-            .with(layer.with_ansi(std::io::stderr().is_terminal()))
-            .init(),
-        LogFormat::Json => registry.with(layer.json().with_current_span(false)).init(),
+        LogFormat::Text => {
+            SessionScoped::new(registry.with(layer.with_ansi(std::io::stderr().is_terminal())))
+                .init()
+        }
+        LogFormat::Json => {
+            SessionScoped::new(registry.with(layer.json().with_current_span(false))).init()
+        }
     }
 }
 

@@ -19,7 +19,6 @@ use std::time::Duration;
 use bytes::BytesMut;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tracing::Instrument;
 
 use crate::auth::identity::{self, Claims, Disagreement};
 use crate::auth::verifier::ScramVerifier;
@@ -172,7 +171,8 @@ pub fn serve(
         snapshot.listen.max_unauthenticated,
         snapshot.listen.max_unauthenticated_per_source,
     );
-    async move {
+    let tenant_field = span.clone();
+    let session = async move {
         let deadline = tokio::time::Instant::now() + snapshot.listen.startup_timeout;
         let who = crate::telemetry::audit::Who {
             session: id,
@@ -193,7 +193,7 @@ pub fn serve(
         match opened {
             None => {}
             Some(Opened::Tenant(client)) => {
-                tracing::Span::current().record("tenant", client.tenant.name.as_str());
+                tenant_field.record("tenant", client.tenant.name.as_str());
                 tracing::info!(tenant = %client.tenant.name, user = %client.user, "authenticated");
                 let who = crate::telemetry::audit::Who {
                     tenant: Some(client.tenant.name.clone()),
@@ -208,17 +208,15 @@ pub fn serve(
                     user: Some(user.clone()),
                     ..who
                 };
-                state.audit.event(
-                    "auth_ok",
-                    &who,
-                    &[("console", "true".to_owned())],
-                );
+                state
+                    .audit
+                    .event("auth_ok", &who, &[("console", "true".to_owned())]);
                 Box::pin(crate::admin::console::serve(&state, stream, &who)).await;
                 state.audit.event("disconnect", &who, &[]);
             }
         }
-    }
-    .instrument(span)
+    };
+    crate::telemetry::session_span::in_session(span, session)
 }
 
 /// Handshake and authentication. Errors are reported to the client here.
