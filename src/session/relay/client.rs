@@ -213,7 +213,7 @@ impl Relay {
         }
         if self.busy_since.is_none() && tracker.busy() {
             // Extended messages (Execute and Flush, no Sync) keep the server busy too.
-            self.busy_since = Some(Instant::now());
+            self.busy_since = Some(self.now());
         }
         Ok(ClientStep::Continue)
     }

@@ -148,6 +148,9 @@ pub struct Relay {
     busy_since: Option<Instant>,
     /// When the last ReadyForQuery arrived (for the idle-in-transaction timeout).
     ready_since: Instant,
+    /// The clock as the session loop read it in this wake-up, while it hands the relay the
+    /// transaction's first messages (see [`Relay::set_clock`]); else the relay reads it.
+    clock: Option<Instant>,
     /// The epoch being answered has reported an error.
     epoch_failed: bool,
     /// The server reported a FATAL error: it is about to close the connection.
@@ -197,6 +200,7 @@ impl Relay {
             swallowing: false,
             busy_since: None,
             ready_since: Instant::now(),
+            clock: None,
             epoch_failed: false,
             server_fatal: false,
             binding_due: false,
@@ -289,6 +293,17 @@ impl Relay {
             && !self.owners.iter().any(|o| matches!(o, Owner::Client))
     }
 
+    /// Lends the relay the time the caller read in this wake-up (`None` takes it back): a
+    /// statement that starts meanwhile starts then, without reading the clock again.
+    pub fn set_clock(&mut self, now: Option<Instant>) {
+        self.clock = now;
+    }
+
+    /// The time now: the lent one (see [`Relay::set_clock`]) or the clock's.
+    fn now(&self) -> Instant {
+        self.clock.unwrap_or_else(Instant::now)
+    }
+
     /// When the statement now running on the server started, if one is.
     pub fn busy_since(&self) -> Option<Instant> {
         self.busy_since
@@ -325,7 +340,7 @@ impl Relay {
     /// Records that a ReadyForQuery is owed to `owner`.
     fn open_epoch(&mut self, owner: Owner, tracker: &mut ConnTracker, t: u8) {
         if self.owners.is_empty() {
-            self.busy_since = Some(Instant::now());
+            self.busy_since = Some(self.now());
         }
         self.owners.push_back(owner);
         self.next_epoch += 1;

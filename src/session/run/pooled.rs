@@ -104,6 +104,9 @@ pub(super) async fn forward_pooled(
             break (SessionEnd::Removed, None);
         }
         let wanted = Instant::now();
+        // The clock as this wake-up read it: the checkout and the first statement's start
+        // share it unless something was awaited in between.
+        let mut now = wanted;
         let checkout = {
             let _waiting = TenantStats::hold(&a.tenant.stats.waiting);
             if state.pauses.is_paused(&a.prepare.tenant.name) {
@@ -114,6 +117,7 @@ pub(super) async fn forward_pooled(
                     _ = &mut waits.shutdown => break (SessionEnd::Shutdown, None),
                     _ = &mut drain, if drain_armed => break (SessionEnd::Shutdown, None),
                 }
+                now = Instant::now();
             }
             // A MOVE TENANT (or a reload) changed where the tenant lives: this transaction
             // and the next ones go there.
@@ -126,10 +130,10 @@ pub(super) async fn forward_pooled(
             // the primary.
             let read_only = !a.replicas.is_empty()
                 && (a.role == UserRole::Readonly || starts_read_only(pump.pending_client()));
-            match checkout_now(a, relay, read_only, wanted) {
-                // Nothing was awaited: no wait to count, and no second clock reading.
-                Ok(pooled) => Ok((pooled, false, wanted)),
-                Err(taken) => checkout_routed(a, relay, read_only, wanted, taken)
+            match checkout_now(a, relay, read_only, now) {
+                // Nothing was awaited here: no second clock reading.
+                Ok(pooled) => Ok((pooled, false, now)),
+                Err(taken) => checkout_routed(a, relay, read_only, now, taken)
                     .await
                     .map(|(p, bound)| (p, bound, Instant::now())),
             }
@@ -141,7 +145,11 @@ pub(super) async fn forward_pooled(
         a.tenant
             .stats
             .checkout_wait_seconds
-            .record(started.saturating_duration_since(wanted));
+            .record(if started == wanted {
+                Duration::ZERO
+            } else {
+                started.saturating_duration_since(wanted)
+            });
         let active = TenantStats::hold(&a.tenant.stats.active);
         let (mut pooled, bound_now) = match checkout {
             // Counted active only now: a PAUSE (or MOVE) that began meanwhile saw no
@@ -180,7 +188,11 @@ pub(super) async fn forward_pooled(
         let step = {
             let mut side = ServerSide::of(&mut pooled.conn);
             relay.attach(pump.to_server_mut(), side.tracker, side.pooled, bound_now);
-            pump.process_client(relay, &mut side)
+            // The transaction's first statement starts when its connection was ready.
+            relay.set_clock(Some(started));
+            let step = pump.process_client(relay, &mut side);
+            relay.set_clock(None);
+            step
         };
         match step {
             Ok(ClientStep::Continue) => {}
