@@ -332,6 +332,8 @@ impl AppState {
             })
             .collect();
         self.snapshot.store(Arc::new(snapshot));
+        // New shards, or other health-check settings: the health loop looks again now.
+        self.pools.wake_checks();
         // After the store: a session that sees the new generation reads the new snapshot.
         for (name, tenant) in moved {
             tracing::info!(tenant = %name, "placement changed: its sessions follow at their next transaction");

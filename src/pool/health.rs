@@ -16,6 +16,8 @@ use std::time::{Duration, Instant};
 
 use std::sync::Arc;
 
+use tokio::sync::Notify;
+
 use super::connect::{self, Login};
 use super::{ServerConn, ServerError};
 use crate::config::{Shard, Snapshot};
@@ -42,10 +44,20 @@ pub struct Health {
     kept: Mutex<Option<(Arc<Shard>, ServerConn)>>,
     /// Times the shard went down (the metrics read it when scraped).
     downs: AtomicU64,
+    /// Wakes the health loop ([`check_shards`]): the shard went down, or its probe ended.
+    wake: Arc<Notify>,
 }
 
 impl Default for Health {
     fn default() -> Self {
+        Health::new(Arc::default())
+    }
+}
+
+impl Health {
+    /// A shard's health, waking the health loop through `wake` when its probes are due
+    /// sooner (see [`check_shards`]).
+    pub fn new(wake: Arc<Notify>) -> Self {
         Health {
             down: AtomicBool::new(false),
             checked: AtomicBool::new(false),
@@ -56,11 +68,10 @@ impl Default for Health {
             lag_ms: std::sync::atomic::AtomicI64::new(-1),
             kept: Mutex::default(),
             downs: AtomicU64::new(0),
+            wake,
         }
     }
-}
 
-impl Health {
     /// Whether the shard is marked down.
     pub fn is_down(&self) -> bool {
         self.down.load(Ordering::Acquire)
@@ -112,6 +123,8 @@ impl Health {
         }
         *since = Some((Instant::now(), why.to_owned()));
         self.downs.fetch_add(1, Ordering::Relaxed);
+        // Probed every DOWN_PROBE_EVERY from now on: the loop plans its next look again.
+        self.wake.notify_one();
         tracing::warn!(
             shard,
             reason = why,
@@ -235,19 +248,66 @@ async fn login(shard: &Shard, timeout: Duration) -> Result<ServerConn, ServerErr
         .map_err(|_| ServerError::Timeout)?
 }
 
+/// What the health loop does with a shard now (see [`Health::turn`]).
+#[derive(Debug, PartialEq, Eq)]
+enum Turn {
+    /// Probe it now (it is marked as being probed).
+    Probe,
+    /// Nothing before this moment.
+    At(Instant),
+    /// A probe is running; its end wakes the loop.
+    Probing,
+}
+
+impl Health {
+    /// Whether the shard's probe is due at `now`, every `interval` while it is up and every
+    /// [`DOWN_PROBE_EVERY`] while it is down; when it is, the probe is counted as started.
+    fn turn(&self, interval: Duration, now: Instant) -> Turn {
+        let every = if self.is_down() {
+            DOWN_PROBE_EVERY
+        } else {
+            interval
+        };
+        let mut last = self.last_probe.lock().unwrap_or_else(|p| p.into_inner());
+        if self.probing.load(Ordering::Acquire) {
+            return Turn::Probing;
+        }
+        if let Some(due) = last.and_then(|t| t.checked_add(every))
+            && due > now
+        {
+            return Turn::At(due);
+        }
+        if self.probing.swap(true, Ordering::AcqRel) {
+            return Turn::Probing;
+        }
+        *last = Some(now);
+        Turn::Probe
+    }
+}
+
+/// The longest the health loop sleeps without a look at the snapshot in force.
+const CHECKS_NAP: Duration = Duration::from_secs(1);
+
 /// Probes every shard of the snapshot in force, each every `pool.health_check_interval`
 /// (every [`DOWN_PROBE_EVERY`] while it is down), one probe per shard at a time, until `stop`.
+///
+/// Between probes the loop sleeps until the next one is due (at most [`CHECKS_NAP`]); a
+/// shard marked down, a probe that ended and a reload wake it sooner (`Pools::wake_checks`).
+/// An idle pgtenant wakes for its health checks only when one is due.
 pub async fn check_shards(
     snapshot: impl Fn() -> Arc<Snapshot>,
     pools: Arc<super::Pools>,
     stop: tokio_util::sync::CancellationToken,
 ) {
+    let wake = pools.checks_wake();
     loop {
         let snapshot = snapshot();
         let (interval, timeout) = (
             snapshot.pool.health_check_interval,
             snapshot.pool.health_check_timeout,
         );
+        let now = Instant::now();
+        let mut next = now + CHECKS_NAP;
         if !interval.is_zero() {
             let all = snapshot
                 .shards
@@ -255,19 +315,13 @@ pub async fn check_shards(
                 .flat_map(|s| std::iter::once(s).chain(s.replicas.iter()));
             for shard in all {
                 let health = pools.health(&shard.name);
-                let every = if health.is_down() {
-                    DOWN_PROBE_EVERY
-                } else {
-                    interval
-                };
-                {
-                    let mut last = health.last_probe.lock().unwrap_or_else(|p| p.into_inner());
-                    if last.is_some_and(|t| t.elapsed() < every)
-                        || health.probing.swap(true, Ordering::AcqRel)
-                    {
+                match health.turn(interval, now) {
+                    Turn::Probe => {}
+                    Turn::At(due) => {
+                        next = next.min(due);
                         continue;
                     }
-                    *last = Some(Instant::now());
+                    Turn::Probing => continue,
                 }
                 let shard = Arc::clone(shard);
                 tokio::spawn(async move {
@@ -287,6 +341,7 @@ pub async fn check_shards(
                         }
                     }
                     health.probing.store(false, Ordering::Release);
+                    health.wake.notify_one();
                 });
             }
         }
@@ -302,7 +357,8 @@ pub async fn check_shards(
             }
         }
         tokio::select! {
-            _ = crate::timers::sleep(DOWN_PROBE_EVERY / 5) => {}
+            _ = crate::timers::sleep_until(next.into()) => {}
+            _ = wake.notified() => {}
             _ = stop.cancelled() => break,
         }
     }
@@ -371,5 +427,39 @@ mod tests {
         assert!(h.down_since().is_some());
         assert!(h.mark_up("s") && !h.is_down() && h.down_since().is_none());
         assert!(!h.mark_up("s"));
+    }
+
+    #[test]
+    fn a_probe_is_due_every_interval_while_up_and_sooner_while_down() {
+        let h = Health::default();
+        let interval = Duration::from_secs(3600);
+        let t0 = Instant::now();
+        assert_eq!(h.turn(interval, t0), Turn::Probe, "never probed");
+        assert_eq!(h.turn(interval, t0), Turn::Probing, "one probe at a time");
+        h.probing.store(false, Ordering::Release);
+        assert_eq!(h.turn(interval, t0), Turn::At(t0 + interval));
+        let later = t0 + Duration::from_secs(1);
+        assert_eq!(h.turn(interval, later), Turn::At(t0 + interval));
+        // Down: due DOWN_PROBE_EVERY after the last probe, not an hour after.
+        h.mark_down("s", "refused");
+        assert_eq!(h.turn(interval, t0), Turn::At(t0 + DOWN_PROBE_EVERY));
+        assert_eq!(h.turn(interval, later), Turn::Probe);
+        h.probing.store(false, Ordering::Release);
+        assert_eq!(h.turn(interval, later), Turn::At(later + DOWN_PROBE_EVERY));
+    }
+
+    #[tokio::test]
+    async fn going_down_wakes_the_health_loop() {
+        let wake = Arc::new(Notify::new());
+        let h = Health::new(Arc::clone(&wake));
+        h.mark_down("s", "refused");
+        // The wake is kept for a loop that was busy when it came.
+        crate::timers::timeout(Duration::from_secs(30), wake.notified())
+            .await
+            .expect("woken");
+        // Already down: no new wake (the loop already plans for it).
+        h.mark_down("s", "refused again");
+        let again = crate::timers::timeout(Duration::from_millis(50), wake.notified()).await;
+        assert!(again.is_err());
     }
 }

@@ -17,6 +17,8 @@ pub struct Pools {
     settings: PoolSettings,
     pools: Mutex<HashMap<PoolKey, Arc<Pool>>>,
     health: Mutex<HashMap<String, Arc<health::Health>>>,
+    /// Wakes the health loop (`health::check_shards`).
+    checks: Arc<tokio::sync::Notify>,
 }
 
 impl Pools {
@@ -26,13 +28,27 @@ impl Pools {
             settings,
             pools: Mutex::new(HashMap::new()),
             health: Mutex::default(),
+            checks: Arc::default(),
         }
     }
 
     /// The health of shard `name` (shared by its pools of every login).
     pub fn health(&self, name: &str) -> Arc<health::Health> {
         let mut map = self.health.lock().unwrap_or_else(|p| p.into_inner());
-        Arc::clone(map.entry(name.to_owned()).or_default())
+        let health = map
+            .entry(name.to_owned())
+            .or_insert_with(|| Arc::new(health::Health::new(Arc::clone(&self.checks))));
+        Arc::clone(health)
+    }
+
+    /// What wakes the health loop.
+    pub fn checks_wake(&self) -> Arc<tokio::sync::Notify> {
+        Arc::clone(&self.checks)
+    }
+
+    /// Wakes the health loop: the shards or its settings may have changed (a reload).
+    pub fn wake_checks(&self) {
+        self.checks.notify_one();
     }
 
     /// Every shard's health, by name.
