@@ -9,6 +9,7 @@
 # epoll loop), and through PgBouncer (transaction mode, same server) when it is installed.
 #
 #   scripts/instructions.sh [transactions]     (default 2000 per run)
+#   PGTENANT=/tmp/old/pgtenant scripts/instructions.sh    (count another build of pgtenant)
 #
 # Needs valgrind and PostgreSQL's pgbench (installs valgrind with apt-get when missing).
 set -euo pipefail
@@ -25,7 +26,8 @@ PGBENCH=$BIN/pgbench
 # driver adds work to every park), which must not reach the binary measured.
 cargo build --release --bin pgtenant
 cargo build --release --example relay_floor
-PGTENANT=$PWD/target/release/pgtenant
+# PGTENANT=/path/to/pgtenant counts another build (an older commit's, to compare).
+PGTENANT=${PGTENANT:-$PWD/target/release/pgtenant}
 FLOOR=$PWD/target/release/examples/relay_floor
 
 WORK=$(mktemp -d /tmp/pgtenant-instructions.XXXXXX)

@@ -28,11 +28,11 @@ fn main() -> ExitCode {
 /// when standard error is a terminal; JSON is one object per line, its `spans` carrying the
 /// session id, client address and tenant.
 fn init_logging(format: LogFormat) {
+    use pgtenant::telemetry::session_span::SessionScoped;
     use std::io::IsTerminal;
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
     let (targets, env) = log_filter(std::env::var("RUST_LOG").ok().as_deref());
-    use pgtenant::telemetry::session_span::SessionScoped;
     let registry = tracing_subscriber::registry().with(targets).with(env);
     let layer = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     // A session's span is entered only when one of its lines is written (see SessionScoped).
