@@ -89,12 +89,52 @@ impl TxStatus {
 
 /// Reads a NUL-terminated string at the start of `buf`: `(string, rest)`.
 pub(crate) fn take_cstr(buf: &[u8]) -> Option<(&[u8], &[u8])> {
-    let nul = memchr::memchr(0, buf)?;
+    let nul = find_nul(buf)?;
     Some((&buf[..nul], &buf[nul + 1..]))
+}
+
+/// How many leading bytes [`find_nul`] looks at itself.
+const SHORT_CSTR: usize = 16;
+
+/// The position of the first NUL in `buf`. The names on the wire (statements, portals) are
+/// mostly empty or short: a plain look at the first bytes finds their end without memchr's
+/// call and set-up (five such names per extended-protocol transaction); longer strings, such
+/// as a query's text, go on with memchr.
+#[inline]
+pub(crate) fn find_nul(buf: &[u8]) -> Option<usize> {
+    let head = buf.len().min(SHORT_CSTR);
+    match buf[..head].iter().position(|&b| b == 0) {
+        Some(i) => Some(i),
+        None => memchr::memchr(0, &buf[head..]).map(|i| i + head),
+    }
 }
 
 /// Reads a big-endian i32 at the start of `buf`.
 pub(crate) fn take_i32(buf: &[u8]) -> Option<(i32, &[u8])> {
     let head: [u8; 4] = buf.get(..4)?.try_into().ok()?;
     Some((i32::from_be_bytes(head), &buf[4..]))
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        /// The short look and memchr find the same NUL, wherever it is (or is not).
+        #[test]
+        fn find_nul_is_the_first_nul(
+            bytes in proptest::collection::vec(prop::sample::select(vec![0u8, 1, b'a', 0xff]), 0..64),
+        ) {
+            prop_assert_eq!(find_nul(&bytes), bytes.iter().position(|&b| b == 0));
+            match take_cstr(&bytes) {
+                Some((s, rest)) => {
+                    prop_assert!(!s.contains(&0));
+                    prop_assert_eq!(s.len() + 1 + rest.len(), bytes.len());
+                }
+                None => prop_assert!(!bytes.contains(&0)),
+            }
+        }
+    }
 }

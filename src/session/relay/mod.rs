@@ -515,7 +515,7 @@ fn refused_query() -> BytesMut {
 
 /// The bytes of a NUL-terminated body up to the first NUL (the whole body if none).
 fn cstr_prefix(body: &[u8]) -> &[u8] {
-    match memchr::memchr(0, body) {
+    match crate::protocol::find_nul(body) {
         Some(n) => &body[..n],
         None => body,
     }
