@@ -59,6 +59,9 @@ impl<'a, F: Future> Woken<'a, F> {
 impl<F: Future> Future for Woken<'_, F> {
     type Output = F::Output;
 
+    // Inlined: polled at every wake-up of a session (several times per transaction), and
+    // its usual answer is a load and a compare.
+    #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let this = self.get_mut();
         let same = this
