@@ -23,6 +23,8 @@ pub struct Running {
     pub admin_addr: Option<SocketAddr>,
     pub state: Arc<AppState>,
     stop_accepting: CancellationToken,
+    /// Fired by the accept loop once it has dropped the listener.
+    listener_closed: CancellationToken,
     sessions: TaskTracker,
     background: TaskTracker,
 }
@@ -34,6 +36,11 @@ impl Running {
     /// rest with `57P01`.
     pub async fn shutdown(self, grace: Duration) {
         self.stop_accepting.cancel();
+        // The listener is closed before any session is ended: a client that sees its idle
+        // session end and connects again is refused (or, with `reuse_port`, reaches the
+        // other instance), never queued on a listener that will not accept it.
+        let _ =
+            crate::timers::timeout(Duration::from_secs(5), self.listener_closed.cancelled()).await;
         self.state.draining.cancel();
         self.sessions.close();
         if crate::timers::timeout(grace, self.sessions.wait())
@@ -83,6 +90,8 @@ pub async fn start(snapshot: Snapshot) -> anyhow::Result<Running> {
     let accept_state = Arc::clone(&state);
     let accept_stop = stop_accepting.clone();
     let accept_sessions = sessions.clone();
+    let listener_closed = CancellationToken::new();
+    let accept_closed = listener_closed.clone();
     background.spawn(async move {
         let mut backoff = Duration::from_millis(10);
         loop {
@@ -109,6 +118,8 @@ pub async fn start(snapshot: Snapshot) -> anyhow::Result<Running> {
                 }
             }
         }
+        drop(listener);
+        accept_closed.cancel();
     });
 
     let mut admin_addr = None;
@@ -170,6 +181,7 @@ pub async fn start(snapshot: Snapshot) -> anyhow::Result<Running> {
         admin_addr,
         state,
         stop_accepting,
+        listener_closed,
         sessions,
         background,
     })
