@@ -48,12 +48,6 @@ pub struct Health {
     wake: Arc<Notify>,
 }
 
-impl Default for Health {
-    fn default() -> Self {
-        Health::new(Arc::default())
-    }
-}
-
 impl Health {
     /// A shard's health, waking the health loop through `wake` when its probes are due
     /// sooner (see [`check_shards`]).
@@ -418,7 +412,7 @@ mod tests {
 
     #[test]
     fn going_down_makes_every_older_connection_stale() {
-        let h = Health::default();
+        let h = Health::new(Arc::default());
         let before = h.generation();
         assert!(h.mark_down("s", "refused") && h.is_down());
         assert!(!h.mark_down("s", "refused again"), "already down");
@@ -431,7 +425,7 @@ mod tests {
 
     #[test]
     fn a_probe_is_due_every_interval_while_up_and_sooner_while_down() {
-        let h = Health::default();
+        let h = Health::new(Arc::default());
         let interval = Duration::from_secs(3600);
         let t0 = Instant::now();
         assert_eq!(h.turn(interval, t0), Turn::Probe, "never probed");
