@@ -4,12 +4,14 @@
 //! instructions they execute per transaction beside pgtenant's and PgBouncer's, to show what
 //! the async runtime costs and what the proxy's own work costs. Not a proxy: it unwraps.
 //!
-//!   relay_floor tokio|tokio-io|epoll LISTEN_ADDR SERVER_ADDR
+//!   relay_floor tokio|tokio-io|tasks|epoll LISTEN_ADDR SERVER_ADDR
 //!
 //! `tokio`: a current-thread runtime, one task per client, a `select!` over the two reads
 //! (the shape of a minimal tokio proxy). `tokio-io`: the same on a runtime without a time
-//! driver, as pgtenant's own (`pgtenant::timers`). `epoll`: one mio loop, edge-triggered, no
-//! tasks, no timers.
+//! driver, as pgtenant's own (`pgtenant::timers`). `tasks`: the same shape (a task per
+//! client, `Future`s, `Waker`s, readiness cleared after a short read as tokio does) on the
+//! smallest executor and reactor one thread needs: what a runtime of pgtenant's own would
+//! cost at least. `epoll`: one mio loop, edge-triggered, no tasks, no timers.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -19,15 +21,16 @@ use std::net::SocketAddr;
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let [kind, listen, server] = args.as_slice() else {
-        panic!("usage: relay_floor tokio|tokio-io|epoll LISTEN_ADDR SERVER_ADDR");
+        panic!("usage: relay_floor tokio|tokio-io|tasks|epoll LISTEN_ADDR SERVER_ADDR");
     };
     let listen: SocketAddr = listen.parse().expect("LISTEN_ADDR");
     let server: SocketAddr = server.parse().expect("SERVER_ADDR");
     match kind.as_str() {
         "tokio" => with_tokio(listen, server, true),
         "tokio-io" => with_tokio(listen, server, false),
+        "tasks" => tasks::run(listen, server),
         "epoll" => with_epoll(listen, server),
-        other => panic!("unknown relay {other}: tokio, tokio-io or epoll"),
+        other => panic!("unknown relay {other}: tokio, tokio-io, tasks or epoll"),
     }
 }
 
@@ -119,6 +122,184 @@ fn with_epoll(listen: SocketAddr, server: SocketAddr) {
                 if n < buf.len() {
                     break;
                 }
+            }
+        }
+    }
+}
+
+/// The smallest executor and reactor for one thread: tasks in a slab, a queue of woken ones,
+/// a `Waker` per task that queues its index, and per socket a readiness flag and the waker
+/// of the task waiting for it. Not thread-safe (a waker must be woken on its own thread),
+/// which a real runtime would have to add: this is the floor under one.
+mod tasks {
+    use std::cell::{Cell, RefCell};
+    use std::collections::VecDeque;
+    use std::future::Future;
+    use std::io::{ErrorKind, Read, Write};
+    use std::net::SocketAddr;
+    use std::pin::Pin;
+    use std::rc::Rc;
+    use std::task::{Context, Poll, Waker};
+
+    use mio::net::{TcpListener, TcpStream};
+    use mio::{Events, Interest, Token};
+
+    const LISTENER: Token = Token(usize::MAX);
+
+    thread_local! {
+        /// Woken tasks, in order, each at most once.
+        static WOKEN: RefCell<VecDeque<usize>> = const { RefCell::new(VecDeque::new()) };
+        static QUEUED: RefCell<Vec<bool>> = const { RefCell::new(Vec::new()) };
+    }
+
+    fn wake_task(task: usize) {
+        let fresh = QUEUED.with_borrow_mut(|q| !std::mem::replace(&mut q[task], true));
+        if fresh {
+            WOKEN.with_borrow_mut(|w| w.push_back(task));
+        }
+    }
+
+    /// A task's waker: its index in the slab.
+    struct TaskWaker(usize);
+
+    impl std::task::Wake for TaskWaker {
+        fn wake(self: std::sync::Arc<Self>) {
+            wake_task(self.0);
+        }
+        fn wake_by_ref(self: &std::sync::Arc<Self>) {
+            wake_task(self.0);
+        }
+    }
+
+    /// A socket's readiness as the reactor last saw it, and the task waiting for it.
+    struct Source {
+        readable: Cell<bool>,
+        reader: RefCell<Option<Waker>>,
+    }
+
+    struct Socket {
+        io: TcpStream,
+        source: Rc<Source>,
+    }
+
+    impl Socket {
+        fn poll_read(&mut self, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<usize> {
+            if self.source.readable.get() {
+                match self.io.read(buf) {
+                    Ok(n) => {
+                        // A short read emptied the socket: the next edge says when there is more.
+                        if n < buf.len() {
+                            self.source.readable.set(false);
+                        }
+                        return Poll::Ready(n);
+                    }
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => self.source.readable.set(false),
+                    Err(_) => return Poll::Ready(0),
+                }
+            }
+            let mut reader = self.source.reader.borrow_mut();
+            if !reader.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                *reader = Some(cx.waker().clone());
+            }
+            Poll::Pending
+        }
+    }
+
+    type Task = Pin<Box<dyn Future<Output = ()>>>;
+
+    pub fn run(listen: SocketAddr, server: SocketAddr) {
+        let mut poll = mio::Poll::new().unwrap();
+        let mut listener = TcpListener::bind(listen).unwrap();
+        poll.registry()
+            .register(&mut listener, LISTENER, Interest::READABLE)
+            .unwrap();
+        let mut sources: Vec<Rc<Source>> = Vec::new();
+        let mut tasks: Vec<Option<(Task, Waker)>> = Vec::new();
+        let mut events = Events::with_capacity(256);
+        loop {
+            while let Some(task) = WOKEN.with_borrow_mut(|w| w.pop_front()) {
+                QUEUED.with_borrow_mut(|q| q[task] = false);
+                if let Some((fut, waker)) = tasks[task].as_mut()
+                    && fut
+                        .as_mut()
+                        .poll(&mut Context::from_waker(waker))
+                        .is_ready()
+                {
+                    tasks[task] = None;
+                }
+            }
+            if let Err(e) = poll.poll(&mut events, None) {
+                assert_eq!(e.kind(), ErrorKind::Interrupted, "{e}");
+                continue;
+            }
+            for event in events.iter() {
+                if event.token() != LISTENER {
+                    let source = &sources[event.token().0];
+                    source.readable.set(true);
+                    if let Some(reader) = source.reader.borrow().as_ref() {
+                        reader.wake_by_ref();
+                    }
+                    continue;
+                }
+                while let Ok((client, _)) = listener.accept() {
+                    client.set_nodelay(true).unwrap();
+                    let upstream = std::net::TcpStream::connect(server).unwrap();
+                    upstream.set_nodelay(true).unwrap();
+                    upstream.set_nonblocking(true).unwrap();
+                    let mut pair = [client, TcpStream::from_std(upstream)].map(|mut io| {
+                        let token = Token(sources.len());
+                        poll.registry()
+                            .register(&mut io, token, Interest::READABLE)
+                            .unwrap();
+                        let source = Rc::new(Source {
+                            readable: Cell::new(true),
+                            reader: RefCell::new(None),
+                        });
+                        sources.push(source.clone());
+                        Socket { io, source }
+                    });
+                    let task = tasks.len();
+                    let fut: Task = Box::pin(async move {
+                        let (mut up, mut down) = (vec![0u8; 16384], vec![0u8; 16384]);
+                        std::future::poll_fn(|cx| relay(cx, &mut pair, &mut up, &mut down)).await
+                    });
+                    let waker = Waker::from(std::sync::Arc::new(TaskWaker(task)));
+                    tasks.push(Some((fut, waker)));
+                    QUEUED.with_borrow_mut(|q| q.push(false));
+                    wake_task(task);
+                }
+            }
+        }
+    }
+
+    /// One wake-up of a relay task: both reads, each reply written at once (small replies
+    /// only: a full socket buffer is not waited for).
+    fn relay(
+        cx: &mut Context<'_>,
+        [client, upstream]: &mut [Socket; 2],
+        up: &mut [u8],
+        down: &mut [u8],
+    ) -> Poll<()> {
+        loop {
+            let mut progress = false;
+            match client.poll_read(cx, up) {
+                Poll::Ready(0) => return Poll::Ready(()),
+                Poll::Ready(n) => {
+                    upstream.io.write_all(&up[..n]).unwrap();
+                    progress = true;
+                }
+                Poll::Pending => {}
+            }
+            match upstream.poll_read(cx, down) {
+                Poll::Ready(0) => return Poll::Ready(()),
+                Poll::Ready(n) => {
+                    client.io.write_all(&down[..n]).unwrap();
+                    progress = true;
+                }
+                Poll::Pending => {}
+            }
+            if !progress {
+                return Poll::Pending;
             }
         }
     }
