@@ -101,3 +101,179 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for MaybeTls<T> {
         }
     }
 }
+
+/// What a socket shows of its read readiness without reading or registering a waker.
+pub trait ReadHint {
+    /// `false` only when a read would surely find nothing now: the runtime has seen no read
+    /// readiness since a read last found the socket empty. The default is always `true`
+    /// (never sure).
+    fn may_read(&self) -> bool {
+        true
+    }
+}
+
+impl ReadHint for ClientStream {
+    fn may_read(&self) -> bool {
+        match self {
+            // Tokio's readiness for the socket (an atomic load): no system call, no waker.
+            MaybeTls::Plain(tcp) => tcp.try_io(tokio::io::Interest::READABLE, || Ok(())).is_ok(),
+            // Plaintext that rustls holds does not show in the socket's readiness, and a TLS
+            // read may have waited on a write.
+            MaybeTls::Tls(_) => true,
+        }
+    }
+}
+
+impl ReadHint for tokio::io::DuplexStream {}
+
+/// Whether a read of a socket that would find nothing may be skipped: a read that returns
+/// `Pending` has registered the task's waker for the socket's next read readiness, and that
+/// registration stays until readiness arrives (which [`ReadHint::may_read`] then shows), so
+/// another read before then would only register the same waker again (in tokio: the
+/// readiness lock, the waker comparison, the budget). Only correct when every read of the
+/// socket is noted here.
+#[derive(Debug, Default)]
+pub struct ReadArm {
+    /// The registered waker's identity (what `Waker::will_wake` compares), without a clone.
+    armed: Option<(usize, usize)>,
+}
+
+impl ReadArm {
+    fn id(cx: &Context<'_>) -> (usize, usize) {
+        let waker = cx.waker();
+        (
+            waker.data() as usize,
+            std::ptr::from_ref(waker.vtable()) as usize,
+        )
+    }
+
+    /// After a read of the socket with `cx`: armed when it returned `Pending` with the task's
+    /// budget left (a `Pending` for want of budget registers nothing on the socket).
+    pub fn note<T>(&mut self, cx: &Context<'_>, read: &Poll<T>) {
+        self.armed =
+            (read.is_pending() && tokio::task::coop::has_budget_remaining()).then(|| Self::id(cx));
+    }
+
+    /// Whether reading `socket` now may be skipped: armed with this task's waker, and no read
+    /// readiness since.
+    pub fn skip<S: ReadHint>(&self, cx: &Context<'_>, socket: &S) -> bool {
+        self.armed.is_some_and(|id| id == Self::id(cx)) && !socket.may_read()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::future::poll_fn;
+    use std::time::Duration;
+
+    /// A plain client connection on a real socket, and its far end.
+    async fn pair() -> (ClientStream, TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (far, near) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        (MaybeTls::Plain(near.unwrap().0), far.unwrap())
+    }
+
+    fn read(s: &mut ClientStream, arm: &mut ReadArm, cx: &mut Context<'_>) -> Poll<usize> {
+        let mut bytes = [0u8; 64];
+        let mut buf = ReadBuf::new(&mut bytes);
+        let read = Pin::new(&mut *s).poll_read(cx, &mut buf);
+        arm.note(cx, &read);
+        read.map(|r| {
+            r.unwrap();
+            buf.filled().len()
+        })
+    }
+
+    /// Fails a test that would hang (a skipped read whose wake-up never comes).
+    async fn within<F: std::future::Future>(f: F) -> F::Output {
+        crate::timers::timeout(Duration::from_secs(20), f)
+            .await
+            .expect("woken")
+    }
+
+    #[tokio::test]
+    async fn a_registered_read_is_skipped_only_until_the_socket_has_bytes() {
+        let (mut near, mut far) = pair().await;
+        let mut arm = ReadArm::default();
+        poll_fn(|cx| {
+            // Never read: nothing to skip for.
+            assert!(!arm.skip(cx, &near));
+            assert!(read(&mut near, &mut arm, cx).is_pending());
+            assert!(arm.skip(cx, &near), "registered, nothing arrived");
+            Poll::Ready(())
+        })
+        .await;
+        // A task that skips its read is woken by the registration when bytes come.
+        let wake = async {
+            poll_fn(|cx| {
+                if arm.skip(cx, &near) {
+                    Poll::Pending
+                } else {
+                    Poll::Ready(())
+                }
+            })
+            .await
+        };
+        let ((), written) = within(async { tokio::join!(wake, far.write_all(b"hello")) }).await;
+        written.unwrap();
+        let n = poll_fn(|cx| read(&mut near, &mut arm, cx)).await;
+        assert_eq!(n, 5);
+        poll_fn(|cx| {
+            assert!(
+                !arm.skip(cx, &near),
+                "a read returned: no registration known"
+            );
+            Poll::Ready(())
+        })
+        .await;
+        // The far end closing shows as readiness too.
+        poll_fn(|cx| {
+            assert!(read(&mut near, &mut arm, cx).is_pending());
+            Poll::Ready(())
+        })
+        .await;
+        drop(far);
+        within(poll_fn(|cx| {
+            if arm.skip(cx, &near) {
+                Poll::Pending
+            } else {
+                Poll::Ready(())
+            }
+        }))
+        .await;
+        assert_eq!(poll_fn(|cx| read(&mut near, &mut arm, cx)).await, 0);
+    }
+
+    #[tokio::test]
+    async fn a_read_registered_by_another_task_or_refused_for_budget_is_not_skipped() {
+        let (mut near, _far) = pair().await;
+        let mut arm = ReadArm::default();
+        poll_fn(|cx| {
+            assert!(read(&mut near, &mut arm, cx).is_pending());
+            Poll::Ready(())
+        })
+        .await;
+        // Another task's waker was not registered.
+        let other = std::task::Waker::noop();
+        assert!(!arm.skip(&Context::from_waker(other), &near));
+
+        // A task out of budget: its read is refused before the socket is looked at, which
+        // registers nothing on the socket.
+        let mut arm = ReadArm::default();
+        poll_fn(|cx| {
+            loop {
+                let spend = std::pin::pin!(tokio::task::coop::consume_budget());
+                if spend.poll(cx).is_pending() {
+                    break;
+                }
+            }
+            assert!(read(&mut near, &mut arm, cx).is_pending());
+            assert!(!arm.skip(cx, &near), "armed by a read refused for budget");
+            Poll::Ready(())
+        })
+        .await;
+        // And a TLS stream is never skipped (its plaintext does not show): see `may_read`.
+    }
+}

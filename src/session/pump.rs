@@ -19,6 +19,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::io::poll_read_buf;
 
 use super::relay::{ClientStep, Relay, ServerProtocolError};
+use crate::net::stream::{ReadArm, ReadHint};
 use crate::pool::cache::PooledState;
 use crate::protocol::frame::{FrameError, FrameScanner};
 use crate::protocol::tracker::ConnTracker;
@@ -104,59 +105,12 @@ pub struct Pump {
     bytes_from_client: u64,
     bytes_to_client: u64,
     bytes_taken: (u64, u64),
+    /// Every read of the client is noted here (only the pump reads it after the handshake):
+    /// a read that would only register the same waker again is skipped.
+    client_arm: ReadArm,
 }
 
-/// Buffers of sessions between transactions, kept per thread for the next transaction that
-/// needs one: an idle session holds no buffer, and a busy one takes a used buffer instead of
-/// allocating. Bounded, so a burst does not stay resident.
-mod spare {
-    use super::READ_CHUNK;
-    use bytes::BytesMut;
-    use std::cell::RefCell;
-
-    /// Buffers kept per thread, at most.
-    const KEEP: usize = 64;
-
-    thread_local! {
-        static SPARE: RefCell<Vec<BytesMut>> = const { RefCell::new(Vec::new()) };
-    }
-
-    /// Gives each buffer without one (no capacity) a spare, in one visit to the spares.
-    pub(super) fn fill<const N: usize>(bufs: [&mut BytesMut; N]) {
-        if bufs.iter().all(|b| b.capacity() > 0) {
-            return;
-        }
-        SPARE.with(|s| {
-            let mut s = s.borrow_mut();
-            for buf in bufs {
-                if buf.capacity() == 0 {
-                    *buf = s
-                        .pop()
-                        .unwrap_or_else(|| BytesMut::with_capacity(READ_CHUNK));
-                }
-            }
-        });
-    }
-
-    /// Keeps each empty buffer for another session (or frees it), leaving none in its place,
-    /// in one visit to the spares.
-    pub(super) fn give_empty<const N: usize>(bufs: [&mut BytesMut; N]) {
-        if !bufs.iter().any(|b| b.is_empty() && b.capacity() > 0) {
-            return;
-        }
-        SPARE.with(|s| {
-            let mut s = s.borrow_mut();
-            for buf in bufs {
-                if buf.is_empty() && buf.capacity() > 0 {
-                    let buf = std::mem::take(buf);
-                    if buf.capacity() >= READ_CHUNK / 4 && s.len() < KEEP {
-                        s.push(buf);
-                    }
-                }
-            }
-        });
-    }
-}
+mod spare;
 
 fn reserve(buf: &mut BytesMut) {
     if buf.capacity() - buf.len() < READ_CHUNK / 4 {
@@ -273,7 +227,7 @@ impl Pump {
     /// ends the session without taking a server connection.
     pub async fn wait_for_client<C>(&mut self, client: &mut C) -> Result<(), PumpEnd>
     where
-        C: AsyncRead + AsyncWrite + Unpin,
+        C: AsyncRead + AsyncWrite + ReadHint + Unpin,
     {
         poll_fn(|cx| self.poll_wait_for_client(cx, client)).await
     }
@@ -285,7 +239,7 @@ impl Pump {
         client: &mut C,
     ) -> Poll<Result<(), PumpEnd>>
     where
-        C: AsyncRead + AsyncWrite + Unpin,
+        C: AsyncRead + AsyncWrite + ReadHint + Unpin,
     {
         loop {
             if let Err(e) = self.drain_client(cx, client) {
@@ -308,10 +262,16 @@ impl Pump {
                 if self.to_client.is_empty() {
                     self.park();
                 }
+                // Registered already (during the transaction) and nothing arrived since.
+                if self.client_arm.skip(cx, client) {
+                    return Poll::Pending;
+                }
                 // Not zeroed: the read fills what it reports (`ReadBuf` tracks it).
                 let mut first = [std::mem::MaybeUninit::<u8>::uninit(); 512];
                 let mut buf = tokio::io::ReadBuf::uninit(&mut first);
-                match Pin::new(&mut *client).poll_read(cx, &mut buf) {
+                let read = Pin::new(&mut *client).poll_read(cx, &mut buf);
+                self.client_arm.note(cx, &read);
+                match read {
                     Poll::Ready(Ok(())) => {
                         let n = buf.filled().len();
                         if n > 0 {
@@ -325,7 +285,9 @@ impl Pump {
                 }
             } else {
                 reserve(&mut self.client_in);
-                poll_read_buf(Pin::new(&mut *client), cx, &mut self.client_in)
+                let read = poll_read_buf(Pin::new(&mut *client), cx, &mut self.client_in);
+                self.client_arm.note(cx, &read);
+                read
             };
             match read {
                 Poll::Ready(Ok(0)) => return Poll::Ready(Err(PumpEnd::ClientGone(None))),
@@ -408,7 +370,7 @@ impl Pump {
         server: &mut ServerSide<'_, S>,
     ) -> PumpEnd
     where
-        C: AsyncRead + AsyncWrite + Unpin,
+        C: AsyncRead + AsyncWrite + ReadHint + Unpin,
         S: AsyncRead + AsyncWrite + Unpin,
     {
         poll_fn(|cx| self.poll_run(cx, relay, client, server)).await
@@ -423,7 +385,7 @@ impl Pump {
         server: &mut ServerSide<'_, S>,
     ) -> Poll<PumpEnd>
     where
-        C: AsyncRead + AsyncWrite + Unpin,
+        C: AsyncRead + AsyncWrite + ReadHint + Unpin,
         S: AsyncRead + AsyncWrite + Unpin,
     {
         // A read that returned Pending has registered this task for the socket's next
@@ -489,9 +451,15 @@ impl Pump {
                 }
             }
 
+            // (A client read registered earlier with nothing arrived since is not repeated.)
+            if !client_waits && self.client_arm.skip(cx, client) {
+                client_waits = true;
+            }
             if !client_waits && self.to_server.len() < HIGH_WATER {
                 reserve(&mut self.client_in);
-                match poll_read_buf(Pin::new(&mut *client), cx, &mut self.client_in) {
+                let read = poll_read_buf(Pin::new(&mut *client), cx, &mut self.client_in);
+                self.client_arm.note(cx, &read);
+                match read {
                     Poll::Ready(Ok(0)) => return Poll::Ready(PumpEnd::ClientGone(None)),
                     Poll::Ready(Ok(n)) => {
                         self.bytes_from_client += n as u64;
