@@ -58,6 +58,9 @@ pub(super) async fn forward_pooled(
     let mut listening = false;
     // The backend this session last recorded itself on (see `Pool::note_owner`).
     let mut noted = None;
+    // Notifications that arrive while the client keeps its connection (a pinned client
+    // does for its whole session), delivered when it is between transactions.
+    let mut held: std::collections::VecDeque<notify::Notification> = Default::default();
     let result = loop {
         // A session that never listened waits for its client and its end signals only, in
         // one poll function (the end signals first: each costs an atomic load until it
@@ -201,9 +204,6 @@ pub(super) async fn forward_pooled(
             }
             Err(e) => break (SessionEnd::Pump(PumpEnd::ClientProtocol(e)), Some(pooled)),
         }
-        // Notifications that arrive while the client keeps its connection (a pinned client
-        // does for its whole session), delivered when it is between transactions.
-        let mut held: std::collections::VecDeque<notify::Notification> = Default::default();
         let (end, listened) = loop {
             let end = loop {
                 if !held.is_empty() && relay.between_transactions(&pooled.conn.tracker) {
@@ -285,7 +285,7 @@ pub(super) async fn forward_pooled(
                     .transaction_seconds
                     .record(ended.saturating_duration_since(started));
                 flush_bytes(pump, a.tenant);
-                for n in held.drain(..) {
+                while let Some(n) = held.pop_front() {
                     push_notification(relay, pump, &prefix, &n);
                 }
                 // The ReadyForQuery is still unsent: the client learns LISTEN is done only
