@@ -76,14 +76,23 @@ pub struct ServerSide<'a, S> {
 impl<'a> ServerSide<'a, crate::net::stream::ServerStream> {
     /// The parts of `conn` the pump drives.
     pub fn of(conn: &'a mut crate::pool::ServerConn) -> Self {
-        ServerSide {
+        Self::with_cancel(conn).0
+    }
+
+    /// [`ServerSide::of`], and the connection's cancel target beside it (borrowed: a
+    /// transaction clones it only when it must cancel).
+    pub fn with_cancel(
+        conn: &'a mut crate::pool::ServerConn,
+    ) -> (Self, &'a std::sync::Arc<crate::cancel::CancelTarget>) {
+        let side = ServerSide {
             stream: &mut conn.stream,
             rbuf: &mut conn.rbuf,
             scanner: &mut conn.scanner,
             tracker: &mut conn.tracker,
             params: &mut conn.params,
             pooled: &mut conn.pooled,
-        }
+        };
+        (side, &conn.cancel)
     }
 }
 

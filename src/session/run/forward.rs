@@ -139,8 +139,7 @@ pub(super) async fn forward(
 ) -> SessionEnd {
     let statement_timeout = limits.statement_timeout.filter(|d| !d.is_zero());
     let idle_timeout = limits.idle_in_transaction_timeout.filter(|d| !d.is_zero());
-    let cancel_target = pooled.conn.cancel_target();
-    let mut side = ServerSide::of(&mut pooled.conn);
+    let (mut side, cancel_target) = ServerSide::with_cancel(&mut pooled.conn);
     let mut timers = waits.tick.is_some();
     let mut cancelled_for = None;
     std::future::poll_fn(|cx| {
