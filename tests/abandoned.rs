@@ -125,3 +125,82 @@ async fn a_client_that_stops_reading_is_disconnected_and_its_server_freed() {
     .await;
     assert!(closed.is_ok(), "the stalled client is still connected");
 }
+
+/// A Query sent in pieces a few milliseconds apart.
+async fn trickle(raw: &mut common::raw::Raw, sql: &str) {
+    let mut out = bytes::BytesMut::new();
+    postgres_protocol::message::frontend::query(sql, &mut out).unwrap();
+    for piece in out.chunks(3) {
+        raw.send(piece).await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Transaction pooling reads a client that waits, inside a transaction or between two, only
+/// when its socket shows bytes: the read registered while it waited is not repeated at every
+/// wake-up. It must still hear a statement sent in pieces inside a transaction, the next
+/// transaction's first message in pieces, and a client that leaves in the middle of a
+/// statement it sent after waiting in its transaction: that statement is cancelled long
+/// before it would end.
+#[tokio::test]
+async fn a_client_waiting_in_or_between_transactions_is_heard() {
+    let env = start_with("", |t| {
+        t.replacen("mode = \"session\"", "mode = \"transaction\"", 1)
+    })
+    .await;
+    let t = env.tenant("acme");
+    let mut raw = common::raw::Raw::connect(env.addr(), &[("user", "app@acme")], &t.password).await;
+    // A client that is not heard waits forever: fail instead (a generous, failure-only limit).
+    let heard = async |raw: &mut common::raw::Raw, what: &str| {
+        tokio::time::timeout(Duration::from_secs(60), raw.until_ready())
+            .await
+            .unwrap_or_else(|_| panic!("{what}: no answer"))
+    };
+    let status = |msgs: &[common::raw::Msg]| msgs.last().map(|m| m.body[0]);
+    // A DataRow's one value: after the column count (2 bytes) and its length (4).
+    let value = |msgs: &[common::raw::Msg]| {
+        msgs.iter()
+            .find(|m| m.tag == b'D')
+            .map(|m| m.body[6..].to_vec())
+    };
+
+    raw.query("BEGIN").await;
+    assert_eq!(status(&heard(&mut raw, "BEGIN").await), Some(b'T'));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    trickle(&mut raw, "SELECT 40 + 2").await;
+    let msgs = heard(&mut raw, "a statement in pieces inside a transaction").await;
+    assert_eq!(
+        value(&msgs).as_deref(),
+        Some(&b"42"[..]),
+        "inside a transaction"
+    );
+    assert_eq!(status(&msgs), Some(b'T'));
+    raw.query("COMMIT").await;
+    assert_eq!(status(&heard(&mut raw, "COMMIT").await), Some(b'I'));
+
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    trickle(&mut raw, "SELECT 43 - 1").await;
+    let msgs = heard(&mut raw, "a first message in pieces between transactions").await;
+    assert_eq!(
+        value(&msgs).as_deref(),
+        Some(&b"42"[..]),
+        "between transactions"
+    );
+    assert_eq!(status(&msgs), Some(b'I'));
+
+    raw.query("BEGIN").await;
+    heard(&mut raw, "the second BEGIN").await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    raw.query("SELECT pg_sleep(60)").await;
+    common::until("the statement runs", Duration::from_secs(20), || {
+        backends(&env).1 == 1
+    })
+    .await;
+    drop(raw);
+    common::until(
+        "the abandoned statement is cancelled",
+        Duration::from_secs(30),
+        || backends(&env).1 == 0,
+    )
+    .await;
+}
