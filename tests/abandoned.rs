@@ -126,14 +126,40 @@ async fn a_client_that_stops_reading_is_disconnected_and_its_server_freed() {
     assert!(closed.is_ok(), "the stalled client is still connected");
 }
 
-/// A Query sent in pieces a few milliseconds apart.
-async fn trickle(raw: &mut common::raw::Raw, sql: &str) {
+/// Messages up to the next ReadyForQuery. A client that is not heard waits forever: fail
+/// instead (a generous, failure-only limit).
+async fn heard(raw: &mut common::raw::Raw, what: &str) -> Vec<common::raw::Msg> {
+    tokio::time::timeout(Duration::from_secs(60), raw.until_ready())
+        .await
+        .unwrap_or_else(|_| panic!("{what}: no answer"))
+}
+
+/// The transaction status of a reply's ReadyForQuery.
+fn status(msgs: &[common::raw::Msg]) -> Option<u8> {
+    msgs.last().map(|m| m.body[0])
+}
+
+/// After a wait, a one-value Query sent in pieces a few milliseconds apart: its value (after
+/// the DataRow's column count, 2 bytes, and the value's length, 4) and the transaction
+/// status after it.
+async fn ask_in_pieces(
+    raw: &mut common::raw::Raw,
+    sql: &str,
+    what: &str,
+) -> (Option<Vec<u8>>, Option<u8>) {
+    tokio::time::sleep(Duration::from_millis(100)).await;
     let mut out = bytes::BytesMut::new();
     postgres_protocol::message::frontend::query(sql, &mut out).unwrap();
     for piece in out.chunks(3) {
         raw.send(piece).await;
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    let msgs = heard(raw, what).await;
+    let value = msgs
+        .iter()
+        .find(|m| m.tag == b'D')
+        .map(|m| m.body[6..].to_vec());
+    (value, status(&msgs))
 }
 
 /// Transaction pooling reads a client that waits, inside a transaction or between two, only
@@ -150,46 +176,22 @@ async fn a_client_waiting_in_or_between_transactions_is_heard() {
     .await;
     let t = env.tenant("acme");
     let mut raw = common::raw::Raw::connect(env.addr(), &[("user", "app@acme")], &t.password).await;
-    // A client that is not heard waits forever: fail instead (a generous, failure-only limit).
-    let heard = async |raw: &mut common::raw::Raw, what: &str| {
-        tokio::time::timeout(Duration::from_secs(60), raw.until_ready())
-            .await
-            .unwrap_or_else(|_| panic!("{what}: no answer"))
-    };
-    let status = |msgs: &[common::raw::Msg]| msgs.last().map(|m| m.body[0]);
-    // A DataRow's one value: after the column count (2 bytes) and its length (4).
-    let value = |msgs: &[common::raw::Msg]| {
-        msgs.iter()
-            .find(|m| m.tag == b'D')
-            .map(|m| m.body[6..].to_vec())
-    };
-
     raw.query("BEGIN").await;
     assert_eq!(status(&heard(&mut raw, "BEGIN").await), Some(b'T'));
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    trickle(&mut raw, "SELECT 40 + 2").await;
-    let msgs = heard(&mut raw, "a statement in pieces inside a transaction").await;
     assert_eq!(
-        value(&msgs).as_deref(),
-        Some(&b"42"[..]),
-        "inside a transaction"
+        ask_in_pieces(&mut raw, "SELECT 40 + 2", "inside a transaction").await,
+        (Some(b"42".to_vec()), Some(b'T'))
     );
-    assert_eq!(status(&msgs), Some(b'T'));
     raw.query("COMMIT").await;
     assert_eq!(status(&heard(&mut raw, "COMMIT").await), Some(b'I'));
-
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    trickle(&mut raw, "SELECT 43 - 1").await;
-    let msgs = heard(&mut raw, "a first message in pieces between transactions").await;
     assert_eq!(
-        value(&msgs).as_deref(),
-        Some(&b"42"[..]),
-        "between transactions"
+        ask_in_pieces(&mut raw, "SELECT 43 - 1", "between transactions").await,
+        (Some(b"42".to_vec()), Some(b'I'))
     );
-    assert_eq!(status(&msgs), Some(b'I'));
 
     raw.query("BEGIN").await;
     heard(&mut raw, "the second BEGIN").await;
+    // It waits in its transaction before its statement.
     tokio::time::sleep(Duration::from_millis(100)).await;
     raw.query("SELECT pg_sleep(60)").await;
     common::until("the statement runs", Duration::from_secs(20), || {
