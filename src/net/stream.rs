@@ -82,7 +82,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for MaybeTls<T> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
-            MaybeTls::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            MaybeTls::Plain(s) => poll_send(s, cx, buf),
             MaybeTls::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
         }
     }
@@ -98,6 +98,38 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for MaybeTls<T> {
         match self.get_mut() {
             MaybeTls::Plain(s) => Pin::new(s).poll_shutdown(cx),
             MaybeTls::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// Writes to a plain socket as tokio's `poll_write` does (waits for write readiness, clears
+/// it when the socket took less than offered), with the system call made directly (rustix's
+/// raw `sendto`): glibc's `send` wraps every call in its thread-cancellation bookkeeping,
+/// which a process with more than one thread pays each time.
+fn poll_send(tcp: &TcpStream, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    loop {
+        std::task::ready!(tcp.poll_write_ready(cx))?;
+        // A short write means the socket's buffer is full: the readiness is cleared (by
+        // reporting `WouldBlock` to `try_io`, which clears only the readiness it saw before
+        // the call, so a later edge is never lost) and the count returned.
+        let mut partial = None;
+        let sent = tcp.try_io(tokio::io::Interest::WRITABLE, || {
+            let n = rustix::net::send(tcp, buf, rustix::net::SendFlags::NOSIGNAL)?;
+            if n > 0 && n < buf.len() {
+                partial = Some(n);
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            Ok(n)
+        });
+        match sent {
+            Ok(n) => return Poll::Ready(Ok(n)),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                if let Some(n) = partial {
+                    return Poll::Ready(Ok(n));
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Poll::Ready(Err(e)),
         }
     }
 }
@@ -191,6 +223,42 @@ mod tests {
         crate::timers::timeout(Duration::from_secs(20), f)
             .await
             .expect("woken")
+    }
+
+    /// The plain write path (`poll_send`): a peer that stops reading fills the socket, the
+    /// writer sees short writes and then `Pending`, and is woken to finish once the peer
+    /// reads again; every byte arrives, in order.
+    #[tokio::test]
+    async fn a_full_socket_makes_writes_wait_and_wakes_them_when_drained() {
+        let (mut near, mut far) = pair().await;
+        let data: Vec<u8> = (0..16u32 << 20).map(|i| (i % 251) as u8).collect();
+        // Until the socket is full: nothing reads the far end yet.
+        let mut sent = 0;
+        let mut pending = false;
+        poll_fn(|cx| {
+            while sent < data.len() {
+                match Pin::new(&mut near).poll_write(cx, &data[sent..]) {
+                    Poll::Ready(n) => sent += n.unwrap(),
+                    Poll::Pending => {
+                        pending = true;
+                        break;
+                    }
+                }
+            }
+            Poll::Ready(())
+        })
+        .await;
+        assert!(pending, "16 MiB fit in the socket: the test shows nothing");
+        assert!(sent > 0 && sent < data.len());
+        // The rest is written while the far end reads everything.
+        let write = async {
+            near.write_all(&data[sent..]).await.unwrap();
+            near.shutdown().await.unwrap();
+        };
+        let mut got = Vec::with_capacity(data.len());
+        let ((), read) = within(async { tokio::join!(write, far.read_to_end(&mut got)) }).await;
+        assert_eq!(read.unwrap(), data.len());
+        assert!(got == data, "bytes lost or reordered");
     }
 
     #[tokio::test]
