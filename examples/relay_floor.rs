@@ -4,14 +4,17 @@
 //! instructions they execute per transaction beside pgtenant's and PgBouncer's, to show what
 //! the async runtime costs and what the proxy's own work costs. Not a proxy: it unwraps.
 //!
-//!   relay_floor tokio|tokio-io|tasks|epoll LISTEN_ADDR SERVER_ADDR
+//!   relay_floor tokio|tokio-io|tasks|tasks-sync|epoll LISTEN_ADDR SERVER_ADDR
 //!
 //! `tokio`: a current-thread runtime, one task per client, a `select!` over the two reads
 //! (the shape of a minimal tokio proxy). `tokio-io`: the same on a runtime without a time
 //! driver, as pgtenant's own (`pgtenant::timers`). `tasks`: the same shape (a task per
 //! client, `Future`s, `Waker`s, readiness cleared after a short read as tokio does) on the
 //! smallest executor and reactor one thread needs: what a runtime of pgtenant's own would
-//! cost at least. `epoll`: one mio loop, edge-triggered, no tasks, no timers.
+//! cost at least. `tasks-sync`: the same with what a runtime shared across threads needs
+//! (wakers that may be woken from any thread, readiness and waiting wakers as atomics, an
+//! event tick so a readiness set during a read is never cleared): what a real one would
+//! cost. `epoll`: one mio loop, edge-triggered, no tasks, no timers.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -21,7 +24,7 @@ use std::net::SocketAddr;
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let [kind, listen, server] = args.as_slice() else {
-        panic!("usage: relay_floor tokio|tokio-io|tasks|epoll LISTEN_ADDR SERVER_ADDR");
+        panic!("usage: relay_floor tokio|tokio-io|tasks|tasks-sync|epoll LISTEN_ADDR SERVER_ADDR");
     };
     let listen: SocketAddr = listen.parse().expect("LISTEN_ADDR");
     let server: SocketAddr = server.parse().expect("SERVER_ADDR");
@@ -29,8 +32,9 @@ fn main() {
         "tokio" => with_tokio(listen, server, true),
         "tokio-io" => with_tokio(listen, server, false),
         "tasks" => tasks::run(listen, server),
+        "tasks-sync" => tasks_sync::run(listen, server),
         "epoll" => with_epoll(listen, server),
-        other => panic!("unknown relay {other}: tokio, tokio-io, tasks or epoll"),
+        other => panic!("unknown relay {other}: tokio, tokio-io, tasks, tasks-sync or epoll"),
     }
 }
 
@@ -274,6 +278,249 @@ mod tasks {
 
     /// One wake-up of a relay task: both reads, each reply written at once (small replies
     /// only: a full socket buffer is not waited for).
+    fn relay(
+        cx: &mut Context<'_>,
+        [client, upstream]: &mut [Socket; 2],
+        up: &mut [u8],
+        down: &mut [u8],
+    ) -> Poll<()> {
+        loop {
+            let mut progress = false;
+            match client.poll_read(cx, up) {
+                Poll::Ready(0) => return Poll::Ready(()),
+                Poll::Ready(n) => {
+                    upstream.io.write_all(&up[..n]).unwrap();
+                    progress = true;
+                }
+                Poll::Pending => {}
+            }
+            match upstream.poll_read(cx, down) {
+                Poll::Ready(0) => return Poll::Ready(()),
+                Poll::Ready(n) => {
+                    client.io.write_all(&down[..n]).unwrap();
+                    progress = true;
+                }
+                Poll::Pending => {}
+            }
+            if !progress {
+                return Poll::Pending;
+            }
+        }
+    }
+}
+
+/// [`tasks`] made thread-safe, as a runtime whose tasks may be woken from other threads (the
+/// timer thread, a session on another thread releasing a semaphore) must be: a task is an
+/// `Arc` with an atomic "queued" flag, woken onto the executor's own queue when woken on its
+/// thread and onto a locked remote queue (and the reactor woken) otherwise; a socket's
+/// readiness is an atomic with an event tick (a read clears only the readiness it saw, as
+/// tokio does), and its waiting task an `AtomicWaker`.
+mod tasks_sync {
+    use std::cell::{Cell, RefCell};
+    use std::collections::VecDeque;
+    use std::future::Future;
+    use std::io::{ErrorKind, Read, Write};
+    use std::net::SocketAddr;
+    use std::pin::Pin;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
+    use std::task::{Context, Poll, Waker};
+
+    use futures_util::task::AtomicWaker;
+    use mio::net::{TcpListener, TcpStream};
+    use mio::{Events, Interest, Token};
+
+    const LISTENER: Token = Token(usize::MAX);
+    const WAKE: Token = Token(usize::MAX - 1);
+    const READABLE: usize = 1;
+
+    type BoxedFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+    struct Executor {
+        remote: Mutex<VecDeque<Arc<Task>>>,
+        waker: mio::Waker,
+    }
+
+    struct Task {
+        /// The future and the task's own waker, dropped together when it is done (the waker
+        /// holds the task: made once, not per poll).
+        future: Mutex<Option<(BoxedFuture, Waker)>>,
+        queued: AtomicBool,
+        executor: Arc<Executor>,
+    }
+
+    thread_local! {
+        /// Set on the executor's thread: a wake-up there needs no lock and no system call.
+        static ON_EXECUTOR: Cell<bool> = const { Cell::new(false) };
+        static LOCAL: RefCell<VecDeque<Arc<Task>>> = const { RefCell::new(VecDeque::new()) };
+    }
+
+    fn schedule(task: Arc<Task>) {
+        if task.queued.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        if ON_EXECUTOR.get() {
+            LOCAL.with_borrow_mut(|q| q.push_back(task));
+        } else {
+            let executor = Arc::clone(&task.executor);
+            executor.remote.lock().unwrap().push_back(task);
+            executor.waker.wake().unwrap();
+        }
+    }
+
+    impl std::task::Wake for Task {
+        fn wake(self: Arc<Self>) {
+            schedule(self);
+        }
+        fn wake_by_ref(self: &Arc<Self>) {
+            schedule(Arc::clone(self));
+        }
+    }
+
+    /// A socket's readiness (`READABLE` and, above it, the tick of the event that set it)
+    /// and the task waiting to read it.
+    struct Source {
+        readiness: AtomicUsize,
+        reader: AtomicWaker,
+    }
+
+    impl Source {
+        /// Clears readability if no event came since `seen` was read.
+        fn clear(&self, seen: usize) {
+            let _ = self.readiness.compare_exchange(
+                seen,
+                seen & !READABLE,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            );
+        }
+    }
+
+    struct Socket {
+        io: TcpStream,
+        source: Arc<Source>,
+    }
+
+    impl Socket {
+        fn poll_read(&mut self, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<usize> {
+            loop {
+                let seen = self.source.readiness.load(Ordering::Acquire);
+                if seen & READABLE != 0 {
+                    match self.io.read(buf) {
+                        Ok(n) => {
+                            if n < buf.len() {
+                                self.source.clear(seen);
+                            }
+                            return Poll::Ready(n);
+                        }
+                        Err(e) if e.kind() == ErrorKind::WouldBlock => self.source.clear(seen),
+                        Err(_) => return Poll::Ready(0),
+                    }
+                }
+                self.source.reader.register(cx.waker());
+                // An event between the load and the registration woke nobody: look again.
+                if self.source.readiness.load(Ordering::Acquire) & READABLE == 0 {
+                    return Poll::Pending;
+                }
+            }
+        }
+    }
+
+    pub fn run(listen: SocketAddr, server: SocketAddr) {
+        let mut poll = mio::Poll::new().unwrap();
+        let executor = Arc::new(Executor {
+            remote: Mutex::new(VecDeque::new()),
+            waker: mio::Waker::new(poll.registry(), WAKE).unwrap(),
+        });
+        ON_EXECUTOR.set(true);
+        let mut listener = TcpListener::bind(listen).unwrap();
+        poll.registry()
+            .register(&mut listener, LISTENER, Interest::READABLE)
+            .unwrap();
+        let mut sources: Vec<Arc<Source>> = Vec::new();
+        let mut events = Events::with_capacity(256);
+        loop {
+            loop {
+                let next = LOCAL
+                    .with_borrow_mut(|q| q.pop_front())
+                    .or_else(|| executor.remote.lock().unwrap().pop_front());
+                let Some(task) = next else { break };
+                task.queued.store(false, Ordering::Release);
+                let mut slot = task.future.lock().unwrap();
+                if let Some((fut, waker)) = slot.as_mut()
+                    && fut
+                        .as_mut()
+                        .poll(&mut Context::from_waker(waker))
+                        .is_ready()
+                {
+                    *slot = None;
+                }
+            }
+            if let Err(e) = poll.poll(&mut events, None) {
+                assert_eq!(e.kind(), ErrorKind::Interrupted, "{e}");
+                continue;
+            }
+            for event in events.iter() {
+                match event.token() {
+                    WAKE => {}
+                    LISTENER => {
+                        while let Ok((client, _)) = listener.accept() {
+                            spawn(&executor, &poll, &mut sources, client, server);
+                        }
+                    }
+                    token => {
+                        let source = &sources[token.0];
+                        // A new tick (the count above the flag) with the flag set.
+                        let _ = source.readiness.fetch_update(
+                            Ordering::AcqRel,
+                            Ordering::Acquire,
+                            |r| Some((r & !READABLE).wrapping_add(2) | READABLE),
+                        );
+                        source.reader.wake();
+                    }
+                }
+            }
+        }
+    }
+
+    fn spawn(
+        executor: &Arc<Executor>,
+        poll: &mio::Poll,
+        sources: &mut Vec<Arc<Source>>,
+        client: TcpStream,
+        server: SocketAddr,
+    ) {
+        client.set_nodelay(true).unwrap();
+        let upstream = std::net::TcpStream::connect(server).unwrap();
+        upstream.set_nodelay(true).unwrap();
+        upstream.set_nonblocking(true).unwrap();
+        let mut pair = [client, TcpStream::from_std(upstream)].map(|mut io| {
+            let token = Token(sources.len());
+            poll.registry()
+                .register(&mut io, token, Interest::READABLE)
+                .unwrap();
+            let source = Arc::new(Source {
+                readiness: AtomicUsize::new(READABLE),
+                reader: AtomicWaker::new(),
+            });
+            sources.push(Arc::clone(&source));
+            Socket { io, source }
+        });
+        let fut: BoxedFuture = Box::pin(async move {
+            let (mut up, mut down) = (vec![0u8; 16384], vec![0u8; 16384]);
+            std::future::poll_fn(|cx| relay(cx, &mut pair, &mut up, &mut down)).await
+        });
+        let task = Arc::new(Task {
+            future: Mutex::new(None),
+            queued: AtomicBool::new(false),
+            executor: Arc::clone(executor),
+        });
+        let waker = Waker::from(Arc::clone(&task));
+        *task.future.lock().unwrap() = Some((fut, waker));
+        schedule(task);
+    }
+
+    /// One wake-up of a relay task, as [`super::tasks`]'s.
     fn relay(
         cx: &mut Context<'_>,
         [client, upstream]: &mut [Socket; 2],

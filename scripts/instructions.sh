@@ -6,7 +6,8 @@
 # on) for the demo's dedicated tenant (initech) and a shared one on the verified context
 # (acme), through bare forwarders of one connection that show the floor under any relay
 # (examples/relay_floor.rs: a minimal tokio one, the same without a time driver, the same
-# shape on the smallest executor and reactor of its own, and a bare epoll loop), and
+# shape on the smallest executor and reactor of its own, that one made thread-safe as a real
+# runtime must be, and a bare epoll loop), and
 # through PgBouncer (transaction mode, same server) when it is installed.
 #
 #   scripts/instructions.sh [transactions]     (default 2000 per run)
@@ -101,7 +102,7 @@ PASS=$(awk '/^\[shards\.initech-db\]/{p=1} p&&/^password/{gsub(/"/,"",$3); print
 
 # The floor: bare forwarders of one connection (examples/relay_floor.rs), no pooling, no
 # parsing, the server's own login.
-for relay in tokio tokio-io tasks epoll; do
+for relay in tokio tokio-io tasks tasks-sync epoll; do
   FPORT=$(free_port)
   valgrind --tool=callgrind --callgrind-out-file="$WORK/cg.%p" "$FLOOR" "$relay" \
     "127.0.0.1:$FPORT" "127.0.0.1:$SHARD" >"$WORK/floor-$relay.log" 2>&1 &
