@@ -472,7 +472,7 @@ fn prepared_now(
     let mut pooled = pool
         .checkout_now(p.tenant.id, client_id, tenant_cap, now)
         .ok_or(None)?;
-    if needs_reset(&pooled.conn, p) || relay.needs_setup(&pooled.conn.pooled) {
+    if needs_reset(&pooled.conn, p) || relay.needs_setup(&mut pooled.conn.pooled) {
         return Err(Some(pooled));
     }
     bind_to(&mut pooled.conn, p);
@@ -507,7 +507,7 @@ async fn prepare(
         conn.reset(RESET_PATIENCE).await?;
     }
     bind_to(conn, p);
-    let setup = relay.setup_for(&conn.pooled);
+    let setup = relay.setup_for(&mut conn.pooled);
     let bound_now = setup.is_some();
     if let Some((sql, pairs)) = setup {
         let pairs: Vec<(&str, &str)> = pairs

@@ -409,7 +409,19 @@ fn a_connection_needs_no_replay_for_a_client_with_the_same_session_state() {
     let mut h = pooled_harness();
     // Another client, same setup and no SETs of its own: nothing to set up.
     let mut other = pooled_client(2, "SET app.current_tenant_id TO 'x'");
-    assert!(other.setup_for(&h.pooled).is_none(), "nothing to replay");
+    let before = h
+        .pooled
+        .settings_of
+        .clone()
+        .expect("set up by the harness's client");
+    assert!(
+        other.setup_for(&mut h.pooled).is_none(),
+        "nothing to replay"
+    );
+    // The connection now carries the other client's key: its next look compares pointers.
+    let adopted = h.pooled.settings_of.clone().expect("still set up");
+    assert!(!Arc::ptr_eq(&adopted, &before) && *adopted == *before);
+    assert!(Arc::ptr_eq(&adopted, &other.settings_key()));
     let mut out = BytesMut::new();
     other.attach(&mut out, &mut h.tracker, &mut h.pooled, false);
     assert!(out.is_empty());
@@ -419,14 +431,14 @@ fn a_connection_needs_no_replay_for_a_client_with_the_same_session_state() {
         3,
         "SET app.current_tenant_id TO 'x'; SET default_transaction_read_only = on",
     );
-    let (sql, pairs) = reader.setup_for(&h.pooled).expect("a setup");
+    let (sql, pairs) = reader.setup_for(&mut h.pooled).expect("a setup");
     assert_eq!(
         sql,
         "RESET ALL; SET app.current_tenant_id TO 'x'; SET default_transaction_read_only = on"
     );
     assert!(pairs.is_empty());
     reader.setup_done(&mut h.pooled);
-    assert!(reader.setup_for(&h.pooled).is_none());
+    assert!(reader.setup_for(&mut h.pooled).is_none());
 }
 
 #[test]
@@ -440,7 +452,7 @@ fn replayed_settings_and_the_token_travel_as_parameters() {
         context_token: Some(("x".into(), "tok".into())),
         ..PooledState::default()
     };
-    let (sql, pairs) = relay.setup_for(&pooled).expect("a setup");
+    let (sql, pairs) = relay.setup_for(&mut pooled).expect("a setup");
     assert!(
         !sql.contains("SELECT 1"),
         "client text never becomes SQL: {sql}"

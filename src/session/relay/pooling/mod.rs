@@ -215,7 +215,10 @@ impl Relay {
     /// `RESET ALL`) and the client's settings, and the verified token, as `(setting, value)`
     /// parameters. The caller runs it and waits for it, so a failure never lets the client's
     /// statements run on a connection in the wrong state.
-    pub fn setup_for(&mut self, pooled: &PooledState) -> Option<(String, Vec<(String, String)>)> {
+    pub fn setup_for(
+        &mut self,
+        pooled: &mut PooledState,
+    ) -> Option<(String, Vec<(String, String)>)> {
         if !self.needs_setup(pooled) {
             return None;
         }
@@ -237,13 +240,19 @@ impl Relay {
     }
 
     /// Whether the connection's session state is not the client's (see [`Relay::setup_for`]).
-    pub fn needs_setup(&mut self, pooled: &PooledState) -> bool {
+    pub fn needs_setup(&mut self, pooled: &mut PooledState) -> bool {
         let mine = self.settings_key_ref();
-        // Set up last by this session (the same key), or by another with the same settings.
-        !pooled
-            .settings_of
-            .as_ref()
-            .is_some_and(|of| Arc::ptr_eq(of, mine) || **of == **mine)
+        match &pooled.settings_of {
+            // Set up last by this session (the same key).
+            Some(of) if Arc::ptr_eq(of, mine) => false,
+            // By another with the same settings: the connection carries this session's key
+            // from now on, so its next transactions there compare pointers, not the text.
+            Some(of) if **of == **mine => {
+                pooled.settings_of = Some(Arc::clone(mine));
+                false
+            }
+            _ => true,
+        }
     }
 
     /// The setup from [`Relay::setup_for`] ran on the connection.
