@@ -489,7 +489,9 @@ impl Pump {
                 }
             }
 
-            if !progress {
+            // Both reads are registered and found nothing after this turn's writes: another
+            // turn would write nothing new (only reads fill the buffers) and read nothing.
+            if !progress || (server_waits && client_waits) {
                 return Poll::Pending;
             }
         }
