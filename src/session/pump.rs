@@ -128,7 +128,22 @@ fn reserve(buf: &mut BytesMut) {
 }
 
 /// Writes as much of `buf` as `w` takes now. `Err` ends the pump; `Ok(true)` means progress.
+/// Nothing to write and nothing to flush (most calls) is answered inline, without a call.
+#[inline(always)]
 fn poll_drain<W: AsyncWrite + Unpin>(
+    cx: &mut Context<'_>,
+    w: &mut W,
+    buf: &mut BytesMut,
+    flush: &mut bool,
+) -> Result<bool, Option<io::Error>> {
+    if buf.is_empty() && !*flush {
+        return Ok(false);
+    }
+    poll_write_out(cx, w, buf, flush)
+}
+
+/// [`poll_drain`] with something to write or flush.
+fn poll_write_out<W: AsyncWrite + Unpin>(
     cx: &mut Context<'_>,
     w: &mut W,
     buf: &mut BytesMut,
@@ -360,6 +375,7 @@ impl Pump {
 
     /// Writes what the client's socket takes now of the bytes waiting for it, counting them
     /// (see [`poll_drain`]).
+    #[inline(always)]
     fn drain_client<C: AsyncWrite + Unpin>(
         &mut self,
         cx: &mut Context<'_>,
