@@ -146,6 +146,14 @@ pub trait ReadHint {
     fn may_read(&self) -> bool {
         true
     }
+
+    /// When [`ReadHint::may_read`] said `false`: registers the task for the socket's next
+    /// read readiness as a read that finds nothing would (`Pending`), without the read's
+    /// buffer handling; `Ready` when readiness came meanwhile (then read). The default is
+    /// always `Ready`.
+    fn poll_read_ready(&mut self, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
 }
 
 impl ReadHint for ClientStream {
@@ -156,6 +164,14 @@ impl ReadHint for ClientStream {
             // Plaintext that rustls holds does not show in the socket's readiness, and a TLS
             // read may have waited on a write.
             MaybeTls::Tls(_) => true,
+        }
+    }
+
+    fn poll_read_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self {
+            // Tokio's registration, as its `poll_read` makes it before reading.
+            MaybeTls::Plain(tcp) => tcp.poll_read_ready(cx),
+            MaybeTls::Tls(_) => Poll::Ready(Ok(())),
         }
     }
 }

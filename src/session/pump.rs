@@ -480,6 +480,16 @@ impl Pump {
             if !client_waits && self.client_arm.skip(cx, client) {
                 client_waits = true;
             }
+            // Found empty and nothing seen since: registered for its next bytes without a
+            // read (a read would only find nothing and register the same way).
+            if !client_waits
+                && self.to_server.len() < HIGH_WATER
+                && !client.may_read()
+                && client.poll_read_ready(cx).is_pending()
+            {
+                self.client_arm.note(cx, &Poll::<()>::Pending);
+                client_waits = true;
+            }
             if !client_waits && self.to_server.len() < HIGH_WATER {
                 reserve(&mut self.client_in);
                 let read = poll_read_buf(Pin::new(&mut *client), cx, &mut self.client_in);
