@@ -156,7 +156,7 @@ pub trait ReadHint {
     }
 }
 
-impl ReadHint for ClientStream {
+impl<T> ReadHint for MaybeTls<T> {
     fn may_read(&self) -> bool {
         match self {
             // Tokio's readiness for the socket (an atomic load): no system call, no waker.

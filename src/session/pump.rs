@@ -396,7 +396,7 @@ impl Pump {
     ) -> PumpEnd
     where
         C: AsyncRead + AsyncWrite + ReadHint + Unpin,
-        S: AsyncRead + AsyncWrite + Unpin,
+        S: AsyncRead + AsyncWrite + ReadHint + Unpin,
     {
         poll_fn(|cx| self.poll_run(cx, relay, client, server)).await
     }
@@ -411,7 +411,7 @@ impl Pump {
     ) -> Poll<PumpEnd>
     where
         C: AsyncRead + AsyncWrite + ReadHint + Unpin,
-        S: AsyncRead + AsyncWrite + Unpin,
+        S: AsyncRead + AsyncWrite + ReadHint + Unpin,
     {
         // A read that returned Pending has registered this task for the socket's next
         // readiness, which only the runtime's I/O driver sets: trying it again before this
@@ -441,6 +441,15 @@ impl Pump {
                 }
             }
 
+            // Found empty and nothing seen since (as after sending it the transaction's
+            // first statement): registered for its answer without a read.
+            if !server_waits
+                && self.to_client.len() < HIGH_WATER
+                && !server.stream.may_read()
+                && server.stream.poll_read_ready(cx).is_pending()
+            {
+                server_waits = true;
+            }
             if !server_waits && self.to_client.len() < HIGH_WATER {
                 reserve(server.rbuf);
                 match poll_read_buf(Pin::new(&mut *server.stream), cx, server.rbuf) {
