@@ -489,11 +489,12 @@ impl Pump {
             if !client_waits && self.client_arm.skip(cx, client) {
                 client_waits = true;
             }
-            // Found empty and nothing seen since: registered for its next bytes without a
-            // read (a read would only find nothing and register the same way).
+            // Registered for its next bytes without a read when it has none (as while the
+            // server works on a statement; a read would only find nothing and register the
+            // same way). Asked directly, not through `may_read` first: the socket is nearly
+            // always empty here, and when it is not the read below takes the bytes.
             if !client_waits
                 && self.to_server.len() < HIGH_WATER
-                && !client.may_read()
                 && client.poll_read_ready(cx).is_pending()
             {
                 self.client_arm.note(cx, &Poll::<()>::Pending);
