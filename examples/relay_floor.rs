@@ -135,6 +135,50 @@ fn with_epoll(listen: SocketAddr, server: SocketAddr) {
 /// a `Waker` per task that queues its index, and per socket a readiness flag and the waker
 /// of the task waiting for it. Not thread-safe (a waker must be woken on its own thread),
 /// which a real runtime would have to add: this is the floor under one.
+/// A socket of the `tasks` relays: read through the executor's readiness, written directly.
+trait TaskSocket {
+    fn poll_read(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut [u8],
+    ) -> std::task::Poll<usize>;
+    fn write_all(&mut self, bytes: &[u8]);
+}
+
+/// One wake-up of a `tasks` relay: both reads, each reply written at once (small replies
+/// only: a full socket buffer is not waited for).
+#[inline(always)]
+fn relay<S: TaskSocket>(
+    cx: &mut std::task::Context<'_>,
+    [client, upstream]: &mut [S; 2],
+    up: &mut [u8],
+    down: &mut [u8],
+) -> std::task::Poll<()> {
+    use std::task::Poll;
+    loop {
+        let mut progress = false;
+        match client.poll_read(cx, up) {
+            Poll::Ready(0) => return Poll::Ready(()),
+            Poll::Ready(n) => {
+                upstream.write_all(&up[..n]);
+                progress = true;
+            }
+            Poll::Pending => {}
+        }
+        match upstream.poll_read(cx, down) {
+            Poll::Ready(0) => return Poll::Ready(()),
+            Poll::Ready(n) => {
+                client.write_all(&down[..n]);
+                progress = true;
+            }
+            Poll::Pending => {}
+        }
+        if !progress {
+            return Poll::Pending;
+        }
+    }
+}
+
 mod tasks {
     use std::cell::{Cell, RefCell};
     use std::collections::VecDeque;
@@ -186,7 +230,13 @@ mod tasks {
         source: Rc<Source>,
     }
 
-    impl Socket {
+    impl super::TaskSocket for Socket {
+        #[inline(always)]
+        fn write_all(&mut self, bytes: &[u8]) {
+            self.io.write_all(bytes).unwrap();
+        }
+
+        #[inline(always)]
         fn poll_read(&mut self, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<usize> {
             if self.source.readable.get() {
                 match self.io.read(buf) {
@@ -265,7 +315,8 @@ mod tasks {
                     let task = tasks.len();
                     let fut: Task = Box::pin(async move {
                         let (mut up, mut down) = (vec![0u8; 16384], vec![0u8; 16384]);
-                        std::future::poll_fn(|cx| relay(cx, &mut pair, &mut up, &mut down)).await
+                        std::future::poll_fn(|cx| super::relay(cx, &mut pair, &mut up, &mut down))
+                            .await
                     });
                     let waker = Waker::from(std::sync::Arc::new(TaskWaker(task)));
                     tasks.push(Some((fut, waker)));
@@ -275,46 +326,8 @@ mod tasks {
             }
         }
     }
-
-    /// One wake-up of a relay task: both reads, each reply written at once (small replies
-    /// only: a full socket buffer is not waited for).
-    fn relay(
-        cx: &mut Context<'_>,
-        [client, upstream]: &mut [Socket; 2],
-        up: &mut [u8],
-        down: &mut [u8],
-    ) -> Poll<()> {
-        loop {
-            let mut progress = false;
-            match client.poll_read(cx, up) {
-                Poll::Ready(0) => return Poll::Ready(()),
-                Poll::Ready(n) => {
-                    upstream.io.write_all(&up[..n]).unwrap();
-                    progress = true;
-                }
-                Poll::Pending => {}
-            }
-            match upstream.poll_read(cx, down) {
-                Poll::Ready(0) => return Poll::Ready(()),
-                Poll::Ready(n) => {
-                    client.io.write_all(&down[..n]).unwrap();
-                    progress = true;
-                }
-                Poll::Pending => {}
-            }
-            if !progress {
-                return Poll::Pending;
-            }
-        }
-    }
 }
 
-/// [`tasks`] made thread-safe, as a runtime whose tasks may be woken from other threads (the
-/// timer thread, a session on another thread releasing a semaphore) must be: a task is an
-/// `Arc` with an atomic "queued" flag, woken onto the executor's own queue when woken on its
-/// thread and onto a locked remote queue (and the reactor woken) otherwise; a socket's
-/// readiness is an atomic with an event tick (a read clears only the readiness it saw, as
-/// tokio does), and its waiting task an `AtomicWaker`.
 mod tasks_sync {
     use std::cell::{Cell, RefCell};
     use std::collections::VecDeque;
@@ -401,7 +414,13 @@ mod tasks_sync {
         source: Arc<Source>,
     }
 
-    impl Socket {
+    impl super::TaskSocket for Socket {
+        #[inline(always)]
+        fn write_all(&mut self, bytes: &[u8]) {
+            self.io.write_all(bytes).unwrap();
+        }
+
+        #[inline(always)]
         fn poll_read(&mut self, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<usize> {
             loop {
                 let seen = self.source.readiness.load(Ordering::Acquire);
@@ -508,7 +527,7 @@ mod tasks_sync {
         });
         let fut: BoxedFuture = Box::pin(async move {
             let (mut up, mut down) = (vec![0u8; 16384], vec![0u8; 16384]);
-            std::future::poll_fn(|cx| relay(cx, &mut pair, &mut up, &mut down)).await
+            std::future::poll_fn(|cx| super::relay(cx, &mut pair, &mut up, &mut down)).await
         });
         let task = Arc::new(Task {
             future: Mutex::new(None),
@@ -518,36 +537,5 @@ mod tasks_sync {
         let waker = Waker::from(Arc::clone(&task));
         *task.future.lock().unwrap() = Some((fut, waker));
         schedule(task);
-    }
-
-    /// One wake-up of a relay task, as [`super::tasks`]'s.
-    fn relay(
-        cx: &mut Context<'_>,
-        [client, upstream]: &mut [Socket; 2],
-        up: &mut [u8],
-        down: &mut [u8],
-    ) -> Poll<()> {
-        loop {
-            let mut progress = false;
-            match client.poll_read(cx, up) {
-                Poll::Ready(0) => return Poll::Ready(()),
-                Poll::Ready(n) => {
-                    upstream.io.write_all(&up[..n]).unwrap();
-                    progress = true;
-                }
-                Poll::Pending => {}
-            }
-            match upstream.poll_read(cx, down) {
-                Poll::Ready(0) => return Poll::Ready(()),
-                Poll::Ready(n) => {
-                    client.io.write_all(&down[..n]).unwrap();
-                    progress = true;
-                }
-                Poll::Pending => {}
-            }
-            if !progress {
-                return Poll::Pending;
-            }
-        }
     }
 }

@@ -138,7 +138,7 @@ fn poll_send(tcp: &TcpStream, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Resu
     }
 }
 
-/// What a socket shows of its read readiness without reading or registering a waker.
+/// What a socket shows of its read readiness, and a registration for it, without a read.
 pub trait ReadHint {
     /// `false` only when a read would surely find nothing now: the runtime has seen no read
     /// readiness since a read last found the socket empty. The default is always `true`
@@ -147,10 +147,10 @@ pub trait ReadHint {
         true
     }
 
-    /// When [`ReadHint::may_read`] said `false`: registers the task for the socket's next
-    /// read readiness as a read that finds nothing would (`Pending`), without the read's
-    /// buffer handling; `Ready` when readiness came meanwhile (then read). The default is
-    /// always `Ready`.
+    /// Registers the task for the socket's next read readiness, as a read that finds nothing
+    /// would, without the read's buffer handling: `Pending` when the socket has shown none
+    /// since it was found empty, `Ready` when it has (then read it). The default is always
+    /// `Ready`.
     fn poll_read_ready(&mut self, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Poll::Ready(Ok(()))
     }
