@@ -313,6 +313,7 @@ impl CancelHandle {
     }
 
     /// Points the key at the server connection now serving the client (or at none).
+    #[inline(always)]
     pub fn set_target(&self, target: Option<Arc<CancelTarget>>) {
         *lock_slot(&self.target) = target;
     }

@@ -125,6 +125,7 @@ impl Pauses {
     }
 
     /// Whether `tenant` is paused now.
+    #[inline(always)]
     pub fn is_paused(&self, tenant: &str) -> bool {
         // SeqCst: see `TenantStats::hold`.
         if !self.any.load(Ordering::SeqCst) {

@@ -196,6 +196,7 @@ impl Pool {
     }
 
     #[allow(clippy::vec_box)]
+    #[inline(always)]
     fn idle(&self) -> std::sync::MutexGuard<'_, Vec<Box<ServerConn>>> {
         // Pushing or popping a Vec cannot be interrupted half-way; a poisoned lock is fine.
         self.idle.lock().unwrap_or_else(|p| p.into_inner())

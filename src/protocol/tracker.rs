@@ -60,7 +60,7 @@ impl Default for ConnTracker {
 
 impl ConnTracker {
     /// Records a message the client sent to the server (at its first byte).
-    #[inline]
+    #[inline(always)]
     pub fn client_message(&mut self, t: u8) {
         if self.skipping && t != tag::SYNC {
             // Discarded by the server (as the rest of the failed batch): nothing is owed.
@@ -102,7 +102,7 @@ impl ConnTracker {
     /// ReadyForQuery. Returns how many Query/FunctionCall messages the server will now skip
     /// (an extended message failed before them in the same batch: PostgreSQL discards
     /// everything up to the next Sync, and their ReadyForQuery never comes).
-    #[inline]
+    #[inline(always)]
     pub fn server_message(&mut self, t: u8, status: Option<TxStatus>) -> u32 {
         match t {
             tag::READY_FOR_QUERY => {

@@ -486,6 +486,7 @@ fn needs_reset(conn: &crate::pool::ServerConn, p: &Prepare) -> bool {
 }
 
 /// Marks `conn` (reset if it had to be) as the tenant's, with its verified-context token.
+#[inline(always)]
 fn bind_to(conn: &mut crate::pool::ServerConn, p: &Prepare) {
     if let Some(key) = p.key.as_deref()
         && conn.pooled.token_for(&p.tenant_id).is_none()

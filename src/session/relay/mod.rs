@@ -286,6 +286,7 @@ impl Relay {
     /// Transaction pooling: the client's transaction ended with a LISTEN the notification hub
     /// has not confirmed yet. Its ReadyForQuery waits, so that a NOTIFY the client's peers
     /// commit after seeing it cannot be missed.
+    #[inline(always)]
     pub fn holds_client_output(&self, tracker: &ConnTracker) -> bool {
         !self.listens.is_empty()
             && tracker.status() == TxStatus::Idle
@@ -542,6 +543,7 @@ fn replace_piece(
 
 /// Moves `input[..run]` to the end of `out`, without copying when `out` is empty and the run
 /// is the whole input.
+#[inline(always)]
 fn move_run(input: &mut BytesMut, run: usize, out: &mut BytesMut) {
     if run == 0 {
         return;
