@@ -63,6 +63,7 @@ impl ClientStream {
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for MaybeTls<T> {
+    #[inline(always)]
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -76,6 +77,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for MaybeTls<T> {
 }
 
 impl<T: AsyncWrite + Unpin> AsyncWrite for MaybeTls<T> {
+    #[inline(always)]
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -109,6 +111,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for MaybeTls<T> {
 /// The readiness is looked at first (an atomic load) and the task registered only when there
 /// is none: a write almost always goes through at once, and the cooperative budget is spent
 /// by the reads that produce what is written.
+#[inline(always)]
 fn poll_send(tcp: &TcpStream, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
     loop {
         // A short write means the socket's buffer is full: the readiness is cleared (by

@@ -303,6 +303,7 @@ impl Relay {
     }
 
     /// [`Relay::settings_key`], borrowed (no reference count touched).
+    #[inline(always)]
     fn settings_key_ref(&mut self) -> &Arc<str> {
         let s = &mut self.session;
         let rules = &self.rules;
