@@ -330,11 +330,22 @@ impl Relay {
     }
 
     /// Transaction pooling: the refusal for a Query whose effects would take the client's
-    /// SQL prepared statements or recorded settings past their bounds.
+    /// SQL prepared statements or recorded settings past their bounds. No effects (most
+    /// statements) is answered inline: every bound below counts effects, except the text
+    /// budget, which is looked at as the full check would.
+    #[inline(always)]
     pub(in crate::session::relay) fn effects_over_limit(
         &self,
         effects: &[Effect],
     ) -> Option<String> {
+        if effects.is_empty() && self.session.statement_bytes <= MAX_STATEMENT_BYTES {
+            return None;
+        }
+        self.effects_over_bounds(effects)
+    }
+
+    /// [`Relay::effects_over_limit`] with effects to count.
+    fn effects_over_bounds(&self, effects: &[Effect]) -> Option<String> {
         if !self.pooled() {
             return None;
         }
