@@ -198,6 +198,7 @@ pub(super) async fn run_session(
                 _ => None,
             },
             verified: context_key.is_some(),
+            encoded: None,
         },
         client_id,
         tenant: state.quotas.tenant(&tenant.name),

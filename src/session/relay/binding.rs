@@ -76,6 +76,11 @@ pub struct Binding {
     /// The shard verifies the context (it has a context key): every binding also sets the
     /// token kept in the connection's [`PooledState::context_token`], as a parameter.
     pub verified: bool,
+    /// The Bind and Execute of an extended batch's binding as last encoded, with the
+    /// statement and token they carry: the same for every transaction on a connection, so
+    /// encoded once per connection the session meets (the buffers are reused: no
+    /// allocation per transaction).
+    pub encoded: Option<(&'static str, String, Vec<u8>)>,
 }
 
 impl Binding {
@@ -89,6 +94,37 @@ impl Binding {
         std::iter::once(self.tenant_id.as_str())
             .chain(self.verified.then(|| token.unwrap_or("")))
             .chain(self.search_path.as_deref())
+    }
+
+    /// Appends the Bind and Execute of [`Binding::statement`] with the connection's `token`
+    /// to `out`: the bytes of the last time when the token is the same. False when they
+    /// cannot be encoded (nothing is appended then).
+    pub(super) fn put_bind_execute(&mut self, token: Option<&str>, out: &mut BytesMut) -> bool {
+        let key = if self.verified {
+            token.unwrap_or("")
+        } else {
+            ""
+        };
+        let name = self.statement().0;
+        if let Some((n, t, bytes)) = &self.encoded
+            && *n == name
+            && t == key
+        {
+            out.extend_from_slice(bytes);
+            return true;
+        }
+        let mark = out.len();
+        if !encode::bind_execute(name, self.values(Some(key)), out) {
+            out.truncate(mark);
+            return false;
+        }
+        let (n, t, bytes) = self.encoded.get_or_insert_with(Default::default);
+        *n = name;
+        t.clear();
+        t.push_str(key);
+        bytes.clear();
+        bytes.extend_from_slice(&out[mark..]);
+        true
     }
 
     /// The binding as `(setting, value)` pairs for pgtenant's own `set_config` statement.
@@ -172,18 +208,14 @@ impl Relay {
         pooled: &mut PooledState,
     ) {
         let epoch = self.next_epoch;
-        let binding = &self.rules.binding;
+        let binding = &mut self.rules.binding;
         let (name, sql) = binding.statement();
         let created = !pooled.prepared.contains(name);
         // Written straight into `out`; taken back if it cannot be encoded.
         let mark = out.len();
         let encoded = (!created
             || frontend::parse(name, sql, std::iter::empty::<u32>(), out).is_ok())
-            && encode::bind_execute(
-                name,
-                binding.values(pooled.token_for(&binding.tenant_id)),
-                out,
-            );
+            && binding.put_bind_execute(pooled.token_for(&binding.tenant_id), out);
         if !encoded {
             out.truncate(mark);
             self.inject_binding(out, tracker, pooled);
@@ -324,7 +356,55 @@ impl Relay {
 
 #[cfg(test)]
 mod tests {
-    use super::in_band_safe;
+    use super::{Binding, in_band_safe};
+    use crate::protocol::encode;
+    use bytes::BytesMut;
+
+    /// What [`Binding::put_bind_execute`] must write: the Bind and Execute encoded afresh.
+    fn fresh(b: &Binding, token: Option<&str>) -> BytesMut {
+        let mut out = BytesMut::new();
+        assert!(encode::bind_execute(
+            b.statement().0,
+            b.values(token),
+            &mut out
+        ));
+        out
+    }
+
+    #[test]
+    fn the_extended_binding_is_encoded_once_per_token_and_statement() {
+        let mut b = Binding {
+            sql: String::new(),
+            tenant_id: "t1".into(),
+            search_path: None,
+            verified: true,
+            encoded: None,
+        };
+        let put = |b: &mut Binding, token: Option<&str>| {
+            // After bytes already in the buffer, as the client's batch would be.
+            let mut out = BytesMut::from(&b"before"[..]);
+            assert!(b.put_bind_execute(token, &mut out));
+            assert!(out.starts_with(b"before"));
+            out.split_off(6)
+        };
+        let first = put(&mut b, Some("tok1"));
+        assert_eq!(first, fresh(&b, Some("tok1")));
+        assert!(first.windows(4).any(|w| w == b"tok1"));
+        // Again on the same connection: the same bytes, from the cache.
+        assert_eq!(put(&mut b, Some("tok1")), first);
+        // Another connection's token: encoded again, with that token.
+        let second = put(&mut b, Some("tok2"));
+        assert_eq!(second, fresh(&b, Some("tok2")));
+        assert!(!second.windows(4).any(|w| w == b"tok1"));
+        // No token (a verified binding without one binds an empty token: no rows).
+        assert_eq!(put(&mut b, None), fresh(&b, None));
+        // The shard no longer verifies: another statement, whatever the cache held.
+        b.verified = false;
+        let unverified = put(&mut b, Some("tok2"));
+        assert_eq!(unverified, fresh(&b, None));
+        assert!(unverified.windows(9).any(|w| w == b"pgt_bind1"));
+        assert!(!unverified.windows(4).any(|w| w == b"tok2"));
+    }
 
     #[test]
     fn the_first_word_decides_with_or_without_the_select_shortcut() {

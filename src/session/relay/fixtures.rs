@@ -28,6 +28,7 @@ impl RelayRules {
                 tenant_id: "x".into(),
                 search_path: None,
                 verified: false,
+                encoded: None,
             },
             client_id: 1,
             tenant: crate::quota::Quotas::default().tenant("acme"),

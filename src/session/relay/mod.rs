@@ -250,6 +250,7 @@ impl Relay {
     /// salt advisory-lock keys with it.
     pub fn placement_changed(&mut self, verified: bool, lock_salt: u64) {
         self.rules.binding.verified = verified;
+        self.rules.binding.encoded = None;
         if self.rules.policy.lock_salt.is_some() {
             self.rules.policy.lock_salt = Some(lock_salt);
         }
