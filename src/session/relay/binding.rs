@@ -142,14 +142,22 @@ impl Binding {
 
 /// Whether `text` starts with a keyword that may share a transaction with the binding.
 pub(super) fn in_band_safe(text: &[u8]) -> bool {
-    // Most statements start with SELECT at the first byte: one compare (the general path
-    // classifies each byte).
-    if let Some(head) = text.get(..7)
-        && head[..6].eq_ignore_ascii_case(b"select")
-        && !head[6].is_ascii_alphabetic()
+    // Most statements start with SELECT at the first byte: one compare of six bytes at once
+    // (the general path classifies each byte). Setting bit 5 of each byte folds an ASCII
+    // capital to its small letter, and maps no byte but `S` and `s` to `s` (and so on), so
+    // the compare is exactly a case-insensitive one of letters.
+    if let Some(&[a, b, c, d, e, f, next]) = text.get(..7)
+        && u64::from_le_bytes([a, b, c, d, e, f, 0, 0]) | 0x2020_2020_2020
+            == u64::from_le_bytes(*b"select\0\0")
+        && !next.is_ascii_alphabetic()
     {
         return true;
     }
+    first_word_in_band_safe(text)
+}
+
+/// [`in_band_safe`] without its shortcut: the first word against the list.
+fn first_word_in_band_safe(text: &[u8]) -> bool {
     let start = text
         .iter()
         .position(|b| !b.is_ascii_whitespace())
@@ -356,7 +364,7 @@ impl Relay {
 
 #[cfg(test)]
 mod tests {
-    use super::{Binding, in_band_safe};
+    use super::{Binding, first_word_in_band_safe, in_band_safe};
     use crate::protocol::encode;
     use bytes::BytesMut;
 
@@ -407,6 +415,22 @@ mod tests {
     }
 
     #[test]
+    fn the_select_shortcut_agrees_with_the_first_word_for_every_byte() {
+        for at in 0..7 {
+            for byte in 0..=255u8 {
+                let mut text = *b"select 1";
+                text[at] = byte;
+                assert_eq!(
+                    in_band_safe(&text),
+                    first_word_in_band_safe(&text),
+                    "{}",
+                    String::from_utf8_lossy(&text)
+                );
+            }
+        }
+    }
+
+    #[test]
     fn the_first_word_decides_with_or_without_the_select_shortcut() {
         for (text, safe) in [
             (&b"SELECT 1"[..], true),
@@ -424,6 +448,8 @@ mod tests {
             (b"VACUUM t", false),
             (b"CREATE INDEX CONCURRENTLY i ON t (a)", false),
             (b"\xffSELECT", false),
+            (b"\x13ELECT 1", false),
+            (b"SELEC\x14 1", false),
         ] {
             assert_eq!(
                 in_band_safe(text),
