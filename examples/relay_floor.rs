@@ -142,7 +142,30 @@ trait TaskSocket {
         cx: &mut std::task::Context<'_>,
         buf: &mut [u8],
     ) -> std::task::Poll<usize>;
-    fn write_all(&mut self, bytes: &[u8]);
+    fn io(&mut self) -> &mut mio::net::TcpStream;
+    #[inline(always)]
+    fn write_all(&mut self, bytes: &[u8]) {
+        std::io::Write::write_all(self.io(), bytes).unwrap();
+    }
+}
+
+/// A client accepted by a `tasks` relay and its own connection to the server, both
+/// non-blocking, without Nagle's delay.
+fn connect_pair(
+    client: mio::net::TcpStream,
+    server: std::net::SocketAddr,
+) -> [mio::net::TcpStream; 2] {
+    client.set_nodelay(true).unwrap();
+    let upstream = std::net::TcpStream::connect(server).unwrap();
+    upstream.set_nodelay(true).unwrap();
+    upstream.set_nonblocking(true).unwrap();
+    [client, mio::net::TcpStream::from_std(upstream)]
+}
+
+/// The task of a `tasks` relay: [`relay`] at every wake-up, until either side closes.
+async fn relay_task<S: TaskSocket>(mut pair: [S; 2]) {
+    let (mut up, mut down) = (vec![0u8; 16384], vec![0u8; 16384]);
+    std::future::poll_fn(|cx| relay(cx, &mut pair, &mut up, &mut down)).await
 }
 
 /// One wake-up of a `tasks` relay: both reads, each reply written at once (small replies
@@ -183,7 +206,7 @@ mod tasks {
     use std::cell::{Cell, RefCell};
     use std::collections::VecDeque;
     use std::future::Future;
-    use std::io::{ErrorKind, Read, Write};
+    use std::io::{ErrorKind, Read};
     use std::net::SocketAddr;
     use std::pin::Pin;
     use std::rc::Rc;
@@ -232,8 +255,8 @@ mod tasks {
 
     impl super::TaskSocket for Socket {
         #[inline(always)]
-        fn write_all(&mut self, bytes: &[u8]) {
-            self.io.write_all(bytes).unwrap();
+        fn io(&mut self) -> &mut TcpStream {
+            &mut self.io
         }
 
         #[inline(always)]
@@ -296,11 +319,7 @@ mod tasks {
                     continue;
                 }
                 while let Ok((client, _)) = listener.accept() {
-                    client.set_nodelay(true).unwrap();
-                    let upstream = std::net::TcpStream::connect(server).unwrap();
-                    upstream.set_nodelay(true).unwrap();
-                    upstream.set_nonblocking(true).unwrap();
-                    let mut pair = [client, TcpStream::from_std(upstream)].map(|mut io| {
+                    let pair = super::connect_pair(client, server).map(|mut io| {
                         let token = Token(sources.len());
                         poll.registry()
                             .register(&mut io, token, Interest::READABLE)
@@ -313,11 +332,7 @@ mod tasks {
                         Socket { io, source }
                     });
                     let task = tasks.len();
-                    let fut: Task = Box::pin(async move {
-                        let (mut up, mut down) = (vec![0u8; 16384], vec![0u8; 16384]);
-                        std::future::poll_fn(|cx| super::relay(cx, &mut pair, &mut up, &mut down))
-                            .await
-                    });
+                    let fut: Task = Box::pin(super::relay_task(pair));
                     let waker = Waker::from(std::sync::Arc::new(TaskWaker(task)));
                     tasks.push(Some((fut, waker)));
                     QUEUED.with_borrow_mut(|q| q.push(false));
@@ -332,7 +347,7 @@ mod tasks_sync {
     use std::cell::{Cell, RefCell};
     use std::collections::VecDeque;
     use std::future::Future;
-    use std::io::{ErrorKind, Read, Write};
+    use std::io::{ErrorKind, Read};
     use std::net::SocketAddr;
     use std::pin::Pin;
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -416,8 +431,8 @@ mod tasks_sync {
 
     impl super::TaskSocket for Socket {
         #[inline(always)]
-        fn write_all(&mut self, bytes: &[u8]) {
-            self.io.write_all(bytes).unwrap();
+        fn io(&mut self) -> &mut TcpStream {
+            &mut self.io
         }
 
         #[inline(always)]
@@ -509,11 +524,7 @@ mod tasks_sync {
         client: TcpStream,
         server: SocketAddr,
     ) {
-        client.set_nodelay(true).unwrap();
-        let upstream = std::net::TcpStream::connect(server).unwrap();
-        upstream.set_nodelay(true).unwrap();
-        upstream.set_nonblocking(true).unwrap();
-        let mut pair = [client, TcpStream::from_std(upstream)].map(|mut io| {
+        let pair = super::connect_pair(client, server).map(|mut io| {
             let token = Token(sources.len());
             poll.registry()
                 .register(&mut io, token, Interest::READABLE)
@@ -525,10 +536,7 @@ mod tasks_sync {
             sources.push(Arc::clone(&source));
             Socket { io, source }
         });
-        let fut: BoxedFuture = Box::pin(async move {
-            let (mut up, mut down) = (vec![0u8; 16384], vec![0u8; 16384]);
-            std::future::poll_fn(|cx| super::relay(cx, &mut pair, &mut up, &mut down)).await
-        });
+        let fut: BoxedFuture = Box::pin(super::relay_task(pair));
         let task = Arc::new(Task {
             future: Mutex::new(None),
             queued: AtomicBool::new(false),
