@@ -131,21 +131,27 @@ fn with_epoll(listen: SocketAddr, server: SocketAddr) {
     }
 }
 
-/// The smallest executor and reactor for one thread: tasks in a slab, a queue of woken ones,
-/// a `Waker` per task that queues its index, and per socket a readiness flag and the waker
-/// of the task waiting for it. Not thread-safe (a waker must be woken on its own thread),
-/// which a real runtime would have to add: this is the floor under one.
-/// A socket of the `tasks` relays: read through the executor's readiness, written directly.
+/// A read of a `tasks` relay's socket, through its executor's readiness (its writes are
+/// direct: [`Socket::write_all`]).
 trait TaskSocket {
     fn poll_read(
         &mut self,
         cx: &mut std::task::Context<'_>,
         buf: &mut [u8],
     ) -> std::task::Poll<usize>;
-    fn io(&mut self) -> &mut mio::net::TcpStream;
+}
+
+/// A socket of a `tasks` relay and `Src`, what its executor's reactor keeps of it (the
+/// readiness and the waiting reader).
+struct Socket<Src> {
+    io: mio::net::TcpStream,
+    source: Src,
+}
+
+impl<Src> Socket<Src> {
     #[inline(always)]
     fn write_all(&mut self, bytes: &[u8]) {
-        std::io::Write::write_all(self.io(), bytes).unwrap();
+        std::io::Write::write_all(&mut self.io, bytes).unwrap();
     }
 }
 
@@ -163,7 +169,10 @@ fn connect_pair(
 }
 
 /// The task of a `tasks` relay: [`relay`] at every wake-up, until either side closes.
-async fn relay_task<S: TaskSocket>(mut pair: [S; 2]) {
+async fn relay_task<Src>(mut pair: [Socket<Src>; 2])
+where
+    Socket<Src>: TaskSocket,
+{
     let (mut up, mut down) = (vec![0u8; 16384], vec![0u8; 16384]);
     std::future::poll_fn(|cx| relay(cx, &mut pair, &mut up, &mut down)).await
 }
@@ -171,12 +180,15 @@ async fn relay_task<S: TaskSocket>(mut pair: [S; 2]) {
 /// One wake-up of a `tasks` relay: both reads, each reply written at once (small replies
 /// only: a full socket buffer is not waited for).
 #[inline(always)]
-fn relay<S: TaskSocket>(
+fn relay<Src>(
     cx: &mut std::task::Context<'_>,
-    [client, upstream]: &mut [S; 2],
+    [client, upstream]: &mut [Socket<Src>; 2],
     up: &mut [u8],
     down: &mut [u8],
-) -> std::task::Poll<()> {
+) -> std::task::Poll<()>
+where
+    Socket<Src>: TaskSocket,
+{
     use std::task::Poll;
     loop {
         let mut progress = false;
@@ -202,6 +214,10 @@ fn relay<S: TaskSocket>(
     }
 }
 
+/// The smallest executor and reactor for one thread: tasks in a slab, a queue of woken ones,
+/// a `Waker` per task that queues its index, and per socket a readiness flag and the waker
+/// of the task waiting for it. Not thread-safe (a waker must be woken on its own thread),
+/// which a real runtime would have to add: this is the floor under one.
 mod tasks {
     use std::cell::{Cell, RefCell};
     use std::collections::VecDeque;
@@ -212,7 +228,7 @@ mod tasks {
     use std::rc::Rc;
     use std::task::{Context, Poll, Waker};
 
-    use mio::net::{TcpListener, TcpStream};
+    use mio::net::TcpListener;
     use mio::{Events, Interest, Token};
 
     const LISTENER: Token = Token(usize::MAX);
@@ -248,17 +264,9 @@ mod tasks {
         reader: RefCell<Option<Waker>>,
     }
 
-    struct Socket {
-        io: TcpStream,
-        source: Rc<Source>,
-    }
+    type Socket = super::Socket<Rc<Source>>;
 
     impl super::TaskSocket for Socket {
-        #[inline(always)]
-        fn io(&mut self) -> &mut TcpStream {
-            &mut self.io
-        }
-
         #[inline(always)]
         fn poll_read(&mut self, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<usize> {
             if self.source.readable.get() {
@@ -424,17 +432,9 @@ mod tasks_sync {
         }
     }
 
-    struct Socket {
-        io: TcpStream,
-        source: Arc<Source>,
-    }
+    type Socket = super::Socket<Arc<Source>>;
 
     impl super::TaskSocket for Socket {
-        #[inline(always)]
-        fn io(&mut self) -> &mut TcpStream {
-            &mut self.io
-        }
-
         #[inline(always)]
         fn poll_read(&mut self, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<usize> {
             loop {
