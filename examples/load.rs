@@ -3,8 +3,8 @@
 //! direct, the latency each proxy adds per query, and each proxy's own CPU time per
 //! transaction (from /proc; in total and the part in user space), and the whole machine's
 //! busy CPU per transaction and idle share (from /proc/stat). Run it with
-//! `scripts/bench.sh`, which builds the release binary and installs PgBouncer with apt if it
-//! is missing. Speed is measured here, never asserted in tests.
+//! `scripts/bench.sh`, which builds the release binary (with profile-guided optimisation) and
+//! installs PgBouncer with apt if it is missing. Speed is measured here, never asserted in tests.
 //!
 //! Targets: `direct`; `pgtenant` (a dedicated tenant: no guard); `pgt+guard` (a shared tenant
 //! on the same database, so every statement also goes through the full guard and the binding);
@@ -18,8 +18,13 @@
 //! transaction), `--connect-clients N` (a `-C` run, new connection per transaction, with N
 //! clients; 0 to skip; default 8), `--no-pgbouncer`, `--metrics` (adds `pgt+metrics`: the
 //! `pgtenant` target on a second instance with `admin.http` on, scraped every second, to
-//! measure what recording metrics costs), `--targets pgtenant,direct` (only
-//! these, e.g. while profiling one of them).
+//! measure what recording metrics costs), `--plain-binary PATH` (adds `plain` and
+//! `plain+vrf`: the `pgtenant` and `pgt+verified` targets through a second instance run by
+//! another build, e.g. the one without profile-guided optimisation beside the one with it),
+//! `--targets pgtenant,direct` (only these, e.g. while profiling one of them).
+//!
+//! The binary measured is `PGTENANT_BIN`, else target/release/pgtenant; `scripts/bench.sh`
+//! sets it to the build with profile-guided optimisation (`scripts/pgo.sh`).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -51,6 +56,8 @@ struct Options {
     /// Also run `pgt+metrics`: a second pgtenant with `admin.http` on (metrics recorded and
     /// scraped every second), to compare with `pgtenant` in the same run.
     metrics: bool,
+    /// Also run `plain` and `plain+vrf`: `pgtenant` and `pgt+verified` through this build.
+    plain_binary: Option<String>,
 }
 
 fn options() -> Options {
@@ -65,6 +72,7 @@ fn options() -> Options {
         targets: Vec::new(),
         proxy_threads: None,
         metrics: false,
+        plain_binary: None,
     };
     let mut args: Vec<String> = std::env::args().skip(1).collect();
     if let Some(i) = args.iter().position(|a| a == "--no-pgbouncer") {
@@ -91,6 +99,7 @@ fn options() -> Options {
             "--targets" => o.targets = value.split(',').map(str::to_owned).collect(),
             "--proxy-threads" => o.proxy_threads = Some(value.parse().expect("--proxy-threads N")),
             "--connect-clients" => o.connect_clients = value.parse().expect("--connect-clients N"),
+            "--plain-binary" => o.plain_binary = Some(value),
             other => panic!("unknown option {other}"),
         }
     }
@@ -300,26 +309,14 @@ fn main() {
         pgtenant_config(port, &cluster, &opts.pool_mode, client_password, &key_file),
     )
     .unwrap();
-    let mut proxy_cmd = Command::new(&binary);
-    if let Some(n) = opts.proxy_threads {
-        proxy_cmd.args(["--threads", &n.to_string()]);
-    }
-    let proxy = support::Reaper(
-        proxy_cmd
-            .arg("--config")
-            .arg(&config)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("start pgtenant"),
-    );
-    support::wait_for_port(port);
-    let through_pgtenant = |name: &'static str, tenant: &str, db: &str| Target {
-        name,
-        url: format!("postgresql://app%40{tenant}@127.0.0.1:{port}/{db}"),
-        password: client_password.into(),
-        pid: Some(proxy.0.id()),
-    };
+    let proxy = start_proxy(&binary, opts.proxy_threads, &config, port);
+    let through =
+        |proxy: &support::Reaper, port: u16, name: &'static str, tenant: &str, db: &str| Target {
+            name,
+            url: format!("postgresql://app%40{tenant}@127.0.0.1:{port}/{db}"),
+            password: client_password.into(),
+            pid: Some(proxy.0.id()),
+        };
     let mut targets = vec![
         Target {
             name: "direct",
@@ -327,11 +324,30 @@ fn main() {
             password: cluster.password.clone(),
             pid: None,
         },
-        through_pgtenant("pgtenant", "bench", "bench"),
-        through_pgtenant("pgt+guard", "benchshared", "bench"),
-        through_pgtenant("pgt+rls", "benchrls", "benchu"),
-        through_pgtenant("pgt+verified", "benchverified", "benchv"),
+        through(&proxy, port, "pgtenant", "bench", "bench"),
+        through(&proxy, port, "pgt+guard", "benchshared", "bench"),
+        through(&proxy, port, "pgt+rls", "benchrls", "benchu"),
+        through(&proxy, port, "pgt+verified", "benchverified", "benchv"),
     ];
+    // Another build of pgtenant (the one without profile-guided optimisation), same
+    // configuration, its own port: the `pgtenant` and `pgt+verified` targets again.
+    let mut _plain = None;
+    if let Some(plain_binary) = &opts.plain_binary {
+        let port = support::free_port();
+        let config = dir.join("pgtenant-plain.toml");
+        let text = pgtenant_config(port, &cluster, &opts.pool_mode, client_password, &key_file);
+        std::fs::write(&config, text).unwrap();
+        let plain = start_proxy(Path::new(plain_binary), opts.proxy_threads, &config, port);
+        targets.push(through(&plain, port, "plain", "bench", "bench"));
+        targets.push(through(
+            &plain,
+            port,
+            "plain+vrf",
+            "benchverified",
+            "benchv",
+        ));
+        _plain = Some(plain);
+    }
     // The same configuration with metrics on, and a scraper, in a second process.
     let mut _metered = None;
     if opts.metrics {
@@ -344,24 +360,8 @@ fn main() {
             format!("[admin]\nhttp = \"127.0.0.1:{admin}\"\n{text}"),
         )
         .unwrap();
-        let mut cmd = Command::new(&binary);
-        if let Some(n) = opts.proxy_threads {
-            cmd.args(["--threads", &n.to_string()]);
-        }
-        let child = cmd
-            .arg("--config")
-            .arg(&config)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("start pgtenant with metrics");
-        support::wait_for_port(port);
-        targets.push(Target {
-            name: "pgt+metrics",
-            url: format!("postgresql://app%40bench@127.0.0.1:{port}/bench"),
-            password: client_password.into(),
-            pid: Some(child.id()),
-        });
+        let metered = start_proxy(&binary, opts.proxy_threads, &config, port);
+        targets.push(through(&metered, port, "pgt+metrics", "bench", "bench"));
         std::thread::spawn(move || {
             use std::io::{Read, Write};
             loop {
@@ -373,7 +373,7 @@ fn main() {
                 let _ = s.read_to_end(&mut Vec::new());
             }
         });
-        _metered = Some(support::Reaper(child));
+        _metered = Some(metered);
     }
     let mut bouncer = None;
     if opts.pgbouncer && Path::new(support::PGBOUNCER).is_file() {
@@ -515,6 +515,8 @@ fn main() {
             "pgt+rls",
             "pgt+verified",
             "pgt+metrics",
+            "plain",
+            "plain+vrf",
             "pgbouncer",
         ] {
             let Some((tps, lat)) = pick(name) else {
@@ -550,4 +552,21 @@ fn main() {
     }
     drop((proxy, bouncer));
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Starts `binary` on `config` and waits until it listens on `port`.
+fn start_proxy(binary: &Path, threads: Option<usize>, config: &Path, port: u16) -> support::Reaper {
+    let mut cmd = Command::new(binary);
+    if let Some(n) = threads {
+        cmd.args(["--threads", &n.to_string()]);
+    }
+    let child = cmd
+        .arg("--config")
+        .arg(config)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("start pgtenant");
+    support::wait_for_port(port);
+    support::Reaper(child)
 }

@@ -11,7 +11,9 @@
 # through PgBouncer (transaction mode, same server) when it is installed.
 #
 #   scripts/instructions.sh [transactions]     (default 2000 per run)
-#   PGTENANT=/tmp/old/pgtenant scripts/instructions.sh    (count another build of pgtenant)
+#   PGTENANT=/tmp/old/pgtenant scripts/instructions.sh    (count another build of pgtenant,
+#   e.g. target/pgo/release/pgtenant, the one scripts/pgo.sh builds with profile-guided
+#   optimisation)
 #
 # Needs valgrind and PostgreSQL's pgbench (installs valgrind with apt-get when missing).
 set -euo pipefail
