@@ -21,7 +21,10 @@
 //! measure what recording metrics costs), `--plain-binary PATH` (adds `plain` and
 //! `plain+vrf`: the `pgtenant` and `pgt+verified` targets through a second instance run by
 //! another build, e.g. the one without profile-guided optimisation beside the one with it),
-//! `--targets pgtenant,direct` (only these, e.g. while profiling one of them).
+//! `--rate TPS` (pgbench `-R`: every target at the same rate, which compares CPU per
+//! transaction at the same throughput: a proxy's CPU per transaction grows as its tps falls,
+//! since each wake-up then serves fewer transactions), `--targets pgtenant,direct` (only
+//! these, e.g. while profiling one of them).
 //!
 //! The binary measured is `PGTENANT_BIN`, else target/release/pgtenant; `scripts/bench.sh`
 //! sets it to the build with profile-guided optimisation (`scripts/pgo.sh`).
@@ -58,6 +61,9 @@ struct Options {
     metrics: bool,
     /// Also run `plain` and `plain+vrf`: `pgtenant` and `pgt+verified` through this build.
     plain_binary: Option<String>,
+    /// pgbench's `-R`: every target at the same transactions per second, so CPU per
+    /// transaction compares at the same throughput.
+    rate: Option<u32>,
 }
 
 fn options() -> Options {
@@ -73,6 +79,7 @@ fn options() -> Options {
         proxy_threads: None,
         metrics: false,
         plain_binary: None,
+        rate: None,
     };
     let mut args: Vec<String> = std::env::args().skip(1).collect();
     if let Some(i) = args.iter().position(|a| a == "--no-pgbouncer") {
@@ -100,6 +107,7 @@ fn options() -> Options {
             "--proxy-threads" => o.proxy_threads = Some(value.parse().expect("--proxy-threads N")),
             "--connect-clients" => o.connect_clients = value.parse().expect("--connect-clients N"),
             "--plain-binary" => o.plain_binary = Some(value),
+            "--rate" => o.rate = Some(value.parse().expect("--rate TPS")),
             other => panic!("unknown option {other}"),
         }
     }
@@ -120,11 +128,11 @@ fn pgbench(
     clients: u32,
     mode: &str,
     connect: bool,
-    seconds: u32,
+    opts: &Options,
     password: &str,
 ) -> Option<Run> {
     let mut cmd = Command::new(cluster.binary("pgbench"));
-    cmd.args(["-n", "-S", "-M", mode, "-T", &seconds.to_string()])
+    cmd.args(["-n", "-S", "-M", mode, "-T", &opts.seconds.to_string()])
         .args([
             "-c",
             &clients.to_string(),
@@ -133,6 +141,9 @@ fn pgbench(
         ]);
     if connect {
         cmd.arg("-C");
+    }
+    if let Some(rate) = opts.rate {
+        cmd.args(["-R", &rate.to_string()]);
     }
     let out = cmd.arg(url).env("PGPASSWORD", password).output().ok()?;
     let text = String::from_utf8_lossy(&out.stdout);
@@ -157,7 +168,6 @@ fn pgbench(
     })
 }
 
-/// (utime, stime) of `pid`, in clock ticks.
 fn median(mut v: Vec<f64>) -> Option<f64> {
     if v.is_empty() {
         return None;
@@ -439,7 +449,7 @@ fn main() {
                     *clients,
                     mode,
                     *connect,
-                    opts.seconds,
+                    &opts,
                     &t.password,
                 ) else {
                     continue;
@@ -469,7 +479,8 @@ fn main() {
     }
 
     println!(
-        "\npgbench -S, {} pooling, {SERVER_CONNECTIONS} server connections per proxy, pgtenant threads: {}, {} s per run, {} rounds, medians (scale 10, {} cores)",
+        "\npgbench -S{}, {} pooling, {SERVER_CONNECTIONS} server connections per proxy, pgtenant threads: {}, {} s per run, {} rounds, medians (scale 10, {} cores)",
+        opts.rate.map_or_else(String::new, |r| format!(" -R {r}")),
         opts.pool_mode,
         opts.proxy_threads
             .map_or_else(|| "default".to_owned(), |n| n.to_string()),
