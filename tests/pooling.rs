@@ -114,6 +114,44 @@ async fn settings_follow_the_client_across_server_connections() {
     assert_eq!(row.get::<_, String>(0), "4MB");
 }
 
+/// Checkout prefers the tenant's connection with the client's session state (nothing to
+/// replay), and among those the one released last, as PgBouncer does: the same few server
+/// processes serve a partial load.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkout_prefers_the_clients_session_state_then_the_connection_released_last() {
+    let env = pooled(3).await;
+    let (a, b, c) = tokio::join!(
+        env.connect("acme"),
+        env.connect("acme"),
+        env.connect("acme")
+    );
+    c.simple_query("SET work_mem = '9MB'").await.unwrap();
+    // a and b hold one connection each; a's is released first, b's last.
+    a.simple_query("BEGIN").await.unwrap();
+    let first = backend_pid(&a).await;
+    b.simple_query("BEGIN").await.unwrap();
+    let last = backend_pid(&b).await;
+    assert_ne!(first, last);
+    a.simple_query("COMMIT").await.unwrap();
+    b.simple_query("COMMIT").await.unwrap();
+    assert_eq!(backend_pid(&a).await, last, "the connection released last");
+    // Released last now: c's, in c's session state; a gets the one in its own.
+    a.simple_query("BEGIN").await.unwrap();
+    let own = backend_pid(&a).await;
+    c.simple_query("BEGIN").await.unwrap();
+    let other = backend_pid(&c).await;
+    a.simple_query("COMMIT").await.unwrap();
+    c.simple_query("COMMIT").await.unwrap();
+    assert_eq!(
+        backend_pid(&a).await,
+        own,
+        "the connection in the client's state"
+    );
+    assert_ne!(own, other);
+    let row = c.query_one("SHOW work_mem", &[]).await.unwrap();
+    assert_eq!(row.get::<_, String>(0), "9MB");
+}
+
 /// Drivers such as pgjdbc and psycopg send SET with Parse/Bind/Execute, not a simple Query.
 #[tokio::test]
 async fn settings_made_with_the_extended_protocol_follow_the_client() {

@@ -104,7 +104,8 @@ pub struct PooledState {
     /// The session state applied on it, as [`settings_key`] spells it: a client whose key
     /// is the same needs nothing replayed.
     pub settings_of: Option<Arc<str>>,
-    /// The client whose transaction ran on it last (checkout prefers it).
+    /// The client whose transaction ran on it last (the shard's listening connection is told
+    /// when that changes).
     pub last_client: Option<u64>,
     /// Something ran on it since it was opened or last reset.
     pub used: bool,

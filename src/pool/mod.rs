@@ -3,7 +3,9 @@
 //! A pool holds idle connections and a fair (FIFO) semaphore whose permits cap the shard's
 //! connections in use; a permit buys either an idle connection or a new one, so idle plus busy
 //! never exceeds `max_connections`. Checkout prefers a connection already bound to the same
-//! tenant. A connection comes back only through [`Pool::checkin`], which recovers it if its
+//! tenant with the client's session state, then one bound to the tenant, and among those the
+//! one released last (as PgBouncer's default does): under partial load the same few server
+//! processes stay busy and warm instead of each waking in turn. A connection comes back only through [`Pool::checkin`], which recovers it if its
 //! client left mid-request and resets it (`DISCARD ALL`) before anyone else may use it; any
 //! failure on that path closes it instead.
 
@@ -209,7 +211,7 @@ impl Pool {
     pub async fn checkout(
         &self,
         tenant: TenantId,
-        client: u64,
+        state: &Arc<str>,
         tenant_cap: Option<(usize, Arc<Semaphore>)>,
         now: Instant,
     ) -> Result<PooledConn, PoolError> {
@@ -260,7 +262,7 @@ impl Pool {
         } else {
             now
         };
-        if let Some(conn) = self.take_idle(tenant, client, now) {
+        if let Some(conn) = self.take_idle(tenant, state, now) {
             return Ok(PooledConn {
                 conn,
                 _permit: permit,
@@ -298,7 +300,7 @@ impl Pool {
     pub fn checkout_now(
         &self,
         tenant: TenantId,
-        client: u64,
+        state: &Arc<str>,
         tenant_cap: Option<&(usize, Arc<Semaphore>)>,
         now: Instant,
     ) -> Option<PooledConn> {
@@ -310,7 +312,7 @@ impl Pool {
             Some((_, sem)) => Some(Arc::clone(sem).try_acquire_owned().ok()?),
         };
         let permit = Arc::clone(&self.permits).try_acquire_owned().ok()?;
-        let conn = self.take_idle(tenant, client, now)?;
+        let conn = self.take_idle(tenant, state, now)?;
         Some(PooledConn {
             conn,
             _permit: permit,
@@ -318,16 +320,26 @@ impl Pool {
         })
     }
 
-    /// An idle connection that is still good at `now`, preferring one bound to `tenant` and
-    /// last used by `client`, then one bound to `tenant`; stale ones met on the way are
-    /// closed.
-    fn take_idle(&self, tenant: TenantId, client: u64, now: Instant) -> Option<Box<ServerConn>> {
+    /// An idle connection that is still good at `now`, preferring one bound to `tenant` with
+    /// the session state `state` (the client's [`cache::settings_key`]: nothing to replay),
+    /// then one bound to `tenant`, and the one released last among them; stale ones met on
+    /// the way are closed.
+    fn take_idle(
+        &self,
+        tenant: TenantId,
+        state: &Arc<str>,
+        now: Instant,
+    ) -> Option<Box<ServerConn>> {
+        let same_state = |k: &Option<Arc<str>>| {
+            k.as_ref()
+                .is_some_and(|k| Arc::ptr_eq(k, state) || **k == **state)
+        };
         loop {
             let mut conn = {
                 let mut idle = self.idle();
                 let pos = idle
                     .iter()
-                    .rposition(|c| c.bound == Some(tenant) && c.pooled.last_client == Some(client))
+                    .rposition(|c| c.bound == Some(tenant) && same_state(&c.pooled.settings_of))
                     .or_else(|| idle.iter().rposition(|c| c.bound == Some(tenant)))
                     .or_else(|| idle.len().checked_sub(1))?;
                 idle.remove(pos)

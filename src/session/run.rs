@@ -236,7 +236,7 @@ pub(super) async fn run_session(
             &pool,
             &ctx,
             &mut relay,
-            (client_id, Instant::now()),
+            Instant::now(),
             tenant_cap.clone(),
             None,
         )
@@ -425,16 +425,17 @@ async fn checkout_prepared(
     pool: &Arc<Pool>,
     p: &Prepare,
     relay: &mut Relay,
-    (client_id, now): (u64, Instant),
+    now: Instant,
     tenant_cap: Option<(usize, Arc<tokio::sync::Semaphore>)>,
     mut taken: Option<PooledConn>,
 ) -> Result<(PooledConn, bool), Failed> {
+    let state = relay.settings_key();
     let mut last = None;
     for _ in 0..PREPARE_ATTEMPTS {
         let mut pooled = match taken.take() {
             Some(pooled) => pooled,
             None => pool
-                .checkout(p.tenant.id, client_id, tenant_cap.clone(), now)
+                .checkout(p.tenant.id, &state, tenant_cap.clone(), now)
                 .await
                 .map_err(Failed::Checkout)?,
         };
@@ -467,11 +468,11 @@ fn prepared_now(
     pool: &Pool,
     p: &Prepare,
     relay: &mut Relay,
-    (client_id, now): (u64, Instant),
+    now: Instant,
     tenant_cap: Option<&(usize, Arc<tokio::sync::Semaphore>)>,
 ) -> Result<PooledConn, Option<PooledConn>> {
     let mut pooled = pool
-        .checkout_now(p.tenant.id, client_id, tenant_cap, now)
+        .checkout_now(p.tenant.id, relay.settings_key_ref(), tenant_cap, now)
         .ok_or(None)?;
     if needs_reset(&pooled.conn, p) || relay.needs_setup(&mut pooled.conn.pooled) {
         return Err(Some(pooled));

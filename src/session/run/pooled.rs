@@ -329,7 +329,7 @@ pub(super) async fn checkout_routed(
     {
         a.held = replica;
         let cap = a.tenant_cap.clone();
-        match checkout_prepared(&a.held, &a.prepare, relay, (a.client_id, now), cap, None).await {
+        match checkout_prepared(&a.held, &a.prepare, relay, now, cap, None).await {
             // The replica could not serve it: the primary does.
             Err(Failed::Checkout(_) | Failed::Server(_)) => {}
             done => return done,
@@ -337,7 +337,7 @@ pub(super) async fn checkout_routed(
     }
     a.held = Arc::clone(&a.pool);
     let cap = a.tenant_cap.clone();
-    checkout_prepared(&a.held, &a.prepare, relay, (a.client_id, now), cap, taken).await
+    checkout_prepared(&a.held, &a.prepare, relay, now, cap, taken).await
 }
 
 /// [`checkout_routed`] when it needs no wait: a primary connection ready for the client
@@ -351,13 +351,7 @@ pub(super) fn checkout_now(
     if read_only && a.replicas.iter().any(|p| p.serves_reads()) {
         return Err(None);
     }
-    let pooled = prepared_now(
-        &a.pool,
-        &a.prepare,
-        relay,
-        (a.client_id, now),
-        a.tenant_cap.as_ref(),
-    )?;
+    let pooled = prepared_now(&a.pool, &a.prepare, relay, now, a.tenant_cap.as_ref())?;
     if !Arc::ptr_eq(&a.held, &a.pool) {
         a.held = Arc::clone(&a.pool);
     }

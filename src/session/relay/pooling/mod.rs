@@ -304,7 +304,7 @@ impl Relay {
 
     /// [`Relay::settings_key`], borrowed (no reference count touched).
     #[inline(always)]
-    fn settings_key_ref(&mut self) -> &Arc<str> {
+    pub fn settings_key_ref(&mut self) -> &Arc<str> {
         let s = &mut self.session;
         let rules = &self.rules;
         s.key.get_or_insert_with(|| {
