@@ -5,9 +5,9 @@
 //! never exceeds `max_connections`. Checkout prefers a connection already bound to the same
 //! tenant with the client's session state, then one bound to the tenant, and among those the
 //! one released last (as PgBouncer's default does): under partial load the same few server
-//! processes stay busy and warm instead of each waking in turn. A connection comes back only through [`Pool::checkin`], which recovers it if its
-//! client left mid-request and resets it (`DISCARD ALL`) before anyone else may use it; any
-//! failure on that path closes it instead.
+//! processes stay busy and warm instead of each waking in turn. A connection comes back only
+//! through [`Pool::checkin`], which recovers it if its client left mid-request and resets it
+//! (`DISCARD ALL`) before anyone else may use it; any failure on that path closes it instead.
 
 pub mod cache;
 pub mod connect;
