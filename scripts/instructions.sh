@@ -45,13 +45,10 @@ cleanup() {
 }
 trap cleanup EXIT
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+. scripts/demo-env.sh
 
 # The demo starts the clusters, the tenants and a configuration; its own proxy is not measured.
-"$PGTENANT" demo --port 0 >"$WORK/demo.log" 2>&1 &
-DEMO=$!
-for _ in $(seq 120); do grep -q "Press Ctrl-C" "$WORK/demo.log" && break; sleep 1; done
-CONFIG=$(grep -o 'configuration: [^)]*' "$WORK/demo.log" | cut -d' ' -f2)
+start_demo "$PGTENANT" "$WORK/demo.log"
 url_of() { grep -o "postgresql://app\.$1[^\"]*" "$WORK/demo.log"; }
 
 cat >"$WORK/tx.sql" <<'EOF'

@@ -56,12 +56,8 @@ RUSTFLAGS="${RUSTFLAGS:-} -Cprofile-generate=$PWD/target/pgo-generate/build-prof
 TRAINEE=target/pgo-generate/release/pgtenant
 
 # 2. Training. The demo's own process (clusters, tenants, its idle proxy) is not profiled.
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-LLVM_PROFILE_FILE="$WORK/demo-%p.profraw" "$TRAINEE" demo --port 0 >"$WORK/demo.log" 2>&1 &
-DEMO=$!
-for _ in $(seq 120); do grep -q "Press Ctrl-C" "$WORK/demo.log" && break; sleep 1; done
-CONFIG=$(grep -o 'configuration: [^)]*' "$WORK/demo.log" | cut -d' ' -f2)
-[ -f "$CONFIG" ] || { echo "the demo did not start:" >&2; cat "$WORK/demo.log" >&2; exit 1; }
+. scripts/demo-env.sh
+LLVM_PROFILE_FILE="$WORK/demo-%p.profraw" start_demo "$TRAINEE" "$WORK/demo.log"
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 1 \
   -subj /CN=localhost -keyout "$WORK/key.pem" -out "$WORK/cert.pem" 2>/dev/null
 # The configuration in a directory of its own (pgtenant watches the file's directory), with
